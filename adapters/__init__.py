@@ -1,0 +1,20 @@
+"""Payment-provider adapters behind one port (``adapters.base.Adapter``), and their registry.
+
+Adding a provider means one module here and one line in ``REGISTRY``: nothing else in PaySentry knows
+a provider's routes, body format, amount units, error shape, idempotency header or credential placement.
+"""
+
+from __future__ import annotations
+
+from adapters.base import Adapter
+from adapters.mock import MockAdapter
+from adapters.stripe import StripeAdapter
+
+REGISTRY: dict[str, Adapter] = {adapter.name: adapter for adapter in (StripeAdapter(), MockAdapter())}
+
+
+def get_adapter(name: str) -> Adapter:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown provider {name!r}; known: {', '.join(sorted(REGISTRY))}") from None

@@ -1,0 +1,226 @@
+"""The built-in mock payment provider: a small Stripe-compatible server, and its adapter.
+
+It lets the quick start and the tests pay with no account and no network. It speaks Stripe's wire format
+(form bodies, bearer auth, ``Idempotency-Key`` replay, Stripe-shaped errors), keeps every object it
+creates and every request it received, and follows Stripe's test conventions for failures:
+``payment_method=pm_card_chargeDeclined`` or ``source=tok_chargeDeclined`` decline with a 402, and
+``metadata[mock_delay_ms]=N`` delays the answer (to exercise timeouts).
+
+Introspection (not part of Stripe): ``GET /_mock/requests``, ``GET /_mock/objects``, ``POST /_mock/reset``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from adapters.formencode import parse_form
+from adapters.stripe import StripeAdapter
+from proxy.errors import BadRequest
+
+DEFAULT_PORT = 12111
+DEFAULT_SECRET_KEY = "sk_test_paysentry_mock"
+DECLINING = {"pm_card_chargeDeclined", "tok_chargeDeclined"}
+COLLECTIONS = {
+    "payment_intents": "pi", "charges": "ch", "transfers": "tr", "payouts": "po", "refunds": "re",
+    "customers": "cus", "payment_methods": "pm", "setup_intents": "seti", "products": "prod", "prices": "price",
+}
+
+
+class MockAdapter(StripeAdapter):
+    """Stripe's adapter, pointed at the built-in mock provider by default."""
+
+    name = "mock"
+    default_upstream = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+def _error(status: int, kind: str, message: str, code: str = "", param: str = "") -> web.Response:
+    error = {"type": kind, "message": message}
+    if code:
+        error["code"] = code
+    if param:
+        error["param"] = param
+    return web.json_response({"error": error}, status=status, headers={"Request-Id": _new_id("req")})
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class MockProvider:
+    def __init__(self, secret_key: str = DEFAULT_SECRET_KEY) -> None:
+        self.secret_key = secret_key
+        self.requests: list[dict[str, Any]] = []
+        self.objects: dict[str, dict[str, Any]] = {}
+        self._idempotent: dict[str, tuple[str, int, bytes]] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/_mock/requests", self._list_requests)
+        app.router.add_get("/_mock/objects", self._list_objects)
+        app.router.add_post("/_mock/reset", self._reset)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _list_requests(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": self.requests})
+
+    async def _list_objects(self, request: web.Request) -> web.Response:
+        kind = request.query.get("object")
+        data = [o for o in self.objects.values() if not kind or o.get("object") == kind]
+        return web.json_response({"data": data})
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.requests.clear()
+        self.objects.clear()
+        self._idempotent.clear()
+        return web.json_response({"reset": True})
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        auth = request.headers.get("Authorization", "")
+        authorized = hmac.compare_digest(auth.encode(), f"Bearer {self.secret_key}".encode())
+        key = request.headers.get("Idempotency-Key")
+        try:
+            params = parse_form(body) if request.method == "POST" else dict(request.query)
+        except BadRequest as exc:
+            return _error(400, "invalid_request_error", exc.message, param=exc.param or "")
+        record = {"method": request.method, "path": request.path, "params": params, "idempotency_key": key,
+                  "stripe_account": request.headers.get("Stripe-Account"), "authorized": authorized,
+                  "at": time.time()}
+        if not authorized:
+            record["status"] = 401
+            self.requests.append(record)
+            return _error(401, "invalid_request_error", "Invalid API Key provided.")
+        fingerprint = hashlib.sha256(request.method.encode() + request.path.encode() + body).hexdigest()
+        if key and request.method == "POST" and key in self._idempotent:
+            seen, status, payload = self._idempotent[key]
+            record["status"], record["replayed"] = status, True
+            self.requests.append(record)
+            if seen != fingerprint:
+                return _error(400, "idempotency_error", "Keys for idempotent requests can only be used with the "
+                              "same parameters they were first used with.")
+            return web.Response(status=status, body=payload, content_type="application/json",
+                                headers={"Idempotent-Replayed": "true"})
+        delay = params.get("metadata", {}).get("mock_delay_ms") if isinstance(params.get("metadata"), dict) else None
+        if delay and str(delay).isdigit():
+            await asyncio.sleep(int(delay) / 1000)
+        response = self._route(request.method, request.path, params)
+        record["status"] = response.status
+        self.requests.append(record)
+        if key and request.method == "POST":
+            self._idempotent[key] = (fingerprint, response.status, response.body)  # type: ignore[arg-type]
+        return response
+
+    # -- the Stripe-compatible surface ------------------------------------------------------------------
+    def _route(self, method: str, path: str, params: dict[str, Any]) -> web.Response:
+        parts = path.strip("/").split("/")
+        if parts[0] != "v1" or len(parts) < 2:
+            return _error(404, "invalid_request_error", f"Unrecognized request URL ({method}: {path}).")
+        collection = "/".join(parts[1:3]) if parts[1] == "issuing" else parts[1]
+        rest = parts[3:] if parts[1] == "issuing" else parts[2:]
+        if method == "GET":
+            return self._read(collection, rest)
+        if method == "DELETE" and collection == "customers" and len(rest) == 1:
+            obj = self.objects.pop(rest[0], None)
+            return (web.json_response({"id": rest[0], "object": "customer", "deleted": True}) if obj
+                    else _error(404, "invalid_request_error", f"No such customer: '{rest[0]}'", "resource_missing"))
+        if method != "POST":
+            return _error(404, "invalid_request_error", f"Unrecognized request URL ({method}: {path}).")
+        try:
+            if not rest:
+                return self._create(collection, params)
+            return self._act(collection, rest, params)
+        except BadRequest as exc:
+            return _error(400, "invalid_request_error", exc.message, "parameter_missing", exc.param or "")
+
+    def _read(self, collection: str, rest: list[str]) -> web.Response:
+        if not rest:
+            data = [o for o in self.objects.values() if o.get("_collection") == collection]
+            return web.json_response({"object": "list", "data": [_public(o) for o in data], "has_more": False,
+                                      "url": f"/v1/{collection}"})
+        obj = self.objects.get(rest[0])
+        if obj is None or obj.get("_collection") != collection:
+            return _error(404, "invalid_request_error", f"No such object: '{rest[0]}'", "resource_missing", "id")
+        return web.json_response(_public(obj))
+
+    def _create(self, collection: str, params: dict[str, Any]) -> web.Response:
+        if collection == "issuing/cards":
+            prefix, kind = "ic", "issuing.card"
+        elif collection in COLLECTIONS:
+            prefix, kind = COLLECTIONS[collection], collection.rstrip("s")
+        else:
+            return _error(404, "invalid_request_error", f"Unrecognized request URL (POST: /v1/{collection}).")
+        if params.get("payment_method") in DECLINING or params.get("source") in DECLINING:
+            return _error(402, "card_error", "Your card was declined.", "card_declined")
+        obj: dict[str, Any] = {"id": _new_id(prefix), "object": kind, "_collection": collection,
+                               "created": int(time.time()), "livemode": False, **_plain(params)}
+        if "amount" in params:
+            obj["amount"] = _int(params, "amount")
+        if collection == "payment_intents":
+            confirmed = params.get("confirm") == "true"
+            obj["status"] = "succeeded" if confirmed else "requires_confirmation"
+            obj["amount_received"] = obj["amount"] if confirmed else 0
+            obj["client_secret"] = f"{obj['id']}_secret_{secrets.token_hex(8)}"
+        elif collection == "charges":
+            obj.update(status="succeeded", paid=True, amount_refunded=0)
+        elif collection == "refunds":
+            target = self.objects.get(params.get("charge") or params.get("payment_intent") or "")
+            if target is None:
+                return _error(404, "invalid_request_error", "No such charge or payment intent", "resource_missing",
+                              "charge")
+            obj.setdefault("amount", target.get("amount", 0) - target.get("amount_refunded", 0))
+            obj.update(currency=target.get("currency"), status="succeeded")
+            target["amount_refunded"] = target.get("amount_refunded", 0) + obj["amount"]
+        elif collection == "issuing/cards":
+            obj.update(status="active", last4="4242")
+        self.objects[obj["id"]] = obj
+        return web.json_response(_public(obj))
+
+    def _act(self, collection: str, rest: list[str], params: dict[str, Any]) -> web.Response:
+        obj = self.objects.get(rest[0])
+        if obj is None or obj.get("_collection") != collection:
+            return _error(404, "invalid_request_error", f"No such object: '{rest[0]}'", "resource_missing", "id")
+        action = rest[1] if len(rest) > 1 else "update"
+        if collection == "payment_intents" and action in ("confirm", "capture", "cancel"):
+            if params.get("payment_method") in DECLINING:
+                return _error(402, "card_error", "Your card was declined.", "card_declined")
+            if action == "cancel":
+                obj["status"] = "canceled"
+            else:
+                obj["status"] = "succeeded"
+                obj["amount_received"] = _int(params, "amount_to_capture") if "amount_to_capture" in params \
+                    else obj["amount"]
+        elif action == "update":
+            obj.update(_plain(params))
+        else:
+            obj.setdefault("actions", []).append(action)
+        return web.json_response(_public(obj))
+
+
+def _int(params: dict[str, Any], key: str) -> int:
+    value = params.get(key, "")
+    if not isinstance(value, str) or not value.isdigit():
+        raise BadRequest(f"Invalid integer: {value!r}", param=key)
+    return int(value)
+
+
+def _plain(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in ("confirm", "expand")}
+
+
+def _public(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+
+def serve_mock(host: str = "127.0.0.1", port: int = DEFAULT_PORT, secret_key: str = DEFAULT_SECRET_KEY) -> None:
+    """Run the mock provider on its own (``paysentry mock-provider``)."""
+    print(json.dumps({"msg": "mock provider listening", "url": f"http://{host}:{port}"}), flush=True)
+    web.run_app(MockProvider(secret_key).app(), host=host, port=port, print=None)

@@ -1,0 +1,228 @@
+"""Stripe (API v1): routes, bracketed form bodies, amounts in minor units, Stripe-shaped errors.
+
+Payment calls are normalized into one ``Payment``. Reads, and writes that move no money (customers,
+payment methods, ...), pass through. Any other write is ``unrecognized`` and refused unless the owner's
+policy allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from adapters.base import PASSTHROUGH, PAYMENT, Classified, ErrorReply
+from adapters.formencode import parse_form
+from proxy.errors import BadRequest, RouteNotFound
+from proxy.model import UNRECOGNIZED, Payment
+
+_ID = r"([A-Za-z0-9_]+)"
+SAFE_WRITES = [re.compile(p) for p in (
+    r"^/v1/customers$", rf"^/v1/customers/{_ID}$",
+    r"^/v1/payment_methods$", rf"^/v1/payment_methods/{_ID}(/attach|/detach)?$",
+    r"^/v1/setup_intents$", r"^/v1/products$", r"^/v1/prices$",
+    rf"^/v1/payment_intents/{_ID}/cancel$",
+)]
+SAFE_DELETES = [re.compile(rf"^/v1/customers/{_ID}$")]
+_KINDS = {  # our error kinds -> Stripe error types
+    "invalid_request": "invalid_request_error", "authentication": "invalid_request_error",
+    "policy": "card_error", "rate_limit": "invalid_request_error", "idempotency": "idempotency_error",
+    "api": "api_error",
+}
+
+
+def _text(params: Mapping[str, Any], key: str) -> str:
+    value = params.get(key, "")
+    if not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string", param=key)
+    return value
+
+
+def _amount(params: Mapping[str, Any], key: str, required: bool) -> int | None:
+    raw = params.get(key)
+    if raw is None or raw == "":
+        if required:
+            raise BadRequest(f"Missing required param: {key}.", param=key)
+        return None
+    if not isinstance(raw, str) or not raw.isdigit() or len(raw) > 15:
+        raise BadRequest(f"Invalid integer: {raw!r}; {key} is a whole number of the currency's minor unit "
+                         "(cents)", param=key)
+    return int(raw)
+
+
+def _currency(params: Mapping[str, Any], required: bool = True) -> str:
+    raw = params.get("currency", "")
+    if not raw:
+        if required:
+            raise BadRequest("Missing required param: currency.", param="currency")
+        return ""
+    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z]{3}", raw):
+        raise BadRequest(f"Invalid currency: {raw!r} (a three-letter ISO code such as usd)", param="currency")
+    return raw.lower()
+
+
+def _nested(params: Mapping[str, Any], *keys: str) -> str:
+    node: Any = params
+    for key in keys:
+        if not isinstance(node, Mapping):
+            return ""
+        node = node.get(key)
+    return node if isinstance(node, str) else ""
+
+
+def _metadata(params: Mapping[str, Any]) -> dict[str, str]:
+    meta = params.get("metadata", {})
+    if meta == "":
+        return {}
+    if not isinstance(meta, Mapping) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadRequest("metadata must be a set of key-value strings", param="metadata")
+    return dict(meta)
+
+
+def _card_limit(params: Mapping[str, Any]) -> int:
+    limits = params.get("spending_controls", {})
+    limits = limits.get("spending_limits") if isinstance(limits, Mapping) else None
+    amounts = []
+    for i, entry in enumerate(limits if isinstance(limits, list) else []):
+        if isinstance(entry, Mapping):
+            amounts.append(_amount(entry, "amount", True) or 0)
+        else:
+            raise BadRequest("each spending limit needs amount and interval",
+                             param=f"spending_controls[spending_limits][{i}]")
+    if not amounts:
+        raise BadRequest("PaySentry needs spending_controls[spending_limits] on a card, so that what the card "
+                         "can spend is bounded and can be decided", param="spending_controls[spending_limits]")
+    return max(amounts)
+
+
+class StripeAdapter:
+    name = "stripe"
+    default_upstream = "https://api.stripe.com"
+    idempotency_header = "Idempotency-Key"
+    guarded_headers = frozenset({"stripe-account", "stripe-context"})
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[re.Pattern[str], Callable[[Mapping[str, Any], re.Match[str]], dict[str, Any]]]] = [
+            (re.compile(r"^/v1/payment_intents$"), self._payment_intent),
+            (re.compile(rf"^/v1/payment_intents/{_ID}/confirm$"), self._confirm),
+            (re.compile(rf"^/v1/payment_intents/{_ID}/capture$"), self._capture),
+            (re.compile(r"^/v1/charges$"), self._charge),
+            (re.compile(r"^/v1/transfers$"), self._simple("transfer", "destination", required_dest=True)),
+            (re.compile(r"^/v1/payouts$"), self._simple("payout", "destination")),
+            (re.compile(r"^/v1/refunds$"), self._refund),
+            (re.compile(r"^/v1/issuing/cards$"), self._issuing_card),
+        ]
+
+    # -- classification ---------------------------------------------------------------------------------
+    def classify(self, method: str, path: str, content_type: str, body: bytes) -> Classified:
+        if not path.startswith("/v1/"):
+            raise RouteNotFound(f"Unrecognized request URL ({method}: {path}). PaySentry forwards Stripe API "
+                                "paths under /v1/.")
+        if method in ("GET", "HEAD"):
+            return Classified(PASSTHROUGH)
+        if method == "DELETE" and any(p.match(path) for p in SAFE_DELETES):
+            return Classified(PASSTHROUGH)
+        if method == "POST" and any(p.match(path) for p in SAFE_WRITES):
+            return Classified(PASSTHROUGH)
+        params = self._params(content_type, body) if method == "POST" else {}
+        for pattern, build in self._routes:
+            match = pattern.match(path)
+            if match and method == "POST":
+                fields = build(params, match)
+                return Classified(PAYMENT, Payment(provider=self.name, method=method, path=path,
+                                                   params=params, **fields))
+        return Classified(PAYMENT, Payment(provider=self.name, operation=UNRECOGNIZED, amount=0, currency="",
+                                           method=method, path=path, params=params))
+
+    def _params(self, content_type: str, body: bytes) -> dict[str, Any]:
+        if body and not content_type.startswith("application/x-www-form-urlencoded"):
+            raise BadRequest(f"Stripe requests are application/x-www-form-urlencoded, not {content_type or 'untyped'}")
+        return parse_form(body)
+
+    @staticmethod
+    def _common(params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"customer": _text(params, "customer"), "description": _text(params, "description"),
+                "metadata": _metadata(params)}
+
+    def _payment_intent(self, params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
+        destination = _nested(params, "transfer_data", "destination") or _text(params, "on_behalf_of")
+        return {"operation": "payment_intent", "amount": _amount(params, "amount", True),
+                "currency": _currency(params), "destination": destination, **self._common(params)}
+
+    def _confirm(self, params: Mapping[str, Any], match: re.Match[str]) -> dict[str, Any]:
+        return {"operation": "payment_intent.confirm", "amount": 0, "currency": "", "refers_to": match.group(1),
+                **self._common(params)}
+
+    def _capture(self, params: Mapping[str, Any], match: re.Match[str]) -> dict[str, Any]:
+        amount = _amount(params, "amount_to_capture", False)
+        return {"operation": "payment_intent.capture", "amount": amount if amount is not None else 0,
+                "currency": "", "refers_to": match.group(1), **self._common(params)}
+
+    def _charge(self, params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
+        destination = (_nested(params, "destination", "account") or _nested(params, "destination")
+                       or _nested(params, "transfer_data", "destination"))
+        return {"operation": "charge", "amount": _amount(params, "amount", True), "currency": _currency(params),
+                "destination": destination, **self._common(params)}
+
+    def _simple(self, operation: str, dest_key: str, required_dest: bool = False
+                ) -> Callable[[Mapping[str, Any], re.Match[str]], dict[str, Any]]:
+        def build(params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
+            destination = _text(params, dest_key)
+            if required_dest and not destination:
+                raise BadRequest(f"Missing required param: {dest_key}.", param=dest_key)
+            return {"operation": operation, "amount": _amount(params, "amount", True),
+                    "currency": _currency(params), "destination": destination, **self._common(params)}
+
+        return build
+
+    def _refund(self, params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
+        target = _text(params, "charge") or _text(params, "payment_intent")
+        if not target:
+            raise BadRequest("A refund needs charge or payment_intent.", param="charge")
+        amount = _amount(params, "amount", False)
+        return {"operation": "refund", "amount": amount if amount is not None else 0, "currency": "",
+                "destination": target, "refers_to": target, **self._common(params)}
+
+    def _issuing_card(self, params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
+        return {"operation": "issuing_card", "amount": _card_limit(params), "currency": _currency(params),
+                "destination": _text(params, "cardholder"), **self._common(params)}
+
+    # -- the rest of the port -----------------------------------------------------------------------------
+    def error(self, status: int, kind: str, code: str, message: str, param: str | None = None,
+              extra: Mapping[str, Any] | None = None, retry: bool = False) -> ErrorReply:
+        error: dict[str, Any] = {"type": _KINDS.get(kind, "api_error"), "code": code, "message": message}
+        if param:
+            error["param"] = param
+        if extra:
+            error["paysentry"] = dict(extra)
+        body = json.dumps({"error": error}).encode()
+        return ErrorReply(status, body, {"Content-Type": "application/json",
+                                         "Stripe-Should-Retry": "true" if retry else "false"})
+
+    def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]:
+        return {"Authorization": f"Bearer {credentials['secret_key']}"}
+
+    def provider_ref(self, body: bytes) -> str | None:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None
+        ref = obj.get("id") if isinstance(obj, dict) else None
+        return ref if isinstance(ref, str) else None
+
+    def lookup_path(self, payment: Payment) -> str | None:
+        ref = payment.refers_to
+        if ref.startswith("pi_"):
+            return f"/v1/payment_intents/{ref}"
+        if ref.startswith(("ch_", "py_")):
+            return f"/v1/charges/{ref}"
+        return None
+
+    def amount_of(self, body: bytes) -> tuple[int, str] | None:
+        try:
+            obj = json.loads(body)
+            amount = int(obj["amount"]) - int(obj.get("amount_refunded") or 0)
+            return amount, str(obj["currency"]).lower()
+        except (ValueError, KeyError, TypeError):
+            return None

@@ -1,0 +1,3 @@
+"""PaySentry: the authorization gateway that AI-agent payments run through."""
+
+__version__ = "0.1.0"

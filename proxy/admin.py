@@ -1,0 +1,180 @@
+"""The owner API: JSON over its own listener, authenticated by the owner's token. Also the probes.
+
+Every query is scoped to the authenticated owner: another owner's agents, holds and records are not
+found. Routes:
+
+    GET  /livez                                   the process is up
+    GET  /readyz                                  store reachable and a policy set loaded (503 if not)
+    GET  /v1/agents                               POST /v1/agents {name, labels, connection}
+    POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
+    GET  /v1/approvals?state=pending              GET /v1/approvals/{id}
+    POST /v1/approvals/{id}/approve {reason}      POST /v1/approvals/{id}/deny {reason}
+    GET  /v1/authorizations?agent=&limit=         GET /v1/authorizations/{id}
+    GET  /v1/events?after=&limit=
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from proxy.auth import TokenAuthenticator
+from proxy.errors import BadRequest, NotFound, PaySentryError
+from proxy.owners import OwnerService, agent_json, approval_json, authorization_json
+from proxy.policy.reload import PolicyHolder
+from proxy.store import OwnerRecord, Store
+
+OWNER = web.AppKey("owner", OwnerRecord)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+class OwnerApi:
+    def __init__(self, store: Store, service: OwnerService, owners: TokenAuthenticator[OwnerRecord],
+                 policies: PolicyHolder, on_revoke: Callable[[str], None]) -> None:
+        self.store, self.service, self.owners, self.policies = store, service, owners, policies
+        self.on_revoke = on_revoke
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
+        r = app.router
+        r.add_get("/livez", self.livez)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/v1/agents", self.list_agents)
+        r.add_post("/v1/agents", self.create_agent)
+        r.add_post("/v1/agents/{id}/revoke", self.revoke_agent)
+        r.add_get("/v1/agents/{id}/spend", self.agent_spend)
+        r.add_get("/v1/approvals", self.list_approvals)
+        r.add_get("/v1/approvals/{id}", self.get_approval)
+        r.add_post("/v1/approvals/{id}/approve", self.approve)
+        r.add_post("/v1/approvals/{id}/deny", self.deny)
+        r.add_get("/v1/authorizations", self.list_authorizations)
+        r.add_get("/v1/authorizations/{id}", self.get_authorization)
+        r.add_get("/v1/events", self.list_events)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            if request.path not in ("/livez", "/readyz"):
+                header = request.headers.get("Authorization", "")
+                token = header[7:].strip() if header.lower().startswith("bearer ") else None
+                request[OWNER] = await self.owners.authenticate(token)
+            return await handler(request)
+        except PaySentryError as exc:
+            return _error(exc.status, exc.code, exc.message)
+
+    async def livez(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        checks: dict[str, Any] = {"policy": {"revision": self.policies.current.revision,
+                                             "last_reload_error": self.policies.last_error}}
+        try:
+            await self.store.ping()
+            checks["store"] = {"ok": True}
+        except PaySentryError as exc:
+            checks["store"] = {"ok": False, "error": exc.message}
+        ready = checks["store"]["ok"]
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("the request body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    async def list_agents(self, request: web.Request) -> web.Response:
+        agents = await self.store.list_agents(request[OWNER].id)
+        return web.json_response({"data": [agent_json(a) for a in agents]})
+
+    async def create_agent(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        labels = body.get("labels", {})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise BadRequest("labels must be an object of strings", param="labels")
+        name, connection = body.get("name"), body.get("connection", "default")
+        if not isinstance(name, str) or not isinstance(connection, str):
+            raise BadRequest("name and connection must be strings", param="name")
+        agent, token = await self.service.create_agent(request[OWNER].id, name, labels, connection)
+        return web.json_response({**agent_json(agent), "token": token}, status=201)
+
+    async def revoke_agent(self, request: web.Request) -> web.Response:
+        owner = request[OWNER]
+        agent_id = request.match_info["id"]
+        if not await self.store.revoke_agent(owner.id, agent_id, f"owner:{owner.name}", self.service.clock()):
+            raise NotFound(f"no active agent {agent_id!r}")
+        self.on_revoke(agent_id)
+        return web.json_response({"id": agent_id, "revoked": True})
+
+    async def agent_spend(self, request: web.Request) -> web.Response:
+        owner, agent_id = request[OWNER], request.match_info["id"]
+        agent = await self.store.get_agent(agent_id)
+        if agent is None or agent.owner_id != owner.id:
+            raise NotFound(f"no agent {agent_id!r}")
+        return web.json_response({"agent": agent_id, "data": await self.store.spend_of(owner.id, agent_id)})
+
+    async def list_approvals(self, request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        approvals = await self.store.list_approvals(request[OWNER].id, state)
+        now = self.service.clock()
+        return web.json_response({"data": [approval_json(a, now) for a in approvals]})
+
+    async def get_approval(self, request: web.Request) -> web.Response:
+        approval = await self.store.get_approval(request[OWNER].id, request.match_info["id"])
+        if approval is None:
+            raise NotFound(f"no approval {request.match_info['id']!r}")
+        return web.json_response(approval_json(approval, self.service.clock()))
+
+    async def _decide(self, request: web.Request, approve: bool) -> web.Response:
+        owner = request[OWNER]
+        reason = (await self._body(request)).get("reason", "")
+        if not isinstance(reason, str):
+            raise BadRequest("reason must be a string", param="reason")
+        approval = await self.service.decide_hold(owner.id, request.match_info["id"], approve,
+                                                  f"owner:{owner.name}", reason)
+        return web.json_response(approval_json(approval, self.service.clock()))
+
+    async def approve(self, request: web.Request) -> web.Response:
+        return await self._decide(request, True)
+
+    async def deny(self, request: web.Request) -> web.Response:
+        return await self._decide(request, False)
+
+    async def list_authorizations(self, request: web.Request) -> web.Response:
+        limit = _int_query(request, "limit", 100, 1000)
+        rows = await self.store.list_authorizations(request[OWNER].id, request.query.get("agent"), limit)
+        return web.json_response({"data": [authorization_json(a) for a in rows]})
+
+    async def get_authorization(self, request: web.Request) -> web.Response:
+        auth = await self.store.get_authorization(request[OWNER].id, request.match_info["id"])
+        if auth is None:
+            raise NotFound(f"no authorization {request.match_info['id']!r}")
+        return web.json_response(authorization_json(auth))
+
+    async def list_events(self, request: web.Request) -> web.Response:
+        after, limit = _int_query(request, "after", 0, 2**62), _int_query(request, "limit", 100, 1000)
+        events = await self.store.list_events(request[OWNER].id, after, limit)
+        return web.json_response({"data": [
+            {"seq": e.seq, "type": e.type, "actor": e.actor, "agent_id": e.agent_id,
+             "authorization_id": e.authorization_id, "data": dict(e.data), "at": e.at} for e in events]})
+
+
+def _int_query(request: web.Request, name: str, default: int, maximum: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > maximum:
+        raise BadRequest(f"{name} must be a whole number up to {maximum}", param=name)
+    return int(raw)

@@ -1,0 +1,103 @@
+"""The composition root: builds the store, policies, authenticators, pipeline and listeners from Settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+
+from adapters import get_adapter
+from adapters.mock import MockProvider
+from proxy import __version__
+from proxy.admin import OwnerApi
+from proxy.auth import TokenAuthenticator
+from proxy.config import Settings, split_address
+from proxy.connections import ConnectionCache
+from proxy.forwarder import Forwarder
+from proxy.owners import OwnerService
+from proxy.pipeline import Pipeline
+from proxy.policy.engine import make_engine
+from proxy.policy.reload import PolicyHolder
+from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, load_keys
+from proxy.store import AgentRecord, OwnerRecord, open_store
+from proxy.telemetry import TRACER_NAME
+
+log = logging.getLogger("paysentry")
+
+
+class Sidecar:
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider) -> None:
+        self.settings = settings
+        self.store = open_store(settings.store, synchronous=settings.sqlite_synchronous)
+        self.sealer = Sealer(load_keys(settings.encryption_key_file))
+        self.engine = make_engine(settings.engine)
+        self.policies = PolicyHolder(settings.policies, self.engine)
+        self.service = OwnerService(self.store, self.sealer, settings.bcrypt_rounds)
+        self.agents: TokenAuthenticator[AgentRecord] = TokenAuthenticator(
+            AGENT_PREFIX, "agt", self.store.get_agent, lambda a: a.token_hash, lambda a: a.revoked_at is None,
+            cache_ttl=settings.token_cache_ttl)
+        self.owners: TokenAuthenticator[OwnerRecord] = TokenAuthenticator(
+            OWNER_PREFIX, "own", self.store.get_owner, lambda o: o.token_hash, lambda o: True,
+            cache_ttl=settings.token_cache_ttl)
+        self.forwarder = Forwarder(settings.upstream_timeout)
+        self.pipeline = Pipeline(self.store, self.engine, self.policies, self.agents,
+                                 ConnectionCache(self.store, self.sealer), self.forwarder, self.sealer,
+                                 get_adapter("stripe"), tracer_provider.get_tracer(TRACER_NAME, __version__),
+                                 settings.reservation_lease)
+        self.owner_api = OwnerApi(self.store, self.service, self.owners, self.policies,
+                                  lambda agent_id: self.agents.forget(lambda a: a.id == agent_id))
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def agent_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.pipeline.handle)
+        return app
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.forwarder.start()
+        if self.settings.mock_provider_listen:
+            await self._listen(MockProvider().app(), self.settings.mock_provider_listen)
+        await self._listen(self.agent_app(), self.settings.listen)
+        await self._listen(self.owner_api.app(), self.settings.admin_listen)
+        self._tasks = [asyncio.create_task(self._sweep()), asyncio.create_task(self.policies.watch(2.0))]
+        log.info("paysentry started", extra={"fields": {"version": __version__, "policy_revision":
+                                                        self.policies.current.revision,
+                                                        "config": self.settings.summary()}})
+
+    async def _listen(self, app: web.Application, address: str) -> None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.upstream_timeout)
+        await runner.setup()
+        host, port = split_address(address)
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        self._runners.append(runner)
+
+    async def _sweep(self) -> None:
+        """Expire holds and reclaim reservations whose sidecar stopped mid-call, releasing their spend."""
+        while True:
+            try:
+                now = time.time()
+                expired = await self.store.expire_holds(now)
+                reclaimed = await self.store.reclaim_leases(now)
+                if expired or reclaimed:
+                    log.info("released spend", extra={"fields": {"expired_holds": expired,
+                                                                 "reclaimed_reservations": reclaimed}})
+            except Exception:  # the sweep must outlive a passing store failure
+                log.exception("sweep failed")
+            await asyncio.sleep(self.settings.sweep_interval)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Agent listener first (it was started after the mock provider): in-flight calls finish.
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        await self.forwarder.close()
+        await self.store.close()

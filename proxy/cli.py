@@ -1,0 +1,340 @@
+"""The ``paysentry`` command.
+
+    paysentry serve [--demo]                       run the sidecar (--demo: mock provider, demo owner/agent)
+    paysentry keygen FILE                          write a new encryption key file (or add one for rotation)
+    paysentry owner create NAME                    prints the owner's API token once
+    paysentry provider add --name N --provider P [--upstream URL] --credentials-file F|-
+    paysentry agent create NAME [--label k=v] [--connection N]   prints the agent's token once
+    paysentry agent list | agent revoke ID
+    paysentry policy check DIR
+    paysentry approvals list [--state S] | show ID | approve ID | deny ID [--reason R]
+    paysentry mock-provider [--listen HOST:PORT]
+
+Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
+Exit codes: 0 done, 1 refused (not found, conflict), 2 usage or configuration error, 3 invalid policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from proxy.config import Settings, load_settings
+from proxy.errors import ConfigError, PaySentryError, PolicyError
+
+DEFAULT_CONFIG = "deploy/dev.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paysentry", description="Authorization gateway for AI-agent payments")
+    p.add_argument("--config", default=os.environ.get("PAYSENTRY_CONFIG", DEFAULT_CONFIG), help="settings file")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar")
+    serve.add_argument("--demo", action="store_true", help="set up a demo owner, mock connection and agent")
+
+    keygen = sub.add_parser("keygen", help="write an encryption key file (prepends a new key to an existing one)")
+    keygen.add_argument("file")
+
+    owner = sub.add_parser("owner").add_subparsers(dest="action", required=True)
+    owner.add_parser("create").add_argument("name")
+    owner.add_parser("list")
+
+    provider = sub.add_parser("provider").add_subparsers(dest="action", required=True)
+    add = provider.add_parser("add", help="connect a provider account; credentials come from a file or stdin")
+    add.add_argument("--owner")
+    add.add_argument("--name", default="default")
+    add.add_argument("--provider", required=True)
+    add.add_argument("--upstream")
+    add.add_argument("--credentials-file", required=True, help='JSON {"secret_key": ...} or the key alone; - for stdin')
+
+    agent = sub.add_parser("agent").add_subparsers(dest="action", required=True)
+    create = agent.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    create.add_argument("--connection", default="default")
+    create.add_argument("--owner")
+    agent.add_parser("list").add_argument("--owner")
+    revoke = agent.add_parser("revoke")
+    revoke.add_argument("id")
+    revoke.add_argument("--owner")
+
+    policy = sub.add_parser("policy").add_subparsers(dest="action", required=True)
+    check = policy.add_parser("check", help="load and type-check a policy directory")
+    check.add_argument("dir")
+    check.add_argument("--engine", default=None)
+
+    approvals = sub.add_parser("approvals").add_subparsers(dest="action", required=True)
+    listing = approvals.add_parser("list")
+    listing.add_argument("--state", default="pending", help="pending, approved, denied, expired or all")
+    listing.add_argument("--owner")
+    for name in ("show", "approve", "deny"):
+        cmd = approvals.add_parser(name)
+        cmd.add_argument("id")
+        cmd.add_argument("--owner")
+        if name != "show":
+            cmd.add_argument("--reason", default="")
+
+    mock = sub.add_parser("mock-provider", help="run the built-in mock payment provider on its own")
+    mock.add_argument("--listen", default="127.0.0.1:12111")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "policy":
+            return _policy_check(args)
+        if args.command == "keygen":
+            return _keygen(Path(args.file))
+        if args.command == "mock-provider":
+            from adapters.mock import serve_mock
+            from proxy.config import split_address
+
+            host, port = split_address(args.listen)
+            serve_mock(host, port)
+            return 0
+        settings = load_settings(args.config)
+        if args.command == "serve":
+            return _serve(settings, args.demo)
+        return asyncio.run(_with_store(settings, lambda ctx: _COMMANDS[(args.command, args.action)](ctx, args)))
+    except PolicyError as exc:
+        print(exc.message, file=sys.stderr)
+        return 3
+    except ConfigError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+    except PaySentryError as exc:
+        print(f"paysentry: {exc.message}", file=sys.stderr)
+        return 1
+
+
+# -- serve ------------------------------------------------------------------------------------------------
+def _serve(settings: Settings, demo: bool) -> int:
+    from proxy.logs import setup_logging
+    from proxy.telemetry import setup_tracing
+
+    setup_logging(settings.log_level)
+    if demo:
+        _ensure_key_file(Path(settings.encryption_key_file))
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux
+        pass
+    return asyncio.run(_run(settings, setup_tracing(), demo))
+
+
+async def _run(settings: Settings, provider: Any, demo: bool) -> int:
+    from proxy.app import Sidecar
+
+    sidecar = Sidecar(settings, provider)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
+    if demo:
+        await _demo(sidecar, settings)
+    print(json.dumps({"msg": "paysentry ready", "listen": settings.listen, "admin": settings.admin_listen}),
+          flush=True)
+    await stop.wait()
+    await sidecar.stop()
+    provider.shutdown()
+    return 0
+
+
+async def _demo(sidecar: Any, settings: Settings) -> None:
+    """A demo owner, a connection to the built-in mock provider, and a fresh demo agent."""
+    from adapters.mock import DEFAULT_SECRET_KEY
+
+    service = sidecar.service
+    owner = await sidecar.store.find_owner("demo")
+    if owner is None:
+        owner, owner_token = await service.create_owner("demo")
+    else:
+        owner_token = await service.rotate_owner_token(owner)
+    if await sidecar.store.find_connection(owner.id, "default") is None:
+        upstream = f"http://{settings.mock_provider_listen}" if settings.mock_provider_listen else None
+        await service.add_connection(owner.id, "mock", "default", upstream, {"secret_key": DEFAULT_SECRET_KEY})
+    for agent in await sidecar.store.list_agents(owner.id):
+        if agent.name == "demo" and agent.revoked_at is None:
+            await sidecar.store.revoke_agent(owner.id, agent.id, "demo", time.time())
+    _, agent_token = await service.create_agent(owner.id, "demo", {"team": "demo"}, "default")
+    host = settings.listen
+    print("\n".join([
+        "", "PaySentry demo is running.",
+        f"  agent listener : http://{host}     (point your Stripe SDK's api_base here)",
+        f"  owner API      : http://{settings.admin_listen}",
+        f"  demo agent token (shown once): {agent_token}",
+        f"  demo owner token (shown once): {owner_token}",
+        "",
+        "  python -c \"import stripe; stripe.api_base='http://" + host + "'; stripe.api_key='" + agent_token
+        + "'; print(stripe.PaymentIntent.create(amount=1500, currency='usd').id)\"", ""]), flush=True)
+
+
+def _ensure_key_file(path: Path) -> None:
+    if not path.exists() and not os.environ.get("PAYSENTRY_ENCRYPTION_KEYS"):
+        _keygen(path)
+
+
+def _keygen(path: Path) -> int:
+    from proxy.secrets import new_key_line
+
+    existing = path.read_text() if path.exists() else ""
+    kid = f"k{int(time.time())}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new_key_line(kid) + "\n" + existing)
+    path.chmod(0o600)
+    print(f"wrote encryption key {kid} to {path}")
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from proxy.policy.engine import make_engine
+    from proxy.policy.loader import load_policy_set
+
+    engine_name = args.engine
+    if engine_name is None:
+        try:
+            engine_name = load_settings(args.config).engine if Path(args.config).exists() else "cel-expr-python"
+        except ConfigError:
+            engine_name = "cel-expr-python"
+    policy_set = load_policy_set(args.dir, make_engine(engine_name))
+    rules = sum(len(p.rules) for p in policy_set.policies)
+    limits = sum(len(p.limits) for p in policy_set.policies)
+    print(f"ok: {len(policy_set.policies)} policies, {rules} rules, {limits} limits "
+          f"(revision {policy_set.revision}, engine {policy_set.engine})")
+    return 0
+
+
+# -- commands on the store ----------------------------------------------------------------------------------
+class _Context:
+    def __init__(self, settings: Settings) -> None:
+        from proxy.owners import OwnerService
+        from proxy.secrets import Sealer, load_keys
+        from proxy.store import open_store
+
+        self.store = open_store(settings.store, synchronous=settings.sqlite_synchronous)
+        self.sealer = Sealer(load_keys(settings.encryption_key_file))
+        self.service = OwnerService(self.store, self.sealer, settings.bcrypt_rounds)
+
+
+async def _with_store(settings: Settings, fn: Callable[[_Context], Awaitable[int]]) -> int:
+    ctx = _Context(settings)
+    await ctx.store.open()
+    try:
+        return await fn(ctx)
+    finally:
+        await ctx.store.close()
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+async def _owner_create(ctx: _Context, args: argparse.Namespace) -> int:
+    owner, token = await ctx.service.create_owner(args.name)
+    _print({"id": owner.id, "name": owner.name, "token": token, "note": "the token is shown once"})
+    return 0
+
+
+async def _owner_list(ctx: _Context, args: argparse.Namespace) -> int:
+    _print([{"id": o.id, "name": o.name} for o in await ctx.store.list_owners()])
+    return 0
+
+
+async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.credentials_file == "-" else Path(args.credentials_file).read_text()
+    text = text.strip()
+    credentials = json.loads(text) if text.startswith("{") else {"secret_key": text}
+    owner = await ctx.service.owner_named(args.owner)
+    record = await ctx.service.add_connection(owner.id, args.provider, args.name, args.upstream, credentials)
+    _print({"id": record.id, "name": record.name, "provider": record.provider, "upstream": record.upstream})
+    return 0
+
+
+async def _agent_create(ctx: _Context, args: argparse.Namespace) -> int:
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PaySentryError(f"--label takes KEY=VALUE, got {item!r}")
+        labels[key] = value
+    owner = await ctx.service.owner_named(args.owner)
+    agent, token = await ctx.service.create_agent(owner.id, args.name, labels, args.connection)
+    from proxy.owners import agent_json
+
+    _print({**agent_json(agent), "token": token, "note": "the token is shown once"})
+    return 0
+
+
+async def _agent_list(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.owners import agent_json
+
+    owner = await ctx.service.owner_named(args.owner)
+    _print([agent_json(a) for a in await ctx.store.list_agents(owner.id)])
+    return 0
+
+
+async def _agent_revoke(ctx: _Context, args: argparse.Namespace) -> int:
+    owner = await ctx.service.owner_named(args.owner)
+    if not await ctx.store.revoke_agent(owner.id, args.id, "cli", time.time()):
+        print(f"paysentry: no active agent {args.id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.id}")
+    return 0
+
+
+async def _approvals_list(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.owners import approval_json
+
+    owner = await ctx.service.owner_named(args.owner)
+    state = None if args.state == "all" else args.state
+    now = time.time()
+    _print([approval_json(a, now) for a in await ctx.store.list_approvals(owner.id, state)])
+    return 0
+
+
+async def _approvals_show(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.owners import approval_json
+
+    owner = await ctx.service.owner_named(args.owner)
+    approval = await ctx.store.get_approval(owner.id, args.id)
+    if approval is None:
+        print(f"paysentry: no approval {args.id!r}", file=sys.stderr)
+        return 1
+    _print(approval_json(approval, time.time()))
+    return 0
+
+
+async def _approvals_decide(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.owners import approval_json
+
+    owner = await ctx.service.owner_named(args.owner)
+    approval = await ctx.service.decide_hold(owner.id, args.id, args.action == "approve", "cli", args.reason)
+    _print(approval_json(approval, time.time()))
+    return 0
+
+
+_COMMANDS: dict[tuple[str, str], Callable[[_Context, argparse.Namespace], Awaitable[int]]] = {
+    ("owner", "create"): _owner_create,
+    ("owner", "list"): _owner_list,
+    ("provider", "add"): _provider_add,
+    ("agent", "create"): _agent_create,
+    ("agent", "list"): _agent_list,
+    ("agent", "revoke"): _agent_revoke,
+    ("approvals", "list"): _approvals_list,
+    ("approvals", "show"): _approvals_show,
+    ("approvals", "approve"): _approvals_decide,
+    ("approvals", "deny"): _approvals_decide,
+}

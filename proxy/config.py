@@ -1,0 +1,132 @@
+"""Settings: one typed object, read from a YAML file and then from PAYSENTRY_* environment variables.
+
+Every setting has an environment variable: the setting's name upper-cased with a PAYSENTRY_ prefix
+(``listen`` -> ``PAYSENTRY_LISTEN``). Relative paths are resolved against the config file's folder. All
+problems are reported at once, and the process refuses to start on any of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.durations import parse_duration
+from proxy.errors import ConfigError
+from proxy.policy.engine import ENGINES
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:8080"  # the agents' listener
+    admin_listen: str = "127.0.0.1:8081"  # the owner API and probes; never on the agents' listener
+    store: str = "sqlite:///var/paysentry.db"
+    sqlite_synchronous: str = "NORMAL"  # NORMAL or FULL (WAL mode)
+    policies: str = "policies"
+    engine: str = "cel-expr-python"
+    encryption_key_file: str = "var/encryption.key"
+    bcrypt_rounds: int = 12
+    token_cache_ttl: float = 30.0
+    upstream_timeout: float = 30.0
+    reservation_lease: float = 120.0
+    sweep_interval: float = 5.0
+    max_body_bytes: int = 1024 * 1024
+    mock_provider_listen: str = ""  # host:port to run the built-in mock provider in-process; "" = off
+    log_level: str = "INFO"
+
+    def summary(self) -> dict[str, Any]:
+        """What the sidecar logs at start: every setting (none of them is a secret)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+DEFAULTS = Settings()
+_DURATIONS = {"token_cache_ttl", "upstream_timeout", "reservation_lease", "sweep_interval"}
+_PATHS = {"policies", "encryption_key_file"}
+
+
+def load_settings(path: str | None, environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    base = Path.cwd()
+    if path:
+        file = Path(path)
+        base = file.resolve().parent
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError([f"{path}: {exc}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the config file must be a mapping of settings"])
+        raw.update(loaded)
+    known = {f.name: f for f in fields(Settings)}
+    for name in raw:
+        if name not in known:
+            problems.append(f"{path}: unknown setting {name!r}")
+    for name in known:
+        env = environ.get(f"PAYSENTRY_{name.upper()}")
+        if env is not None:
+            raw[name] = env
+    values: dict[str, Any] = {}
+    for name, field in known.items():
+        if name not in raw:
+            continue
+        try:
+            values[name] = _convert(name, field.type, raw[name])
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+    _validate(values, problems)
+    if problems:
+        raise ConfigError(problems)
+    for name in _PATHS:
+        if name in values:
+            values[name] = str((base / values[name]).resolve())
+        else:
+            values[name] = str((base / getattr(DEFAULTS, name)).resolve())
+    store = values.get("store", DEFAULTS.store)
+    if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
+        values["store"] = "sqlite:///" + str((base / store.removeprefix("sqlite:///")).resolve())
+    return Settings(**values)
+
+
+def _convert(name: str, kind: Any, value: Any) -> Any:
+    if name in _DURATIONS:
+        return parse_duration(value)
+    if kind in (int, "int"):
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ValueError(f"expected a whole number, got {value!r}")
+        return int(value)
+    if not isinstance(value, str | int | float):
+        raise ValueError(f"expected a string, got {value!r}")
+    return str(value)
+
+
+def _validate(values: dict[str, Any], problems: list[str]) -> None:
+    for name in ("listen", "admin_listen", "mock_provider_listen"):
+        address = values.get(name)
+        if address and not _is_address(address):
+            problems.append(f"{name}: expected host:port, got {address!r}")
+    if values.get("engine", DEFAULTS.engine) not in ENGINES:
+        problems.append(f"engine: unknown CEL engine {values.get('engine')!r}; choose {', '.join(ENGINES)}")
+    if values.get("sqlite_synchronous", "NORMAL") not in ("NORMAL", "FULL"):
+        problems.append("sqlite_synchronous: NORMAL or FULL")
+    rounds = values.get("bcrypt_rounds", DEFAULTS.bcrypt_rounds)
+    if not 4 <= rounds <= 16:
+        problems.append(f"bcrypt_rounds: between 4 and 16, got {rounds}")
+    if not str(values.get("store", DEFAULTS.store)).startswith("sqlite:///"):
+        problems.append("store: expected sqlite:///path/to/file.db")
+    if values.get("listen", DEFAULTS.listen) == values.get("admin_listen", DEFAULTS.admin_listen):
+        problems.append("admin_listen: the owner API must not share the agents' listener")
+
+
+def _is_address(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def split_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,51 @@
+"""Provider connections as the pipeline uses them: adapter, upstream and opened credentials, cached.
+
+Credentials are unsealed once per connection and kept in memory for ``ttl`` seconds; they never leave
+this object except as the provider's auth header on an upstream request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from adapters import get_adapter
+from adapters.base import Adapter
+from proxy.errors import AuthenticationFailed
+from proxy.secrets import Sealer
+from proxy.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    id: str
+    owner_id: str
+    adapter: Adapter
+    upstream: str
+    credentials: Mapping[str, str] = field(repr=False)
+
+
+def credentials_context(connection_id: str) -> str:
+    return f"connection:{connection_id}"
+
+
+class ConnectionCache:
+    def __init__(self, store: Store, sealer: Sealer, ttl: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store, self._sealer, self._ttl, self._clock = store, sealer, ttl, clock
+        self._cache: dict[str, tuple[Connection, float]] = {}
+
+    async def get(self, connection_id: str) -> Connection:
+        hit = self._cache.get(connection_id)
+        if hit is not None and hit[1] > self._clock():
+            return hit[0]
+        record = await self._store.get_connection(connection_id)
+        if record is None or record.revoked_at is not None:
+            raise AuthenticationFailed("this agent's provider connection is revoked or missing; ask its owner")
+        credentials = json.loads(self._sealer.open(record.credentials, credentials_context(record.id)))
+        connection = Connection(record.id, record.owner_id, get_adapter(record.provider),
+                                record.upstream.rstrip("/"), credentials)
+        self._cache[connection_id] = (connection, self._clock() + self._ttl)
+        return connection

@@ -1,0 +1,165 @@
+"""The decision core: a pure function of (policy set, payment, agent, spend so far, time) to a Decision.
+
+No I/O here. Combining: any deny wins, then any hold, else allow. A policy with ``default: deny`` denies
+what none of its allow rules allows. A write the adapter does not recognise is denied unless some allow
+rule matches it. An expression that fails to evaluate denies (fail closed), naming the rule.
+Declared limits become Charges; the store reserves them atomically, so this module never reads a counter
+to enforce a limit (``spend`` is given to rules for messages and holds only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from proxy.currency import format_minor
+from proxy.model import ALLOW, DENY, HOLD, UNRECOGNIZED, Agent, Charge, Decision, Payment, SpendTotal
+from proxy.policy.engine import Engine, EvaluationError
+from proxy.policy.model import Limit, Policy, PolicySet
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    outcome: str
+    rule: str
+    policy: str
+    message: str
+    hold_expires_in: float | None = None
+
+
+def period_of(window: str, now: datetime, timezone: str) -> str:
+    local = now.astimezone(ZoneInfo(timezone))
+    if window == "day":
+        return f"day:{local.date().isoformat()}"
+    if window == "week":
+        year, week, _ = local.isocalendar()
+        return f"week:{year}-W{week:02d}"
+    return f"month:{local.year}-{local.month:02d}"
+
+
+def spend_keys(policy_set: PolicySet, agent: Agent, now: datetime) -> list[tuple[str, str]]:
+    """(limit, period) of every windowed limit that may apply to this agent now: what rules may read."""
+    return [
+        (lim.name, period_of(lim.window, now, policy.timezone))
+        for policy in policy_set.policies
+        if policy.applies_to(agent.labels)
+        for lim in policy.limits
+        if lim.window != "payment"
+    ]
+
+
+def activation_variables(payment: Payment, agent: Agent, spend: Mapping[str, SpendTotal], now: datetime,
+                         limit_names: Iterable[str]) -> dict[str, Any]:
+    zero = SpendTotal()
+    return {
+        "payment.provider": payment.provider,
+        "payment.operation": payment.operation,
+        "payment.amount": payment.amount,
+        "payment.currency": payment.currency,
+        "payment.destination": payment.destination,
+        "payment.customer": payment.customer,
+        "payment.description": payment.description,
+        "payment.metadata": dict(payment.metadata),
+        "payment.params": dict(payment.params),
+        "request.method": payment.method,
+        "request.path": payment.path,
+        "agent.id": agent.id,
+        "agent.name": agent.name,
+        "agent.labels": dict(agent.labels),
+        "spend": {n: {"amount": (t := spend.get(n, zero)).amount, "count": t.count} for n in limit_names},
+        "now": now,
+    }
+
+
+def decide(policy_set: PolicySet, engine: Engine, payment: Payment, agent: Agent,
+           spend: Mapping[str, SpendTotal], now: datetime) -> Decision:
+    policies = [p for p in policy_set.policies if p.applies_to(agent.labels)]
+    if not policies:
+        return Decision(DENY, "no_policy", "", f"no policy applies to agent {agent.name!r}; PaySentry "
+                        "refuses payments that no policy covers", revision=policy_set.revision)
+    activation = engine.activation(activation_variables(payment, agent, spend, now, policy_set.limit_names))
+    verdicts = [v for p in policies if (v := _policy_verdict(p, payment, activation)) is not None]
+    verdict = _combine(verdicts, payment)
+    if verdict.outcome == DENY:
+        return _decision(verdict, (), policy_set.revision)
+    charges: list[Charge] = []
+    for policy in policies:
+        for lim in policy.limits:
+            if not _limit_applies(lim, payment, activation):
+                continue
+            if lim.window == "payment":
+                if lim.max_amount is not None and payment.amount > lim.max_amount:
+                    return Decision(DENY, lim.name, policy.name, per_payment_message(lim, payment.amount),
+                                    revision=policy_set.revision)
+            elif not payment.already_counted:
+                charges.append(Charge(lim.name, period_of(lim.window, now, policy.timezone), lim.currency,
+                                      payment.amount, lim.max_amount, lim.max_count, lim.message))
+    return _decision(verdict, tuple(charges), policy_set.revision)
+
+
+def _decision(verdict: _Verdict, charges: tuple[Charge, ...], revision: str) -> Decision:
+    return Decision(verdict.outcome, verdict.rule, verdict.policy, verdict.message, charges,
+                    verdict.hold_expires_in, revision)
+
+
+def _policy_verdict(policy: Policy, payment: Payment, activation: Any) -> _Verdict | None:
+    fired: dict[str, _Verdict] = {}
+    for rule in policy.rules:
+        try:
+            matched = rule.when.evaluate(activation)
+        except EvaluationError as exc:
+            return _Verdict(DENY, rule.name, policy.name, f"rule could not be evaluated ({exc}); "
+                            "the policy fails closed")
+        if matched is True and rule.effect not in fired:
+            expiry = (rule.hold_expiry or policy.hold_expiry) if rule.effect == HOLD else None
+            message = rule.message or f"matched {rule.source!r}"
+            fired[rule.effect] = _Verdict(rule.effect, rule.name, policy.name, message, expiry)
+    for effect in (DENY, HOLD, ALLOW):
+        if effect in fired:
+            return fired[effect]
+    if payment.operation == UNRECOGNIZED:
+        return None  # abstains: an unrecognized write needs an explicit allow somewhere
+    if policy.default == DENY:
+        return _Verdict(DENY, "default", policy.name, "no allow rule of this policy matches the payment")
+    return _Verdict(ALLOW, "default", policy.name, "no rule matched; the policy allows by default")
+
+
+def _combine(verdicts: list[_Verdict], payment: Payment) -> _Verdict:
+    for outcome in (DENY, HOLD, ALLOW):
+        for verdict in verdicts:
+            if verdict.outcome == outcome:
+                return verdict
+    return _Verdict(DENY, "unrecognized_write", "", f"{payment.method} {payment.path} is not a call the "
+                    f"{payment.provider} adapter recognises, and no allow rule of the policy matches it")
+
+
+def _limit_applies(lim: Limit, payment: Payment, activation: Any) -> bool:
+    if payment.operation == UNRECOGNIZED or payment.currency != lim.currency:
+        return False
+    if lim.operations is not None and payment.operation not in lim.operations:
+        return False
+    if lim.when is None:
+        return True
+    try:
+        return lim.when.evaluate(activation) is True
+    except EvaluationError:
+        return True  # when in doubt, the limit applies
+
+
+def per_payment_message(lim: Limit, amount: int) -> str:
+    cap = format_minor(lim.max_amount or 0, lim.currency)
+    return lim.message or f"a single payment may be at most {cap}; this one is {format_minor(amount, lim.currency)}"
+
+
+def limit_exceeded_message(charge: Charge, total: SpendTotal, message: str = "") -> str:
+    window = charge.period.split(":", 1)[0]
+    if charge.max_count is not None and total.count + 1 > charge.max_count:
+        why = f"at most {charge.max_count} payments per {window}; {total.count} already made or reserved"
+    else:
+        why = (f"budget of {format_minor(charge.max_amount or 0, charge.currency)} per {window}; "
+               f"{format_minor(total.amount, charge.currency)} already spent or reserved, this payment is "
+               f"{format_minor(charge.amount, charge.currency)}")
+    return f"{message} ({why})" if message else why

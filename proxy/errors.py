@@ -1,0 +1,99 @@
+"""The one error tree of PaySentry.
+
+    PaySentryError                 code, message, http status; what a caller can be shown
+    ├── ConfigError                the settings file or environment is wrong (every problem listed)
+    ├── PolicyError                a policy set failed to load (every problem listed)
+    ├── BadRequest                 the agent's request is malformed (400, names the parameter)
+    ├── RouteNotFound              no such path behind this provider (404)
+    ├── AuthenticationFailed       missing, unknown, revoked or wrong token (401)
+    ├── RateLimited                too many attempts (429)
+    ├── IdempotencyMismatch        same Idempotency-Key, different request (400, idempotency_error)
+    ├── RequestInFlight            same Idempotency-Key is being processed now (409, retryable)
+    ├── NotFound                   an owner-API object that does not exist or is not yours (404)
+    ├── Conflict                   an owner action that does not fit the object's state (409)
+    ├── StoreUnavailable           the store cannot be reached: payments fail closed (503)
+    └── UpstreamUnavailable        the provider could not be reached (502)
+
+Library errors are mapped with ``raise OurError(...) from exc`` at the edge that calls the library.
+Messages never contain a secret: tokens, keys and credentials are never formatted into them.
+"""
+
+from __future__ import annotations
+
+
+class PaySentryError(Exception):
+    status = 500
+    code = "paysentry_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.param = param
+
+
+class ConfigError(PaySentryError):
+    code = "invalid_config"
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class PolicyError(PaySentryError):
+    code = "invalid_policy"
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid policy set:\n  " + "\n  ".join(problems))
+
+
+class BadRequest(PaySentryError):
+    status = 400
+    code = "parameter_invalid"
+
+
+class RouteNotFound(PaySentryError):
+    status = 404
+    code = "resource_missing"
+
+
+class AuthenticationFailed(PaySentryError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class RateLimited(PaySentryError):
+    status = 429
+    code = "rate_limit"
+
+
+class IdempotencyMismatch(PaySentryError):
+    status = 400
+    code = "idempotency_key_in_use"
+
+
+class RequestInFlight(PaySentryError):
+    status = 409
+    code = "idempotency_key_in_use"
+
+
+class NotFound(PaySentryError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(PaySentryError):
+    status = 409
+    code = "conflict"
+
+
+class StoreUnavailable(PaySentryError):
+    status = 503
+    code = "paysentry_store_unavailable"
+
+
+class UpstreamUnavailable(PaySentryError):
+    status = 502
+    code = "paysentry_upstream_unavailable"

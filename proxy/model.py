@@ -1,0 +1,89 @@
+"""Value types shared by the decision core, the adapters and the stores.
+
+Everything here is immutable and free of I/O: a payment as the adapters normalize it, the agent making
+it, the decision the policies reach, and the spend charges a decision asks the store to reserve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Operations the adapters recognise. "unrecognized" is a write the adapter does not know: it is refused
+# unless an allow rule of the owner's policy matches it.
+MONEY_OPERATIONS = (
+    "payment_intent",
+    "payment_intent.confirm",
+    "payment_intent.capture",
+    "charge",
+    "transfer",
+    "payout",
+    "refund",
+    "issuing_card",
+)
+UNRECOGNIZED = "unrecognized"
+OPERATIONS = (*MONEY_OPERATIONS, UNRECOGNIZED)
+
+ALLOW, DENY, HOLD = "allow", "deny", "hold"
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """One payment call, normalized by its provider's adapter."""
+
+    provider: str
+    operation: str
+    amount: int  # minor units of ``currency``; 0 for an unrecognized write
+    currency: str  # lowercase ISO 4217, "" when unknown
+    method: str
+    path: str
+    destination: str = ""
+    customer: str = ""
+    description: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    # Set for calls on an object created earlier (confirm, capture, refund of a charge): its provider id.
+    refers_to: str = ""
+    # True when the spend of this call was already counted by an earlier call (confirming an intent
+    # that was created through PaySentry): limits are checked but not charged again.
+    already_counted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    id: str
+    owner_id: str
+    name: str
+    connection_id: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """Spend a decision reserves against one limit for one window period."""
+
+    limit: str
+    period: str  # e.g. "day:2026-11-22", "month:2026-11"
+    currency: str
+    amount: int
+    max_amount: int | None
+    max_count: int | None
+    message: str = ""  # the limit's own message, for the refusal when it is exceeded
+
+
+@dataclass(frozen=True, slots=True)
+class SpendTotal:
+    amount: int = 0
+    count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: str  # allow | deny | hold
+    rule: str  # the rule (or limit) that decided; "default" when no rule fired
+    policy: str
+    message: str
+    charges: tuple[Charge, ...] = ()
+    hold_expires_in: float | None = None  # seconds, for holds
+    revision: str = ""

@@ -1,0 +1,102 @@
+"""What owners do, shared by the command line and the owner API: owners, connections, agents, holds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from adapters import get_adapter
+from proxy.connections import credentials_context
+from proxy.errors import BadRequest, NotFound
+from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, issue_token, new_id
+from proxy.store import AgentRecord, ApprovalRecord, AuthorizationRecord, ConnectionRecord, OwnerRecord, Store
+
+
+class OwnerService:
+    def __init__(self, store: Store, sealer: Sealer, bcrypt_rounds: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.sealer, self.rounds, self.clock = store, sealer, bcrypt_rounds, clock
+
+    async def _issue(self, prefix: str, public_id: str) -> tuple[str, str]:
+        issued = await asyncio.to_thread(issue_token, prefix, public_id, self.rounds)
+        return issued.token, issued.hash
+
+    async def create_owner(self, name: str) -> tuple[OwnerRecord, str]:
+        owner_id = new_id("own")
+        token, digest = await self._issue(OWNER_PREFIX, owner_id)
+        owner = OwnerRecord(owner_id, name, digest, self.clock())
+        await self.store.create_owner(owner)
+        return owner, token
+
+    async def rotate_owner_token(self, owner: OwnerRecord) -> str:
+        token, digest = await self._issue(OWNER_PREFIX, owner.id)
+        await self.store.update_owner_token(owner.id, digest, self.clock())
+        return token
+
+    async def owner_named(self, name: str | None) -> OwnerRecord:
+        if name:
+            owner = await self.store.find_owner(name)
+            if owner is None:
+                raise NotFound(f"no owner named {name!r}; create one with: paysentry owner create {name}")
+            return owner
+        owners = await self.store.list_owners()
+        if len(owners) != 1:
+            raise BadRequest("name the owner with --owner" if owners else
+                             "no owner yet; create one with: paysentry owner create NAME")
+        return owners[0]
+
+    async def add_connection(self, owner_id: str, provider: str, name: str, upstream: str | None,
+                             credentials: Mapping[str, str]) -> ConnectionRecord:
+        adapter = get_adapter(provider)
+        if not credentials.get("secret_key"):
+            raise BadRequest("the credentials need a secret_key")
+        connection_id = new_id("conn")
+        sealed = self.sealer.seal(json.dumps(dict(credentials)).encode(), credentials_context(connection_id))
+        record = ConnectionRecord(connection_id, owner_id, provider, name, upstream or adapter.default_upstream,
+                                  sealed, self.clock())
+        await self.store.add_connection(record)
+        return record
+
+    async def create_agent(self, owner_id: str, name: str, labels: Mapping[str, str],
+                           connection_name: str) -> tuple[AgentRecord, str]:
+        if not name or len(name) > 100:
+            raise BadRequest("an agent needs a name of 1 to 100 characters", param="name")
+        connection = await self.store.find_connection(owner_id, connection_name)
+        if connection is None:
+            raise NotFound(f"no provider connection named {connection_name!r}; add one with: paysentry provider add")
+        agent_id = new_id("agt")
+        token, digest = await self._issue(AGENT_PREFIX, agent_id)
+        agent = AgentRecord(agent_id, owner_id, connection.id, name, dict(labels), digest, self.clock())
+        await self.store.create_agent(agent)
+        return agent, token
+
+    async def decide_hold(self, owner_id: str, approval_id: str, approve: bool, actor: str,
+                          reason: str) -> ApprovalRecord:
+        return await self.store.decide_hold(owner_id, approval_id, approve, actor, reason, self.clock())
+
+
+def agent_json(agent: AgentRecord) -> dict[str, Any]:
+    return {"id": agent.id, "name": agent.name, "labels": dict(agent.labels), "connection": agent.connection_id,
+            "created_at": agent.created_at, "revoked_at": agent.revoked_at}
+
+
+def authorization_json(auth: AuthorizationRecord) -> dict[str, Any]:
+    return {"id": auth.id, "agent_id": auth.agent_id, "state": auth.state, "decision": auth.decision,
+            "rule": auth.rule, "policy": auth.policy, "message": auth.message, "revision": auth.revision,
+            "operation": auth.operation, "amount": auth.amount, "currency": auth.currency,
+            "destination": auth.destination, "payment": dict(auth.payment), "approval_id": auth.approval_id,
+            "provider_ref": auth.provider_ref, "response_status": auth.response_status,
+            "created_at": auth.created_at, "updated_at": auth.updated_at}
+
+
+def approval_json(approval: ApprovalRecord, now: float) -> dict[str, Any]:
+    out = {"id": approval.id, "state": approval.state, "authorization_id": approval.authorization_id,
+           "expires_at": approval.expires_at, "seconds_left": max(0.0, round(approval.expires_at - now, 1))
+           if approval.state == "pending" else 0, "decided_by": approval.decided_by, "reason": approval.reason,
+           "created_at": approval.created_at, "decided_at": approval.decided_at}
+    if approval.authorization is not None:
+        out["authorization"] = authorization_json(approval.authorization)
+    return out

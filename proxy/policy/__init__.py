@@ -1,0 +1,1 @@
+"""Policies: CEL rules and declared spend limits, loaded from YAML files, compiled once."""

@@ -1,0 +1,57 @@
+"""A compiled policy set: the rules and limits of every policy file, ready to evaluate."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from proxy.policy.engine import Program
+
+WINDOWS = ("payment", "day", "week", "month")
+EFFECTS = ("deny", "hold", "allow")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    effect: str  # deny | hold | allow
+    when: Program
+    message: str
+    source: str  # the CEL text, for reports
+    hold_expiry: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    name: str
+    window: str  # payment | day | week | month
+    currency: str
+    max_amount: int | None
+    max_count: int | None
+    operations: frozenset[str] | None  # None: every operation that moves money
+    when: Program | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    file: str
+    default: str  # allow | deny
+    timezone: str
+    labels: Mapping[str, str]  # the agent labels this policy applies to; empty: every agent
+    hold_expiry: float
+    rules: tuple[Rule, ...]
+    limits: tuple[Limit, ...]
+
+    def applies_to(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels.items())
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    policies: tuple[Policy, ...]
+    revision: str
+    engine: str
+    uses_spend: bool = False  # some rule reads ``spend``: the pipeline fetches totals only then
+    limit_names: frozenset[str] = field(default_factory=frozenset)

@@ -1,0 +1,138 @@
+"""Secrets at rest and in flight: sealing credentials with AES-GCM, and agent/owner tokens.
+
+Sealed values are ``ps1.<key id>.<base64(nonce | ciphertext)>``, authenticated with associated data that
+binds them to the row they belong to (a sealed credential copied to another row does not open). Several
+keys can be loaded at once for rotation; the first one seals.
+
+Tokens are ``<prefix>_<public id>_<secret>``: the public id finds the row without any hashing, and only the
+secret's bcrypt hash is stored. A token is never logged, stored or echoed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import bcrypt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from proxy.errors import ConfigError, PaySentryError
+
+
+class SealError(PaySentryError):
+    code = "paysentry_unseal_failed"
+
+
+class Sealer:
+    def __init__(self, keys: list[tuple[str, bytes]]) -> None:
+        if not keys:
+            raise ConfigError(["no encryption key: set PAYSENTRY_ENCRYPTION_KEYS or encryption.key_file"])
+        self._primary = keys[0][0]
+        self._keys = {kid: AESGCM(key) for kid, key in keys}
+
+    @property
+    def key_ids(self) -> list[str]:
+        return list(self._keys)
+
+    def seal(self, plaintext: bytes, context: str) -> bytes:
+        nonce = os.urandom(12)
+        sealed = self._keys[self._primary].encrypt(nonce, plaintext, context.encode())
+        return f"ps1.{self._primary}.".encode() + base64.urlsafe_b64encode(nonce + sealed)
+
+    def open(self, sealed: bytes, context: str) -> bytes:
+        try:
+            version, kid, payload = sealed.decode().split(".", 2)
+            raw = base64.urlsafe_b64decode(payload)
+            key = self._keys[kid]
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise SealError("a sealed value uses an unknown format or a key that is not loaded") from None
+        if version != "ps1":
+            raise SealError("a sealed value uses an unknown format")
+        try:
+            return key.decrypt(raw[:12], raw[12:], context.encode())
+        except InvalidTag:
+            raise SealError("a sealed value failed authentication (wrong key or moved to another row)") from None
+
+    def needs_rotation(self, sealed: bytes) -> bool:
+        return not sealed.startswith(f"ps1.{self._primary}.".encode())
+
+
+def parse_keys(text: str) -> list[tuple[str, bytes]]:
+    """Keys as ``id:base64key`` separated by commas or new lines, newest first."""
+    keys, problems = [], []
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        kid, _, b64 = item.partition(":")
+        try:
+            key = base64.b64decode(b64, validate=True)
+        except ValueError:
+            key = b""
+        if not kid.isalnum() or len(key) != 32:
+            problems.append(f"encryption key {kid or '?'!r}: expected id:base64 of 32 random bytes")
+            continue
+        keys.append((kid, key))
+    if problems:
+        raise ConfigError(problems)
+    return keys
+
+
+def new_key_line(kid: str) -> str:
+    return f"{kid}:{base64.b64encode(os.urandom(32)).decode()}"
+
+
+def load_keys(key_file: str | None) -> list[tuple[str, bytes]]:
+    env = os.environ.get("PAYSENTRY_ENCRYPTION_KEYS")
+    if env:
+        return parse_keys(env)
+    if key_file and Path(key_file).exists():
+        return parse_keys(Path(key_file).read_text())
+    raise ConfigError(["no encryption key: set PAYSENTRY_ENCRYPTION_KEYS, or encryption.key_file to an existing "
+                       "file (paysentry keygen writes one)"])
+
+
+# -- tokens -------------------------------------------------------------------------------------------
+AGENT_PREFIX, OWNER_PREFIX = "psk", "pso"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    public_id: str
+    token: str  # shown once
+    hash: str  # stored
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def issue_token(prefix: str, public_id: str, rounds: int) -> IssuedToken:
+    secret = secrets.token_urlsafe(32)
+    digest = bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds)).decode()
+    return IssuedToken(public_id, f"{prefix}_{public_id.split('_', 1)[1]}_{secret}", digest)
+
+
+def split_token(token: str, prefix: str) -> tuple[str, str] | None:
+    """(public id, secret) of a well-formed token, else None."""
+    head, _, rest = token.partition("_")
+    hexid, _, secret = rest.partition("_")
+    if head != prefix or len(hexid) != 16 or not secret or len(secret) > 64:
+        return None
+    if any(c not in "0123456789abcdef" for c in hexid):
+        return None
+    return hexid, secret
+
+
+def check_secret(secret: str, stored_hash: str) -> bool:
+    return bcrypt.checkpw(secret.encode(), stored_hash.encode())
+
+
+def fingerprint(token: str) -> str:
+    """A cache key for a token that does not reveal it."""
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,204 @@
+"""The store port: what PaySentry keeps, and the atomic operations on it.
+
+Every method that changes state does it in one transaction together with the audit event that records
+it. Reserving spend is check-and-count in one atomic step. The embedded SQLite implementation is
+``proxy.store.sqlite.SqliteStore``; ``open_store`` picks one from a URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.model import Charge, SpendTotal
+
+# Authorization states.
+DENIED, HELD, APPROVED, REJECTED, EXPIRED = "denied", "held", "approved", "rejected", "expired"
+FORWARDING, SETTLED, FAILED = "forwarding", "settled", "failed"
+RESERVING_STATES = (HELD, APPROVED, FORWARDING)  # states whose charges count against limits
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    id: str
+    name: str
+    token_hash: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    id: str
+    owner_id: str
+    provider: str
+    name: str
+    upstream: str
+    credentials: bytes  # sealed
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    id: str
+    owner_id: str
+    connection_id: str
+    name: str
+    labels: Mapping[str, str]
+    token_hash: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewAuthorization:
+    """A decided call, as the pipeline hands it to ``record_decision``."""
+
+    id: str
+    owner_id: str
+    agent_id: str
+    idempotency_key: str
+    request_hash: str
+    provider: str
+    operation: str
+    amount: int
+    currency: str
+    destination: str
+    payment: Mapping[str, Any]
+    decision: str
+    rule: str
+    policy: str
+    message: str
+    revision: str
+    charges: Sequence[Charge] = ()
+    hold_expires_at: float | None = None
+    approval_id: str | None = None
+    lease_expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationRecord:
+    id: str
+    owner_id: str
+    agent_id: str
+    idempotency_key: str
+    request_hash: str
+    provider: str
+    operation: str
+    amount: int
+    currency: str
+    destination: str
+    payment: Mapping[str, Any]
+    decision: str
+    rule: str
+    policy: str
+    message: str
+    revision: str
+    state: str
+    charges: Sequence[Charge]
+    approval_id: str | None
+    provider_ref: str | None
+    response_status: int | None
+    response_body: bytes | None
+    lease_expires_at: float | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRecord:
+    id: str
+    owner_id: str
+    authorization_id: str
+    state: str  # pending | approved | denied | expired
+    expires_at: float
+    decided_by: str | None
+    reason: str | None
+    created_at: float
+    decided_at: float | None
+    authorization: AuthorizationRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitExceeded:
+    """record_decision could not reserve: this charge would pass its limit."""
+
+    charge: Charge
+    total: SpendTotal
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    record: AuthorizationRecord
+    exceeded: LimitExceeded | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    owner_id: str
+    agent_id: str | None
+    authorization_id: str | None
+    type: str
+    actor: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    at: float = 0.0
+
+
+class DuplicateKey(Exception):
+    """Another call with the same agent and Idempotency-Key was recorded first."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    # owners, connections, agents
+    async def create_owner(self, owner: OwnerRecord) -> None: ...
+    async def get_owner(self, owner_id: str) -> OwnerRecord | None: ...
+    async def find_owner(self, name: str) -> OwnerRecord | None: ...
+    async def update_owner_token(self, owner_id: str, token_hash: str, now: float) -> None: ...
+    async def list_owners(self) -> list[OwnerRecord]: ...
+    async def add_connection(self, connection: ConnectionRecord) -> None: ...
+    async def get_connection(self, connection_id: str) -> ConnectionRecord | None: ...
+    async def find_connection(self, owner_id: str, name: str) -> ConnectionRecord | None: ...
+    async def create_agent(self, agent: AgentRecord) -> None: ...
+    async def get_agent(self, agent_id: str) -> AgentRecord | None: ...
+    async def list_agents(self, owner_id: str) -> list[AgentRecord]: ...
+    async def revoke_agent(self, owner_id: str, agent_id: str, actor: str, now: float) -> bool: ...
+
+    # the payment path
+    async def lookup(self, agent_id: str, idempotency_key: str,
+                     spend_keys: Sequence[tuple[str, str]]) -> tuple[AuthorizationRecord | None,
+                                                                     dict[str, SpendTotal]]: ...
+    async def record_decision(self, new: NewAuthorization, now: float, retry_of: str | None = None) -> Recorded: ...
+    async def start_forwarding(self, authorization_id: str, lease_expires_at: float, now: float) -> bool: ...
+    async def settle(self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None,
+                     now: float) -> None: ...
+    async def fail(self, authorization_id: str, reason: str, status: int | None, body: bytes | None,
+                   now: float) -> None: ...
+    async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
+
+    # holds and housekeeping
+    async def decide_hold(self, owner_id: str, approval_id: str, approve: bool, actor: str, reason: str,
+                          now: float) -> ApprovalRecord: ...
+    async def get_approval(self, owner_id: str, approval_id: str) -> ApprovalRecord | None: ...
+    async def list_approvals(self, owner_id: str, state: str | None) -> list[ApprovalRecord]: ...
+    async def expire_holds(self, now: float) -> int: ...
+    async def reclaim_leases(self, now: float) -> int: ...
+
+    # records
+    async def get_authorization(self, owner_id: str, authorization_id: str) -> AuthorizationRecord | None: ...
+    async def list_authorizations(self, owner_id: str, agent_id: str | None, limit: int) -> list[AuthorizationRecord]: ...
+    async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]: ...
+    async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]: ...
+
+
+def open_store(url: str, **options: Any) -> Store:
+    if url.startswith("sqlite:///"):
+        from proxy.store.sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite:///"), **options)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path/to/file.db")
