@@ -117,11 +117,11 @@ def _policy_verdict(policy: Policy, payment: Payment, activation: Any) -> _Verdi
             expiry = (rule.hold_expiry or policy.hold_expiry) if rule.effect == HOLD else None
             message = rule.message or f"matched {rule.source!r}"
             fired[rule.effect] = _Verdict(rule.effect, rule.name, policy.name, message, expiry)
+    if payment.operation == UNRECOGNIZED and ALLOW not in fired:
+        return None  # abstains: an unrecognized write needs an explicit allow somewhere
     for effect in (DENY, HOLD, ALLOW):
         if effect in fired:
             return fired[effect]
-    if payment.operation == UNRECOGNIZED:
-        return None  # abstains: an unrecognized write needs an explicit allow somewhere
     if policy.default == DENY:
         return _Verdict(DENY, "default", policy.name, "no allow rule of this policy matches the payment")
     return _Verdict(ALLOW, "default", policy.name, "no rule matched; the policy allows by default")

@@ -231,7 +231,7 @@ class _PolicyReader:
             self.problem(node, "currency", what, "currency must be a three-letter ISO code such as usd")
         max_amount = self.whole(node, "max_amount", what)
         max_count = self.whole(node, "max_count", what)
-        if max_amount is None and max_count is None:
+        if "max_amount" not in node and "max_count" not in node:
             self.problem(node, None, what, "a limit needs max_amount (minor units), max_count, or both")
         if window == "payment" and max_count is not None:
             self.problem(node, "max_count", what, "a per-payment limit cannot count payments")

@@ -1,0 +1,165 @@
+"""Real processes over HTTP: the `paysentry` command (with the built-in mock provider) on loopback ports.
+
+The fixture sets the deployment up with the CLI exactly as an owner would (owner, provider connection with
+credentials on stdin, agent), starts `paysentry serve`, and waits for its "ready" line.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MOCK_SECRET = "sk_test_paysentry_mock"
+POLICY = """
+    name: test
+    limits:
+      - {name: per_payment_cap, window: payment, currency: usd, max_amount: 20000}
+      - {name: daily_budget, window: day, currency: usd, max_amount: 10000, operations: [payment_intent, charge, transfer, payout, issuing_card]}
+    rules:
+      - {name: usd_only, effect: deny, when: 'payment.currency != "usd"', message: this agent pays in USD only}
+      - {name: large_payment, effect: hold, when: payment.amount > 5000, message: above $50 needs a human, hold_expiry: 2s}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Deployment:
+    root: Path
+    config: Path
+    env: dict[str, str]
+    agent_url: str
+    admin_url: str
+    mock_url: str
+    agent_token: str = ""
+    owner_token: str = ""
+    process: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(self.config), *args],
+                                input=stdin, capture_output=True, text=True, env=self.env, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"paysentry {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def owner_api(self, method: str, path: str, body: dict[str, Any] | None = None,
+                  token: str | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.admin_url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {token or self.owner_token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def mock(self, what: str = "requests") -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.mock_url}/_mock/{what}", timeout=10) as resp:
+            return json.loads(resp.read())["data"]
+
+    def mock_payments(self) -> list[dict[str, Any]]:
+        """Payment calls the provider executed (replays of an idempotent key not counted)."""
+        return [r for r in self.mock() if r["method"] == "POST" and r["status"] == 200 and not r.get("replayed")]
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "proxy", "--config", str(self.config), "serve"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        ready = threading.Event()
+        stdout = self.process.stdout
+        assert stdout is not None
+
+        def pump() -> None:  # keeps reading so the process never blocks on a full pipe
+            for line in stdout:
+                self.output.append(line)
+                if '"paysentry ready"' in line:
+                    ready.set()
+
+        self._reader = threading.Thread(target=pump, daemon=True)
+        self._reader.start()
+        if not ready.wait(timeout=30):
+            self.stop()
+            raise AssertionError("paysentry did not start:\n" + "".join(self.output))
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self.process = None
+
+    def logs(self) -> str:
+        return "".join(self.output)
+
+
+def make_deployment(root: Path, policy: str = POLICY, provider: str = "mock",
+                    upstream: str | None = None) -> Deployment:
+    agent_port, admin_port, mock_port = free_port(), free_port(), free_port()
+    (root / "policies").mkdir()
+    (root / "policies" / "test.yaml").write_text(textwrap.dedent(policy))
+    config = root / "paysentry.yaml"
+    config.write_text(textwrap.dedent(f"""
+        listen: 127.0.0.1:{agent_port}
+        admin_listen: 127.0.0.1:{admin_port}
+        store: sqlite:///{root / 'paysentry.db'}
+        policies: {root / 'policies'}
+        mock_provider_listen: 127.0.0.1:{mock_port}
+        bcrypt_rounds: 4
+        sweep_interval: 0.2
+        upstream_timeout: 3s
+    """))
+    env = {**os.environ, "PAYSENTRY_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(),
+           "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("PAYSENTRY_CONFIG", None)
+    dep = Deployment(root, config, env, f"http://127.0.0.1:{agent_port}", f"http://127.0.0.1:{admin_port}",
+                     f"http://127.0.0.1:{mock_port}")
+    dep.owner_token = json.loads(dep.cli("owner", "create", "acme").stdout)["token"]
+    dep.cli("provider", "add", "--provider", provider, "--name", "default", "--upstream", upstream or dep.mock_url,
+            "--credentials-file", "-", stdin=json.dumps({"secret_key": MOCK_SECRET}))
+    dep.agent_token = json.loads(dep.cli("agent", "create", "bot", "--label", "team=ads").stdout)["token"]
+    return dep
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    dep = make_deployment(tmp_path)
+    dep.start()
+    yield dep
+    dep.stop()
+
+
+@pytest.fixture
+def stripe_sdk(deployment: Deployment) -> Any:
+    import stripe
+
+    stripe.api_base = deployment.agent_url
+    stripe.api_key = deployment.agent_token
+    stripe.max_network_retries = 0
+    return stripe

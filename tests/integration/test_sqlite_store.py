@@ -1,0 +1,164 @@
+"""The SQLite store on a real file: atomic reservations (also across processes), holds, release, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import Conflict
+from proxy.model import Charge
+from proxy.store import (
+    AgentRecord,
+    ConnectionRecord,
+    DuplicateKey,
+    NewAuthorization,
+    OwnerRecord,
+)
+from proxy.store.sqlite import SqliteStore
+
+LIMIT = Charge("daily", "day:2026-11-22", "usd", 1000, 10000, None)
+
+
+async def seeded(path: Path) -> SqliteStore:
+    store = SqliteStore(str(path))
+    await store.open()
+    if await store.get_owner("own_1") is None:
+        await store.create_owner(OwnerRecord("own_1", "acme", "hash", 1.0))
+        await store.add_connection(ConnectionRecord("conn_1", "own_1", "mock", "default", "http://x", b"sealed", 1.0))
+        await store.create_agent(AgentRecord("agt_1", "own_1", "conn_1", "bot", {}, "hash", 1.0))
+    return store
+
+
+def new(key: str, decision: str = "allow", charges: tuple[Charge, ...] = (LIMIT,), **kw) -> NewAuthorization:
+    fields = dict(id=f"auth_{key}", owner_id="own_1", agent_id="agt_1", idempotency_key=key, request_hash="h",
+                  provider="mock", operation="payment_intent", amount=1000, currency="usd", destination="",
+                  payment={}, decision=decision, rule="default", policy="p", message="m", revision="r",
+                  charges=charges, lease_expires_at=time.time() + 60)
+    fields.update(kw)
+    return NewAuthorization(**fields)
+
+
+async def spent(store: SqliteStore) -> tuple[int, int]:
+    rows = await store.spend_of("own_1", "agt_1")
+    return (rows[0]["amount"], rows[0]["count"]) if rows else (0, 0)
+
+
+async def test_concurrent_reservations_stop_exactly_at_the_limit(tmp_path: Path) -> None:
+    store = await seeded(tmp_path / "ps.db")
+    results = await asyncio.gather(*(store.record_decision(new(f"k{i}"), time.time()) for i in range(50)))
+    states = [r.record.state for r in results]
+    assert states.count("forwarding") == 10 and states.count("denied") == 40
+    denied = next(r for r in results if r.exceeded)
+    assert denied.record.rule == "daily" and "100.00 USD" in denied.record.message
+    assert await spent(store) == (10000, 10)
+    await store.close()
+
+
+def _race_worker(path: str, worker: int, n: int, out: multiprocessing.Queue) -> None:
+    async def run() -> int:
+        store = SqliteStore(path)
+        await store.open()
+        results = await asyncio.gather(*(store.record_decision(new(f"w{worker}-{i}"), time.time()) for i in range(n)))
+        await store.close()
+        return sum(r.record.state == "forwarding" for r in results)
+
+    out.put(asyncio.run(run()))
+
+
+async def test_reservations_from_several_processes_stop_exactly_at_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "ps.db"
+    await (await seeded(path)).close()
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = ctx.Queue()
+    workers = [ctx.Process(target=_race_worker, args=(str(path), w, 20, out)) for w in range(3)]
+    for w in workers:
+        w.start()
+    allowed = sum(out.get(timeout=60) for _ in workers)
+    for w in workers:
+        w.join(timeout=30)
+    assert allowed == 10
+    store = await seeded(path)
+    assert await spent(store) == (10000, 10)
+    events = await store.list_events("own_1", 0, 1000)
+    assert sum(e.type.startswith("authorization.") for e in events) == 60  # one record per decision
+    await store.close()
+
+
+async def test_settle_keeps_and_fail_releases(tmp_path: Path) -> None:
+    store = await seeded(tmp_path / "ps.db")
+    a = (await store.record_decision(new("a"), time.time())).record
+    b = (await store.record_decision(new("b"), time.time())).record
+    await store.settle(a.id, "pi_1", 200, b"{}", time.time())
+    await store.fail(b.id, "declined", 402, b"{}", time.time())
+    await store.fail(b.id, "declined again", 402, b"{}", time.time())  # releasing twice changes nothing
+    assert await spent(store) == (1000, 1)
+    assert (await store.find_by_provider_ref("own_1", "pi_1")).id == a.id
+    types = [e.type for e in await store.list_events("own_1", 0, 100)]
+    assert types[-4:] == ["authorization.forwarding", "authorization.forwarding", "authorization.settled",
+                          "authorization.failed"]
+    await store.close()
+
+
+async def test_same_key_twice_is_a_duplicate(tmp_path: Path) -> None:
+    store = await seeded(tmp_path / "ps.db")
+    await store.record_decision(new("same"), time.time())
+    with pytest.raises(DuplicateKey):
+        await store.record_decision(new("same", id="auth_other"), time.time())
+    assert await spent(store) == (1000, 1)
+    await store.close()
+
+
+async def test_holds_reserve_and_release_on_deny_or_expiry(tmp_path: Path) -> None:
+    store = await seeded(tmp_path / "ps.db")
+    now = time.time()
+    await store.record_decision(new("h1", "hold", approval_id="apr_1", hold_expires_at=now + 60), now)
+    await store.record_decision(new("h2", "hold", approval_id="apr_2", hold_expires_at=now + 1), now)
+    await store.record_decision(new("h3", "hold", approval_id="apr_3", hold_expires_at=now + 60), now)
+    assert await spent(store) == (3000, 3)
+    await store.decide_hold("own_1", "apr_1", False, "alice", "no", now)
+    assert await store.expire_holds(now + 2) == 1
+    assert await spent(store) == (1000, 1)
+    approved = await store.decide_hold("own_1", "apr_3", True, "alice", "fine", now)
+    assert approved.state == "approved" and approved.authorization.state == "approved"
+    with pytest.raises(Conflict):
+        await store.decide_hold("own_1", "apr_3", True, "bob", "again", now)
+    assert await store.start_forwarding("auth_h3", now + 60, now)
+    assert not await store.start_forwarding("auth_h3", now + 60, now)  # forwarded exactly once
+    assert await store.get_approval("own_2", "apr_3") is None  # another owner does not see it
+    await store.close()
+
+
+async def test_stale_reservations_are_reclaimed(tmp_path: Path) -> None:
+    store = await seeded(tmp_path / "ps.db")
+    now = time.time()
+    await store.record_decision(new("stale", lease_expires_at=now - 1), now)
+    await store.record_decision(new("live", lease_expires_at=now + 60), now)
+    assert await store.reclaim_leases(now) == 1
+    assert await spent(store) == (1000, 1)
+    await store.close()
+
+
+async def test_events_are_append_only(tmp_path: Path) -> None:
+    store = await seeded(tmp_path / "ps.db")
+    await store.close()
+    db = sqlite3.connect(tmp_path / "ps.db")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE events SET type='x'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM events")
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    await (await seeded(tmp_path / "ps.db")).close()
+    db = sqlite3.connect(tmp_path / "ps.db")
+    db.execute("INSERT INTO schema_version VALUES (999, 0)")
+    db.commit()
+    db.close()
+    store = SqliteStore(str(tmp_path / "ps.db"))
+    with pytest.raises(Exception, match="newer than this"):
+        await store.open()

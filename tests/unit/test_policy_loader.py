@@ -1,0 +1,73 @@
+"""Loading policies: every problem reported at once, with file, line and the rule it concerns."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import PolicyError
+from proxy.policy.engine import CelExprEngine
+from proxy.policy.loader import load_policy_set
+
+ENGINE = CelExprEngine()
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    (tmp_path / "broken.yaml").write_text(textwrap.dedent(text))
+    with pytest.raises(PolicyError) as caught:
+        load_policy_set(tmp_path, ENGINE)
+    return caught.value.problems
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("rules: [\n", "not valid YAML"),
+    ("rulez: []\n", "unknown field 'rulez'"),
+    ("rules:\n  - {name: a, effect: deny, when: 'paymnet.amount > 1'}\n", "undeclared reference to 'paymnet"),
+    ("rules:\n  - {name: a, effect: deny, when: 'payment.amount > \"10\"'}\n", "no matching overload"),
+    ("rules:\n  - {name: a, effect: deny, when: 'payment.amount'}\n", "must give a bool"),
+    ("rules:\n  - {name: a, effect: deny, when: 'lowercase(payment.currency) == \"usd\"'}\n", "undeclared reference"),
+    ("rules:\n  - {name: a, effect: block, when: 'true'}\n", "effect must be one of"),
+    ("rules:\n  - {name: Bad-Name, effect: deny, when: 'true'}\n", "must be lowercase"),
+    ("limits:\n  - {name: d, window: year, currency: usd, max_amount: 1}\n", "window must be one of"),
+    ("limits:\n  - {name: d, window: day, currency: usd, max_amount: 10.5}\n", "whole number of minor units"),
+    ("limits:\n  - {name: d, window: day, currency: usd}\n", "needs max_amount"),
+    ("timezone: Mars/Olympus\n", "unknown time zone"),
+])
+def test_each_broken_policy_gets_one_precise_message(tmp_path: Path, text: str, expected: str) -> None:
+    problems = problems_of(tmp_path, text)
+    assert len(problems) == 1, problems
+    assert expected in problems[0]
+    assert problems[0].startswith(f"{tmp_path / 'broken.yaml'}:")
+
+
+def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, """
+        name: many
+        rules:
+          - name: first
+            effect: deny
+            when: paymnet.amount > 1
+          - name: second
+            effect: hold
+            when: payment.amount > "1"
+    """)
+    assert len(problems) == 2
+    assert ":6: rule first:" in problems[0]
+    assert ":9: rule second:" in problems[1]
+
+
+def test_duplicate_names_across_files(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("name: same\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n")
+    (tmp_path / "b.yaml").write_text("name: same\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy_set(tmp_path, ENGINE)
+    text = "\n".join(caught.value.problems)
+    assert "duplicate policy name 'same'" in text
+    assert "duplicate limit name 'd'" in text
+
+
+def test_the_example_policies_load() -> None:
+    policy_set = load_policy_set(Path(__file__).parents[2] / "policies", ENGINE)
+    assert policy_set.policies and policy_set.revision

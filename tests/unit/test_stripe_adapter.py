@@ -1,0 +1,120 @@
+"""The Stripe adapter: route recognition, bracketed form bodies, and Stripe-shaped errors."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode
+
+import pytest
+
+from adapters.formencode import parse_form
+from adapters.stripe import StripeAdapter
+from proxy.errors import BadRequest, RouteNotFound
+
+FORM = "application/x-www-form-urlencoded"
+STRIPE = StripeAdapter()
+
+
+def classify(path: str, params: dict[str, str] | str, method: str = "POST"):
+    body = params if isinstance(params, str) else urlencode(params)
+    return STRIPE.classify(method, path, FORM, body.encode())
+
+
+def test_bracketed_keys_become_nested_values() -> None:
+    parsed = parse_form(b"a=1&metadata[purpose]=ads&metadata[k]=&items[0][price]=p1&items[1][price]=p2"
+                        b"&expand[]=x&expand[]=y&transfer_data[destination]=acct_1")
+    assert parsed == {"a": "1", "metadata": {"purpose": "ads", "k": ""},
+                      "items": [{"price": "p1"}, {"price": "p2"}], "expand": ["x", "y"],
+                      "transfer_data": {"destination": "acct_1"}}
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b"amount=1&amount=2", "amount"),
+    (b"metadata=x&metadata[k]=v", "metadata[k]"),
+    (b"a]b=1", "a]b"),
+    (b"a[[b]=1", "a[[b]"),
+])
+def test_ambiguous_bodies_are_refused_with_the_parameter(body: bytes, param: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_form(body)
+    assert caught.value.param == param
+
+
+def test_payment_intent_is_normalized() -> None:
+    call = classify("/v1/payment_intents", {"amount": "2000", "currency": "USD", "customer": "cus_1",
+                                            "transfer_data[destination]": "acct_9", "metadata[purpose]": "ads",
+                                            "description": "ads"})
+    p = call.payment
+    assert call.kind == "payment" and p is not None
+    assert (p.operation, p.amount, p.currency, p.destination, p.customer) == (
+        "payment_intent", 2000, "usd", "acct_9", "cus_1")
+    assert p.metadata == {"purpose": "ads"}
+    assert p.params["transfer_data"] == {"destination": "acct_9"}
+
+
+@pytest.mark.parametrize(("path", "params", "operation", "amount", "destination"), [
+    ("/v1/charges", {"amount": "500", "currency": "usd", "destination[account]": "acct_2"}, "charge", 500, "acct_2"),
+    ("/v1/transfers", {"amount": "700", "currency": "usd", "destination": "acct_3"}, "transfer", 700, "acct_3"),
+    ("/v1/payouts", {"amount": "900", "currency": "usd", "destination": "ba_1"}, "payout", 900, "ba_1"),
+    ("/v1/refunds", {"charge": "ch_1", "amount": "100"}, "refund", 100, "ch_1"),
+    ("/v1/issuing/cards", {"currency": "usd", "cardholder": "ich_1", "type": "virtual",
+                           "spending_controls[spending_limits][0][amount]": "5000",
+                           "spending_controls[spending_limits][0][interval]": "all_time"},
+     "issuing_card", 5000, "ich_1"),
+    ("/v1/payment_intents/pi_123/capture", {"amount_to_capture": "300"}, "payment_intent.capture", 300, ""),
+    ("/v1/payment_intents/pi_123/confirm", {}, "payment_intent.confirm", 0, ""),
+])
+def test_money_routes(path: str, params: dict[str, str], operation: str, amount: int, destination: str) -> None:
+    p = classify(path, params).payment
+    assert p is not None
+    assert (p.operation, p.amount, p.destination) == (operation, amount, destination)
+
+
+def test_reads_and_safe_writes_pass_through() -> None:
+    assert classify("/v1/customers/cus_1", "", "GET").kind == "passthrough"
+    assert classify("/v1/customers", {"email": "a@b.c"}).kind == "passthrough"
+    assert classify("/v1/payment_methods/pm_1/attach", {"customer": "cus_1"}).kind == "passthrough"
+
+
+def test_unknown_writes_are_unrecognized_not_forwarded() -> None:
+    p = classify("/v1/subscriptions", {"customer": "cus_1"}).payment
+    assert p is not None and p.operation == "unrecognized"
+    p = classify("/v1/payment_intents/pi_1", {"amount": "99999"}).payment  # an update can change the amount
+    assert p is not None and p.operation == "unrecognized"
+
+
+@pytest.mark.parametrize(("params", "param"), [
+    ({"currency": "usd"}, "amount"),
+    ({"amount": "10.5", "currency": "usd"}, "amount"),
+    ({"amount": "-5", "currency": "usd"}, "amount"),
+    ({"amount": "100"}, "currency"),
+    ({"amount": "100", "currency": "dollars"}, "currency"),
+    ({"amount": "100", "currency": "usd", "metadata": "x"}, "metadata"),
+])
+def test_bad_payments_name_the_parameter(params: dict[str, str], param: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        classify("/v1/payment_intents", params)
+    assert caught.value.param == param
+
+
+def test_cards_need_a_spending_limit() -> None:
+    with pytest.raises(BadRequest) as caught:
+        classify("/v1/issuing/cards", {"currency": "usd", "cardholder": "ich_1"})
+    assert caught.value.param == "spending_controls[spending_limits]"
+
+
+def test_json_bodies_and_foreign_paths_are_refused() -> None:
+    with pytest.raises(BadRequest):
+        STRIPE.classify("POST", "/v1/payment_intents", "application/json", b'{"amount": 1}')
+    with pytest.raises(RouteNotFound):
+        classify("/admin", "", "GET")
+
+
+def test_errors_are_stripe_shaped_and_not_retryable() -> None:
+    reply = STRIPE.error(402, "policy", "daily_budget", "over budget", extra={"rule": "daily_budget"})
+    body = json.loads(reply.body)
+    assert reply.status == 402
+    assert reply.headers["Stripe-Should-Retry"] == "false"
+    assert body["error"]["code"] == "daily_budget"
+    assert body["error"]["message"] == "over budget"
+    assert body["error"]["paysentry"] == {"rule": "daily_budget"}
