@@ -162,6 +162,7 @@ def test_bad_requests_get_clear_errors_and_change_nothing(deployment: Deployment
     for (status, headers, body), want_status, want_code in cases:
         assert status == want_status, body
         assert body["error"]["code"] == want_code, body
+        assert headers.get("Stripe-Should-Retry") == "false"  # the SDK must not retry a refusal
         assert body["error"]["message"]
         assert deployment.agent_token not in json.dumps(body)
     assert [r for r in deployment.mock() if r["method"] == "POST"] == []
