@@ -39,8 +39,16 @@ class Adapter(Protocol):
         """Recognise and normalize a call; raise BadRequest / RouteNotFound with a clear message."""
         ...
 
-    def error(self, status: int, kind: str, code: str, message: str, param: str | None = None,
-              extra: Mapping[str, Any] | None = None, retry: bool = False) -> ErrorReply:
+    def error(
+        self,
+        status: int,
+        kind: str,
+        code: str,
+        message: str,
+        param: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        retry: bool = False,
+    ) -> ErrorReply:
         """``kind`` is one of: invalid_request, authentication, policy, rate_limit, idempotency, api."""
         ...
 

@@ -23,8 +23,9 @@ def parse_form(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadRequest("the request body is not valid UTF-8") from None
     try:
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict",
-                          max_num_fields=1000)
+        pairs = parse_qsl(
+            text, keep_blank_values=True, strict_parsing=bool(text), errors="strict", max_num_fields=1000
+        )
     except ValueError as exc:
         raise BadRequest(f"the request body is not valid form encoding: {exc}") from None
     root: dict[str, Any] = {}
@@ -48,8 +49,9 @@ def _assign(root: dict[str, Any], key: str, value: str) -> None:
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise BadRequest(f"parameter {'['.join(parts[: i + 1])} is given both as a value and as an object",
-                             param=key)
+            raise BadRequest(
+                f"parameter {'['.join(parts[: i + 1])} is given both as a value and as an object", param=key
+            )
         node = child
     last = parts[-1]
     if last == "":

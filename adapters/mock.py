@@ -29,8 +29,16 @@ DEFAULT_PORT = 12111
 DEFAULT_SECRET_KEY = "sk_test_paysentry_mock"
 DECLINING = {"pm_card_chargeDeclined", "tok_chargeDeclined"}
 COLLECTIONS = {
-    "payment_intents": "pi", "charges": "ch", "transfers": "tr", "payouts": "po", "refunds": "re",
-    "customers": "cus", "payment_methods": "pm", "setup_intents": "seti", "products": "prod", "prices": "price",
+    "payment_intents": "pi",
+    "charges": "ch",
+    "transfers": "tr",
+    "payouts": "po",
+    "refunds": "re",
+    "customers": "cus",
+    "payment_methods": "pm",
+    "setup_intents": "seti",
+    "products": "prod",
+    "prices": "price",
 }
 
 
@@ -92,9 +100,15 @@ class MockProvider:
             params = parse_form(body) if request.method == "POST" else dict(request.query)
         except BadRequest as exc:
             return _error(400, "invalid_request_error", exc.message, param=exc.param or "")
-        record = {"method": request.method, "path": request.path, "params": params, "idempotency_key": key,
-                  "stripe_account": request.headers.get("Stripe-Account"), "authorized": authorized,
-                  "at": time.time()}
+        record = {
+            "method": request.method,
+            "path": request.path,
+            "params": params,
+            "idempotency_key": key,
+            "stripe_account": request.headers.get("Stripe-Account"),
+            "authorized": authorized,
+            "at": time.time(),
+        }
         if not authorized:
             record["status"] = 401
             self.requests.append(record)
@@ -105,11 +119,23 @@ class MockProvider:
             record["status"], record["replayed"] = status, True
             self.requests.append(record)
             if seen != fingerprint:
-                return _error(400, "idempotency_error", "Keys for idempotent requests can only be used with the "
-                              "same parameters they were first used with.")
-            return web.Response(status=status, body=payload, content_type="application/json",
-                                headers={"Idempotent-Replayed": "true"})
-        delay = params.get("metadata", {}).get("mock_delay_ms") if isinstance(params.get("metadata"), dict) else None
+                return _error(
+                    400,
+                    "idempotency_error",
+                    "Keys for idempotent requests can only be used with the "
+                    "same parameters they were first used with.",
+                )
+            return web.Response(
+                status=status,
+                body=payload,
+                content_type="application/json",
+                headers={"Idempotent-Replayed": "true"},
+            )
+        delay = (
+            params.get("metadata", {}).get("mock_delay_ms")
+            if isinstance(params.get("metadata"), dict)
+            else None
+        )
         if delay and str(delay).isdigit():
             await asyncio.sleep(int(delay) / 1000)
         response = self._route(request.method, request.path, params)
@@ -130,8 +156,13 @@ class MockProvider:
             return self._read(collection, rest)
         if method == "DELETE" and collection == "customers" and len(rest) == 1:
             obj = self.objects.pop(rest[0], None)
-            return (web.json_response({"id": rest[0], "object": "customer", "deleted": True}) if obj
-                    else _error(404, "invalid_request_error", f"No such customer: '{rest[0]}'", "resource_missing"))
+            return (
+                web.json_response({"id": rest[0], "object": "customer", "deleted": True})
+                if obj
+                else _error(
+                    404, "invalid_request_error", f"No such customer: '{rest[0]}'", "resource_missing"
+                )
+            )
         if method != "POST":
             return _error(404, "invalid_request_error", f"Unrecognized request URL ({method}: {path}).")
         try:
@@ -144,11 +175,19 @@ class MockProvider:
     def _read(self, collection: str, rest: list[str]) -> web.Response:
         if not rest:
             data = [o for o in self.objects.values() if o.get("_collection") == collection]
-            return web.json_response({"object": "list", "data": [_public(o) for o in data], "has_more": False,
-                                      "url": f"/v1/{collection}"})
+            return web.json_response(
+                {
+                    "object": "list",
+                    "data": [_public(o) for o in data],
+                    "has_more": False,
+                    "url": f"/v1/{collection}",
+                }
+            )
         obj = self.objects.get(rest[0])
         if obj is None or obj.get("_collection") != collection:
-            return _error(404, "invalid_request_error", f"No such object: '{rest[0]}'", "resource_missing", "id")
+            return _error(
+                404, "invalid_request_error", f"No such object: '{rest[0]}'", "resource_missing", "id"
+            )
         return web.json_response(_public(obj))
 
     def _create(self, collection: str, params: dict[str, Any]) -> web.Response:
@@ -160,8 +199,14 @@ class MockProvider:
             return _error(404, "invalid_request_error", f"Unrecognized request URL (POST: /v1/{collection}).")
         if params.get("payment_method") in DECLINING or params.get("source") in DECLINING:
             return _error(402, "card_error", "Your card was declined.", "card_declined")
-        obj: dict[str, Any] = {"id": _new_id(prefix), "object": kind, "_collection": collection,
-                               "created": int(time.time()), "livemode": False, **_plain(params)}
+        obj: dict[str, Any] = {
+            "id": _new_id(prefix),
+            "object": kind,
+            "_collection": collection,
+            "created": int(time.time()),
+            "livemode": False,
+            **_plain(params),
+        }
         if "amount" in params:
             obj["amount"] = _int(params, "amount")
         if collection == "payment_intents":
@@ -174,8 +219,13 @@ class MockProvider:
         elif collection == "refunds":
             target = self.objects.get(params.get("charge") or params.get("payment_intent") or "")
             if target is None:
-                return _error(404, "invalid_request_error", "No such charge or payment intent", "resource_missing",
-                              "charge")
+                return _error(
+                    404,
+                    "invalid_request_error",
+                    "No such charge or payment intent",
+                    "resource_missing",
+                    "charge",
+                )
             obj.setdefault("amount", target.get("amount", 0) - target.get("amount_refunded", 0))
             obj.update(currency=target.get("currency"), status="succeeded")
             target["amount_refunded"] = target.get("amount_refunded", 0) + obj["amount"]
@@ -187,7 +237,9 @@ class MockProvider:
     def _act(self, collection: str, rest: list[str], params: dict[str, Any]) -> web.Response:
         obj = self.objects.get(rest[0])
         if obj is None or obj.get("_collection") != collection:
-            return _error(404, "invalid_request_error", f"No such object: '{rest[0]}'", "resource_missing", "id")
+            return _error(
+                404, "invalid_request_error", f"No such object: '{rest[0]}'", "resource_missing", "id"
+            )
         action = rest[1] if len(rest) > 1 else "update"
         if collection == "payment_intents" and action in ("confirm", "capture", "cancel"):
             if params.get("payment_method") in DECLINING:
@@ -196,8 +248,9 @@ class MockProvider:
                 obj["status"] = "canceled"
             else:
                 obj["status"] = "succeeded"
-                obj["amount_received"] = _int(params, "amount_to_capture") if "amount_to_capture" in params \
-                    else obj["amount"]
+                obj["amount_received"] = (
+                    _int(params, "amount_to_capture") if "amount_to_capture" in params else obj["amount"]
+                )
         elif action == "update":
             obj.update(_plain(params))
         else:
@@ -220,7 +273,9 @@ def _public(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if not k.startswith("_")}
 
 
-def serve_mock(host: str = "127.0.0.1", port: int = DEFAULT_PORT, secret_key: str = DEFAULT_SECRET_KEY) -> None:
+def serve_mock(
+    host: str = "127.0.0.1", port: int = DEFAULT_PORT, secret_key: str = DEFAULT_SECRET_KEY
+) -> None:
     """Run the mock provider on its own (``paysentry mock-provider``)."""
     print(json.dumps({"msg": "mock provider listening", "url": f"http://{host}:{port}"}), flush=True)
     web.run_app(MockProvider(secret_key).app(), host=host, port=port, print=None)

@@ -18,16 +18,26 @@ from proxy.errors import BadRequest, RouteNotFound
 from proxy.model import UNRECOGNIZED, Payment
 
 _ID = r"([A-Za-z0-9_]+)"
-SAFE_WRITES = [re.compile(p) for p in (
-    r"^/v1/customers$", rf"^/v1/customers/{_ID}$",
-    r"^/v1/payment_methods$", rf"^/v1/payment_methods/{_ID}(/attach|/detach)?$",
-    r"^/v1/setup_intents$", r"^/v1/products$", r"^/v1/prices$",
-    rf"^/v1/payment_intents/{_ID}/cancel$",
-)]
+SAFE_WRITES = [
+    re.compile(p)
+    for p in (
+        r"^/v1/customers$",
+        rf"^/v1/customers/{_ID}$",
+        r"^/v1/payment_methods$",
+        rf"^/v1/payment_methods/{_ID}(/attach|/detach)?$",
+        r"^/v1/setup_intents$",
+        r"^/v1/products$",
+        r"^/v1/prices$",
+        rf"^/v1/payment_intents/{_ID}/cancel$",
+    )
+]
 SAFE_DELETES = [re.compile(rf"^/v1/customers/{_ID}$")]
 _KINDS = {  # our error kinds -> Stripe error types
-    "invalid_request": "invalid_request_error", "authentication": "invalid_request_error",
-    "policy": "card_error", "rate_limit": "invalid_request_error", "idempotency": "idempotency_error",
+    "invalid_request": "invalid_request_error",
+    "authentication": "invalid_request_error",
+    "policy": "card_error",
+    "rate_limit": "invalid_request_error",
+    "idempotency": "idempotency_error",
     "api": "api_error",
 }
 
@@ -46,8 +56,10 @@ def _amount(params: Mapping[str, Any], key: str, required: bool) -> int | None:
             raise BadRequest(f"Missing required param: {key}.", param=key)
         return None
     if not isinstance(raw, str) or not raw.isdigit() or len(raw) > 15:
-        raise BadRequest(f"Invalid integer: {raw!r}; {key} is a whole number of the currency's minor unit "
-                         "(cents)", param=key)
+        raise BadRequest(
+            f"Invalid integer: {raw!r}; {key} is a whole number of the currency's minor unit (cents)",
+            param=key,
+        )
     return int(raw)
 
 
@@ -88,11 +100,16 @@ def _card_limit(params: Mapping[str, Any]) -> int:
         if isinstance(entry, Mapping):
             amounts.append(_amount(entry, "amount", True) or 0)
         else:
-            raise BadRequest("each spending limit needs amount and interval",
-                             param=f"spending_controls[spending_limits][{i}]")
+            raise BadRequest(
+                "each spending limit needs amount and interval",
+                param=f"spending_controls[spending_limits][{i}]",
+            )
     if not amounts:
-        raise BadRequest("PaySentry needs spending_controls[spending_limits] on a card, so that what the card "
-                         "can spend is bounded and can be decided", param="spending_controls[spending_limits]")
+        raise BadRequest(
+            "PaySentry needs spending_controls[spending_limits] on a card, so that what the card "
+            "can spend is bounded and can be decided",
+            param="spending_controls[spending_limits]",
+        )
     return max(amounts)
 
 
@@ -103,7 +120,9 @@ class StripeAdapter:
     guarded_headers = frozenset({"stripe-account", "stripe-context"})
 
     def __init__(self) -> None:
-        self._routes: list[tuple[re.Pattern[str], Callable[[Mapping[str, Any], re.Match[str]], dict[str, Any]]]] = [
+        self._routes: list[
+            tuple[re.Pattern[str], Callable[[Mapping[str, Any], re.Match[str]], dict[str, Any]]]
+        ] = [
             (re.compile(r"^/v1/payment_intents$"), self._payment_intent),
             (re.compile(rf"^/v1/payment_intents/{_ID}/confirm$"), self._confirm),
             (re.compile(rf"^/v1/payment_intents/{_ID}/capture$"), self._capture),
@@ -117,8 +136,10 @@ class StripeAdapter:
     # -- classification ---------------------------------------------------------------------------------
     def classify(self, method: str, path: str, content_type: str, body: bytes) -> Classified:
         if not path.startswith("/v1/"):
-            raise RouteNotFound(f"Unrecognized request URL ({method}: {path}). PaySentry forwards Stripe API "
-                                "paths under /v1/.")
+            raise RouteNotFound(
+                f"Unrecognized request URL ({method}: {path}). PaySentry forwards Stripe API "
+                "paths under /v1/."
+            )
         if method in ("GET", "HEAD"):
             return Classified(PASSTHROUGH)
         if method == "DELETE" and any(p.match(path) for p in SAFE_DELETES):
@@ -130,49 +151,94 @@ class StripeAdapter:
             match = pattern.match(path)
             if match and method == "POST":
                 fields = build(params, match)
-                return Classified(PAYMENT, Payment(provider=self.name, method=method, path=path,
-                                                   params=params, **fields))
-        return Classified(PAYMENT, Payment(provider=self.name, operation=UNRECOGNIZED, amount=0, currency="",
-                                           method=method, path=path, params=params))
+                return Classified(
+                    PAYMENT, Payment(provider=self.name, method=method, path=path, params=params, **fields)
+                )
+        return Classified(
+            PAYMENT,
+            Payment(
+                provider=self.name,
+                operation=UNRECOGNIZED,
+                amount=0,
+                currency="",
+                method=method,
+                path=path,
+                params=params,
+            ),
+        )
 
     def _params(self, content_type: str, body: bytes) -> dict[str, Any]:
         if body and not content_type.startswith("application/x-www-form-urlencoded"):
-            raise BadRequest(f"Stripe requests are application/x-www-form-urlencoded, not {content_type or 'untyped'}")
+            raise BadRequest(
+                f"Stripe requests are application/x-www-form-urlencoded, not {content_type or 'untyped'}"
+            )
         return parse_form(body)
 
     @staticmethod
     def _common(params: Mapping[str, Any]) -> dict[str, Any]:
-        return {"customer": _text(params, "customer"), "description": _text(params, "description"),
-                "metadata": _metadata(params)}
+        return {
+            "customer": _text(params, "customer"),
+            "description": _text(params, "description"),
+            "metadata": _metadata(params),
+        }
 
     def _payment_intent(self, params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
         destination = _nested(params, "transfer_data", "destination") or _text(params, "on_behalf_of")
-        return {"operation": "payment_intent", "amount": _amount(params, "amount", True),
-                "currency": _currency(params), "destination": destination, **self._common(params)}
+        return {
+            "operation": "payment_intent",
+            "amount": _amount(params, "amount", True),
+            "currency": _currency(params),
+            "destination": destination,
+            **self._common(params),
+        }
 
     def _confirm(self, params: Mapping[str, Any], match: re.Match[str]) -> dict[str, Any]:
-        return {"operation": "payment_intent.confirm", "amount": 0, "currency": "", "refers_to": match.group(1),
-                **self._common(params)}
+        return {
+            "operation": "payment_intent.confirm",
+            "amount": 0,
+            "currency": "",
+            "refers_to": match.group(1),
+            **self._common(params),
+        }
 
     def _capture(self, params: Mapping[str, Any], match: re.Match[str]) -> dict[str, Any]:
         amount = _amount(params, "amount_to_capture", False)
-        return {"operation": "payment_intent.capture", "amount": amount if amount is not None else 0,
-                "currency": "", "refers_to": match.group(1), **self._common(params)}
+        return {
+            "operation": "payment_intent.capture",
+            "amount": amount if amount is not None else 0,
+            "currency": "",
+            "refers_to": match.group(1),
+            **self._common(params),
+        }
 
     def _charge(self, params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
-        destination = (_nested(params, "destination", "account") or _nested(params, "destination")
-                       or _nested(params, "transfer_data", "destination"))
-        return {"operation": "charge", "amount": _amount(params, "amount", True), "currency": _currency(params),
-                "destination": destination, **self._common(params)}
+        destination = (
+            _nested(params, "destination", "account")
+            or _nested(params, "destination")
+            or _nested(params, "transfer_data", "destination")
+        )
+        return {
+            "operation": "charge",
+            "amount": _amount(params, "amount", True),
+            "currency": _currency(params),
+            "destination": destination,
+            **self._common(params),
+        }
 
-    def _simple(self, operation: str, dest_key: str, required_dest: bool = False
-                ) -> Callable[[Mapping[str, Any], re.Match[str]], dict[str, Any]]:
+    def _simple(
+        self, operation: str, dest_key: str, required_dest: bool = False
+    ) -> Callable[[Mapping[str, Any], re.Match[str]], dict[str, Any]]:
         def build(params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
             destination = _text(params, dest_key)
             if required_dest and not destination:
                 raise BadRequest(f"Missing required param: {dest_key}.", param=dest_key)
-            return {"operation": operation, "amount": _amount(params, "amount", True),
-                    "currency": _currency(params), "destination": destination, **self._common(params)}
+            return {
+                "operation": operation,
+                "amount": _amount(params, "amount", True),
+                "currency": _currency(params),
+                "destination": destination,
+                **self._common(params),
+            }
 
         return build
 
@@ -181,24 +247,46 @@ class StripeAdapter:
         if not target:
             raise BadRequest("A refund needs charge or payment_intent.", param="charge")
         amount = _amount(params, "amount", False)
-        return {"operation": "refund", "amount": amount if amount is not None else 0, "currency": "",
-                "destination": target, "refers_to": target, **self._common(params)}
+        return {
+            "operation": "refund",
+            "amount": amount if amount is not None else 0,
+            "currency": "",
+            "destination": target,
+            "refers_to": target,
+            **self._common(params),
+        }
 
     def _issuing_card(self, params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
-        return {"operation": "issuing_card", "amount": _card_limit(params), "currency": _currency(params),
-                "destination": _text(params, "cardholder"), **self._common(params)}
+        return {
+            "operation": "issuing_card",
+            "amount": _card_limit(params),
+            "currency": _currency(params),
+            "destination": _text(params, "cardholder"),
+            **self._common(params),
+        }
 
     # -- the rest of the port -----------------------------------------------------------------------------
-    def error(self, status: int, kind: str, code: str, message: str, param: str | None = None,
-              extra: Mapping[str, Any] | None = None, retry: bool = False) -> ErrorReply:
+    def error(
+        self,
+        status: int,
+        kind: str,
+        code: str,
+        message: str,
+        param: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        retry: bool = False,
+    ) -> ErrorReply:
         error: dict[str, Any] = {"type": _KINDS.get(kind, "api_error"), "code": code, "message": message}
         if param:
             error["param"] = param
         if extra:
             error["paysentry"] = dict(extra)
         body = json.dumps({"error": error}).encode()
-        return ErrorReply(status, body, {"Content-Type": "application/json",
-                                         "Stripe-Should-Retry": "true" if retry else "false"})
+        return ErrorReply(
+            status,
+            body,
+            {"Content-Type": "application/json", "Stripe-Should-Retry": "true" if retry else "false"},
+        )
 
     def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]:
         return {"Authorization": f"Bearer {credentials['secret_key']}"}

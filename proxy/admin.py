@@ -36,8 +36,14 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 class OwnerApi:
-    def __init__(self, store: Store, service: OwnerService, owners: TokenAuthenticator[OwnerRecord],
-                 policies: PolicyHolder, on_revoke: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        service: OwnerService,
+        owners: TokenAuthenticator[OwnerRecord],
+        policies: PolicyHolder,
+        on_revoke: Callable[[str], None],
+    ) -> None:
         self.store, self.service, self.owners, self.policies = store, service, owners, policies
         self.on_revoke = on_revoke
 
@@ -74,8 +80,12 @@ class OwnerApi:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        checks: dict[str, Any] = {"policy": {"revision": self.policies.current.revision,
-                                             "last_reload_error": self.policies.last_error}}
+        checks: dict[str, Any] = {
+            "policy": {
+                "revision": self.policies.current.revision,
+                "last_reload_error": self.policies.last_error,
+            }
+        }
         try:
             await self.store.ping()
             checks["store"] = {"ok": True}
@@ -142,8 +152,9 @@ class OwnerApi:
         reason = (await self._body(request)).get("reason", "")
         if not isinstance(reason, str):
             raise BadRequest("reason must be a string", param="reason")
-        approval = await self.service.decide_hold(owner.id, request.match_info["id"], approve,
-                                                  f"owner:{owner.name}", reason)
+        approval = await self.service.decide_hold(
+            owner.id, request.match_info["id"], approve, f"owner:{owner.name}", reason
+        )
         return web.json_response(approval_json(approval, self.service.clock()))
 
     async def approve(self, request: web.Request) -> web.Response:
@@ -166,9 +177,22 @@ class OwnerApi:
     async def list_events(self, request: web.Request) -> web.Response:
         after, limit = _int_query(request, "after", 0, 2**62), _int_query(request, "limit", 100, 1000)
         events = await self.store.list_events(request[OWNER].id, after, limit)
-        return web.json_response({"data": [
-            {"seq": e.seq, "type": e.type, "actor": e.actor, "agent_id": e.agent_id,
-             "authorization_id": e.authorization_id, "data": dict(e.data), "at": e.at} for e in events]})
+        return web.json_response(
+            {
+                "data": [
+                    {
+                        "seq": e.seq,
+                        "type": e.type,
+                        "actor": e.actor,
+                        "agent_id": e.agent_id,
+                        "authorization_id": e.authorization_id,
+                        "data": dict(e.data),
+                        "at": e.at,
+                    }
+                    for e in events
+                ]
+            }
+        )
 
 
 def _int_query(request: web.Request, name: str, default: int, maximum: int) -> int:

@@ -38,18 +38,41 @@ class Sidecar:
         self.policies = PolicyHolder(settings.policies, self.engine)
         self.service = OwnerService(self.store, self.sealer, settings.bcrypt_rounds)
         self.agents: TokenAuthenticator[AgentRecord] = TokenAuthenticator(
-            AGENT_PREFIX, "agt", self.store.get_agent, lambda a: a.token_hash, lambda a: a.revoked_at is None,
-            cache_ttl=settings.token_cache_ttl)
+            AGENT_PREFIX,
+            "agt",
+            self.store.get_agent,
+            lambda a: a.token_hash,
+            lambda a: a.revoked_at is None,
+            cache_ttl=settings.token_cache_ttl,
+        )
         self.owners: TokenAuthenticator[OwnerRecord] = TokenAuthenticator(
-            OWNER_PREFIX, "own", self.store.get_owner, lambda o: o.token_hash, lambda o: True,
-            cache_ttl=settings.token_cache_ttl)
+            OWNER_PREFIX,
+            "own",
+            self.store.get_owner,
+            lambda o: o.token_hash,
+            lambda o: True,
+            cache_ttl=settings.token_cache_ttl,
+        )
         self.forwarder = Forwarder(settings.upstream_timeout)
-        self.pipeline = Pipeline(self.store, self.engine, self.policies, self.agents,
-                                 ConnectionCache(self.store, self.sealer), self.forwarder, self.sealer,
-                                 get_adapter("stripe"), tracer_provider.get_tracer(TRACER_NAME, __version__),
-                                 settings.reservation_lease)
-        self.owner_api = OwnerApi(self.store, self.service, self.owners, self.policies,
-                                  lambda agent_id: self.agents.forget(lambda a: a.id == agent_id))
+        self.pipeline = Pipeline(
+            self.store,
+            self.engine,
+            self.policies,
+            self.agents,
+            ConnectionCache(self.store, self.sealer),
+            self.forwarder,
+            self.sealer,
+            get_adapter("stripe"),
+            tracer_provider.get_tracer(TRACER_NAME, __version__),
+            settings.reservation_lease,
+        )
+        self.owner_api = OwnerApi(
+            self.store,
+            self.service,
+            self.owners,
+            self.policies,
+            lambda agent_id: self.agents.forget(lambda a: a.id == agent_id),
+        )
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -66,9 +89,16 @@ class Sidecar:
         await self._listen(self.agent_app(), self.settings.listen)
         await self._listen(self.owner_api.app(), self.settings.admin_listen)
         self._tasks = [asyncio.create_task(self._sweep()), asyncio.create_task(self.policies.watch(2.0))]
-        log.info("paysentry started", extra={"fields": {"version": __version__, "policy_revision":
-                                                        self.policies.current.revision,
-                                                        "config": self.settings.summary()}})
+        log.info(
+            "paysentry started",
+            extra={
+                "fields": {
+                    "version": __version__,
+                    "policy_revision": self.policies.current.revision,
+                    "config": self.settings.summary(),
+                }
+            },
+        )
 
     async def _listen(self, app: web.Application, address: str) -> None:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.upstream_timeout)
@@ -85,8 +115,10 @@ class Sidecar:
                 expired = await self.store.expire_holds(now)
                 reclaimed = await self.store.reclaim_leases(now)
                 if expired or reclaimed:
-                    log.info("released spend", extra={"fields": {"expired_holds": expired,
-                                                                 "reclaimed_reservations": reclaimed}})
+                    log.info(
+                        "released spend",
+                        extra={"fields": {"expired_holds": expired, "reclaimed_reservations": reclaimed}},
+                    )
             except Exception:  # the sweep must outlive a passing store failure
                 log.exception("sweep failed")
             await asyncio.sleep(self.settings.sweep_interval)

@@ -28,9 +28,18 @@ class _Failures:
 
 
 class TokenAuthenticator(Generic[R]):
-    def __init__(self, prefix: str, id_prefix: str, find: Callable[[str], Awaitable[R | None]],
-                 hash_of: Callable[[R], str], active: Callable[[R], bool], cache_ttl: float = 30.0,
-                 max_failures: int = 10, lockout: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        id_prefix: str,
+        find: Callable[[str], Awaitable[R | None]],
+        hash_of: Callable[[R], str],
+        active: Callable[[R], bool],
+        cache_ttl: float = 30.0,
+        max_failures: int = 10,
+        lockout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._prefix, self._id_prefix = prefix, id_prefix
         self._find, self._hash_of, self._active = find, hash_of, active
         self._ttl, self._max_failures, self._lockout = cache_ttl, max_failures, lockout
@@ -41,7 +50,9 @@ class TokenAuthenticator(Generic[R]):
 
     async def authenticate(self, token: str | None) -> R:
         if not token:
-            raise AuthenticationFailed("no PaySentry token: send it as the API key (Authorization: Bearer ...)")
+            raise AuthenticationFailed(
+                "no PaySentry token: send it as the API key (Authorization: Bearer ...)"
+            )
         key = fingerprint(token)
         hit = self._cache.get(key)
         if hit is not None and hit[1] > self._clock():
@@ -67,8 +78,9 @@ class TokenAuthenticator(Generic[R]):
     async def _verify(self, token: str) -> R:
         parts = split_token(token, self._prefix)
         if parts is None:
-            raise AuthenticationFailed("the API key is not a PaySentry token (expected "
-                                       f"{self._prefix}_<id>_<secret>)")
+            raise AuthenticationFailed(
+                f"the API key is not a PaySentry token (expected {self._prefix}_<id>_<secret>)"
+            )
         public_id = f"{self._id_prefix}_{parts[0]}"
         self._check_lockout(public_id)
         record = await self._find(public_id)

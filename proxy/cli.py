@@ -35,13 +35,17 @@ DEFAULT_CONFIG = "deploy/dev.yaml"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paysentry", description="Authorization gateway for AI-agent payments")
-    p.add_argument("--config", default=os.environ.get("PAYSENTRY_CONFIG", DEFAULT_CONFIG), help="settings file")
+    p.add_argument(
+        "--config", default=os.environ.get("PAYSENTRY_CONFIG", DEFAULT_CONFIG), help="settings file"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the sidecar")
     serve.add_argument("--demo", action="store_true", help="set up a demo owner, mock connection and agent")
 
-    keygen = sub.add_parser("keygen", help="write an encryption key file (prepends a new key to an existing one)")
+    keygen = sub.add_parser(
+        "keygen", help="write an encryption key file (prepends a new key to an existing one)"
+    )
     keygen.add_argument("file")
 
     owner = sub.add_parser("owner").add_subparsers(dest="action", required=True)
@@ -54,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--name", default="default")
     add.add_argument("--provider", required=True)
     add.add_argument("--upstream")
-    add.add_argument("--credentials-file", required=True, help='JSON {"secret_key": ...} or the key alone; - for stdin')
+    add.add_argument(
+        "--credentials-file", required=True, help='JSON {"secret_key": ...} or the key alone; - for stdin'
+    )
 
     agent = sub.add_parser("agent").add_subparsers(dest="action", required=True)
     create = agent.add_parser("create")
@@ -105,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "serve":
             return _serve(settings, args.demo)
-        return asyncio.run(_with_store(settings, lambda ctx: _COMMANDS[(args.command, args.action)](ctx, args)))
+        return asyncio.run(
+            _with_store(settings, lambda ctx: _COMMANDS[(args.command, args.action)](ctx, args))
+        )
     except PolicyError as exc:
         print(exc.message, file=sys.stderr)
         return 3
@@ -145,8 +153,10 @@ async def _run(settings: Settings, provider: Any, demo: bool) -> int:
     await sidecar.start()
     if demo:
         await _demo(sidecar, settings)
-    print(json.dumps({"msg": "paysentry ready", "listen": settings.listen, "admin": settings.admin_listen}),
-          flush=True)
+    print(
+        json.dumps({"msg": "paysentry ready", "listen": settings.listen, "admin": settings.admin_listen}),
+        flush=True,
+    )
     await stop.wait()
     await sidecar.stop()
     provider.shutdown()
@@ -165,21 +175,34 @@ async def _demo(sidecar: Any, settings: Settings) -> None:
         owner_token = await service.rotate_owner_token(owner)
     if await sidecar.store.find_connection(owner.id, "default") is None:
         upstream = f"http://{settings.mock_provider_listen}" if settings.mock_provider_listen else None
-        await service.add_connection(owner.id, "mock", "default", upstream, {"secret_key": DEFAULT_SECRET_KEY})
+        await service.add_connection(
+            owner.id, "mock", "default", upstream, {"secret_key": DEFAULT_SECRET_KEY}
+        )
     for agent in await sidecar.store.list_agents(owner.id):
         if agent.name == "demo" and agent.revoked_at is None:
             await sidecar.store.revoke_agent(owner.id, agent.id, "demo", time.time())
     _, agent_token = await service.create_agent(owner.id, "demo", {"team": "demo"}, "default")
     host = settings.listen
-    print("\n".join([
-        "", "PaySentry demo is running.",
-        f"  agent listener : http://{host}     (point your Stripe SDK's api_base here)",
-        f"  owner API      : http://{settings.admin_listen}",
-        f"  demo agent token (shown once): {agent_token}",
-        f"  demo owner token (shown once): {owner_token}",
-        "",
-        "  python -c \"import stripe; stripe.api_base='http://" + host + "'; stripe.api_key='" + agent_token
-        + "'; print(stripe.PaymentIntent.create(amount=1500, currency='usd').id)\"", ""]), flush=True)
+    print(
+        "\n".join(
+            [
+                "",
+                "PaySentry demo is running.",
+                f"  agent listener : http://{host}     (point your Stripe SDK's api_base here)",
+                f"  owner API      : http://{settings.admin_listen}",
+                f"  demo agent token (shown once): {agent_token}",
+                f"  demo owner token (shown once): {owner_token}",
+                "",
+                "  python -c \"import stripe; stripe.api_base='http://"
+                + host
+                + "'; stripe.api_key='"
+                + agent_token
+                + "'; print(stripe.PaymentIntent.create(amount=1500, currency='usd').id)\"",
+                "",
+            ]
+        ),
+        flush=True,
+    )
 
 
 def _ensure_key_file(path: Path) -> None:
@@ -206,14 +229,18 @@ def _policy_check(args: argparse.Namespace) -> int:
     engine_name = args.engine
     if engine_name is None:
         try:
-            engine_name = load_settings(args.config).engine if Path(args.config).exists() else "cel-expr-python"
+            engine_name = (
+                load_settings(args.config).engine if Path(args.config).exists() else "cel-expr-python"
+            )
         except ConfigError:
             engine_name = "cel-expr-python"
     policy_set = load_policy_set(args.dir, make_engine(engine_name))
     rules = sum(len(p.rules) for p in policy_set.policies)
     limits = sum(len(p.limits) for p in policy_set.policies)
-    print(f"ok: {len(policy_set.policies)} policies, {rules} rules, {limits} limits "
-          f"(revision {policy_set.revision}, engine {policy_set.engine})")
+    print(
+        f"ok: {len(policy_set.policies)} policies, {rules} rules, {limits} limits "
+        f"(revision {policy_set.revision}, engine {policy_set.engine})"
+    )
     return 0
 
 

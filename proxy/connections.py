@@ -32,8 +32,9 @@ def credentials_context(connection_id: str) -> str:
 
 
 class ConnectionCache:
-    def __init__(self, store: Store, sealer: Sealer, ttl: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, store: Store, sealer: Sealer, ttl: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._store, self._sealer, self._ttl, self._clock = store, sealer, ttl, clock
         self._cache: dict[str, tuple[Connection, float]] = {}
 
@@ -43,9 +44,12 @@ class ConnectionCache:
             return hit[0]
         record = await self._store.get_connection(connection_id)
         if record is None or record.revoked_at is not None:
-            raise AuthenticationFailed("this agent's provider connection is revoked or missing; ask its owner")
+            raise AuthenticationFailed(
+                "this agent's provider connection is revoked or missing; ask its owner"
+            )
         credentials = json.loads(self._sealer.open(record.credentials, credentials_context(record.id)))
-        connection = Connection(record.id, record.owner_id, get_adapter(record.provider),
-                                record.upstream.rstrip("/"), credentials)
+        connection = Connection(
+            record.id, record.owner_id, get_adapter(record.provider), record.upstream.rstrip("/"), credentials
+        )
         self._cache[connection_id] = (connection, self._clock() + self._ttl)
         return connection

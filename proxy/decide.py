@@ -51,8 +51,9 @@ def spend_keys(policy_set: PolicySet, agent: Agent, now: datetime) -> list[tuple
     ]
 
 
-def activation_variables(payment: Payment, agent: Agent, spend: Mapping[str, SpendTotal], now: datetime,
-                         limit_names: Iterable[str]) -> dict[str, Any]:
+def activation_variables(
+    payment: Payment, agent: Agent, spend: Mapping[str, SpendTotal], now: datetime, limit_names: Iterable[str]
+) -> dict[str, Any]:
     zero = SpendTotal()
     return {
         "payment.provider": payment.provider,
@@ -74,12 +75,23 @@ def activation_variables(payment: Payment, agent: Agent, spend: Mapping[str, Spe
     }
 
 
-def decide(policy_set: PolicySet, engine: Engine, payment: Payment, agent: Agent,
-           spend: Mapping[str, SpendTotal], now: datetime) -> Decision:
+def decide(
+    policy_set: PolicySet,
+    engine: Engine,
+    payment: Payment,
+    agent: Agent,
+    spend: Mapping[str, SpendTotal],
+    now: datetime,
+) -> Decision:
     policies = [p for p in policy_set.policies if p.applies_to(agent.labels)]
     if not policies:
-        return Decision(DENY, "no_policy", "", f"no policy applies to agent {agent.name!r}; PaySentry "
-                        "refuses payments that no policy covers", revision=policy_set.revision)
+        return Decision(
+            DENY,
+            "no_policy",
+            "",
+            f"no policy applies to agent {agent.name!r}; PaySentry refuses payments that no policy covers",
+            revision=policy_set.revision,
+        )
     activation = engine.activation(activation_variables(payment, agent, spend, now, policy_set.limit_names))
     verdicts = [v for p in policies if (v := _policy_verdict(p, payment, activation)) is not None]
     verdict = _combine(verdicts, payment)
@@ -92,17 +104,38 @@ def decide(policy_set: PolicySet, engine: Engine, payment: Payment, agent: Agent
                 continue
             if lim.window == "payment":
                 if lim.max_amount is not None and payment.amount > lim.max_amount:
-                    return Decision(DENY, lim.name, policy.name, per_payment_message(lim, payment.amount),
-                                    revision=policy_set.revision)
+                    return Decision(
+                        DENY,
+                        lim.name,
+                        policy.name,
+                        per_payment_message(lim, payment.amount),
+                        revision=policy_set.revision,
+                    )
             elif not payment.already_counted:
-                charges.append(Charge(lim.name, period_of(lim.window, now, policy.timezone), lim.currency,
-                                      payment.amount, lim.max_amount, lim.max_count, lim.message))
+                charges.append(
+                    Charge(
+                        lim.name,
+                        period_of(lim.window, now, policy.timezone),
+                        lim.currency,
+                        payment.amount,
+                        lim.max_amount,
+                        lim.max_count,
+                        lim.message,
+                    )
+                )
     return _decision(verdict, tuple(charges), policy_set.revision)
 
 
 def _decision(verdict: _Verdict, charges: tuple[Charge, ...], revision: str) -> Decision:
-    return Decision(verdict.outcome, verdict.rule, verdict.policy, verdict.message, charges,
-                    verdict.hold_expires_in, revision)
+    return Decision(
+        verdict.outcome,
+        verdict.rule,
+        verdict.policy,
+        verdict.message,
+        charges,
+        verdict.hold_expires_in,
+        revision,
+    )
 
 
 def _policy_verdict(policy: Policy, payment: Payment, activation: Any) -> _Verdict | None:
@@ -111,8 +144,9 @@ def _policy_verdict(policy: Policy, payment: Payment, activation: Any) -> _Verdi
         try:
             matched = rule.when.evaluate(activation)
         except EvaluationError as exc:
-            return _Verdict(DENY, rule.name, policy.name, f"rule could not be evaluated ({exc}); "
-                            "the policy fails closed")
+            return _Verdict(
+                DENY, rule.name, policy.name, f"rule could not be evaluated ({exc}); the policy fails closed"
+            )
         if matched is True and rule.effect not in fired:
             expiry = (rule.hold_expiry or policy.hold_expiry) if rule.effect == HOLD else None
             message = rule.message or f"matched {rule.source!r}"
@@ -132,8 +166,13 @@ def _combine(verdicts: list[_Verdict], payment: Payment) -> _Verdict:
         for verdict in verdicts:
             if verdict.outcome == outcome:
                 return verdict
-    return _Verdict(DENY, "unrecognized_write", "", f"{payment.method} {payment.path} is not a call the "
-                    f"{payment.provider} adapter recognises, and no allow rule of the policy matches it")
+    return _Verdict(
+        DENY,
+        "unrecognized_write",
+        "",
+        f"{payment.method} {payment.path} is not a call the "
+        f"{payment.provider} adapter recognises, and no allow rule of the policy matches it",
+    )
 
 
 def _limit_applies(lim: Limit, payment: Payment, activation: Any) -> bool:
@@ -151,7 +190,10 @@ def _limit_applies(lim: Limit, payment: Payment, activation: Any) -> bool:
 
 def per_payment_message(lim: Limit, amount: int) -> str:
     cap = format_minor(lim.max_amount or 0, lim.currency)
-    return lim.message or f"a single payment may be at most {cap}; this one is {format_minor(amount, lim.currency)}"
+    return (
+        lim.message
+        or f"a single payment may be at most {cap}; this one is {format_minor(amount, lim.currency)}"
+    )
 
 
 def limit_exceeded_message(charge: Charge, total: SpendTotal, message: str = "") -> str:
@@ -159,7 +201,9 @@ def limit_exceeded_message(charge: Charge, total: SpendTotal, message: str = "")
     if charge.max_count is not None and total.count + 1 > charge.max_count:
         why = f"at most {charge.max_count} payments per {window}; {total.count} already made or reserved"
     else:
-        why = (f"budget of {format_minor(charge.max_amount or 0, charge.currency)} per {window}; "
-               f"{format_minor(total.amount, charge.currency)} already spent or reserved, this payment is "
-               f"{format_minor(charge.amount, charge.currency)}")
+        why = (
+            f"budget of {format_minor(charge.max_amount or 0, charge.currency)} per {window}; "
+            f"{format_minor(total.amount, charge.currency)} already spent or reserved, this payment is "
+            f"{format_minor(charge.amount, charge.currency)}"
+        )
     return f"{message} ({why})" if message else why

@@ -15,10 +15,30 @@ from multidict import CIMultiDict
 
 from proxy.errors import UpstreamUnavailable
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "proxy-connection"})
-DROP_REQUEST = HOP_BY_HOP | {"host", "authorization", "content-length", "cookie", "forwarded", "x-forwarded-for",
-                             "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    }
+)
+DROP_REQUEST = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "content-length",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+}
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie"}
 MAX_PAYMENT_RESPONSE = 4 * 1024 * 1024
 
@@ -37,10 +57,15 @@ class Forwarder:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._connections, limit_per_host=self._connections,
-                                         ttl_dns_cache=300, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, auto_decompress=False,
-                                              skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
+        connector = aiohttp.TCPConnector(
+            limit=self._connections, limit_per_host=self._connections, ttl_dns_cache=300, keepalive_timeout=30
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -59,8 +84,9 @@ class Forwarder:
         assert self._session is not None, "forwarder not started"
         headers["Accept-Encoding"] = "identity"
         try:
-            async with self._session.request(method, url, data=body or None, headers=headers,
-                                             allow_redirects=False) as resp:
+            async with self._session.request(
+                method, url, data=body or None, headers=headers, allow_redirects=False
+            ) as resp:
                 payload = await resp.content.read(MAX_PAYMENT_RESPONSE + 1)
                 if len(payload) > MAX_PAYMENT_RESPONSE:
                     raise UpstreamUnavailable("the provider's answer is larger than PaySentry accepts")
@@ -68,13 +94,15 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"the provider could not be reached: {type(exc).__name__}") from exc
 
-    async def stream(self, request: web.Request, method: str, url: str, headers: CIMultiDict[str],
-                     body: bytes) -> web.StreamResponse:
+    async def stream(
+        self, request: web.Request, method: str, url: str, headers: CIMultiDict[str], body: bytes
+    ) -> web.StreamResponse:
         """A call that moves no money: the provider's answer is streamed back as it arrives."""
         assert self._session is not None, "forwarder not started"
         try:
-            async with self._session.request(method, url, data=body or None, headers=headers,
-                                             allow_redirects=False) as resp:
+            async with self._session.request(
+                method, url, data=body or None, headers=headers, allow_redirects=False
+            ) as resp:
                 out = web.StreamResponse(status=resp.status, headers=_response_headers(resp.headers))
                 if resp.headers.get("Content-Length"):
                     out.content_length = int(resp.headers["Content-Length"])

@@ -12,8 +12,12 @@ from opentelemetry import trace
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name,
-                "msg": record.getMessage()}
+        line = {
+            "ts": round(time.time(), 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         context = trace.get_current_span().get_span_context()
         if context.is_valid:
             line["trace_id"] = f"{context.trace_id:032x}"

@@ -16,8 +16,9 @@ from proxy.store import AgentRecord, ApprovalRecord, AuthorizationRecord, Connec
 
 
 class OwnerService:
-    def __init__(self, store: Store, sealer: Sealer, bcrypt_rounds: int,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, sealer: Sealer, bcrypt_rounds: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store, self.sealer, self.rounds, self.clock = store, sealer, bcrypt_rounds, clock
 
     async def _issue(self, prefix: str, public_id: str) -> tuple[str, str]:
@@ -44,59 +45,101 @@ class OwnerService:
             return owner
         owners = await self.store.list_owners()
         if len(owners) != 1:
-            raise BadRequest("name the owner with --owner" if owners else
-                             "no owner yet; create one with: paysentry owner create NAME")
+            raise BadRequest(
+                "name the owner with --owner"
+                if owners
+                else "no owner yet; create one with: paysentry owner create NAME"
+            )
         return owners[0]
 
-    async def add_connection(self, owner_id: str, provider: str, name: str, upstream: str | None,
-                             credentials: Mapping[str, str]) -> ConnectionRecord:
+    async def add_connection(
+        self, owner_id: str, provider: str, name: str, upstream: str | None, credentials: Mapping[str, str]
+    ) -> ConnectionRecord:
         adapter = get_adapter(provider)
         if not credentials.get("secret_key"):
             raise BadRequest("the credentials need a secret_key")
         connection_id = new_id("conn")
         sealed = self.sealer.seal(json.dumps(dict(credentials)).encode(), credentials_context(connection_id))
-        record = ConnectionRecord(connection_id, owner_id, provider, name, upstream or adapter.default_upstream,
-                                  sealed, self.clock())
+        record = ConnectionRecord(
+            connection_id,
+            owner_id,
+            provider,
+            name,
+            upstream or adapter.default_upstream,
+            sealed,
+            self.clock(),
+        )
         await self.store.add_connection(record)
         return record
 
-    async def create_agent(self, owner_id: str, name: str, labels: Mapping[str, str],
-                           connection_name: str) -> tuple[AgentRecord, str]:
+    async def create_agent(
+        self, owner_id: str, name: str, labels: Mapping[str, str], connection_name: str
+    ) -> tuple[AgentRecord, str]:
         if not name or len(name) > 100:
             raise BadRequest("an agent needs a name of 1 to 100 characters", param="name")
         connection = await self.store.find_connection(owner_id, connection_name)
         if connection is None:
-            raise NotFound(f"no provider connection named {connection_name!r}; add one with: paysentry provider add")
+            raise NotFound(
+                f"no provider connection named {connection_name!r}; add one with: paysentry provider add"
+            )
         agent_id = new_id("agt")
         token, digest = await self._issue(AGENT_PREFIX, agent_id)
         agent = AgentRecord(agent_id, owner_id, connection.id, name, dict(labels), digest, self.clock())
         await self.store.create_agent(agent)
         return agent, token
 
-    async def decide_hold(self, owner_id: str, approval_id: str, approve: bool, actor: str,
-                          reason: str) -> ApprovalRecord:
+    async def decide_hold(
+        self, owner_id: str, approval_id: str, approve: bool, actor: str, reason: str
+    ) -> ApprovalRecord:
         return await self.store.decide_hold(owner_id, approval_id, approve, actor, reason, self.clock())
 
 
 def agent_json(agent: AgentRecord) -> dict[str, Any]:
-    return {"id": agent.id, "name": agent.name, "labels": dict(agent.labels), "connection": agent.connection_id,
-            "created_at": agent.created_at, "revoked_at": agent.revoked_at}
+    return {
+        "id": agent.id,
+        "name": agent.name,
+        "labels": dict(agent.labels),
+        "connection": agent.connection_id,
+        "created_at": agent.created_at,
+        "revoked_at": agent.revoked_at,
+    }
 
 
 def authorization_json(auth: AuthorizationRecord) -> dict[str, Any]:
-    return {"id": auth.id, "agent_id": auth.agent_id, "state": auth.state, "decision": auth.decision,
-            "rule": auth.rule, "policy": auth.policy, "message": auth.message, "revision": auth.revision,
-            "operation": auth.operation, "amount": auth.amount, "currency": auth.currency,
-            "destination": auth.destination, "payment": dict(auth.payment), "approval_id": auth.approval_id,
-            "provider_ref": auth.provider_ref, "response_status": auth.response_status,
-            "created_at": auth.created_at, "updated_at": auth.updated_at}
+    return {
+        "id": auth.id,
+        "agent_id": auth.agent_id,
+        "state": auth.state,
+        "decision": auth.decision,
+        "rule": auth.rule,
+        "policy": auth.policy,
+        "message": auth.message,
+        "revision": auth.revision,
+        "operation": auth.operation,
+        "amount": auth.amount,
+        "currency": auth.currency,
+        "destination": auth.destination,
+        "payment": dict(auth.payment),
+        "approval_id": auth.approval_id,
+        "provider_ref": auth.provider_ref,
+        "response_status": auth.response_status,
+        "created_at": auth.created_at,
+        "updated_at": auth.updated_at,
+    }
 
 
 def approval_json(approval: ApprovalRecord, now: float) -> dict[str, Any]:
-    out = {"id": approval.id, "state": approval.state, "authorization_id": approval.authorization_id,
-           "expires_at": approval.expires_at, "seconds_left": max(0.0, round(approval.expires_at - now, 1))
-           if approval.state == "pending" else 0, "decided_by": approval.decided_by, "reason": approval.reason,
-           "created_at": approval.created_at, "decided_at": approval.decided_at}
+    out = {
+        "id": approval.id,
+        "state": approval.state,
+        "authorization_id": approval.authorization_id,
+        "expires_at": approval.expires_at,
+        "seconds_left": max(0.0, round(approval.expires_at - now, 1)) if approval.state == "pending" else 0,
+        "decided_by": approval.decided_by,
+        "reason": approval.reason,
+        "created_at": approval.created_at,
+        "decided_at": approval.decided_at,
+    }
     if approval.authorization is not None:
         out["authorization"] = authorization_json(approval.authorization)
     return out

@@ -63,15 +63,29 @@ from proxy.store import (
 
 log = logging.getLogger("paysentry.decisions")
 MAX_IDEMPOTENCY_KEY = 255
-_KIND_OF = {BadRequest: "invalid_request", AuthenticationFailed: "authentication", RateLimited: "rate_limit",
-            IdempotencyMismatch: "idempotency"}
+_KIND_OF = {
+    BadRequest: "invalid_request",
+    AuthenticationFailed: "authentication",
+    RateLimited: "rate_limit",
+    IdempotencyMismatch: "idempotency",
+}
 
 
 class Pipeline:
-    def __init__(self, store: Store, engine: Engine, policies: PolicyHolder,
-                 agents: TokenAuthenticator[AgentRecord], connections: ConnectionCache, forwarder: Forwarder,
-                 sealer: Sealer, default_adapter: Adapter, tracer: trace.Tracer, reservation_lease: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        policies: PolicyHolder,
+        agents: TokenAuthenticator[AgentRecord],
+        connections: ConnectionCache,
+        forwarder: Forwarder,
+        sealer: Sealer,
+        default_adapter: Adapter,
+        tracer: trace.Tracer,
+        reservation_lease: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store, self.engine, self.policies = store, engine, policies
         self.agents, self.connections, self.forwarder = agents, connections, forwarder
         self.sealer, self.default_adapter, self.tracer = sealer, default_adapter, tracer
@@ -95,42 +109,66 @@ class Pipeline:
                 span.set_attribute("paysentry.error", exc.code)
                 if exc.status >= 500:
                     span.set_status(Status(StatusCode.ERROR, exc.code))
-                return _reply(adapter.error(exc.status, _KIND_OF.get(type(exc), "api"), exc.code, exc.message,
-                                            exc.param, retry=exc.status in (409, 502, 503)))
+                return _reply(
+                    adapter.error(
+                        exc.status,
+                        _KIND_OF.get(type(exc), "api"),
+                        exc.code,
+                        exc.message,
+                        exc.param,
+                        retry=exc.status in (409, 502, 503),
+                    )
+                )
 
-    async def _dispatch(self, request: web.Request, agent: Agent, connection: Connection,
-                        span: trace.Span) -> web.StreamResponse:
+    async def _dispatch(
+        self, request: web.Request, agent: Agent, connection: Connection, span: trace.Span
+    ) -> web.StreamResponse:
         adapter = connection.adapter
         _check_request(request, adapter)
         body = await request.read()
-        classified = adapter.classify(request.method, request.path, request.content_type if body else "", body)
+        classified = adapter.classify(
+            request.method, request.path, request.content_type if body else "", body
+        )
         url = connection.upstream + request.rel_url.raw_path_qs
         if classified.kind == PASSTHROUGH:
             span.set_attribute("paysentry.decision", "passthrough")
-            headers = self.forwarder.request_headers(request.headers, adapter.credential_headers(connection.credentials))
+            headers = self.forwarder.request_headers(
+                request.headers, adapter.credential_headers(connection.credentials)
+            )
             return await self.forwarder.stream(request, request.method, url, headers, body)
         assert classified.payment is not None
         return await self._pay(request, agent, connection, classified.payment, body, url, span)
 
     # -- a payment call -------------------------------------------------------------------------------------
-    async def _pay(self, request: web.Request, agent: Agent, connection: Connection, payment: Payment,
-                   body: bytes, url: str, span: trace.Span) -> web.StreamResponse:
+    async def _pay(
+        self,
+        request: web.Request,
+        agent: Agent,
+        connection: Connection,
+        payment: Payment,
+        body: bytes,
+        url: str,
+        span: trace.Span,
+    ) -> web.StreamResponse:
         adapter = connection.adapter
         key = request.headers.get(adapter.idempotency_header) or ""
         if len(key) > MAX_IDEMPOTENCY_KEY:
             raise BadRequest(f"{adapter.idempotency_header} is longer than {MAX_IDEMPOTENCY_KEY} characters")
         key = key or new_id("psidem")
-        request_hash = hashlib.sha256(b"\0".join([request.method.encode(), request.rel_url.raw_path_qs.encode(),
-                                                  body])).hexdigest()
+        request_hash = hashlib.sha256(
+            b"\0".join([request.method.encode(), request.rel_url.raw_path_qs.encode(), body])
+        ).hexdigest()
         policy_set = self.policies.current
         now = datetime.fromtimestamp(self.clock(), UTC)
         keys = spend_keys(policy_set, agent, now) if policy_set.uses_spend else []
         with self.tracer.start_as_current_span("paysentry.lookup"):
             existing, totals = await self.store.lookup(agent.id, key, keys)
         if existing is not None and existing.request_hash != request_hash:
-            raise IdempotencyMismatch(f"Keys for idempotent requests can only be used with the same parameters "
-                                      f"they were first used with. Try using a key other than '{key}' if you "
-                                      "meant to execute a different request.")
+            raise IdempotencyMismatch(
+                f"Keys for idempotent requests can only be used with the same parameters "
+                f"they were first used with. Try using a key other than '{key}' if you "
+                "meant to execute a different request."
+            )
         if existing is not None and not _retryable(existing):
             return await self._replay(existing, agent, connection, url, request, body, key, span)
         payment = await self._resolve(payment, agent, connection)
@@ -140,9 +178,13 @@ class Pipeline:
         new = self._new_authorization(agent, payment, decision, key, request_hash)
         try:
             with self.tracer.start_as_current_span("paysentry.reserve"):
-                recorded = await self.store.record_decision(new, self.clock(), existing.id if existing else None)
+                recorded = await self.store.record_decision(
+                    new, self.clock(), existing.id if existing else None
+                )
         except DuplicateKey:
-            raise RequestInFlight("A request with this Idempotency-Key is being processed; retry shortly.") from None
+            raise RequestInFlight(
+                "A request with this Idempotency-Key is being processed; retry shortly."
+            ) from None
         auth = recorded.record
         if recorded.exceeded is not None:
             span.set_attribute("paysentry.decision", DENY)
@@ -163,49 +205,97 @@ class Pipeline:
         path = connection.adapter.lookup_path(payment)
         found = None
         if path:
-            headers = self.forwarder.request_headers({}, connection.adapter.credential_headers(connection.credentials))
+            headers = self.forwarder.request_headers(
+                {}, connection.adapter.credential_headers(connection.credentials)
+            )
             reply = await self.forwarder.send("GET", connection.upstream + path, headers, b"")
             found = connection.adapter.amount_of(reply.body) if reply.status == 200 else None
         if found is None:
-            raise BadRequest(f"PaySentry could not find the amount of {payment.refers_to!r} at the provider, so "
-                             "it cannot decide this call", param="amount")
+            raise BadRequest(
+                f"PaySentry could not find the amount of {payment.refers_to!r} at the provider, so "
+                "it cannot decide this call",
+                param="amount",
+            )
         return replace(payment, amount=payment.amount or found[0], currency=found[1])
 
-    def _new_authorization(self, agent: Agent, payment: Payment, decision: Decision, key: str,
-                           request_hash: str) -> NewAuthorization:
+    def _new_authorization(
+        self, agent: Agent, payment: Payment, decision: Decision, key: str, request_hash: str
+    ) -> NewAuthorization:
         now = self.clock()
         hold = decision.outcome == HOLD
         return NewAuthorization(
-            id=new_id("auth"), owner_id=agent.owner_id, agent_id=agent.id, idempotency_key=key,
-            request_hash=request_hash, provider=payment.provider, operation=payment.operation,
-            amount=payment.amount, currency=payment.currency, destination=payment.destination,
-            payment=_payment_summary(payment), decision=decision.outcome, rule=decision.rule,
-            policy=decision.policy, message=decision.message, revision=decision.revision,
-            charges=decision.charges, approval_id=new_id("apr") if hold else None,
+            id=new_id("auth"),
+            owner_id=agent.owner_id,
+            agent_id=agent.id,
+            idempotency_key=key,
+            request_hash=request_hash,
+            provider=payment.provider,
+            operation=payment.operation,
+            amount=payment.amount,
+            currency=payment.currency,
+            destination=payment.destination,
+            payment=_payment_summary(payment),
+            decision=decision.outcome,
+            rule=decision.rule,
+            policy=decision.policy,
+            message=decision.message,
+            revision=decision.revision,
+            charges=decision.charges,
+            approval_id=new_id("apr") if hold else None,
             hold_expires_at=now + (decision.hold_expires_in or 0) if hold else None,
-            lease_expires_at=now + self.lease)
+            lease_expires_at=now + self.lease,
+        )
 
-    async def _replay(self, auth: AuthorizationRecord, agent: Agent, connection: Connection, url: str,
-                      request: web.Request, body: bytes, key: str, span: trace.Span) -> web.StreamResponse:
+    async def _replay(
+        self,
+        auth: AuthorizationRecord,
+        agent: Agent,
+        connection: Connection,
+        url: str,
+        request: web.Request,
+        body: bytes,
+        key: str,
+        span: trace.Span,
+    ) -> web.StreamResponse:
         span.set_attribute("paysentry.replay", True)
         span.set_attribute("paysentry.authorization", auth.id)
         if auth.state == APPROVED:
             if not await self.store.start_forwarding(auth.id, self.clock() + self.lease, self.clock()):
-                raise RequestInFlight("A request with this Idempotency-Key is being processed; retry shortly.")
+                raise RequestInFlight(
+                    "A request with this Idempotency-Key is being processed; retry shortly."
+                )
             span.set_attribute("paysentry.decision", "allow")
             span.set_attribute("paysentry.hold_id", auth.approval_id or "")
             return await self._forward(auth, connection, request, url, body, key, span)
         if auth.state == FORWARDING:
             raise RequestInFlight("A request with this Idempotency-Key is being processed; retry shortly.")
-        if auth.state in (SETTLED, FAILED) and auth.response_status is not None and auth.response_body is not None:
+        if (
+            auth.state in (SETTLED, FAILED)
+            and auth.response_status is not None
+            and auth.response_body is not None
+        ):
             payload = self.sealer.open(auth.response_body, f"response:{auth.id}")
-            return web.Response(status=auth.response_status, body=payload,
-                                headers={"Content-Type": "application/json", "Idempotent-Replayed": "true",
-                                         "PaySentry-Authorization": auth.id})
+            return web.Response(
+                status=auth.response_status,
+                body=payload,
+                headers={
+                    "Content-Type": "application/json",
+                    "Idempotent-Replayed": "true",
+                    "PaySentry-Authorization": auth.id,
+                },
+            )
         return self._refusal(auth, connection.adapter)
 
-    async def _forward(self, auth: AuthorizationRecord, connection: Connection, request: web.Request, url: str,
-                       body: bytes, key: str, span: trace.Span) -> web.StreamResponse:
+    async def _forward(
+        self,
+        auth: AuthorizationRecord,
+        connection: Connection,
+        request: web.Request,
+        url: str,
+        body: bytes,
+        key: str,
+        span: trace.Span,
+    ) -> web.StreamResponse:
         adapter = connection.adapter
         inject = {**adapter.credential_headers(connection.credentials), adapter.idempotency_header: key}
         headers = self.forwarder.request_headers(request.headers, inject)
@@ -226,29 +316,43 @@ class Pipeline:
     async def _settle(self, auth: AuthorizationRecord, adapter: Adapter, reply: UpstreamReply) -> None:
         sealed = self.sealer.seal(reply.body, f"response:{auth.id}")
         if 200 <= reply.status < 300:
-            await self.store.settle(auth.id, adapter.provider_ref(reply.body), reply.status, sealed, self.clock())
+            await self.store.settle(
+                auth.id, adapter.provider_ref(reply.body), reply.status, sealed, self.clock()
+            )
         elif reply.status >= 500 or reply.status == 409:
             # The provider did not finish: nothing is replayed, the agent may retry with the same key.
             await self.store.fail(auth.id, f"the provider answered {reply.status}", None, None, self.clock())
         else:
-            await self.store.fail(auth.id, f"the provider refused ({reply.status})", reply.status, sealed,
-                                  self.clock())
+            await self.store.fail(
+                auth.id, f"the provider refused ({reply.status})", reply.status, sealed, self.clock()
+            )
 
     def _refusal(self, auth: AuthorizationRecord, adapter: Adapter) -> web.Response:
-        extra = {"decision": auth.decision, "rule": auth.rule, "policy": auth.policy, "authorization": auth.id,
-                 "revision": auth.revision}
+        extra = {
+            "decision": auth.decision,
+            "rule": auth.rule,
+            "policy": auth.policy,
+            "authorization": auth.id,
+            "revision": auth.revision,
+        }
         if auth.state == HELD:
             extra["approval_id"] = auth.approval_id
-            message = (f"PaySentry is holding this payment for approval {auth.approval_id} (rule '{auth.rule}': "
-                       f"{auth.message}). Once it is approved, retry with the same Idempotency-Key.")
+            message = (
+                f"PaySentry is holding this payment for approval {auth.approval_id} (rule '{auth.rule}': "
+                f"{auth.message}). Once it is approved, retry with the same Idempotency-Key."
+            )
             return _reply(adapter.error(402, "policy", "approval_required", message, extra=extra))
         if auth.state == REJECTED:
             extra["approval_id"] = auth.approval_id
-            message = f"PaySentry: approval {auth.approval_id} for this payment was denied (rule '{auth.rule}')."
+            message = (
+                f"PaySentry: approval {auth.approval_id} for this payment was denied (rule '{auth.rule}')."
+            )
             return _reply(adapter.error(402, "policy", "approval_denied", message, extra=extra))
         if auth.state == EXPIRED:
             extra["approval_id"] = auth.approval_id
-            message = f"PaySentry: approval {auth.approval_id} for this payment expired before anyone approved it."
+            message = (
+                f"PaySentry: approval {auth.approval_id} for this payment expired before anyone approved it."
+            )
             return _reply(adapter.error(402, "policy", "approval_expired", message, extra=extra))
         assert auth.state == DENIED, auth.state
         where = f" of policy '{auth.policy}'" if auth.policy else ""
@@ -264,8 +368,10 @@ def _retryable(auth: AuthorizationRecord) -> bool:
 def _check_request(request: web.Request, adapter: Adapter) -> None:
     guarded = [h for h in request.headers if h.lower() in adapter.guarded_headers]
     if guarded:
-        raise BadRequest(f"PaySentry does not forward the {guarded[0]} header: it would change whose money moves",
-                         param=guarded[0])
+        raise BadRequest(
+            f"PaySentry does not forward the {guarded[0]} header: it would change whose money moves",
+            param=guarded[0],
+        )
     raw = request.rel_url.raw_path
     lowered = raw.lower()
     if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered or "/../" in raw + "/" or "//" in raw:
@@ -290,10 +396,19 @@ def _token(request: web.Request) -> str | None:
 
 def _payment_summary(payment: Payment) -> dict[str, Any]:
     """What the audit record keeps of a payment: the normalized fields, never the raw parameters."""
-    return {"provider": payment.provider, "operation": payment.operation, "amount": payment.amount,
-            "currency": payment.currency, "destination": payment.destination, "customer": payment.customer,
-            "description": payment.description, "metadata": dict(payment.metadata), "method": payment.method,
-            "path": payment.path, "refers_to": payment.refers_to}
+    return {
+        "provider": payment.provider,
+        "operation": payment.operation,
+        "amount": payment.amount,
+        "currency": payment.currency,
+        "destination": payment.destination,
+        "customer": payment.customer,
+        "description": payment.description,
+        "metadata": dict(payment.metadata),
+        "method": payment.method,
+        "path": payment.path,
+        "refers_to": payment.refers_to,
+    }
 
 
 def _annotate(span: trace.Span, payment: Payment, decision: Decision) -> None:
@@ -307,11 +422,26 @@ def _annotate(span: trace.Span, payment: Payment, decision: Decision) -> None:
 
 def _log_decision(agent: Agent, auth: AuthorizationRecord) -> None:
     context = trace.get_current_span().get_span_context()
-    log.info("decision", extra={"fields": {
-        "trace_id": f"{context.trace_id:032x}", "authorization": auth.id, "agent": agent.name,
-        "agent_id": agent.id, "operation": auth.operation, "amount": auth.amount, "currency": auth.currency,
-        "decision": auth.decision, "rule": auth.rule, "policy": auth.policy, "revision": auth.revision,
-        "state": auth.state, "approval_id": auth.approval_id}})
+    log.info(
+        "decision",
+        extra={
+            "fields": {
+                "trace_id": f"{context.trace_id:032x}",
+                "authorization": auth.id,
+                "agent": agent.name,
+                "agent_id": agent.id,
+                "operation": auth.operation,
+                "amount": auth.amount,
+                "currency": auth.currency,
+                "decision": auth.decision,
+                "rule": auth.rule,
+                "policy": auth.policy,
+                "revision": auth.revision,
+                "state": auth.state,
+                "approval_id": auth.approval_id,
+            }
+        },
+    )
 
 
 def _reply(error: ErrorReply) -> web.Response:

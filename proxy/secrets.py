@@ -56,7 +56,9 @@ class Sealer:
         try:
             return key.decrypt(raw[:12], raw[12:], context.encode())
         except InvalidTag:
-            raise SealError("a sealed value failed authentication (wrong key or moved to another row)") from None
+            raise SealError(
+                "a sealed value failed authentication (wrong key or moved to another row)"
+            ) from None
 
     def needs_rotation(self, sealed: bytes) -> bool:
         return not sealed.startswith(f"ps1.{self._primary}.".encode())
@@ -93,8 +95,12 @@ def load_keys(key_file: str | None) -> list[tuple[str, bytes]]:
         return parse_keys(env)
     if key_file and Path(key_file).exists():
         return parse_keys(Path(key_file).read_text())
-    raise ConfigError(["no encryption key: set PAYSENTRY_ENCRYPTION_KEYS, or encryption.key_file to an existing "
-                       "file (paysentry keygen writes one)"])
+    raise ConfigError(
+        [
+            "no encryption key: set PAYSENTRY_ENCRYPTION_KEYS, or encryption.key_file to an existing "
+            "file (paysentry keygen writes one)"
+        ]
+    )
 
 
 # -- tokens -------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ TRACER_NAME = "paysentry"
 
 def setup_tracing(extra_processor: SpanProcessor | None = None) -> TracerProvider:
     """Install the global tracer provider; add the OTLP exporter when an endpoint is configured."""
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "paysentry"),
-                                "service.version": __version__})
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", "paysentry"), "service.version": __version__}
+    )
     provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         try:

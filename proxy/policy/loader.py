@@ -26,8 +26,17 @@ from proxy.policy.model import EFFECTS, WINDOWS, Limit, Policy, PolicySet, Rule
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 POLICY_FIELDS = {"name", "description", "default", "timezone", "applies_to", "hold_expiry", "limits", "rules"}
 RULE_FIELDS = {"name", "description", "effect", "when", "message", "hold_expiry"}
-LIMIT_FIELDS = {"name", "description", "window", "currency", "max_amount", "max_count", "operations", "when",
-                "message"}
+LIMIT_FIELDS = {
+    "name",
+    "description",
+    "window",
+    "currency",
+    "max_amount",
+    "max_count",
+    "operations",
+    "when",
+    "message",
+}
 DEFAULT_HOLD_EXPIRY = 24 * 3600.0
 
 
@@ -86,10 +95,20 @@ def revision_of(directory: Path, files: Iterable[Path]) -> str:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     content = "sha256:" + digest.hexdigest()[:16]
     try:
-        head = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(directory), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return content
     return f"git:{head[:12]}" if head and not dirty else content
@@ -136,13 +155,16 @@ class _PolicyReader:
         limits = tuple(lim for lim in self.items(doc, "limits", self.limit) if lim)
         if len(self.problems) > before:
             return None
-        return Policy(name, str(self.path), default, timezone, labels, hold_expiry or DEFAULT_HOLD_EXPIRY,
-                      rules, limits)
+        return Policy(
+            name, str(self.path), default, timezone, labels, hold_expiry or DEFAULT_HOLD_EXPIRY, rules, limits
+        )
 
     def unknown_fields(self, node: _LineDict, allowed: set[str], what: str) -> None:
         for key in node:
             if key not in allowed:
-                self.problem(node, key, what, f"unknown field {key!r} (allowed: {', '.join(sorted(allowed))})")
+                self.problem(
+                    node, key, what, f"unknown field {key!r} (allowed: {', '.join(sorted(allowed))})"
+                )
 
     def timezone(self, doc: _LineDict, name: str) -> str:
         tz = doc.get("timezone", "UTC")
@@ -185,7 +207,9 @@ class _PolicyReader:
     def named(self, node: _LineDict, kind: str, index: int) -> str:
         name = node.get("name")
         if not isinstance(name, str) or not NAME.match(name):
-            self.problem(node, "name", f"{kind}[{index}]", f"name {name!r} must be lowercase letters, digits and _")
+            self.problem(
+                node, "name", f"{kind}[{index}]", f"name {name!r} must be lowercase letters, digits and _"
+            )
             return f"{kind}[{index}]"
         return name
 
@@ -239,15 +263,25 @@ class _PolicyReader:
         when = self.compile(node, "when", what, "bool") if "when" in node else None
         if len(self.problems) > before:
             return None
-        return Limit(name, str(window), str(currency).lower(), max_amount, max_count, operations, when,
-                     str(node.get("message", "")))
+        return Limit(
+            name,
+            str(window),
+            str(currency).lower(),
+            max_amount,
+            max_count,
+            operations,
+            when,
+            str(node.get("message", "")),
+        )
 
     def whole(self, node: _LineDict, key: str, what: str) -> int | None:
         value = node.get(key)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            self.problem(node, key, what, f"{key} must be a whole number of minor units (cents), got {value!r}")
+            self.problem(
+                node, key, what, f"{key} must be a whole number of minor units (cents), got {value!r}"
+            )
             return None
         return value
 
@@ -260,8 +294,12 @@ class _PolicyReader:
             return None
         unknown = [op for op in ops if op not in OPERATIONS]
         if unknown:
-            self.problem(node, "operations", what,
-                         f"unknown operation(s) {unknown}; known: {', '.join(MONEY_OPERATIONS)}")
+            self.problem(
+                node,
+                "operations",
+                what,
+                f"unknown operation(s) {unknown}; known: {', '.join(MONEY_OPERATIONS)}",
+            )
         return frozenset(ops)
 
 

@@ -40,8 +40,11 @@ class PolicyHolder:
             fresh = load_policy_set(self.directory, self.engine)
         except PolicyError as exc:
             self.last_error = exc.message
-            log.error("policy reload failed; keeping revision %s", self.current.revision,
-                      extra={"fields": {"problems": exc.problems}})
+            log.error(
+                "policy reload failed; keeping revision %s",
+                self.current.revision,
+                extra={"fields": {"problems": exc.problems}},
+            )
             return False
         self.last_error = None
         changed = fresh.revision != self.current.revision

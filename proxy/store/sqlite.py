@@ -82,13 +82,17 @@ class SqliteStore:
     def _migrate(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL)"
+            )
             current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
             migrations = schema_migrations()
             known = max(v for v, _ in migrations)
             if current > known:
-                raise StoreUnavailable(f"the database {self.path} has schema version {current}, newer than this "
-                                       f"PaySentry knows ({known}); upgrade PaySentry")
+                raise StoreUnavailable(
+                    f"the database {self.path} has schema version {current}, newer than this "
+                    f"PaySentry knows ({known}); upgrade PaySentry"
+                )
             for version, sql in migrations:
                 if version > current:
                     for statement in _statements(sql):
@@ -145,14 +149,18 @@ class SqliteStore:
     # -- owners, connections, agents ------------------------------------------------------------------
     async def create_owner(self, owner: OwnerRecord) -> None:
         def run(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO owners VALUES (?,?,?,?)", (owner.id, owner.name, owner.token_hash,
-                                                                 owner.created_at))
+            db.execute(
+                "INSERT INTO owners VALUES (?,?,?,?)",
+                (owner.id, owner.name, owner.token_hash, owner.created_at),
+            )
             _event(db, owner.id, None, None, "owner.created", "cli", {"name": owner.name}, owner.created_at)
 
         await self.write(run)
 
     async def get_owner(self, owner_id: str) -> OwnerRecord | None:
-        row = await self.read(lambda db: db.execute("SELECT * FROM owners WHERE id=?", (owner_id,)).fetchone())
+        row = await self.read(
+            lambda db: db.execute("SELECT * FROM owners WHERE id=?", (owner_id,)).fetchone()
+        )
         return OwnerRecord(*row) if row else None
 
     async def find_owner(self, name: str) -> OwnerRecord | None:
@@ -172,51 +180,89 @@ class SqliteStore:
 
     async def add_connection(self, c: ConnectionRecord) -> None:
         def run(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO connections VALUES (?,?,?,?,?,?,?,?)",
-                       (c.id, c.owner_id, c.provider, c.name, c.upstream, c.credentials, c.created_at, None))
-            _event(db, c.owner_id, None, None, "connection.added", "cli",
-                   {"connection": c.id, "provider": c.provider, "name": c.name, "upstream": c.upstream},
-                   c.created_at)
+            db.execute(
+                "INSERT INTO connections VALUES (?,?,?,?,?,?,?,?)",
+                (c.id, c.owner_id, c.provider, c.name, c.upstream, c.credentials, c.created_at, None),
+            )
+            _event(
+                db,
+                c.owner_id,
+                None,
+                None,
+                "connection.added",
+                "cli",
+                {"connection": c.id, "provider": c.provider, "name": c.name, "upstream": c.upstream},
+                c.created_at,
+            )
 
         await self.write(run)
 
     async def get_connection(self, connection_id: str) -> ConnectionRecord | None:
-        row = await self.read(lambda db: db.execute("SELECT * FROM connections WHERE id=?",
-                                                    (connection_id,)).fetchone())
+        row = await self.read(
+            lambda db: db.execute("SELECT * FROM connections WHERE id=?", (connection_id,)).fetchone()
+        )
         return ConnectionRecord(*row) if row else None
 
     async def find_connection(self, owner_id: str, name: str) -> ConnectionRecord | None:
-        row = await self.read(lambda db: db.execute(
-            "SELECT * FROM connections WHERE owner_id=? AND name=? AND revoked_at IS NULL", (owner_id, name)
-        ).fetchone())
+        row = await self.read(
+            lambda db: db.execute(
+                "SELECT * FROM connections WHERE owner_id=? AND name=? AND revoked_at IS NULL",
+                (owner_id, name),
+            ).fetchone()
+        )
         return ConnectionRecord(*row) if row else None
 
     async def create_agent(self, a: AgentRecord) -> None:
         def run(db: sqlite3.Connection) -> None:
             try:
-                db.execute("INSERT INTO agents VALUES (?,?,?,?,?,?,?,?)",
-                           (a.id, a.owner_id, a.connection_id, a.name, json.dumps(dict(a.labels)), a.token_hash,
-                            a.created_at, None))
+                db.execute(
+                    "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        a.id,
+                        a.owner_id,
+                        a.connection_id,
+                        a.name,
+                        json.dumps(dict(a.labels)),
+                        a.token_hash,
+                        a.created_at,
+                        None,
+                    ),
+                )
             except sqlite3.IntegrityError:
                 raise Conflict(f"an active agent named {a.name!r} already exists") from None
-            _event(db, a.owner_id, a.id, None, "agent.created", "owner",
-                   {"name": a.name, "labels": dict(a.labels), "connection": a.connection_id}, a.created_at)
+            _event(
+                db,
+                a.owner_id,
+                a.id,
+                None,
+                "agent.created",
+                "owner",
+                {"name": a.name, "labels": dict(a.labels), "connection": a.connection_id},
+                a.created_at,
+            )
 
         await self.write(run)
 
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
-        row = await self.read(lambda db: db.execute("SELECT * FROM agents WHERE id=?", (agent_id,)).fetchone())
+        row = await self.read(
+            lambda db: db.execute("SELECT * FROM agents WHERE id=?", (agent_id,)).fetchone()
+        )
         return _agent(row) if row else None
 
     async def list_agents(self, owner_id: str) -> list[AgentRecord]:
-        rows = await self.read(lambda db: db.execute(
-            "SELECT * FROM agents WHERE owner_id=? ORDER BY created_at", (owner_id,)).fetchall())
+        rows = await self.read(
+            lambda db: db.execute(
+                "SELECT * FROM agents WHERE owner_id=? ORDER BY created_at", (owner_id,)
+            ).fetchall()
+        )
         return [_agent(r) for r in rows]
 
     async def revoke_agent(self, owner_id: str, agent_id: str, actor: str, now: float) -> bool:
         def run(db: sqlite3.Connection) -> bool:
-            cur = db.execute("UPDATE agents SET revoked_at=? WHERE id=? AND owner_id=? AND revoked_at IS NULL",
-                             (now, agent_id, owner_id))
+            cur = db.execute(
+                "UPDATE agents SET revoked_at=? WHERE id=? AND owner_id=? AND revoked_at IS NULL",
+                (now, agent_id, owner_id),
+            )
             if cur.rowcount:
                 _event(db, owner_id, agent_id, None, "agent.revoked", actor, {}, now)
             return bool(cur.rowcount)
@@ -224,80 +270,127 @@ class SqliteStore:
         return await self.write(run)
 
     # -- the payment path -----------------------------------------------------------------------------
-    async def lookup(self, agent_id: str, idempotency_key: str, spend_keys: Sequence[tuple[str, str]]
-                     ) -> tuple[AuthorizationRecord | None, dict[str, SpendTotal]]:
+    async def lookup(
+        self, agent_id: str, idempotency_key: str, spend_keys: Sequence[tuple[str, str]]
+    ) -> tuple[AuthorizationRecord | None, dict[str, SpendTotal]]:
         def run(db: sqlite3.Connection) -> tuple[AuthorizationRecord | None, dict[str, SpendTotal]]:
-            row = db.execute(f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE agent_id=? AND idempotency_key=?",
-                             (agent_id, idempotency_key)).fetchone()
+            row = db.execute(
+                f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE agent_id=? AND idempotency_key=?",
+                (agent_id, idempotency_key),
+            ).fetchone()
             totals = {}
             for limit, period in spend_keys:
-                got = db.execute("SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
-                                 (agent_id, limit, period)).fetchone()
+                got = db.execute(
+                    "SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
+                    (agent_id, limit, period),
+                ).fetchone()
                 totals[limit] = SpendTotal(*got) if got else SpendTotal()
             return (_authorization(row) if row else None), totals
 
         return await self.read(run)
 
-    async def record_decision(self, new: NewAuthorization, now: float, retry_of: str | None = None) -> Recorded:
+    async def record_decision(
+        self, new: NewAuthorization, now: float, retry_of: str | None = None
+    ) -> Recorded:
         return await self.write(_record_decision, new, now, retry_of)
 
     async def start_forwarding(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
         def run(db: sqlite3.Connection) -> bool:
-            cur = db.execute("UPDATE authorizations SET state=?, lease_expires_at=?, updated_at=? "
-                             "WHERE id=? AND state=?", (FORWARDING, lease_expires_at, now, authorization_id,
-                                                        APPROVED))
+            cur = db.execute(
+                "UPDATE authorizations SET state=?, lease_expires_at=?, updated_at=? WHERE id=? AND state=?",
+                (FORWARDING, lease_expires_at, now, authorization_id, APPROVED),
+            )
             if cur.rowcount:
                 owner, agent = _owner_agent(db, authorization_id)
-                _event(db, owner, agent, authorization_id, "authorization.forwarding", "agent",
-                       {"after": "approval"}, now)
+                _event(
+                    db,
+                    owner,
+                    agent,
+                    authorization_id,
+                    "authorization.forwarding",
+                    "agent",
+                    {"after": "approval"},
+                    now,
+                )
             return bool(cur.rowcount)
 
         return await self.write(run)
 
-    async def settle(self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None,
-                     now: float) -> None:
+    async def settle(
+        self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
+    ) -> None:
         def run(db: sqlite3.Connection) -> None:
-            cur = db.execute("UPDATE authorizations SET state=?, provider_ref=?, response_status=?, "
-                             "response_body=?, lease_expires_at=NULL, updated_at=? WHERE id=? AND state=?",
-                             (SETTLED, provider_ref, status, body, now, authorization_id, FORWARDING))
+            cur = db.execute(
+                "UPDATE authorizations SET state=?, provider_ref=?, response_status=?, "
+                "response_body=?, lease_expires_at=NULL, updated_at=? WHERE id=? AND state=?",
+                (SETTLED, provider_ref, status, body, now, authorization_id, FORWARDING),
+            )
             if cur.rowcount:
                 owner, agent = _owner_agent(db, authorization_id)
-                _event(db, owner, agent, authorization_id, "authorization.settled", "provider",
-                       {"status": status, "provider_ref": provider_ref}, now)
+                _event(
+                    db,
+                    owner,
+                    agent,
+                    authorization_id,
+                    "authorization.settled",
+                    "provider",
+                    {"status": status, "provider_ref": provider_ref},
+                    now,
+                )
 
         await self.write(run)
 
-    async def fail(self, authorization_id: str, reason: str, status: int | None, body: bytes | None,
-                   now: float) -> None:
+    async def fail(
+        self, authorization_id: str, reason: str, status: int | None, body: bytes | None, now: float
+    ) -> None:
         def run(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT owner_id, agent_id, charges FROM authorizations WHERE id=? AND state=?",
-                             (authorization_id, FORWARDING)).fetchone()
+            row = db.execute(
+                "SELECT owner_id, agent_id, charges FROM authorizations WHERE id=? AND state=?",
+                (authorization_id, FORWARDING),
+            ).fetchone()
             if row is None:
                 return  # already settled, failed or reclaimed: nothing to release twice
             owner, agent, charges = row
             _release(db, agent, _charges(charges))
-            db.execute("UPDATE authorizations SET state=?, response_status=?, response_body=?, "
-                       "lease_expires_at=NULL, updated_at=? WHERE id=?",
-                       (FAILED, status, body, now, authorization_id))
-            _event(db, owner, agent, authorization_id, "authorization.failed", "provider",
-                   {"status": status, "reason": reason, "released": True}, now)
+            db.execute(
+                "UPDATE authorizations SET state=?, response_status=?, response_body=?, "
+                "lease_expires_at=NULL, updated_at=? WHERE id=?",
+                (FAILED, status, body, now, authorization_id),
+            )
+            _event(
+                db,
+                owner,
+                agent,
+                authorization_id,
+                "authorization.failed",
+                "provider",
+                {"status": status, "reason": reason, "released": True},
+                now,
+            )
 
         await self.write(run)
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
-        row = await self.read(lambda db: db.execute(
-            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=? AND provider_ref=? AND state=? "
-            "ORDER BY created_at LIMIT 1", (owner_id, provider_ref, SETTLED)).fetchone())
+        row = await self.read(
+            lambda db: db.execute(
+                f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=? AND provider_ref=? AND state=? "
+                "ORDER BY created_at LIMIT 1",
+                (owner_id, provider_ref, SETTLED),
+            ).fetchone()
+        )
         return _authorization(row) if row else None
 
     # -- holds and housekeeping -----------------------------------------------------------------------
-    async def decide_hold(self, owner_id: str, approval_id: str, approve: bool, actor: str, reason: str,
-                          now: float) -> ApprovalRecord:
+    async def decide_hold(
+        self, owner_id: str, approval_id: str, approve: bool, actor: str, reason: str, now: float
+    ) -> ApprovalRecord:
         return await self.write(_decide_hold, owner_id, approval_id, approve, actor, reason, now)
 
     async def get_approval(self, owner_id: str, approval_id: str) -> ApprovalRecord | None:
         def run(db: sqlite3.Connection) -> ApprovalRecord | None:
-            row = db.execute("SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id)).fetchone()
+            row = db.execute(
+                "SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id)
+            ).fetchone()
             return _approval(db, row) if row else None
 
         return await self.read(run)
@@ -314,39 +407,62 @@ class SqliteStore:
 
     async def expire_holds(self, now: float) -> int:
         def run(db: sqlite3.Connection) -> int:
-            rows = db.execute("SELECT id, owner_id FROM approvals WHERE state='pending' AND expires_at<=?",
-                              (now,)).fetchall()
+            rows = db.execute(
+                "SELECT id, owner_id FROM approvals WHERE state='pending' AND expires_at<=?", (now,)
+            ).fetchall()
             for approval_id, owner_id in rows:
-                _close_hold(db, owner_id, approval_id, "expired", EXPIRED, "paysentry", "the hold expired", now)
+                _close_hold(
+                    db, owner_id, approval_id, "expired", EXPIRED, "paysentry", "the hold expired", now
+                )
             return len(rows)
 
         return await self.write(run)
 
     async def reclaim_leases(self, now: float) -> int:
         def run(db: sqlite3.Connection) -> int:
-            rows = db.execute("SELECT id, owner_id, agent_id, charges FROM authorizations "
-                              "WHERE state=? AND lease_expires_at<=?", (FORWARDING, now)).fetchall()
+            rows = db.execute(
+                "SELECT id, owner_id, agent_id, charges FROM authorizations "
+                "WHERE state=? AND lease_expires_at<=?",
+                (FORWARDING, now),
+            ).fetchall()
             for auth_id, owner, agent, charges in rows:
                 _release(db, agent, _charges(charges))
-                db.execute("UPDATE authorizations SET state=?, lease_expires_at=NULL, updated_at=? WHERE id=?",
-                           (FAILED, now, auth_id))
-                _event(db, owner, agent, auth_id, "authorization.reclaimed", "paysentry",
-                       {"reason": "the reservation's lease expired before the provider's answer was recorded "
-                                  "(the sidecar stopped mid-call); released. A retry with the same "
-                                  "Idempotency-Key re-reserves and the provider replays its answer.",
-                        "released": True}, now)
+                db.execute(
+                    "UPDATE authorizations SET state=?, lease_expires_at=NULL, updated_at=? WHERE id=?",
+                    (FAILED, now, auth_id),
+                )
+                _event(
+                    db,
+                    owner,
+                    agent,
+                    auth_id,
+                    "authorization.reclaimed",
+                    "paysentry",
+                    {
+                        "reason": "the reservation's lease expired before the provider's answer was recorded "
+                        "(the sidecar stopped mid-call); released. A retry with the same "
+                        "Idempotency-Key re-reserves and the provider replays its answer.",
+                        "released": True,
+                    },
+                    now,
+                )
             return len(rows)
 
         return await self.write(run)
 
     # -- records --------------------------------------------------------------------------------------
     async def get_authorization(self, owner_id: str, authorization_id: str) -> AuthorizationRecord | None:
-        row = await self.read(lambda db: db.execute(
-            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=? AND owner_id=?",
-            (authorization_id, owner_id)).fetchone())
+        row = await self.read(
+            lambda db: db.execute(
+                f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=? AND owner_id=?",
+                (authorization_id, owner_id),
+            ).fetchone()
+        )
         return _authorization(row) if row else None
 
-    async def list_authorizations(self, owner_id: str, agent_id: str | None, limit: int) -> list[AuthorizationRecord]:
+    async def list_authorizations(
+        self, owner_id: str, agent_id: str | None, limit: int
+    ) -> list[AuthorizationRecord]:
         def run(db: sqlite3.Connection) -> list[AuthorizationRecord]:
             sql, args = f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=?", [owner_id]
             if agent_id:
@@ -357,21 +473,30 @@ class SqliteStore:
         return await self.read(run)
 
     async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]:
-        rows = await self.read(lambda db: db.execute(
-            "SELECT seq, owner_id, agent_id, authorization_id, type, actor, data, at FROM events "
-            "WHERE owner_id=? AND seq>? ORDER BY seq LIMIT ?", (owner_id, after, limit)).fetchall())
+        rows = await self.read(
+            lambda db: db.execute(
+                "SELECT seq, owner_id, agent_id, authorization_id, type, actor, data, at FROM events "
+                "WHERE owner_id=? AND seq>? ORDER BY seq LIMIT ?",
+                (owner_id, after, limit),
+            ).fetchall()
+        )
         return [Event(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7]) for r in rows]
 
     async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]:
-        rows = await self.read(lambda db: db.execute(
-            "SELECT s.limit_name, s.period, s.currency, s.amount, s.count FROM spend s "
-            "JOIN agents a ON a.id = s.agent_id WHERE a.owner_id=? AND s.agent_id=? ORDER BY s.period, s.limit_name",
-            (owner_id, agent_id)).fetchall())
+        rows = await self.read(
+            lambda db: db.execute(
+                "SELECT s.limit_name, s.period, s.currency, s.amount, s.count FROM spend s "
+                "JOIN agents a ON a.id = s.agent_id WHERE a.owner_id=? AND s.agent_id=? ORDER BY s.period, s.limit_name",
+                (owner_id, agent_id),
+            ).fetchall()
+        )
         return [dict(zip(("limit", "period", "currency", "amount", "count"), r, strict=True)) for r in rows]
 
 
 # -- transaction bodies (run on the store thread inside BEGIN IMMEDIATE) ---------------------------------
-def _record_decision(db: sqlite3.Connection, new: NewAuthorization, now: float, retry_of: str | None) -> Recorded:
+def _record_decision(
+    db: sqlite3.Connection, new: NewAuthorization, now: float, retry_of: str | None
+) -> Recorded:
     decision, rule, message, exceeded = new.decision, new.rule, new.message, None
     if decision != DENIED and new.charges:
         db.execute("SAVEPOINT reserve")
@@ -383,37 +508,68 @@ def _record_decision(db: sqlite3.Connection, new: NewAuthorization, now: float, 
         db.execute("RELEASE reserve")
     state = {"allow": FORWARDING, "hold": HELD, "deny": DENIED}[decision]
     charges = [] if state == DENIED else new.charges
-    values = (new.owner_id, new.agent_id, new.idempotency_key, new.request_hash, new.provider, new.operation,
-              new.amount, new.currency, new.destination, json.dumps(new.payment), decision, rule, new.policy,
-              message, new.revision, state, json.dumps([_charge_json(c) for c in charges]),
-              new.approval_id if state == HELD else None,
-              new.lease_expires_at if state == FORWARDING else None, now)
+    values = (
+        new.owner_id,
+        new.agent_id,
+        new.idempotency_key,
+        new.request_hash,
+        new.provider,
+        new.operation,
+        new.amount,
+        new.currency,
+        new.destination,
+        json.dumps(new.payment),
+        decision,
+        rule,
+        new.policy,
+        message,
+        new.revision,
+        state,
+        json.dumps([_charge_json(c) for c in charges]),
+        new.approval_id if state == HELD else None,
+        new.lease_expires_at if state == FORWARDING else None,
+        now,
+    )
     if retry_of:
         cur = db.execute(
             "UPDATE authorizations SET owner_id=?, agent_id=?, idempotency_key=?, request_hash=?, provider=?, "
             "operation=?, amount=?, currency=?, destination=?, payment=?, decision=?, rule=?, policy=?, message=?, "
             "revision=?, state=?, charges=?, approval_id=?, lease_expires_at=?, updated_at=?, provider_ref=NULL, "
             "response_status=NULL, response_body=NULL WHERE id=? AND state=? AND response_status IS NULL",
-            (*values, retry_of, FAILED))
+            (*values, retry_of, FAILED),
+        )
         if not cur.rowcount:
             raise DuplicateKey(new.idempotency_key)
         auth_id = retry_of
     else:
         try:
-            db.execute(f"INSERT INTO authorizations ({AUTH_COLUMNS}) "
-                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?)",
-                       (new.id, *values[:-1], now, now))
+            db.execute(
+                f"INSERT INTO authorizations ({AUTH_COLUMNS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?)",
+                (new.id, *values[:-1], now, now),
+            )
         except sqlite3.IntegrityError:
             raise DuplicateKey(new.idempotency_key) from None
         auth_id = new.id
     if state == HELD:
         assert new.approval_id and new.hold_expires_at
-        db.execute("INSERT INTO approvals VALUES (?,?,?,?,?,?,?,?,?)",
-                   (new.approval_id, new.owner_id, auth_id, "pending", new.hold_expires_at, None, None, now, None))
-    data = {"decision": decision, "rule": rule, "policy": new.policy, "revision": new.revision,
-            "operation": new.operation, "amount": new.amount, "currency": new.currency,
-            "destination": new.destination, "reserved": [_charge_json(c) for c in charges],
-            "approval_id": new.approval_id if state == HELD else None, "retry": bool(retry_of)}
+        db.execute(
+            "INSERT INTO approvals VALUES (?,?,?,?,?,?,?,?,?)",
+            (new.approval_id, new.owner_id, auth_id, "pending", new.hold_expires_at, None, None, now, None),
+        )
+    data = {
+        "decision": decision,
+        "rule": rule,
+        "policy": new.policy,
+        "revision": new.revision,
+        "operation": new.operation,
+        "amount": new.amount,
+        "currency": new.currency,
+        "destination": new.destination,
+        "reserved": [_charge_json(c) for c in charges],
+        "approval_id": new.approval_id if state == HELD else None,
+        "retry": bool(retry_of),
+    }
     if exceeded:
         data["limit_total"] = {"amount": exceeded.total.amount, "count": exceeded.total.count}
     _event(db, new.owner_id, new.agent_id, auth_id, f"authorization.{state}", "policy", data, now)
@@ -423,28 +579,52 @@ def _record_decision(db: sqlite3.Connection, new: NewAuthorization, now: float, 
 
 def _reserve(db: sqlite3.Connection, agent_id: str, charges: Sequence[Charge]) -> LimitExceeded | None:
     for c in charges:
-        db.execute("INSERT OR IGNORE INTO spend (agent_id, limit_name, period, currency) VALUES (?,?,?,?)",
-                   (agent_id, c.limit, c.period, c.currency))
+        db.execute(
+            "INSERT OR IGNORE INTO spend (agent_id, limit_name, period, currency) VALUES (?,?,?,?)",
+            (agent_id, c.limit, c.period, c.currency),
+        )
         row = db.execute(
             "UPDATE spend SET amount = amount + ?, count = count + 1 WHERE agent_id=? AND limit_name=? AND period=? "
             "AND (? IS NULL OR amount + ? <= ?) AND (? IS NULL OR count + 1 <= ?) RETURNING amount",
-            (c.amount, agent_id, c.limit, c.period, c.max_amount, c.amount, c.max_amount, c.max_count,
-             c.max_count)).fetchone()
+            (
+                c.amount,
+                agent_id,
+                c.limit,
+                c.period,
+                c.max_amount,
+                c.amount,
+                c.max_amount,
+                c.max_count,
+                c.max_count,
+            ),
+        ).fetchone()
         if row is None:
-            total = db.execute("SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
-                               (agent_id, c.limit, c.period)).fetchone()
+            total = db.execute(
+                "SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
+                (agent_id, c.limit, c.period),
+            ).fetchone()
             return LimitExceeded(c, SpendTotal(*total))
     return None
 
 
 def _release(db: sqlite3.Connection, agent_id: str, charges: Sequence[Charge]) -> None:
     for c in charges:
-        db.execute("UPDATE spend SET amount = amount - ?, count = count - 1 WHERE agent_id=? AND limit_name=? "
-                   "AND period=?", (c.amount, agent_id, c.limit, c.period))
+        db.execute(
+            "UPDATE spend SET amount = amount - ?, count = count - 1 WHERE agent_id=? AND limit_name=? "
+            "AND period=?",
+            (c.amount, agent_id, c.limit, c.period),
+        )
 
 
-def _decide_hold(db: sqlite3.Connection, owner_id: str, approval_id: str, approve: bool, actor: str, reason: str,
-                 now: float) -> ApprovalRecord:
+def _decide_hold(
+    db: sqlite3.Connection,
+    owner_id: str,
+    approval_id: str,
+    approve: bool,
+    actor: str,
+    reason: str,
+    now: float,
+) -> ApprovalRecord:
     row = db.execute("SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id)).fetchone()
     if row is None:
         raise NotFound(f"no approval {approval_id!r}")
@@ -455,37 +635,80 @@ def _decide_hold(db: sqlite3.Connection, owner_id: str, approval_id: str, approv
         _close_hold(db, owner_id, approval_id, "expired", EXPIRED, "paysentry", "the hold expired", now)
         raise Conflict(f"approval {approval_id} has expired")
     if approve:
-        db.execute("UPDATE approvals SET state='approved', decided_by=?, reason=?, decided_at=? WHERE id=?",
-                   (actor, reason, now, approval_id))
-        db.execute("UPDATE authorizations SET state=?, updated_at=? WHERE id=?",
-                   (APPROVED, now, approval.authorization_id))
+        db.execute(
+            "UPDATE approvals SET state='approved', decided_by=?, reason=?, decided_at=? WHERE id=?",
+            (actor, reason, now, approval_id),
+        )
+        db.execute(
+            "UPDATE authorizations SET state=?, updated_at=? WHERE id=?",
+            (APPROVED, now, approval.authorization_id),
+        )
         auth = approval.authorization
-        _event(db, owner_id, auth.agent_id if auth else None, approval.authorization_id, "approval.approved",
-               actor, {"approval_id": approval_id, "reason": reason}, now)
+        _event(
+            db,
+            owner_id,
+            auth.agent_id if auth else None,
+            approval.authorization_id,
+            "approval.approved",
+            actor,
+            {"approval_id": approval_id, "reason": reason},
+            now,
+        )
     else:
         _close_hold(db, owner_id, approval_id, "denied", REJECTED, actor, reason, now)
     row = db.execute("SELECT * FROM approvals WHERE id=?", (approval_id,)).fetchone()
     return _approval(db, row)
 
 
-def _close_hold(db: sqlite3.Connection, owner_id: str, approval_id: str, approval_state: str, auth_state: str,
-                actor: str, reason: str, now: float) -> None:
+def _close_hold(
+    db: sqlite3.Connection,
+    owner_id: str,
+    approval_id: str,
+    approval_state: str,
+    auth_state: str,
+    actor: str,
+    reason: str,
+    now: float,
+) -> None:
     """Deny or expire a pending hold and release what it reserved."""
     auth_id = db.execute("SELECT authorization_id FROM approvals WHERE id=?", (approval_id,)).fetchone()[0]
-    agent, charges = db.execute("SELECT agent_id, charges FROM authorizations WHERE id=?", (auth_id,)).fetchone()
+    agent, charges = db.execute(
+        "SELECT agent_id, charges FROM authorizations WHERE id=?", (auth_id,)
+    ).fetchone()
     _release(db, agent, _charges(charges))
-    db.execute("UPDATE approvals SET state=?, decided_by=?, reason=?, decided_at=? WHERE id=?",
-               (approval_state, actor, reason, now, approval_id))
+    db.execute(
+        "UPDATE approvals SET state=?, decided_by=?, reason=?, decided_at=? WHERE id=?",
+        (approval_state, actor, reason, now, approval_id),
+    )
     db.execute("UPDATE authorizations SET state=?, updated_at=? WHERE id=?", (auth_state, now, auth_id))
-    _event(db, owner_id, agent, auth_id, f"approval.{approval_state}", actor,
-           {"approval_id": approval_id, "reason": reason, "released": True}, now)
+    _event(
+        db,
+        owner_id,
+        agent,
+        auth_id,
+        f"approval.{approval_state}",
+        actor,
+        {"approval_id": approval_id, "reason": reason, "released": True},
+        now,
+    )
 
 
 # -- row helpers ----------------------------------------------------------------------------------------
-def _event(db: sqlite3.Connection, owner_id: str, agent_id: str | None, auth_id: str | None, kind: str,
-           actor: str, data: dict[str, Any], now: float) -> None:
-    db.execute("INSERT INTO events (owner_id, agent_id, authorization_id, type, actor, data, at) "
-               "VALUES (?,?,?,?,?,?,?)", (owner_id, agent_id, auth_id, kind, actor, json.dumps(data), now))
+def _event(
+    db: sqlite3.Connection,
+    owner_id: str,
+    agent_id: str | None,
+    auth_id: str | None,
+    kind: str,
+    actor: str,
+    data: dict[str, Any],
+    now: float,
+) -> None:
+    db.execute(
+        "INSERT INTO events (owner_id, agent_id, authorization_id, type, actor, data, at) "
+        "VALUES (?,?,?,?,?,?,?)",
+        (owner_id, agent_id, auth_id, kind, actor, json.dumps(data), now),
+    )
 
 
 def _owner_agent(db: sqlite3.Connection, auth_id: str) -> tuple[str, str]:
@@ -493,8 +716,15 @@ def _owner_agent(db: sqlite3.Connection, auth_id: str) -> tuple[str, str]:
 
 
 def _charge_json(c: Charge) -> dict[str, Any]:
-    return {"limit": c.limit, "period": c.period, "currency": c.currency, "amount": c.amount,
-            "max_amount": c.max_amount, "max_count": c.max_count, "message": c.message}
+    return {
+        "limit": c.limit,
+        "period": c.period,
+        "currency": c.currency,
+        "amount": c.amount,
+        "max_amount": c.max_amount,
+        "max_count": c.max_count,
+        "message": c.message,
+    }
 
 
 def _charges(text: str) -> list[Charge]:

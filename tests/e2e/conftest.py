@@ -56,18 +56,34 @@ class Deployment:
     output: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
 
-    def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(self.config), *args],
-                                input=stdin, capture_output=True, text=True, env=self.env, timeout=60)
+    def cli(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "--config", str(self.config), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"paysentry {' '.join(args)} failed: {result.stderr}")
         return result
 
-    def owner_api(self, method: str, path: str, body: dict[str, Any] | None = None,
-                  token: str | None = None) -> tuple[int, Any]:
+    def owner_api(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.admin_url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {token or self.owner_token}", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.admin_url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {token or self.owner_token}",
+                "Content-Type": "application/json",
+            },
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
                 return resp.status, json.loads(resp.read())
@@ -80,11 +96,18 @@ class Deployment:
 
     def mock_payments(self) -> list[dict[str, Any]]:
         """Payment calls the provider executed (replays of an idempotent key not counted)."""
-        return [r for r in self.mock() if r["method"] == "POST" and r["status"] == 200 and not r.get("replayed")]
+        return [
+            r for r in self.mock() if r["method"] == "POST" and r["status"] == 200 and not r.get("replayed")
+        ]
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "proxy", "--config", str(self.config), "serve"],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(self.config), "serve"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
         ready = threading.Event()
         stdout = self.process.stdout
         assert stdout is not None
@@ -119,30 +142,53 @@ class Deployment:
         return "".join(self.output)
 
 
-def make_deployment(root: Path, policy: str = POLICY, provider: str = "mock",
-                    upstream: str | None = None) -> Deployment:
+def make_deployment(
+    root: Path, policy: str = POLICY, provider: str = "mock", upstream: str | None = None
+) -> Deployment:
     agent_port, admin_port, mock_port = free_port(), free_port(), free_port()
     (root / "policies").mkdir()
     (root / "policies" / "test.yaml").write_text(textwrap.dedent(policy))
     config = root / "paysentry.yaml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         listen: 127.0.0.1:{agent_port}
         admin_listen: 127.0.0.1:{admin_port}
-        store: sqlite:///{root / 'paysentry.db'}
-        policies: {root / 'policies'}
+        store: sqlite:///{root / "paysentry.db"}
+        policies: {root / "policies"}
         mock_provider_listen: 127.0.0.1:{mock_port}
         bcrypt_rounds: 4
         sweep_interval: 0.2
         upstream_timeout: 3s
-    """))
-    env = {**os.environ, "PAYSENTRY_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(),
-           "PYTHONPATH": str(Path(__file__).parents[2])}
+    """)
+    )
+    env = {
+        **os.environ,
+        "PAYSENTRY_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(),
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+    }
     env.pop("PAYSENTRY_CONFIG", None)
-    dep = Deployment(root, config, env, f"http://127.0.0.1:{agent_port}", f"http://127.0.0.1:{admin_port}",
-                     f"http://127.0.0.1:{mock_port}")
+    dep = Deployment(
+        root,
+        config,
+        env,
+        f"http://127.0.0.1:{agent_port}",
+        f"http://127.0.0.1:{admin_port}",
+        f"http://127.0.0.1:{mock_port}",
+    )
     dep.owner_token = json.loads(dep.cli("owner", "create", "acme").stdout)["token"]
-    dep.cli("provider", "add", "--provider", provider, "--name", "default", "--upstream", upstream or dep.mock_url,
-            "--credentials-file", "-", stdin=json.dumps({"secret_key": MOCK_SECRET}))
+    dep.cli(
+        "provider",
+        "add",
+        "--provider",
+        provider,
+        "--name",
+        "default",
+        "--upstream",
+        upstream or dep.mock_url,
+        "--credentials-file",
+        "-",
+        stdin=json.dumps({"secret_key": MOCK_SECRET}),
+    )
     dep.agent_token = json.loads(dep.cli("agent", "create", "bot", "--label", "team=ads").stdout)["token"]
     return dep
 

@@ -17,10 +17,15 @@ from tests.e2e.conftest import MOCK_SECRET, Deployment, make_deployment
 pytestmark = pytest.mark.e2e
 
 
-def raw(dep: Deployment, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-        ) -> tuple[int, dict[str, str], Any]:
-    request = urllib.request.Request(dep.agent_url + path, data=body or None, method=method, headers={
-        "Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+def raw(
+    dep: Deployment, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    request = urllib.request.Request(
+        dep.agent_url + path,
+        data=body or None,
+        method=method,
+        headers={"Content-Type": "application/x-www-form-urlencoded", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, dict(resp.headers), json.loads(resp.read())
@@ -39,7 +44,10 @@ def test_allowed_payment_is_forwarded_with_the_owner_key(deployment: Deployment,
     assert status == 200 and spend["data"][0]["amount"] == 1500
     confirmed = stripe_sdk.PaymentIntent.confirm(intent.id)
     assert confirmed.status == "succeeded"
-    assert deployment.owner_api("GET", f"/v1/agents/{_agent_id(deployment)}/spend")[1]["data"][0]["amount"] == 1500
+    assert (
+        deployment.owner_api("GET", f"/v1/agents/{_agent_id(deployment)}/spend")[1]["data"][0]["amount"]
+        == 1500
+    )
 
 
 def test_denied_payment_raises_the_sdk_error_naming_the_rule(deployment: Deployment, stripe_sdk: Any) -> None:
@@ -72,7 +80,11 @@ def test_hold_then_cli_approval_forwards_exactly_once(deployment: Deployment, st
     assert len(deployment.mock_payments()) == 1
     events = deployment.owner_api("GET", "/v1/events")[1]["data"]
     assert [e["type"] for e in events if e["authorization_id"]][-4:] == [
-        "authorization.held", "approval.approved", "authorization.forwarding", "authorization.settled"]
+        "authorization.held",
+        "approval.approved",
+        "authorization.forwarding",
+        "authorization.settled",
+    ]
     assert next(e for e in events if e["type"] == "approval.approved")["actor"] == "cli"
 
 
@@ -93,11 +105,15 @@ def test_denied_and_expired_holds_stay_refused_and_release(deployment: Deploymen
     with pytest.raises(stripe.error.CardError) as caught:
         stripe_sdk.PaymentIntent.create(amount=7000, currency="usd", idempotency_key="let-expire")
     assert caught.value.code == "approval_expired"
-    assert deployment.owner_api("GET", f"/v1/agents/{_agent_id(deployment)}/spend")[1]["data"][0]["amount"] == 0
+    assert (
+        deployment.owner_api("GET", f"/v1/agents/{_agent_id(deployment)}/spend")[1]["data"][0]["amount"] == 0
+    )
     assert deployment.mock_payments() == []
 
 
-def test_fifty_concurrent_payments_forward_exactly_the_daily_limit(deployment: Deployment, stripe_sdk: Any) -> None:
+def test_fifty_concurrent_payments_forward_exactly_the_daily_limit(
+    deployment: Deployment, stripe_sdk: Any
+) -> None:
     def pay(i: int) -> str:
         try:
             return stripe_sdk.PaymentIntent.create(amount=1000, currency="usd").id
@@ -117,10 +133,13 @@ def test_fifty_concurrent_payments_forward_exactly_the_daily_limit(deployment: D
 
 def test_provider_refusal_releases_the_reservation(deployment: Deployment, stripe_sdk: Any) -> None:
     with pytest.raises(stripe.error.CardError) as caught:
-        stripe_sdk.PaymentIntent.create(amount=2000, currency="usd", payment_method="pm_card_chargeDeclined",
-                                        confirm=True)
+        stripe_sdk.PaymentIntent.create(
+            amount=2000, currency="usd", payment_method="pm_card_chargeDeclined", confirm=True
+        )
     assert caught.value.code == "card_declined"  # the provider's own error, relayed unchanged
-    assert deployment.owner_api("GET", f"/v1/agents/{_agent_id(deployment)}/spend")[1]["data"][0]["amount"] == 0
+    assert (
+        deployment.owner_api("GET", f"/v1/agents/{_agent_id(deployment)}/spend")[1]["data"][0]["amount"] == 0
+    )
 
 
 def test_reads_safe_writes_and_refunds(deployment: Deployment, stripe_sdk: Any) -> None:
@@ -131,7 +150,9 @@ def test_reads_safe_writes_and_refunds(deployment: Deployment, stripe_sdk: Any) 
     assert refund.amount == 2500
     auths = deployment.owner_api("GET", "/v1/authorizations")[1]["data"]
     assert {(a["operation"], a["amount"], a["state"]) for a in auths} == {
-        ("charge", 2500, "settled"), ("refund", 2500, "settled")}
+        ("charge", 2500, "settled"),
+        ("refund", 2500, "settled"),
+    }
 
 
 def test_idempotency_key_reused_with_another_body(deployment: Deployment, stripe_sdk: Any) -> None:
@@ -145,18 +166,52 @@ def test_bad_requests_get_clear_errors_and_change_nothing(deployment: Deployment
     auth = {"Authorization": f"Bearer {deployment.agent_token}"}
     cases = [
         (raw(deployment, "POST", "/v1/payment_intents", b"amount=1", {}), 401, "invalid_api_key"),
-        (raw(deployment, "POST", "/v1/payment_intents", b"amount=1",
-             {"Authorization": "Bearer " + deployment.agent_token[:-3] + "abc"}), 401, "invalid_api_key"),
-        (raw(deployment, "POST", "/v1/payment_intents", b"amount=1",
-             {"Authorization": "Bearer sk_live_notours"}), 401, "invalid_api_key"),
-        (raw(deployment, "POST", "/v1/payment_intents", b"amount=ten&currency=usd", auth), 400, "parameter_invalid"),
-        (raw(deployment, "POST", "/v1/payment_intents", b"amount=1&amount=2&currency=usd", auth), 400,
-         "parameter_invalid"),
+        (
+            raw(
+                deployment,
+                "POST",
+                "/v1/payment_intents",
+                b"amount=1",
+                {"Authorization": "Bearer " + deployment.agent_token[:-3] + "abc"},
+            ),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            raw(
+                deployment,
+                "POST",
+                "/v1/payment_intents",
+                b"amount=1",
+                {"Authorization": "Bearer sk_live_notours"},
+            ),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            raw(deployment, "POST", "/v1/payment_intents", b"amount=ten&currency=usd", auth),
+            400,
+            "parameter_invalid",
+        ),
+        (
+            raw(deployment, "POST", "/v1/payment_intents", b"amount=1&amount=2&currency=usd", auth),
+            400,
+            "parameter_invalid",
+        ),
         (raw(deployment, "POST", "/v1/payment_intents", b"%ff%fe=1", auth), 400, "parameter_invalid"),
         (raw(deployment, "GET", "/admin/secrets", b"", auth), 404, "resource_missing"),
         (raw(deployment, "POST", "/v1/subscriptions", b"customer=cus_1", auth), 402, "unrecognized_write"),
-        (raw(deployment, "POST", "/v1/payment_intents", b"amount=1&currency=usd",
-             {**auth, "Stripe-Account": "acct_other"}), 400, "parameter_invalid"),
+        (
+            raw(
+                deployment,
+                "POST",
+                "/v1/payment_intents",
+                b"amount=1&currency=usd",
+                {**auth, "Stripe-Account": "acct_other"},
+            ),
+            400,
+            "parameter_invalid",
+        ),
         (raw(deployment, "GET", "/v1/customers/..%2f..%2fadmin", b"", auth), 400, "parameter_invalid"),
     ]
     for (status, headers, body), want_status, want_code in cases:
@@ -193,8 +248,11 @@ def test_against_a_separate_stripe_compatible_server(tmp_path: Path) -> None:
     from tests.e2e.conftest import free_port
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "proxy", "mock-provider", "--listen", f"127.0.0.1:{port}"],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "mock-provider", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout is not None and "listening" in server.stdout.readline()
         dep = make_deployment(tmp_path, provider="stripe", upstream=f"http://127.0.0.1:{port}")

@@ -29,16 +29,34 @@ async def seeded(path: Path) -> SqliteStore:
     await store.open()
     if await store.get_owner("own_1") is None:
         await store.create_owner(OwnerRecord("own_1", "acme", "hash", 1.0))
-        await store.add_connection(ConnectionRecord("conn_1", "own_1", "mock", "default", "http://x", b"sealed", 1.0))
+        await store.add_connection(
+            ConnectionRecord("conn_1", "own_1", "mock", "default", "http://x", b"sealed", 1.0)
+        )
         await store.create_agent(AgentRecord("agt_1", "own_1", "conn_1", "bot", {}, "hash", 1.0))
     return store
 
 
 def new(key: str, decision: str = "allow", charges: tuple[Charge, ...] = (LIMIT,), **kw) -> NewAuthorization:
-    fields = dict(id=f"auth_{key}", owner_id="own_1", agent_id="agt_1", idempotency_key=key, request_hash="h",
-                  provider="mock", operation="payment_intent", amount=1000, currency="usd", destination="",
-                  payment={}, decision=decision, rule="default", policy="p", message="m", revision="r",
-                  charges=charges, lease_expires_at=time.time() + 60)
+    fields = dict(
+        id=f"auth_{key}",
+        owner_id="own_1",
+        agent_id="agt_1",
+        idempotency_key=key,
+        request_hash="h",
+        provider="mock",
+        operation="payment_intent",
+        amount=1000,
+        currency="usd",
+        destination="",
+        payment={},
+        decision=decision,
+        rule="default",
+        policy="p",
+        message="m",
+        revision="r",
+        charges=charges,
+        lease_expires_at=time.time() + 60,
+    )
     fields.update(kw)
     return NewAuthorization(**fields)
 
@@ -63,7 +81,9 @@ def _race_worker(path: str, worker: int, n: int, out: multiprocessing.Queue) -> 
     async def run() -> int:
         store = SqliteStore(path)
         await store.open()
-        results = await asyncio.gather(*(store.record_decision(new(f"w{worker}-{i}"), time.time()) for i in range(n)))
+        results = await asyncio.gather(
+            *(store.record_decision(new(f"w{worker}-{i}"), time.time()) for i in range(n))
+        )
         await store.close()
         return sum(r.record.state == "forwarding" for r in results)
 
@@ -99,8 +119,12 @@ async def test_settle_keeps_and_fail_releases(tmp_path: Path) -> None:
     assert await spent(store) == (1000, 1)
     assert (await store.find_by_provider_ref("own_1", "pi_1")).id == a.id
     types = [e.type for e in await store.list_events("own_1", 0, 100)]
-    assert types[-4:] == ["authorization.forwarding", "authorization.forwarding", "authorization.settled",
-                          "authorization.failed"]
+    assert types[-4:] == [
+        "authorization.forwarding",
+        "authorization.forwarding",
+        "authorization.settled",
+        "authorization.failed",
+    ]
     await store.close()
 
 

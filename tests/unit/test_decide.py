@@ -25,8 +25,15 @@ def policies(tmp_path: Path, *texts: str):
 
 
 def pay(amount: int = 1000, currency: str = "usd", operation: str = "payment_intent", **kw) -> Payment:
-    return Payment(provider="stripe", operation=operation, amount=amount, currency=currency, method="POST",
-                   path="/v1/payment_intents", **kw)
+    return Payment(
+        provider="stripe",
+        operation=operation,
+        amount=amount,
+        currency=currency,
+        method="POST",
+        path="/v1/payment_intents",
+        **kw,
+    )
 
 
 BASIC = """
@@ -79,60 +86,79 @@ def test_operation_filter_and_currency_select_limits(tmp_path: Path) -> None:
 
 
 def test_policy_default_deny(tmp_path: Path) -> None:
-    ps = policies(tmp_path, """
+    ps = policies(
+        tmp_path,
+        """
         name: strict
         default: deny
         rules:
           - {name: small, effect: allow, when: payment.amount <= 100}
-    """)
+    """,
+    )
     assert decide(ps, ENGINE, pay(100), AGENT, {}, NOW).outcome == "allow"
     denied = decide(ps, ENGINE, pay(101), AGENT, {}, NOW)
     assert (denied.outcome, denied.rule, denied.policy) == ("deny", "default", "strict")
 
 
 def test_unrecognized_write_needs_an_explicit_allow(tmp_path: Path) -> None:
-    odd = Payment(provider="stripe", operation="unrecognized", amount=0, currency="", method="POST",
-                  path="/v1/subscriptions")
+    odd = Payment(
+        provider="stripe",
+        operation="unrecognized",
+        amount=0,
+        currency="",
+        method="POST",
+        path="/v1/subscriptions",
+    )
     ps = policies(tmp_path, "name: plain\nrules: []\n")
     denied = decide(ps, ENGINE, odd, AGENT, {}, NOW)
     assert (denied.outcome, denied.rule) == ("deny", "unrecognized_write")
     assert "/v1/subscriptions" in denied.message
     (tmp_path / "p1.yaml").write_text(
-        "name: subs\nrules:\n  - {name: subs_ok, effect: allow, when: 'request.path == \"/v1/subscriptions\"'}\n")
+        "name: subs\nrules:\n  - {name: subs_ok, effect: allow, when: 'request.path == \"/v1/subscriptions\"'}\n"
+    )
     allowed = decide(load_policy_set(tmp_path, ENGINE), ENGINE, odd, AGENT, {}, NOW)
     assert (allowed.outcome, allowed.rule) == ("allow", "subs_ok")
 
 
 def test_evaluation_error_fails_closed(tmp_path: Path) -> None:
-    ps = policies(tmp_path, """
+    ps = policies(
+        tmp_path,
+        """
         name: meta
         rules:
           - {name: purpose, effect: hold, when: 'payment.metadata["purpose"] == "ads"'}
-    """)
+    """,
+    )
     decision = decide(ps, ENGINE, pay(100), AGENT, {}, NOW)
     assert (decision.outcome, decision.rule) == ("deny", "purpose")
     assert "could not be evaluated" in decision.message
 
 
 def test_rules_read_spend_so_far(tmp_path: Path) -> None:
-    ps = policies(tmp_path, """
+    ps = policies(
+        tmp_path,
+        """
         name: pace
         limits:
           - {name: daily, window: day, currency: usd, max_amount: 10000}
         rules:
           - {name: pace, effect: hold, when: spend.daily.amount + payment.amount > 8000}
-    """)
+    """,
+    )
     assert ps.uses_spend
     assert decide(ps, ENGINE, pay(1000), AGENT, {"daily": SpendTotal(7500, 3)}, NOW).outcome == "hold"
     assert decide(ps, ENGINE, pay(1000), AGENT, {"daily": SpendTotal(1000, 1)}, NOW).outcome == "allow"
 
 
 def test_policies_apply_by_agent_label(tmp_path: Path) -> None:
-    ps = policies(tmp_path, """
+    ps = policies(
+        tmp_path,
+        """
         name: finance_only
         applies_to: {labels: {team: finance}}
         rules: []
-    """)
+    """,
+    )
     decision = decide(ps, ENGINE, pay(100), AGENT, {}, NOW)
     assert (decision.outcome, decision.rule) == ("deny", "no_policy")
 
@@ -142,12 +168,15 @@ def test_already_counted_calls_reserve_nothing(tmp_path: Path) -> None:
     assert decide(policies(tmp_path, BASIC), ENGINE, confirm, AGENT, {}, NOW).charges == ()
 
 
-@pytest.mark.parametrize(("window", "tz", "expected"), [
-    ("day", "UTC", "day:2026-11-22"),
-    ("day", "Pacific/Kiritimati", "day:2026-11-23"),
-    ("week", "UTC", "week:2026-W47"),
-    ("month", "America/New_York", "month:2026-11"),
-])
+@pytest.mark.parametrize(
+    ("window", "tz", "expected"),
+    [
+        ("day", "UTC", "day:2026-11-22"),
+        ("day", "Pacific/Kiritimati", "day:2026-11-23"),
+        ("week", "UTC", "week:2026-W47"),
+        ("month", "America/New_York", "month:2026-11"),
+    ],
+)
 def test_periods_follow_the_policy_time_zone(window: str, tz: str, expected: str) -> None:
     assert period_of(window, NOW, tz) == expected
 
@@ -155,6 +184,8 @@ def test_periods_follow_the_policy_time_zone(window: str, tz: str, expected: str
 def test_limit_messages_say_what_was_spent() -> None:
     charge = Charge("daily", "day:2026-11-22", "usd", 1000, 10000, None)
     text = limit_exceeded_message(charge, SpendTotal(9500, 9))
-    assert text == ("budget of 100.00 USD per day; 95.00 USD already spent or reserved, this payment is 10.00 USD")
+    assert text == (
+        "budget of 100.00 USD per day; 95.00 USD already spent or reserved, this payment is 10.00 USD"
+    )
     counted = Charge("daily", "day:2026-11-22", "usd", 1, None, 3)
     assert "at most 3 payments per day" in limit_exceeded_message(counted, SpendTotal(3, 3))

@@ -21,20 +21,32 @@ def problems_of(tmp_path: Path, text: str) -> list[str]:
     return caught.value.problems
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("rules: [\n", "not valid YAML"),
-    ("rulez: []\n", "unknown field 'rulez'"),
-    ("rules:\n  - {name: a, effect: deny, when: 'paymnet.amount > 1'}\n", "undeclared reference to 'paymnet"),
-    ("rules:\n  - {name: a, effect: deny, when: 'payment.amount > \"10\"'}\n", "no matching overload"),
-    ("rules:\n  - {name: a, effect: deny, when: 'payment.amount'}\n", "must give a bool"),
-    ("rules:\n  - {name: a, effect: deny, when: 'lowercase(payment.currency) == \"usd\"'}\n", "undeclared reference"),
-    ("rules:\n  - {name: a, effect: block, when: 'true'}\n", "effect must be one of"),
-    ("rules:\n  - {name: Bad-Name, effect: deny, when: 'true'}\n", "must be lowercase"),
-    ("limits:\n  - {name: d, window: year, currency: usd, max_amount: 1}\n", "window must be one of"),
-    ("limits:\n  - {name: d, window: day, currency: usd, max_amount: 10.5}\n", "whole number of minor units"),
-    ("limits:\n  - {name: d, window: day, currency: usd}\n", "needs max_amount"),
-    ("timezone: Mars/Olympus\n", "unknown time zone"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rules: [\n", "not valid YAML"),
+        ("rulez: []\n", "unknown field 'rulez'"),
+        (
+            "rules:\n  - {name: a, effect: deny, when: 'paymnet.amount > 1'}\n",
+            "undeclared reference to 'paymnet",
+        ),
+        ("rules:\n  - {name: a, effect: deny, when: 'payment.amount > \"10\"'}\n", "no matching overload"),
+        ("rules:\n  - {name: a, effect: deny, when: 'payment.amount'}\n", "must give a bool"),
+        (
+            "rules:\n  - {name: a, effect: deny, when: 'lowercase(payment.currency) == \"usd\"'}\n",
+            "undeclared reference",
+        ),
+        ("rules:\n  - {name: a, effect: block, when: 'true'}\n", "effect must be one of"),
+        ("rules:\n  - {name: Bad-Name, effect: deny, when: 'true'}\n", "must be lowercase"),
+        ("limits:\n  - {name: d, window: year, currency: usd, max_amount: 1}\n", "window must be one of"),
+        (
+            "limits:\n  - {name: d, window: day, currency: usd, max_amount: 10.5}\n",
+            "whole number of minor units",
+        ),
+        ("limits:\n  - {name: d, window: day, currency: usd}\n", "needs max_amount"),
+        ("timezone: Mars/Olympus\n", "unknown time zone"),
+    ],
+)
 def test_each_broken_policy_gets_one_precise_message(tmp_path: Path, text: str, expected: str) -> None:
     problems = problems_of(tmp_path, text)
     assert len(problems) == 1, problems
@@ -43,7 +55,9 @@ def test_each_broken_policy_gets_one_precise_message(tmp_path: Path, text: str, 
 
 
 def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
-    problems = problems_of(tmp_path, """
+    problems = problems_of(
+        tmp_path,
+        """
         name: many
         rules:
           - name: first
@@ -52,15 +66,20 @@ def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
           - name: second
             effect: hold
             when: payment.amount > "1"
-    """)
+    """,
+    )
     assert len(problems) == 2
     assert ":6: rule first:" in problems[0]
     assert ":9: rule second:" in problems[1]
 
 
 def test_duplicate_names_across_files(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text("name: same\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n")
-    (tmp_path / "b.yaml").write_text("name: same\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n")
+    (tmp_path / "a.yaml").write_text(
+        "name: same\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "name: same\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n"
+    )
     with pytest.raises(PolicyError) as caught:
         load_policy_set(tmp_path, ENGINE)
     text = "\n".join(caught.value.problems)

@@ -21,19 +21,28 @@ def classify(path: str, params: dict[str, str] | str, method: str = "POST"):
 
 
 def test_bracketed_keys_become_nested_values() -> None:
-    parsed = parse_form(b"a=1&metadata[purpose]=ads&metadata[k]=&items[0][price]=p1&items[1][price]=p2"
-                        b"&expand[]=x&expand[]=y&transfer_data[destination]=acct_1")
-    assert parsed == {"a": "1", "metadata": {"purpose": "ads", "k": ""},
-                      "items": [{"price": "p1"}, {"price": "p2"}], "expand": ["x", "y"],
-                      "transfer_data": {"destination": "acct_1"}}
+    parsed = parse_form(
+        b"a=1&metadata[purpose]=ads&metadata[k]=&items[0][price]=p1&items[1][price]=p2"
+        b"&expand[]=x&expand[]=y&transfer_data[destination]=acct_1"
+    )
+    assert parsed == {
+        "a": "1",
+        "metadata": {"purpose": "ads", "k": ""},
+        "items": [{"price": "p1"}, {"price": "p2"}],
+        "expand": ["x", "y"],
+        "transfer_data": {"destination": "acct_1"},
+    }
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    (b"amount=1&amount=2", "amount"),
-    (b"metadata=x&metadata[k]=v", "metadata[k]"),
-    (b"a]b=1", "a]b"),
-    (b"a[[b]=1", "a[[b]"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"amount=1&amount=2", "amount"),
+        (b"metadata=x&metadata[k]=v", "metadata[k]"),
+        (b"a]b=1", "a]b"),
+        (b"a[[b]=1", "a[[b]"),
+    ],
+)
 def test_ambiguous_bodies_are_refused_with_the_parameter(body: bytes, param: str) -> None:
     with pytest.raises(BadRequest) as caught:
         parse_form(body)
@@ -41,30 +50,75 @@ def test_ambiguous_bodies_are_refused_with_the_parameter(body: bytes, param: str
 
 
 def test_payment_intent_is_normalized() -> None:
-    call = classify("/v1/payment_intents", {"amount": "2000", "currency": "USD", "customer": "cus_1",
-                                            "transfer_data[destination]": "acct_9", "metadata[purpose]": "ads",
-                                            "description": "ads"})
+    call = classify(
+        "/v1/payment_intents",
+        {
+            "amount": "2000",
+            "currency": "USD",
+            "customer": "cus_1",
+            "transfer_data[destination]": "acct_9",
+            "metadata[purpose]": "ads",
+            "description": "ads",
+        },
+    )
     p = call.payment
     assert call.kind == "payment" and p is not None
     assert (p.operation, p.amount, p.currency, p.destination, p.customer) == (
-        "payment_intent", 2000, "usd", "acct_9", "cus_1")
+        "payment_intent",
+        2000,
+        "usd",
+        "acct_9",
+        "cus_1",
+    )
     assert p.metadata == {"purpose": "ads"}
     assert p.params["transfer_data"] == {"destination": "acct_9"}
 
 
-@pytest.mark.parametrize(("path", "params", "operation", "amount", "destination"), [
-    ("/v1/charges", {"amount": "500", "currency": "usd", "destination[account]": "acct_2"}, "charge", 500, "acct_2"),
-    ("/v1/transfers", {"amount": "700", "currency": "usd", "destination": "acct_3"}, "transfer", 700, "acct_3"),
-    ("/v1/payouts", {"amount": "900", "currency": "usd", "destination": "ba_1"}, "payout", 900, "ba_1"),
-    ("/v1/refunds", {"charge": "ch_1", "amount": "100"}, "refund", 100, "ch_1"),
-    ("/v1/issuing/cards", {"currency": "usd", "cardholder": "ich_1", "type": "virtual",
-                           "spending_controls[spending_limits][0][amount]": "5000",
-                           "spending_controls[spending_limits][0][interval]": "all_time"},
-     "issuing_card", 5000, "ich_1"),
-    ("/v1/payment_intents/pi_123/capture", {"amount_to_capture": "300"}, "payment_intent.capture", 300, ""),
-    ("/v1/payment_intents/pi_123/confirm", {}, "payment_intent.confirm", 0, ""),
-])
-def test_money_routes(path: str, params: dict[str, str], operation: str, amount: int, destination: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "params", "operation", "amount", "destination"),
+    [
+        (
+            "/v1/charges",
+            {"amount": "500", "currency": "usd", "destination[account]": "acct_2"},
+            "charge",
+            500,
+            "acct_2",
+        ),
+        (
+            "/v1/transfers",
+            {"amount": "700", "currency": "usd", "destination": "acct_3"},
+            "transfer",
+            700,
+            "acct_3",
+        ),
+        ("/v1/payouts", {"amount": "900", "currency": "usd", "destination": "ba_1"}, "payout", 900, "ba_1"),
+        ("/v1/refunds", {"charge": "ch_1", "amount": "100"}, "refund", 100, "ch_1"),
+        (
+            "/v1/issuing/cards",
+            {
+                "currency": "usd",
+                "cardholder": "ich_1",
+                "type": "virtual",
+                "spending_controls[spending_limits][0][amount]": "5000",
+                "spending_controls[spending_limits][0][interval]": "all_time",
+            },
+            "issuing_card",
+            5000,
+            "ich_1",
+        ),
+        (
+            "/v1/payment_intents/pi_123/capture",
+            {"amount_to_capture": "300"},
+            "payment_intent.capture",
+            300,
+            "",
+        ),
+        ("/v1/payment_intents/pi_123/confirm", {}, "payment_intent.confirm", 0, ""),
+    ],
+)
+def test_money_routes(
+    path: str, params: dict[str, str], operation: str, amount: int, destination: str
+) -> None:
     p = classify(path, params).payment
     assert p is not None
     assert (p.operation, p.amount, p.destination) == (operation, amount, destination)
@@ -83,14 +137,17 @@ def test_unknown_writes_are_unrecognized_not_forwarded() -> None:
     assert p is not None and p.operation == "unrecognized"
 
 
-@pytest.mark.parametrize(("params", "param"), [
-    ({"currency": "usd"}, "amount"),
-    ({"amount": "10.5", "currency": "usd"}, "amount"),
-    ({"amount": "-5", "currency": "usd"}, "amount"),
-    ({"amount": "100"}, "currency"),
-    ({"amount": "100", "currency": "dollars"}, "currency"),
-    ({"amount": "100", "currency": "usd", "metadata": "x"}, "metadata"),
-])
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"currency": "usd"}, "amount"),
+        ({"amount": "10.5", "currency": "usd"}, "amount"),
+        ({"amount": "-5", "currency": "usd"}, "amount"),
+        ({"amount": "100"}, "currency"),
+        ({"amount": "100", "currency": "dollars"}, "currency"),
+        ({"amount": "100", "currency": "usd", "metadata": "x"}, "metadata"),
+    ],
+)
 def test_bad_payments_name_the_parameter(params: dict[str, str], param: str) -> None:
     with pytest.raises(BadRequest) as caught:
         classify("/v1/payment_intents", params)
