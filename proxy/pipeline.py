@@ -14,6 +14,8 @@ with its audit event before the agent hears of it. Any failure of the store or t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import time
@@ -117,6 +119,19 @@ class Pipeline:
                         exc.message,
                         exc.param,
                         retry=exc.status in (409, 502, 503),
+                    )
+                )
+            except Exception:  # anything unforeseen fails closed, in the provider's shape
+                log.exception("unexpected error; the call is refused")
+                span.set_status(Status(StatusCode.ERROR, "internal"))
+                return _reply(
+                    adapter.error(
+                        500,
+                        "api",
+                        "paysentry_internal_error",
+                        "PaySentry failed to process this call; "
+                        "nothing was forwarded unless the provider's answer says so.",
+                        retry=False,
                     )
                 )
 
@@ -384,9 +399,6 @@ def _token(request: web.Request) -> str | None:
     if scheme.lower() == "bearer":
         return value.strip() or None
     if scheme.lower() == "basic":
-        import base64
-        import binascii
-
         try:
             return base64.b64decode(value).decode().split(":", 1)[0] or None
         except (binascii.Error, UnicodeDecodeError):

@@ -301,16 +301,8 @@ class SqliteStore:
                 (FORWARDING, lease_expires_at, now, authorization_id, APPROVED),
             )
             if cur.rowcount:
-                owner, agent = _owner_agent(db, authorization_id)
-                _event(
-                    db,
-                    owner,
-                    agent,
-                    authorization_id,
-                    "authorization.forwarding",
-                    "agent",
-                    {"after": "approval"},
-                    now,
+                _authorization_event(
+                    db, authorization_id, "authorization.forwarding", "agent", {"after": "approval"}, now
                 )
             return bool(cur.rowcount)
 
@@ -326,11 +318,8 @@ class SqliteStore:
                 (SETTLED, provider_ref, status, body, now, authorization_id, FORWARDING),
             )
             if cur.rowcount:
-                owner, agent = _owner_agent(db, authorization_id)
-                _event(
+                _authorization_event(
                     db,
-                    owner,
-                    agent,
                     authorization_id,
                     "authorization.settled",
                     "provider",
@@ -711,8 +700,13 @@ def _event(
     )
 
 
-def _owner_agent(db: sqlite3.Connection, auth_id: str) -> tuple[str, str]:
-    return db.execute("SELECT owner_id, agent_id FROM authorizations WHERE id=?", (auth_id,)).fetchone()
+def _authorization_event(
+    db: sqlite3.Connection, auth_id: str, kind: str, actor: str, data: dict[str, Any], now: float
+) -> None:
+    owner, agent = db.execute(
+        "SELECT owner_id, agent_id FROM authorizations WHERE id=?", (auth_id,)
+    ).fetchone()
+    _event(db, owner, agent, auth_id, kind, actor, data, now)
 
 
 def _charge_json(c: Charge) -> dict[str, Any]:
