@@ -68,6 +68,7 @@ class MockProvider:
         self.requests: list[dict[str, Any]] = []
         self.objects: dict[str, dict[str, Any]] = {}
         self._idempotent: dict[str, tuple[str, int, bytes]] = {}
+        self._in_flight: set[str] = set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -131,14 +132,25 @@ class MockProvider:
                 content_type="application/json",
                 headers={"Idempotent-Replayed": "true"},
             )
-        delay = (
-            params.get("metadata", {}).get("mock_delay_ms")
-            if isinstance(params.get("metadata"), dict)
-            else None
-        )
-        if delay and str(delay).isdigit():
-            await asyncio.sleep(int(delay) / 1000)
-        response = self._route(request.method, request.path, params)
+        if key and request.method == "POST" and key in self._in_flight:
+            record["status"] = 409
+            self.requests.append(record)
+            return _error(
+                409,
+                "idempotency_error",
+                "There is currently another in-progress request using this "
+                f"Idempotent Key: {key}. Please try again later.",
+            )
+        if key and request.method == "POST":
+            self._in_flight.add(key)
+        try:
+            metadata = params.get("metadata")
+            delay = metadata.get("mock_delay_ms") if isinstance(metadata, dict) else None
+            if delay and str(delay).isdigit():
+                await asyncio.sleep(int(delay) / 1000)
+            response = self._route(request.method, request.path, params)
+        finally:
+            self._in_flight.discard(key or "")
         record["status"] = response.status
         self.requests.append(record)
         if key and request.method == "POST":

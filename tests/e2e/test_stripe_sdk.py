@@ -285,3 +285,27 @@ def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
             return
         time.sleep(0.1)  # the sweep runs on its own schedule; poll its visible result
     raise AssertionError("condition not reached in time")
+
+
+def test_timeout_releases_and_a_retry_with_the_same_key_counts_once(
+    deployment: Deployment, stripe_sdk: Any
+) -> None:
+    slow = {
+        "amount": 1000,
+        "currency": "usd",
+        "metadata": {"mock_delay_ms": "3500"},
+        "idempotency_key": "slow-1",
+    }
+    with pytest.raises(stripe.error.APIError) as caught:  # upstream_timeout is 3 s in the test deployment
+        stripe_sdk.PaymentIntent.create(**slow)
+    assert caught.value.http_status == 502
+    assert caught.value.headers["stripe-should-retry"] == "true"
+    agent = _agent_id(deployment)
+    assert deployment.owner_api("GET", f"/v1/agents/{agent}/spend")[1]["data"][0]["amount"] == 0  # released
+    # The SDK's own retries (409 while the provider still works on the key, then the provider's replay).
+    stripe_sdk.max_network_retries = 8
+    intent = stripe_sdk.PaymentIntent.create(**slow)
+    assert intent.amount == 1000
+    assert len(deployment.mock_payments()) == 1  # executed once at the provider
+    spend = deployment.owner_api("GET", f"/v1/agents/{agent}/spend")[1]["data"][0]
+    assert (spend["amount"], spend["count"]) == (1000, 1)  # counted once
