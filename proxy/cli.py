@@ -6,12 +6,15 @@
     paysentry provider add --name N --provider P [--upstream URL] --credentials-file F|-
     paysentry agent create NAME [--label k=v] [--connection N]   prints the agent's token once
     paysentry agent list | agent revoke ID
-    paysentry policy check DIR
+    paysentry policy check DIR...                  load and type-check (exit 3 when invalid)
+    paysentry policy test DIR... [--coverage]      run *_test.yaml beside the policies (exit 4 on failure)
+    paysentry policy replay DIR --since 7d         which recorded decisions a candidate set would change
     paysentry approvals list [--state S] | show ID | approve ID | deny ID [--reason R]
     paysentry mock-provider [--listen HOST:PORT]
 
 Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
-Exit codes: 0 done, 1 refused (not found, conflict), 2 usage or configuration error, 3 invalid policy.
+Exit codes: 0 done, 1 refused (not found, conflict), 2 usage or configuration error, 3 invalid policy,
+4 a policy test failed.
 """
 
 from __future__ import annotations
@@ -74,9 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--owner")
 
     policy = sub.add_parser("policy").add_subparsers(dest="action", required=True)
-    check = policy.add_parser("check", help="load and type-check a policy directory")
-    check.add_argument("dir")
-    check.add_argument("--engine", default=None)
+    check = policy.add_parser("check", help="load and type-check policy directories")
+    check.add_argument("dirs", nargs="+", metavar="DIR")
+    check.add_argument("--engine", default=None, help="cel-expr-python, cel-python or all")
+    test = policy.add_parser("test", help="run the *_test.yaml files beside the policies")
+    test.add_argument("dirs", nargs="+", metavar="DIR")
+    test.add_argument("--engine", default=None, help="cel-expr-python, cel-python or all")
+    test.add_argument("--coverage", action="store_true", help="list rules and limits no test exercises")
+    rerun = policy.add_parser("replay", help="re-decide recorded history under a candidate policy set")
+    rerun.add_argument("dir")
+    rerun.add_argument("--since", default="7d", help="how far back, e.g. 24h or 7d")
+    rerun.add_argument("--owner")
+    rerun.add_argument("--engine", default=None)
 
     approvals = sub.add_parser("approvals").add_subparsers(dest="action", required=True)
     listing = approvals.add_parser("list")
@@ -97,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "policy":
-            return _policy_check(args)
+        if args.command == "policy" and args.action in ("check", "test"):
+            return _policy_check(args) if args.action == "check" else _policy_test(args)
         if args.command == "keygen":
             return _keygen(Path(args.file))
         if args.command == "mock-provider":
@@ -222,26 +234,60 @@ def _keygen(path: Path) -> int:
     return 0
 
 
+def _engines(args: argparse.Namespace) -> list[Any]:
+    from proxy.policy.engine import ENGINES, make_engine
+
+    name = args.engine
+    if name is None:
+        try:
+            name = load_settings(args.config).engine if Path(args.config).exists() else "cel-expr-python"
+        except ConfigError:
+            name = "cel-expr-python"
+    return [make_engine(n) for n in (ENGINES if name == "all" else [name])]
+
+
 def _policy_check(args: argparse.Namespace) -> int:
-    from proxy.policy.engine import make_engine
     from proxy.policy.loader import load_policy_set
 
-    engine_name = args.engine
-    if engine_name is None:
-        try:
-            engine_name = (
-                load_settings(args.config).engine if Path(args.config).exists() else "cel-expr-python"
+    for engine in _engines(args):
+        for directory in args.dirs:
+            ps = load_policy_set(directory, engine)
+            rules = sum(len(p.rules) for p in ps.policies)
+            limits = sum(len(p.limits) for p in ps.policies)
+            print(
+                f"ok: {directory}: {len(ps.policies)} policies, {rules} rules, {limits} limits "
+                f"(revision {ps.revision}, engine {ps.engine})"
             )
-        except ConfigError:
-            engine_name = "cel-expr-python"
-    policy_set = load_policy_set(args.dir, make_engine(engine_name))
-    rules = sum(len(p.rules) for p in policy_set.policies)
-    limits = sum(len(p.limits) for p in policy_set.policies)
-    print(
-        f"ok: {len(policy_set.policies)} policies, {rules} rules, {limits} limits "
-        f"(revision {policy_set.revision}, engine {policy_set.engine})"
-    )
     return 0
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from proxy.policy.testing import run_directory
+
+    passed = failed = 0
+    invalid = False
+    for engine in _engines(args):
+        for directory in args.dirs:
+            try:
+                report = run_directory(directory, engine)
+            except PolicyError as exc:
+                print(f"INVALID {directory} ({engine.name}):\n  " + "\n  ".join(exc.problems))
+                invalid = True
+                continue
+            for result in report.failed:
+                print(f"FAIL {result.file} :: {result.name} ({engine.name})\n     {result.detail}")
+            ok = len(report.results) - len(report.failed)
+            passed, failed = passed + ok, failed + len(report.failed)
+            print(f"{directory} ({engine.name}): {ok} passed, {len(report.failed)} failed")
+            if args.coverage:
+                missing = report.unexercised()
+                print(
+                    "  coverage: every rule and limit is exercised"
+                    if not missing
+                    else "  coverage: not exercised by any test: " + ", ".join(missing)
+                )
+    print(f"{passed} passed, {failed} failed")
+    return 3 if invalid else 4 if failed else 0
 
 
 # -- commands on the store ----------------------------------------------------------------------------------
@@ -353,7 +399,28 @@ async def _approvals_decide(ctx: _Context, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _policy_replay(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.durations import parse_duration
+    from proxy.policy.loader import load_policy_set
+    from proxy.policy.replay import replay
+
+    engine = _engines(args)[0]
+    candidate = load_policy_set(args.dir, engine)
+    owner_id = (await ctx.service.owner_named(args.owner)).id if args.owner else None
+    history = await ctx.store.history(time.time() - parse_duration(args.since), owner_id)
+    agents = {a.id: a for o in await ctx.store.list_owners() for a in await ctx.store.list_agents(o.id)}
+    count, changes = replay(history, agents, candidate, engine)
+    print(
+        f"replayed {count} decisions since {args.since} under {candidate.revision} ({engine.name}): "
+        f"{len(changes)} would change"
+    )
+    for change in changes:
+        print("  " + change.describe())
+    return 0
+
+
 _COMMANDS: dict[tuple[str, str], Callable[[_Context, argparse.Namespace], Awaitable[int]]] = {
+    ("policy", "replay"): _policy_replay,
     ("owner", "create"): _owner_create,
     ("owner", "list"): _owner_list,
     ("provider", "add"): _provider_add,

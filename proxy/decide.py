@@ -10,15 +10,26 @@ to enforce a limit (``spend`` is given to rules for messages and holds only).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from proxy.currency import format_minor
-from proxy.model import ALLOW, DENY, HOLD, UNRECOGNIZED, Agent, Charge, Decision, Payment, SpendTotal
+from proxy.model import (
+    ALLOW,
+    DENY,
+    HOLD,
+    UNRECOGNIZED,
+    Agent,
+    Charge,
+    Decision,
+    Payment,
+    ShadowHit,
+    SpendTotal,
+)
 from proxy.policy.engine import Engine, EvaluationError
-from proxy.policy.model import Limit, Policy, PolicySet
+from proxy.policy.model import Limit, Policy, PolicySet, Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +95,8 @@ def decide(
     now: datetime,
 ) -> Decision:
     policies = [p for p in policy_set.policies if p.applies_to(agent.labels)]
-    if not policies:
+    enforcing = [p for p in policies if not p.shadow]
+    if not enforcing:
         return Decision(
             DENY,
             "no_policy",
@@ -93,23 +105,22 @@ def decide(
             revision=policy_set.revision,
         )
     activation = engine.activation(activation_variables(payment, agent, spend, now, policy_set.limit_names))
-    verdicts = [v for p in policies if (v := _policy_verdict(p, payment, activation)) is not None]
-    verdict = _combine(verdicts, payment)
-    if verdict.outcome == DENY:
-        return _decision(verdict, (), policy_set.revision)
-    charges: list[Charge] = []
+    outcome = _Evaluation(payment, activation)
     for policy in policies:
+        outcome.run(policy)
+    verdict = _combine(outcome.verdicts, payment)
+    extra = {"revision": policy_set.revision, "shadow": tuple(outcome.shadow), "fired": tuple(outcome.fired)}
+    if verdict.outcome == DENY:
+        return _decision(verdict, (), **extra)
+    charges: list[Charge] = []
+    for policy in enforcing:
         for lim in policy.limits:
             if not _limit_applies(lim, payment, activation):
                 continue
             if lim.window == "payment":
                 if lim.max_amount is not None and payment.amount > lim.max_amount:
                     return Decision(
-                        DENY,
-                        lim.name,
-                        policy.name,
-                        per_payment_message(lim, payment.amount),
-                        revision=policy_set.revision,
+                        DENY, lim.name, policy.name, per_payment_message(lim, payment.amount), **extra
                     )
             elif not payment.already_counted:
                 charges.append(
@@ -123,10 +134,10 @@ def decide(
                         lim.message,
                     )
                 )
-    return _decision(verdict, tuple(charges), policy_set.revision)
+    return _decision(verdict, tuple(charges), **extra)
 
 
-def _decision(verdict: _Verdict, charges: tuple[Charge, ...], revision: str) -> Decision:
+def _decision(verdict: _Verdict, charges: tuple[Charge, ...], **extra: Any) -> Decision:
     return Decision(
         verdict.outcome,
         verdict.rule,
@@ -134,31 +145,75 @@ def _decision(verdict: _Verdict, charges: tuple[Charge, ...], revision: str) -> 
         verdict.message,
         charges,
         verdict.hold_expires_in,
-        revision,
+        **extra,
     )
 
 
-def _policy_verdict(policy: Policy, payment: Payment, activation: Any) -> _Verdict | None:
-    fired: dict[str, _Verdict] = {}
-    for rule in policy.rules:
-        try:
-            matched = rule.when.evaluate(activation)
-        except EvaluationError as exc:
-            return _Verdict(
-                DENY, rule.name, policy.name, f"rule could not be evaluated ({exc}); the policy fails closed"
+class _Evaluation:
+    """Evaluates policies against one activation, collecting verdicts, shadow hits and fired rules."""
+
+    def __init__(self, payment: Payment, activation: Any) -> None:
+        self.payment, self.activation = payment, activation
+        self.verdicts: list[_Verdict] = []
+        self.shadow: list[ShadowHit] = []
+        self.fired: list[str] = []
+
+    def run(self, policy: Policy) -> None:
+        fired: dict[str, _Verdict] = {}
+        shadow: dict[str, _Verdict] = {}
+        for rule in policy.rules:
+            try:
+                matched = rule.when.evaluate(self.activation) is True
+            except EvaluationError as exc:
+                if policy.failure_mode == "ignore":
+                    continue
+                failed = _Verdict(
+                    DENY,
+                    rule.name,
+                    policy.name,
+                    f"rule could not be evaluated ({exc}); the policy fails closed",
+                )
+                if rule.shadow:
+                    self.shadow.append(ShadowHit(policy.name, rule.name, DENY, failed.message))
+                    continue
+                self.verdicts.append(failed)
+                return
+            if not matched:
+                continue
+            self.fired.append(f"{policy.name}.{rule.name}")
+            verdict = _Verdict(
+                rule.effect,
+                rule.name,
+                policy.name,
+                self.message(rule),
+                (rule.hold_expiry or policy.hold_expiry) if rule.effect == HOLD else None,
             )
-        if matched is True and rule.effect not in fired:
-            expiry = (rule.hold_expiry or policy.hold_expiry) if rule.effect == HOLD else None
-            message = rule.message or f"matched {rule.source!r}"
-            fired[rule.effect] = _Verdict(rule.effect, rule.name, policy.name, message, expiry)
-    if payment.operation == UNRECOGNIZED and ALLOW not in fired:
-        return None  # abstains: an unrecognized write needs an explicit allow somewhere
-    for effect in (DENY, HOLD, ALLOW):
-        if effect in fired:
-            return fired[effect]
-    if policy.default == DENY:
-        return _Verdict(DENY, "default", policy.name, "no allow rule of this policy matches the payment")
-    return _Verdict(ALLOW, "default", policy.name, "no rule matched; the policy allows by default")
+            target = shadow if rule.shadow else fired
+            target.setdefault(rule.effect, verdict)
+        self.shadow.extend(ShadowHit(v.policy, v.rule, v.outcome, v.message) for v in shadow.values())
+        verdict = self.policy_verdict(policy, fired)
+        if verdict is not None and policy.shadow:
+            self.shadow.append(ShadowHit(policy.name, verdict.rule, verdict.outcome, verdict.message))
+        elif verdict is not None:
+            self.verdicts.append(verdict)
+
+    def policy_verdict(self, policy: Policy, fired: dict[str, _Verdict]) -> _Verdict | None:
+        if self.payment.operation == UNRECOGNIZED and ALLOW not in fired:
+            return None  # abstains: an unrecognized write needs an explicit allow somewhere
+        for effect in (DENY, HOLD, ALLOW):
+            if effect in fired:
+                return fired[effect]
+        if policy.default == DENY:
+            return _Verdict(DENY, "default", policy.name, "no allow rule of this policy matches the payment")
+        return _Verdict(ALLOW, "default", policy.name, "no rule matched; the policy allows by default")
+
+    def message(self, rule: Rule) -> str:
+        if rule.message_expr is not None:
+            try:
+                return str(rule.message_expr.evaluate(self.activation))
+            except EvaluationError as exc:
+                return f"{rule.message or rule.name} (its message could not be rendered: {exc})"
+        return rule.message or f"matched {rule.source!r}"
 
 
 def _combine(verdicts: list[_Verdict], payment: Payment) -> _Verdict:
@@ -173,6 +228,25 @@ def _combine(verdicts: list[_Verdict], payment: Payment) -> _Verdict:
         f"{payment.method} {payment.path} is not a call the "
         f"{payment.provider} adapter recognises, and no allow rule of the policy matches it",
     )
+
+
+def simulate_reservation(decision: Decision, spend: Mapping[str, SpendTotal]) -> Decision:
+    """What the store's atomic reservation would make of ``decision`` given ``spend`` (tests and replay)."""
+    if decision.outcome == DENY:
+        return decision
+    for charge in decision.charges:
+        total = spend.get(charge.limit, SpendTotal())
+        over_amount = charge.max_amount is not None and total.amount + charge.amount > charge.max_amount
+        over_count = charge.max_count is not None and total.count + 1 > charge.max_count
+        if over_amount or over_count:
+            return replace(
+                decision,
+                outcome=DENY,
+                rule=charge.limit,
+                charges=(),
+                message=limit_exceeded_message(charge, total, charge.message),
+            )
+    return decision
 
 
 def _limit_applies(lim: Limit, payment: Payment, activation: Any) -> bool:

@@ -79,6 +79,16 @@ class SpendTotal:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowHit:
+    """What a shadow rule or policy would have decided; recorded, never enforced."""
+
+    policy: str
+    rule: str
+    effect: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     outcome: str  # allow | deny | hold
     rule: str  # the rule (or limit) that decided; "default" when no rule fired
@@ -87,3 +97,6 @@ class Decision:
     charges: tuple[Charge, ...] = ()
     hold_expires_in: float | None = None  # seconds, for holds
     revision: str = ""
+    shadow: tuple[ShadowHit, ...] = ()
+    # Rules whose expression was evaluated and matched (for policy-test coverage).
+    fired: tuple[str, ...] = ()

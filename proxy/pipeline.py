@@ -259,6 +259,10 @@ class Pipeline:
             approval_id=new_id("apr") if hold else None,
             hold_expires_at=now + (decision.hold_expires_in or 0) if hold else None,
             lease_expires_at=now + self.lease,
+            shadow=[
+                {"policy": h.policy, "rule": h.rule, "effect": h.effect, "message": h.message}
+                for h in decision.shadow
+            ],
         )
 
     async def _replay(
@@ -430,6 +434,8 @@ def _annotate(span: trace.Span, payment: Payment, decision: Decision) -> None:
     span.set_attribute("paysentry.decision", decision.outcome)
     span.set_attribute("paysentry.rule", decision.rule)
     span.set_attribute("paysentry.policy_revision", decision.revision)
+    if decision.shadow:
+        span.set_attribute("paysentry.shadow", [f"{h.policy}.{h.rule}:{h.effect}" for h in decision.shadow])
 
 
 def _log_decision(agent: Agent, auth: AuthorizationRecord) -> None:

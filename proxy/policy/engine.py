@@ -19,6 +19,7 @@ int with a string fails when the policy is checked, not at the first payment:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -134,7 +135,71 @@ def _clean_cel_message(text: str) -> str:
     return text
 
 
-ENGINES = {"cel-expr-python": CelExprEngine}
+class CelPyEngine:
+    """The pure-Python ``cel-python`` (celpy) runtime, CompiledRunner.
+
+    celpy only parses; it does not type-check. So every expression is first checked by Google's checker
+    (cel-expr-python) against the same declared variables: a policy that loads on one engine loads on the
+    other, and type errors are caught at load time on both. The engines' runtime differences are listed by
+    the conformance suite (tests/unit/test_cel_conformance.py).
+    """
+
+    name = "cel-python"
+
+    def __init__(self) -> None:
+        import celpy
+        from celpy import celtypes
+
+        self._celpy, self._celtypes = celpy, celtypes
+        logging.getLogger("celpy").setLevel(logging.CRITICAL)  # its evaluation errors reach us as values
+        self._checker = CelExprEngine()
+        self._env = celpy.Environment(runner_class=celpy.CompiledRunner)
+
+    def compile(self, source: str, result: str) -> Program:
+        self._checker.compile(source, result)
+        try:
+            program = self._env.program(self._env.compile(source))
+        except Exception as exc:  # celpy raises its own parse and compile errors
+            raise CompileError(f"cel-python cannot compile it: {exc}") from None
+        return _CelPyProgram(program, self._celpy.CELEvalError)
+
+    def activation(self, variables: Mapping[str, Any]) -> Any:
+        nested: dict[str, Any] = {}
+        for name, value in variables.items():
+            head, _, field = name.partition(".")
+            if field:
+                nested.setdefault(head, {})[field] = value
+            else:
+                nested[head] = value
+        now = nested.pop("now")
+        activation = {k: self._celpy.json_to_cel(v) for k, v in nested.items()}
+        activation["now"] = self._celtypes.TimestampType(now)
+        return activation
+
+
+class _CelPyProgram:
+    __slots__ = ("_program", "_error")
+
+    def __init__(self, program: Any, error: type) -> None:
+        self._program, self._error = program, error
+
+    def evaluate(self, activation: Any) -> Any:
+        try:
+            value = self._program.evaluate(activation)
+        except self._error as exc:
+            raise EvaluationError(str(exc.args[0] if exc.args else exc)) from None
+        except (ArithmeticError, ValueError, TypeError, KeyError) as exc:
+            raise EvaluationError(str(exc)) from None
+        if isinstance(value, self._error):
+            raise EvaluationError(str(value.args[0] if value.args else value))
+        if isinstance(value, bool) or type(value).__name__ == "BoolType":
+            return bool(value)
+        if isinstance(value, str):
+            return str(value)
+        return value
+
+
+ENGINES: dict[str, type[Engine]] = {"cel-expr-python": CelExprEngine, "cel-python": CelPyEngine}
 
 
 def make_engine(name: str) -> Engine:

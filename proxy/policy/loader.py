@@ -1,47 +1,45 @@
 """Load a directory of policy files into a compiled PolicySet, reporting every problem at once.
 
-Stages: YAML parsing, structure (known fields, types, names), CEL compilation and type checking.
-Each problem names the file, the line and the rule or limit it concerns. Files ending in
-``_test.yaml`` are policy tests, not policies, and are skipped here.
+Stages, each problem naming the file, the line and the rule or limit it concerns:
+
+1. YAML: the file parses;
+2. schema: it matches ``policy.schema.json`` (known fields, types, names, enums);
+3. semantics: time zones, durations, limit shapes, cost bounds, unique names across the set;
+4. CEL: every expression compiles and type-checks against the declared variables.
+
+Entries that fail an earlier stage are not carried into later ones, so each mistake is reported once.
+Files ending in ``_test.yaml`` are policy tests, not policies, and are skipped here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import jsonschema
 import yaml
 
 from proxy.durations import parse_duration
 from proxy.errors import PolicyError
-from proxy.model import MONEY_OPERATIONS, OPERATIONS
 from proxy.policy.engine import CompileError, Engine
-from proxy.policy.model import EFFECTS, WINDOWS, Limit, Policy, PolicySet, Rule
+from proxy.policy.model import Limit, Policy, PolicySet, Rule
 
-NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-POLICY_FIELDS = {"name", "description", "default", "timezone", "applies_to", "hold_expiry", "limits", "rules"}
-RULE_FIELDS = {"name", "description", "effect", "when", "message", "hold_expiry"}
-LIMIT_FIELDS = {
-    "name",
-    "description",
-    "window",
-    "currency",
-    "max_amount",
-    "max_count",
-    "operations",
-    "when",
-    "message",
-}
+SCHEMA_FILE = Path(__file__).with_name("policy.schema.json")
 DEFAULT_HOLD_EXPIRY = 24 * 3600.0
+MAX_COMPREHENSION_DEPTH = 2  # exists/all/map/filter nested deeper than this is rejected as too costly
+MAX_RULES = 1000
+_MACRO = re.compile(r"\.(exists_one|exists|all|map|filter)\s*\($")
 
 
 class _LineDict(dict):
-    """A mapping that remembers the line of each key (1-based) and its own line."""
+    """A mapping that remembers its own line and the line of each key (1-based)."""
 
     line = 0
     lines: dict[str, int]
@@ -61,6 +59,13 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema)
+
+
 def policy_files(directory: Path) -> list[Path]:
     files = [*directory.glob("*.yaml"), *directory.glob("*.yml")]
     return sorted(p for p in files if not p.stem.endswith("_test"))
@@ -77,15 +82,22 @@ def load_policy_set(directory: str | Path, engine: Engine) -> PolicySet:
     problems: list[str] = []
     policies = [p for f in files if (p := _load_file(f, engine, problems)) is not None]
     _check_unique(policies, problems)
+    if sum(len(p.rules) for p in policies) > MAX_RULES:
+        problems.append(f"{directory}: more than {MAX_RULES} rules in one policy set")
     if problems:
         raise PolicyError(problems)
     return PolicySet(
         policies=tuple(policies),
         revision=revision_of(directory, files),
         engine=engine.name,
-        uses_spend=any("spend" in r.source for p in policies for r in p.rules),
+        uses_spend=any(_reads_spend(r) for p in policies for r in p.rules),
         limit_names=frozenset(lim.name for p in policies for lim in p.limits),
+        directory=str(directory),
     )
+
+
+def _reads_spend(rule: Rule) -> bool:
+    return "spend" in rule.source or bool(rule.message_expr and "spend" in (rule.message_source or ""))
 
 
 def revision_of(directory: Path, files: Iterable[Path]) -> str:
@@ -95,32 +107,25 @@ def revision_of(directory: Path, files: Iterable[Path]) -> str:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     content = "sha256:" + digest.hexdigest()[:16]
     try:
+        git = ["git", "-C", str(directory)]
         head = subprocess.run(
-            ["git", "-C", str(directory), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
         dirty = subprocess.run(
-            ["git", "-C", str(directory), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+            [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=5, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return content
-    return f"git:{head[:12]}" if head and not dirty else content
+    return f"git:{head.stdout.strip()[:12]}" if head.stdout.strip() and not dirty.stdout.strip() else content
 
 
 def _load_file(path: Path, engine: Engine, problems: list[str]) -> Policy | None:
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)  # noqa: S506 (SafeLoader)
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problems.append(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}")
+        problems.append(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}")
         return None
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(f"{path}: cannot read: {exc}")
@@ -131,187 +136,224 @@ def _load_file(path: Path, engine: Engine, problems: list[str]) -> Policy | None
     return _PolicyReader(path, engine, problems).read(doc)
 
 
+def _line_of(doc: Any, path: Sequence[Any]) -> int:
+    node, line = doc, getattr(doc, "line", 1)
+    for part in path:
+        if isinstance(node, _LineDict) and part in node:
+            line = node.lines.get(part, line)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+            line = getattr(node, "line", line)
+        else:
+            break
+    return line
+
+
+def _comprehension_depth(source: str) -> int:
+    """How deeply exists/all/map/filter macros nest in ``source`` (string literals skipped)."""
+    stack: list[bool] = []
+    depth, quote, i = 0, "", 0
+    while i < len(source):
+        ch = source[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "(":
+            stack.append(bool(_MACRO.search(source[: i + 1])))
+            depth = max(depth, sum(stack))
+        elif ch == ")" and stack:
+            stack.pop()
+        i += 1
+    return depth
+
+
 class _PolicyReader:
     def __init__(self, path: Path, engine: Engine, problems: list[str]) -> None:
         self.path, self.engine, self.problems = path, engine, problems
 
-    def problem(self, node: _LineDict, key: str | None, what: str, text: str) -> None:
-        line = node.lines.get(key, node.line) if key and hasattr(node, "lines") else getattr(node, "line", 1)
+    def report(self, line: int, what: str, text: str) -> None:
         self.problems.append(f"{self.path}:{line}: {what}: {text}")
 
     def read(self, doc: _LineDict) -> Policy | None:
         before = len(self.problems)
-        self.unknown_fields(doc, POLICY_FIELDS, "policy")
+        invalid = self.schema_stage(doc)
         name = doc.get("name", self.path.stem)
-        if not isinstance(name, str) or not NAME.match(name):
-            self.problem(doc, "name", "policy", f"name {name!r} must be lowercase letters, digits and _")
-        default = doc.get("default", "allow")
-        if default not in ("allow", "deny"):
-            self.problem(doc, "default", f"policy {name}", f"default must be allow or deny, not {default!r}")
-        timezone = self.timezone(doc, name)
-        hold_expiry = self.duration(doc, "hold_expiry", f"policy {name}", DEFAULT_HOLD_EXPIRY)
-        labels = self.labels(doc, name)
-        rules = tuple(r for r in self.items(doc, "rules", self.rule) if r)
-        limits = tuple(lim for lim in self.items(doc, "limits", self.limit) if lim)
+        if () not in invalid and not isinstance(doc.get("name", ""), str):
+            return None
+        if ("name",) not in invalid and "name" not in doc and not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
+            self.report(
+                1, "policy", f"the file name {self.path.stem!r} is not a valid policy name; add a name"
+            )
+        timezone = str(doc.get("timezone", "UTC"))
+        if ("timezone",) not in invalid:
+            try:
+                ZoneInfo(timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                self.report(doc.lines.get("timezone", 1), f"policy {name}", f"unknown time zone {timezone!r}")
+        shadow = doc.get("mode") == "shadow"
+        rules = tuple(
+            rule
+            for i, node in enumerate(doc.get("rules") or [])
+            if ("rules", i) not in invalid and (rule := self.rule(node, shadow)) is not None
+        )
+        limits = tuple(
+            limit
+            for i, node in enumerate(doc.get("limits") or [])
+            if ("limits", i) not in invalid and (limit := self.limit(node, shadow)) is not None
+        )
         if len(self.problems) > before:
             return None
+        hold_expiry = parse_duration(doc.get("hold_expiry", DEFAULT_HOLD_EXPIRY))
+        labels = {str(k): str(v) for k, v in (doc.get("applies_to") or {}).get("labels", {}).items()}
         return Policy(
-            name, str(self.path), default, timezone, labels, hold_expiry or DEFAULT_HOLD_EXPIRY, rules, limits
+            name,
+            str(self.path),
+            doc.get("default", "allow"),
+            timezone,
+            labels,
+            hold_expiry,
+            rules,
+            limits,
+            shadow,
+            doc.get("failure_mode", "deny"),
         )
 
-    def unknown_fields(self, node: _LineDict, allowed: set[str], what: str) -> None:
-        for key in node:
-            if key not in allowed:
-                self.problem(
-                    node, key, what, f"unknown field {key!r} (allowed: {', '.join(sorted(allowed))})"
-                )
+    def schema_stage(self, doc: _LineDict) -> set[tuple[Any, ...]]:
+        """Report schema errors; return the paths (entry level) that later stages must skip."""
+        invalid: set[tuple[Any, ...]] = set()
+        errors = sorted(
+            _validator().iter_errors(doc), key=lambda e: (_line_of(doc, e.absolute_path), e.message)
+        )
+        for error in errors:
+            path = tuple(error.absolute_path)
+            entry = path[:2] if path and path[0] in ("rules", "limits") else path[:1]
+            invalid.add(entry)
+            self.report(_line_of(doc, path), self.describe(doc, path), _schema_message(error))
+        return invalid
 
-    def timezone(self, doc: _LineDict, name: str) -> str:
-        tz = doc.get("timezone", "UTC")
-        try:
-            ZoneInfo(str(tz))
-        except (ZoneInfoNotFoundError, ValueError):
-            self.problem(doc, "timezone", f"policy {name}", f"unknown time zone {tz!r}")
-        return str(tz)
-
-    def labels(self, doc: _LineDict, name: str) -> dict[str, str]:
-        selector = doc.get("applies_to") or {}
-        labels = selector.get("labels", {}) if isinstance(selector, dict) else None
-        if not isinstance(labels, dict) or set(selector) - {"labels"}:
-            self.problem(doc, "applies_to", f"policy {name}", "applies_to takes only labels: {key: value}")
-            return {}
-        return {str(k): str(v) for k, v in labels.items()}
-
-    def duration(self, node: _LineDict, key: str, what: str, default: float | None) -> float | None:
-        if key not in node:
-            return default
-        try:
-            return parse_duration(node[key])
-        except ValueError as exc:
-            self.problem(node, key, what, str(exc))
-            return default
-
-    def items(self, doc: _LineDict, key: str, read: Any) -> list[Any]:
-        entries = doc.get(key) or []
-        if not isinstance(entries, list):
-            self.problem(doc, key, "policy", f"{key} must be a list")
-            return []
-        out = []
-        for index, entry in enumerate(entries):
-            if not isinstance(entry, _LineDict):
-                self.problem(doc, key, f"{key}[{index}]", "each entry must be a mapping")
-                continue
-            out.append(read(entry, index))
-        return out
-
-    def named(self, node: _LineDict, kind: str, index: int) -> str:
-        name = node.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
-            self.problem(
-                node, "name", f"{kind}[{index}]", f"name {name!r} must be lowercase letters, digits and _"
-            )
-            return f"{kind}[{index}]"
-        return name
+    @staticmethod
+    def describe(doc: _LineDict, path: Sequence[Any]) -> str:
+        if len(path) >= 2 and path[0] in ("rules", "limits"):
+            kind = path[0][:-1]
+            entry = doc[path[0]][path[1]]
+            name = entry.get("name") if isinstance(entry, dict) else None
+            where = f"{kind} {name}" if isinstance(name, str) else f"{path[0]}[{path[1]}]"
+            return where + (f" ({'.'.join(map(str, path[2:]))})" if len(path) > 2 else "")
+        return "policy" + (f" ({'.'.join(map(str, path))})" if path else "")
 
     def compile(self, node: _LineDict, key: str, what: str, result: str) -> Any:
-        source = node.get(key)
-        if not isinstance(source, str) or not source.strip():
-            self.problem(node, key, what, f"{key} must be a CEL expression")
+        source = node[key]
+        depth = _comprehension_depth(source)
+        if depth > MAX_COMPREHENSION_DEPTH:
+            self.report(
+                node.lines.get(key, node.line),
+                what,
+                f"{key}: comprehensions nested {depth} deep are too "
+                f"costly to evaluate per payment (at most {MAX_COMPREHENSION_DEPTH})",
+            )
             return None
         try:
             return self.engine.compile(source, result)
         except CompileError as exc:
-            self.problem(node, key, what, f"{key}: {exc}")
+            self.report(node.lines.get(key, node.line), what, f"{key}: {exc}")
             return None
 
-    def rule(self, node: _LineDict, index: int) -> Rule | None:
-        name = self.named(node, "rule", index)
-        what = f"rule {name}"
-        self.unknown_fields(node, RULE_FIELDS, what)
-        effect = node.get("effect")
-        if effect not in EFFECTS:
-            self.problem(node, "effect", what, f"effect must be one of {', '.join(EFFECTS)}, not {effect!r}")
-        message = node.get("message", "")
-        if not isinstance(message, str):
-            self.problem(node, "message", what, "message must be a string")
-        hold_expiry = self.duration(node, "hold_expiry", what, None)
-        if hold_expiry is not None and effect != "hold":
-            self.problem(node, "hold_expiry", what, "hold_expiry only applies to rules whose effect is hold")
-        program = self.compile(node, "when", what, "bool")
-        if program is None or effect not in EFFECTS:
+    def rule(self, node: _LineDict, policy_shadow: bool) -> Rule | None:
+        what = f"rule {node['name']}"
+        effect = node["effect"]
+        if "hold_expiry" in node and effect != "hold":
+            self.report(
+                node.lines["hold_expiry"], what, "hold_expiry only applies to rules whose effect is hold"
+            )
+        when = self.compile(node, "when", what, "bool")
+        message_expr = self.compile(node, "message_expr", what, "string") if "message_expr" in node else None
+        if when is None or ("message_expr" in node and message_expr is None):
             return None
-        return Rule(name, effect, program, str(message), node["when"], hold_expiry)
-
-    def limit(self, node: _LineDict, index: int) -> Limit | None:
-        name = self.named(node, "limit", index)
-        what = f"limit {name}"
-        self.unknown_fields(node, LIMIT_FIELDS, what)
-        before = len(self.problems)
-        window = node.get("window")
-        if window not in WINDOWS:
-            self.problem(node, "window", what, f"window must be one of {', '.join(WINDOWS)}, not {window!r}")
-        currency = node.get("currency")
-        if not isinstance(currency, str) or not re.fullmatch(r"[a-zA-Z]{3}", currency):
-            self.problem(node, "currency", what, "currency must be a three-letter ISO code such as usd")
-        max_amount = self.whole(node, "max_amount", what)
-        max_count = self.whole(node, "max_count", what)
-        if "max_amount" not in node and "max_count" not in node:
-            self.problem(node, None, what, "a limit needs max_amount (minor units), max_count, or both")
-        if window == "payment" and max_count is not None:
-            self.problem(node, "max_count", what, "a per-payment limit cannot count payments")
-        operations = self.operations(node, what)
-        when = self.compile(node, "when", what, "bool") if "when" in node else None
-        if len(self.problems) > before:
-            return None
-        return Limit(
-            name,
-            str(window),
-            str(currency).lower(),
-            max_amount,
-            max_count,
-            operations,
+        hold_expiry = parse_duration(node["hold_expiry"]) if "hold_expiry" in node else None
+        return Rule(
+            node["name"],
+            effect,
             when,
-            str(node.get("message", "")),
+            node.get("message", ""),
+            node["when"],
+            hold_expiry,
+            message_expr,
+            policy_shadow or node.get("mode") == "shadow",
+            node.line,
+            node.get("message_expr"),
         )
 
-    def whole(self, node: _LineDict, key: str, what: str) -> int | None:
-        value = node.get(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            self.problem(
-                node, key, what, f"{key} must be a whole number of minor units (cents), got {value!r}"
-            )
-            return None
-        return value
-
-    def operations(self, node: _LineDict, what: str) -> frozenset[str] | None:
-        ops = node.get("operations")
-        if ops is None:
-            return None
-        if not isinstance(ops, list) or not ops:
-            self.problem(node, "operations", what, "operations must be a non-empty list")
-            return None
-        unknown = [op for op in ops if op not in OPERATIONS]
-        if unknown:
-            self.problem(
-                node,
-                "operations",
+    def limit(self, node: _LineDict, policy_shadow: bool) -> Limit | None:
+        what = f"limit {node['name']}"
+        if policy_shadow:
+            self.report(
+                node.line,
                 what,
-                f"unknown operation(s) {unknown}; known: {', '.join(MONEY_OPERATIONS)}",
+                "limits are enforced by the store and cannot be shadowed; remove them "
+                "from the shadow policy or make the policy enforce",
             )
-        return frozenset(ops)
+            return None
+        if node["window"] == "payment" and "max_count" in node:
+            self.report(node.lines["max_count"], what, "a per-payment limit cannot count payments")
+            return None
+        when = self.compile(node, "when", what, "bool") if "when" in node else None
+        if "when" in node and when is None:
+            return None
+        operations = frozenset(node["operations"]) if "operations" in node else None
+        return Limit(
+            node["name"],
+            node["window"],
+            node["currency"].lower(),
+            node.get("max_amount"),
+            node.get("max_count"),
+            operations,
+            when,
+            node.get("message", ""),
+        )
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "anyOf" and error.schema_path and "limit" in str(list(error.schema_path)):
+        return "a limit needs max_amount (minor units), max_count, or both"
+    if error.validator == "anyOf":
+        return "needs max_amount (minor units), max_count, or both"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        return f"unknown field {', '.join(map(repr, unknown))} (allowed: {', '.join(allowed)})"
+    if error.validator == "enum":
+        field = error.absolute_path[-1] if error.absolute_path else "value"
+        return f"{field} must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
+    if error.validator == "type" and error.validator_value == "integer":
+        return f"{error.instance!r} is not a whole number: amounts are integer minor units (cents)"
+    if (
+        error.validator == "pattern"
+        and isinstance(error.instance, str)
+        and error.absolute_path
+        and error.absolute_path[-1] == "name"
+    ):
+        return f"name {error.instance!r} must be lowercase letters, digits and _ (starting with a letter)"
+    if (
+        error.validator == "oneOf"
+        and "duration" in str(list(error.schema_path))
+        or error.validator == "oneOf"
+    ):
+        return f"{error.instance!r} is not a duration such as 30s, 15m or 24h"
+    return error.message
 
 
 def _check_unique(policies: list[Policy], problems: list[str]) -> None:
     seen: dict[str, str] = {}
     for policy in policies:
-        names = [("policy", policy.name)] + [("rule", r.name) for r in policy.rules]
-        names += [("limit", lim.name) for lim in policy.limits]
-        for kind, name in names:
-            key = f"{kind}:{name}" if kind == "policy" else f"item:{policy.name}:{name}"
-            if kind == "limit":
-                key = f"limit:{name}"  # limits share one spend namespace across files
+        names = [(f"policy:{policy.name}", "policy", policy.name)]
+        names += [(f"rule:{policy.name}:{r.name}", "rule", r.name) for r in policy.rules]
+        names += [(f"limit:{lim.name}", "limit", lim.name) for lim in policy.limits]  # one spend namespace
+        for key, kind, name in names:
             if key in seen:
                 problems.append(f"{policy.file}: duplicate {kind} name {name!r} (also in {seen[key]})")
             seen[key] = policy.file

@@ -19,6 +19,10 @@ class Rule:
     message: str
     source: str  # the CEL text, for reports
     hold_expiry: float | None = None
+    message_expr: Program | None = None  # renders the message when the rule fires
+    shadow: bool = False  # evaluated and recorded, never changes the outcome
+    line: int = 0
+    message_source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,8 @@ class Policy:
     hold_expiry: float
     rules: tuple[Rule, ...]
     limits: tuple[Limit, ...]
+    shadow: bool = False
+    failure_mode: str = "deny"  # deny | ignore: what a rule that fails to evaluate does
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.labels.items())
@@ -55,3 +61,7 @@ class PolicySet:
     engine: str
     uses_spend: bool = False  # some rule reads ``spend``: the pipeline fetches totals only then
     limit_names: frozenset[str] = field(default_factory=frozenset)
+    directory: str = ""
+
+    def rules(self) -> list[tuple[Policy, Rule]]:
+        return [(p, r) for p in self.policies for r in p.rules]

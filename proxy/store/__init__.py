@@ -75,6 +75,7 @@ class NewAuthorization:
     hold_expires_at: float | None = None
     approval_id: str | None = None
     lease_expires_at: float | None = None
+    shadow: Sequence[Mapping[str, str]] = ()  # what shadow rules would have decided
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +200,7 @@ class Store(Protocol):
     async def list_authorizations(
         self, owner_id: str, agent_id: str | None, limit: int
     ) -> list[AuthorizationRecord]: ...
+    async def history(self, since: float, owner_id: str | None) -> list[AuthorizationRecord]: ...
     async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]: ...
     async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]: ...
 

@@ -461,6 +461,15 @@ class SqliteStore:
 
         return await self.read(run)
 
+    async def history(self, since: float, owner_id: str | None) -> list[AuthorizationRecord]:
+        def run(db: sqlite3.Connection) -> list[AuthorizationRecord]:
+            sql, args = f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE created_at >= ?", [since]
+            if owner_id:
+                sql, args = sql + " AND owner_id = ?", [*args, owner_id]
+            return [_authorization(r) for r in db.execute(sql + " ORDER BY created_at, id", args).fetchall()]
+
+        return await self.read(run)
+
     async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]:
         rows = await self.read(
             lambda db: db.execute(
@@ -557,6 +566,7 @@ def _record_decision(
         "destination": new.destination,
         "reserved": [_charge_json(c) for c in charges],
         "approval_id": new.approval_id if state == HELD else None,
+        "shadow": [dict(h) for h in new.shadow],
         "retry": bool(retry_of),
     }
     if exceeded:

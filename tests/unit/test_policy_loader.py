@@ -41,7 +41,7 @@ def problems_of(tmp_path: Path, text: str) -> list[str]:
         ("limits:\n  - {name: d, window: year, currency: usd, max_amount: 1}\n", "window must be one of"),
         (
             "limits:\n  - {name: d, window: day, currency: usd, max_amount: 10.5}\n",
-            "whole number of minor units",
+            "not a whole number",
         ),
         ("limits:\n  - {name: d, window: day, currency: usd}\n", "needs max_amount"),
         ("timezone: Mars/Olympus\n", "unknown time zone"),

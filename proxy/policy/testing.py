@@ -1,0 +1,209 @@
+"""Policy tests: ``*_test.yaml`` files beside the policies, run by ``paysentry policy test DIR``.
+
+A test file::
+
+    defaults:                              # optional; merged into every case
+      agent: {name: bot, labels: {team: ads}}
+      now: "2026-11-23T15:00:00Z"
+    tests:
+      - name: small payments pass
+        payment: {operation: payment_intent, amount: 1000, currency: usd, metadata: {purpose: ads}}
+        spend: {daily_budget: {amount: 9500, count: 3}}     # so far in the limit's current window
+        expect: {decision: allow, rule: default}           # also: policy, message_contains, shadow
+
+Each case is decided by the same core as the sidecar, and the declared limits are applied to ``spend``
+the way the store's atomic reservation applies them. Exit codes: 0 all pass, 3 a policy is invalid,
+4 a test fails (or a test file is malformed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.decide import decide, simulate_reservation
+from proxy.model import OPERATIONS, Agent, Decision, Payment, SpendTotal
+from proxy.policy.engine import Engine
+from proxy.policy.loader import load_policy_set
+from proxy.policy.model import PolicySet
+
+DEFAULT_NOW = "2026-01-05T12:00:00Z"
+PATHS = {
+    "payment_intent": "/v1/payment_intents",
+    "charge": "/v1/charges",
+    "transfer": "/v1/transfers",
+    "payout": "/v1/payouts",
+    "refund": "/v1/refunds",
+    "issuing_card": "/v1/issuing/cards",
+}
+CASE_FIELDS = {"name", "payment", "agent", "spend", "now", "expect"}
+EXPECT_FIELDS = {"decision", "rule", "policy", "message_contains", "shadow"}
+
+
+class CaseError(ValueError):
+    """A malformed test case."""
+
+
+@dataclass
+class CaseResult:
+    file: str
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class TestReport:
+    engine: str
+    results: list[CaseResult] = field(default_factory=list)
+    exercised: set[str] = field(default_factory=set)
+    all_rules: set[str] = field(default_factory=set)
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return [r for r in self.results if not r.passed]
+
+    def unexercised(self) -> list[str]:
+        return sorted(self.all_rules - self.exercised)
+
+
+def run_directory(directory: str | Path, engine: Engine) -> TestReport:
+    """Load the policies of ``directory`` (PolicyError if invalid) and run its ``*_test.yaml`` files."""
+    directory = Path(directory)
+    policy_set = load_policy_set(directory, engine)
+    report = TestReport(engine.name)
+    report.all_rules = {f"{p.name}.{r.name}" for p in policy_set.policies for r in p.rules}
+    report.all_rules |= {f"{p.name}.{lim.name}" for p in policy_set.policies for lim in p.limits}
+    files = sorted([*directory.glob("*_test.yaml"), *directory.glob("*_test.yml")])
+    if not files:
+        report.results.append(
+            CaseResult(str(directory), "(no tests)", False, "no *_test.yaml file beside the policies")
+        )
+    for path in files:
+        _run_file(path, policy_set, engine, report)
+    return report
+
+
+def _run_file(path: Path, policy_set: PolicySet, engine: Engine, report: TestReport) -> None:
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        report.results.append(CaseResult(str(path), "(file)", False, f"cannot read the test file: {exc}"))
+        return
+    cases = doc.get("tests") if isinstance(doc, dict) else None
+    if not isinstance(cases, list) or not cases:
+        report.results.append(
+            CaseResult(str(path), "(file)", False, "a test file needs a non-empty list: tests")
+        )
+        return
+    defaults = doc.get("defaults") or {}
+    for index, case in enumerate(cases):
+        name = case.get("name", f"tests[{index}]") if isinstance(case, dict) else f"tests[{index}]"
+        try:
+            result = _run_case(
+                {**defaults, **case} if isinstance(case, dict) else case, policy_set, engine, report
+            )
+        except CaseError as exc:
+            result = f"malformed case: {exc}"
+        report.results.append(CaseResult(str(path), str(name), result is None, result or ""))
+
+
+def _run_case(case: Any, policy_set: PolicySet, engine: Engine, report: TestReport) -> str | None:
+    if not isinstance(case, dict):
+        raise CaseError("each test is a mapping")
+    unknown = set(case) - CASE_FIELDS - {"defaults"}
+    if unknown:
+        raise CaseError(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(CASE_FIELDS)}")
+    expect = case.get("expect")
+    if not isinstance(expect, dict) or "decision" not in expect or set(expect) - EXPECT_FIELDS:
+        raise CaseError(f"expect needs decision, and may have {sorted(EXPECT_FIELDS - {'decision'})}")
+    payment, agent = _payment(case.get("payment")), _agent(case.get("agent") or {})
+    spend = _spend(case.get("spend") or {})
+    decision = simulate_reservation(decide(policy_set, engine, payment, agent, spend, _time(case)), spend)
+    report.exercised |= set(decision.fired)
+    report.exercised |= {f"{_policy_of(policy_set, c.limit)}.{c.limit}" for c in decision.charges}
+    if decision.rule in policy_set.limit_names:
+        report.exercised.add(f"{_policy_of(policy_set, decision.rule)}.{decision.rule}")
+    return _compare(expect, decision)
+
+
+def _compare(expect: Mapping[str, Any], got: Decision) -> str | None:
+    mismatches = []
+    if expect["decision"] != got.outcome:
+        mismatches.append(f"decision {got.outcome!r}, expected {expect['decision']!r}")
+    if "rule" in expect and expect["rule"] != got.rule:
+        mismatches.append(f"rule {got.rule!r}, expected {expect['rule']!r}")
+    if "policy" in expect and expect["policy"] != got.policy:
+        mismatches.append(f"policy {got.policy!r}, expected {expect['policy']!r}")
+    if "message_contains" in expect and str(expect["message_contains"]) not in got.message:
+        mismatches.append(f"message {got.message!r} does not contain {expect['message_contains']!r}")
+    if "shadow" in expect and sorted(expect["shadow"] or []) != sorted(h.rule for h in got.shadow):
+        mismatches.append(
+            f"shadow rules {sorted(h.rule for h in got.shadow)}, expected {sorted(expect['shadow'])}"
+        )
+    if not mismatches:
+        return None
+    return "; ".join(mismatches) + f" (got {got.outcome} by {got.policy}.{got.rule}: {got.message})"
+
+
+def _policy_of(policy_set: PolicySet, limit: str) -> str:
+    return next((p.name for p in policy_set.policies for lim in p.limits if lim.name == limit), "?")
+
+
+def _payment(raw: Any) -> Payment:
+    if not isinstance(raw, dict):
+        raise CaseError("payment must be a mapping")
+    operation = raw.get("operation", "payment_intent")
+    if operation not in OPERATIONS:
+        raise CaseError(f"unknown operation {operation!r}")
+    amount = raw.get("amount", 0)
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise CaseError(f"payment amount must be an integer of minor units, got {amount!r}")
+    text = {k: str(raw.get(k, "")) for k in ("destination", "customer", "description")}
+    return Payment(
+        provider=str(raw.get("provider", "stripe")),
+        operation=operation,
+        amount=amount,
+        currency=str(raw.get("currency", "")).lower(),
+        method=str(raw.get("method", "POST")),
+        path=str(raw.get("path", PATHS.get(operation.split(".")[0], "/v1/unknown"))),
+        metadata={str(k): str(v) for k, v in (raw.get("metadata") or {}).items()},
+        params=dict(raw.get("params") or {}),
+        **text,
+    )
+
+
+def _agent(raw: Any) -> Agent:
+    if not isinstance(raw, dict):
+        raise CaseError("agent must be a mapping")
+    labels = {str(k): str(v) for k, v in (raw.get("labels") or {}).items()}
+    return Agent(
+        str(raw.get("id", "agt_test")), "own_test", str(raw.get("name", "agent")), "conn_test", labels
+    )
+
+
+def _spend(raw: Any) -> dict[str, SpendTotal]:
+    if not isinstance(raw, dict):
+        raise CaseError("spend must map limit names to {amount, count}")
+    return {
+        str(k): SpendTotal(int((v or {}).get("amount", 0)), int((v or {}).get("count", 0)))
+        for k, v in raw.items()
+    }
+
+
+def _time(case: Mapping[str, Any]) -> datetime:
+    raw = case.get("now", DEFAULT_NOW)
+    if isinstance(raw, datetime):
+        return raw if raw.tzinfo else raw.replace(tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    except ValueError:
+        raise CaseError(f"now must be an ISO 8601 time such as 2026-11-23T15:00:00Z, got {raw!r}") from None
+    if parsed.tzinfo is None:
+        raise CaseError("now needs a time zone offset (Z or +hh:mm)")
+    return parsed
