@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint fmt clean
+.PHONY: run test lint fmt clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy adapters tests
-	$(BIN)/ruff format --check proxy adapters tests
+	$(BIN)/ruff check proxy adapters tests bench
+	$(BIN)/ruff format --check proxy adapters tests bench
 
 fmt: $(STAMP)
-	$(BIN)/ruff format proxy adapters tests
-	$(BIN)/ruff check --fix proxy adapters tests
+	$(BIN)/ruff format proxy adapters tests bench
+	$(BIN)/ruff check --fix proxy adapters tests bench
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.decision

@@ -5,6 +5,7 @@ found. Routes:
 
     GET  /livez                                   the process is up
     GET  /readyz                                  store reachable and a policy set loaded (503 if not)
+    GET  /metrics                                 Prometheus text format
     GET  /v1/agents                               POST /v1/agents {name, labels, connection}
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
     GET  /v1/approvals?state=pending              GET /v1/approvals/{id}
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from proxy.auth import TokenAuthenticator
 from proxy.errors import BadRequest, NotFound, PaySentryError
+from proxy.metrics import Metrics
 from proxy.owners import OwnerService, agent_json, approval_json, authorization_json
 from proxy.policy.reload import PolicyHolder
 from proxy.store import OwnerRecord, Store
@@ -43,15 +45,18 @@ class OwnerApi:
         owners: TokenAuthenticator[OwnerRecord],
         policies: PolicyHolder,
         on_revoke: Callable[[str], None],
+        metrics: Metrics,
     ) -> None:
         self.store, self.service, self.owners, self.policies = store, service, owners, policies
         self.on_revoke = on_revoke
+        self.metrics = metrics
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
         r = app.router
         r.add_get("/livez", self.livez)
         r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.prometheus)
         r.add_get("/v1/agents", self.list_agents)
         r.add_post("/v1/agents", self.create_agent)
         r.add_post("/v1/agents/{id}/revoke", self.revoke_agent)
@@ -68,7 +73,7 @@ class OwnerApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if request.path not in ("/livez", "/readyz"):
+            if request.path not in ("/livez", "/readyz", "/metrics"):
                 header = request.headers.get("Authorization", "")
                 token = header[7:].strip() if header.lower().startswith("bearer ") else None
                 request[OWNER] = await self.owners.authenticate(token)
@@ -78,6 +83,9 @@ class OwnerApi:
 
     async def livez(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def readyz(self, request: web.Request) -> web.Response:
         checks: dict[str, Any] = {

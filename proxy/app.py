@@ -18,6 +18,7 @@ from proxy.auth import TokenAuthenticator
 from proxy.config import Settings, split_address
 from proxy.connections import ConnectionCache
 from proxy.forwarder import Forwarder
+from proxy.metrics import Metrics
 from proxy.owners import OwnerService
 from proxy.pipeline import Pipeline
 from proxy.policy.engine import make_engine
@@ -35,7 +36,8 @@ class Sidecar:
         self.store = open_store(settings.store, synchronous=settings.sqlite_synchronous)
         self.sealer = Sealer(load_keys(settings.encryption_key_file))
         self.engine = make_engine(settings.engine)
-        self.policies = PolicyHolder(settings.policies, self.engine)
+        self.metrics = Metrics()
+        self.policies = PolicyHolder(settings.policies, self.engine, self.metrics)
         self.service = OwnerService(self.store, self.sealer, settings.bcrypt_rounds)
         self.agents: TokenAuthenticator[AgentRecord] = TokenAuthenticator(
             AGENT_PREFIX,
@@ -65,6 +67,7 @@ class Sidecar:
             get_adapter("stripe"),
             tracer_provider.get_tracer(TRACER_NAME, __version__),
             settings.reservation_lease,
+            self.metrics,
         )
         self.owner_api = OwnerApi(
             self.store,
@@ -72,6 +75,7 @@ class Sidecar:
             self.owners,
             self.policies,
             lambda agent_id: self.agents.forget(lambda a: a.id == agent_id),
+            self.metrics,
         )
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -88,7 +92,10 @@ class Sidecar:
             await self._listen(MockProvider().app(), self.settings.mock_provider_listen)
         await self._listen(self.agent_app(), self.settings.listen)
         await self._listen(self.owner_api.app(), self.settings.admin_listen)
-        self._tasks = [asyncio.create_task(self._sweep()), asyncio.create_task(self.policies.watch(2.0))]
+        self._tasks = [
+            asyncio.create_task(self._sweep()),
+            asyncio.create_task(self.policies.watch(self.settings.policy_poll_interval)),
+        ]
         log.info(
             "paysentry started",
             extra={

@@ -33,6 +33,7 @@ class Settings:
     upstream_timeout: float = 30.0
     reservation_lease: float = 120.0
     sweep_interval: float = 5.0
+    policy_poll_interval: float = 2.0  # how often the policy directory is checked for changes
     max_body_bytes: int = 1024 * 1024
     mock_provider_listen: str = ""  # host:port to run the built-in mock provider in-process; "" = off
     log_level: str = "INFO"
@@ -43,7 +44,13 @@ class Settings:
 
 
 DEFAULTS = Settings()
-_DURATIONS = {"token_cache_ttl", "upstream_timeout", "reservation_lease", "sweep_interval"}
+_DURATIONS = {
+    "token_cache_ttl",
+    "upstream_timeout",
+    "reservation_lease",
+    "sweep_interval",
+    "policy_poll_interval",
+}
 _PATHS = {"policies", "encryption_key_file"}
 
 

@@ -43,6 +43,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.forwarder import Forwarder, UpstreamReply
+from proxy.metrics import Metrics
 from proxy.model import DENY, HOLD, Agent, Decision, Payment
 from proxy.policy.engine import Engine
 from proxy.policy.reload import PolicyHolder
@@ -86,12 +87,13 @@ class Pipeline:
         default_adapter: Adapter,
         tracer: trace.Tracer,
         reservation_lease: float,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.engine, self.policies = store, engine, policies
         self.agents, self.connections, self.forwarder = agents, connections, forwarder
         self.sealer, self.default_adapter, self.tracer = sealer, default_adapter, tracer
-        self.lease, self.clock = reservation_lease, clock
+        self.lease, self.clock, self.metrics = reservation_lease, clock, metrics
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         with self.tracer.start_as_current_span("paysentry.call", kind=SpanKind.SERVER) as span:
@@ -205,6 +207,7 @@ class Pipeline:
             span.set_attribute("paysentry.decision", DENY)
             span.set_attribute("paysentry.rule", auth.rule)
         _log_decision(agent, auth)
+        self.metrics.inc("paysentry_decisions_total", decision=auth.decision, rule=auth.rule)
         if auth.state == FORWARDING:
             return await self._forward(auth, connection, request, url, body, key, span)
         return self._refusal(auth, connection.adapter)

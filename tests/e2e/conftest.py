@@ -158,6 +158,7 @@ def make_deployment(
         mock_provider_listen: 127.0.0.1:{mock_port}
         bcrypt_rounds: 4
         sweep_interval: 0.2
+        policy_poll_interval: 0.2
         upstream_timeout: 3s
     """)
     )

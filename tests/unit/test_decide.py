@@ -189,3 +189,76 @@ def test_limit_messages_say_what_was_spent() -> None:
     )
     counted = Charge("daily", "day:2026-11-22", "usd", 1, None, 3)
     assert "at most 3 payments per day" in limit_exceeded_message(counted, SpendTotal(3, 3))
+
+
+def test_shadow_rules_and_policies_are_recorded_not_enforced(tmp_path: Path) -> None:
+    ps = policies(
+        tmp_path,
+        """
+        name: live
+        rules:
+          - {name: trial, mode: shadow, effect: deny, when: payment.amount > 500, message: would refuse}
+    """,
+        """
+        name: candidate
+        mode: shadow
+        default: deny
+        rules: []
+    """,
+    )
+    decision = decide(ps, ENGINE, pay(1000), AGENT, {}, NOW)
+    assert (decision.outcome, decision.rule) == ("allow", "default")
+    assert {(h.policy, h.rule, h.effect) for h in decision.shadow} == {
+        ("live", "trial", "deny"),
+        ("candidate", "default", "deny"),
+    }
+
+
+def test_failure_mode_ignore_skips_a_broken_rule(tmp_path: Path) -> None:
+    ps = policies(
+        tmp_path,
+        """
+        name: lenient
+        failure_mode: ignore
+        rules:
+          - {name: purpose, effect: deny, when: 'payment.metadata["purpose"] == "gambling"'}
+    """,
+    )
+    assert decide(ps, ENGINE, pay(100), AGENT, {}, NOW).outcome == "allow"
+
+
+def test_messages_can_be_rendered_by_cel(tmp_path: Path) -> None:
+    ps = policies(
+        tmp_path,
+        """
+        name: budget
+        limits:
+          - {name: daily, window: day, currency: usd, max_amount: 10000}
+        rules:
+          - name: pace
+            effect: hold
+            when: spend.daily.amount + payment.amount > 8000
+            message_expr: '"over 80% of the daily budget by " + string(spend.daily.amount + payment.amount - 8000)'
+    """,
+    )
+    decision = decide(ps, ENGINE, pay(1000), AGENT, {"daily": SpendTotal(7500, 3)}, NOW)
+    assert decision.message == "over 80% of the daily budget by 500"
+
+
+def test_costly_or_misplaced_constructs_are_rejected_at_load(tmp_path: Path) -> None:
+    from proxy.errors import PolicyError
+
+    nested = "payment.params.exists(a, payment.params.exists(b, payment.params.exists(c, a == b && b == c)))"
+    (tmp_path / "p.yaml").write_text(
+        f"name: p\nrules:\n  - name: slow\n    effect: deny\n    when: '{nested}'\n"
+        "  - {name: huge, effect: deny, when: '" + " || ".join(["payment.amount > 1"] * 200) + "'}\n"
+    )
+    (tmp_path / "s.yaml").write_text(
+        "name: s\nmode: shadow\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy_set(tmp_path, ENGINE)
+    text = "\n".join(caught.value.problems)
+    assert "comprehensions nested 3 deep are too costly" in text
+    assert "is too long" in text
+    assert "limits are enforced by the store and cannot be shadowed" in text

@@ -1,0 +1,1 @@
+"""PaySentry benchmarks: `make bench` prints the tables."""
