@@ -51,7 +51,7 @@ def test_each_broken_policy_gets_one_precise_message(tmp_path: Path, text: str, 
     problems = problems_of(tmp_path, text)
     assert len(problems) == 1, problems
     assert expected in problems[0]
-    assert problems[0].startswith(f"{tmp_path / 'broken.yaml'}:")
+    assert problems[0].startswith(f"{tmp_path / 'broken.yaml'}")
 
 
 def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
@@ -90,3 +90,17 @@ def test_duplicate_names_across_files(tmp_path: Path) -> None:
 def test_the_example_policies_load() -> None:
     policy_set = load_policy_set(Path(__file__).parents[2] / "policies", ENGINE)
     assert policy_set.policies and policy_set.revision
+
+
+def test_revision_is_the_git_commit_of_a_clean_checkout(tmp_path: Path) -> None:
+    import subprocess
+
+    (tmp_path / "p.yaml").write_text("name: p\n")
+    git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "policies"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+    assert load_policy_set(tmp_path, ENGINE).revision == f"git:{head.strip()[:12]}"
+    (tmp_path / "p.yaml").write_text("name: p\ndefault: deny\n")  # uncommitted: the content decides
+    assert load_policy_set(tmp_path, ENGINE).revision.startswith("sha256:")
