@@ -9,7 +9,8 @@ found. Routes:
     GET  /v1/agents                               POST /v1/agents {name, labels, connection}
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
     GET  /v1/approvals?state=pending              GET /v1/approvals/{id}
-    POST /v1/approvals/{id}/approve {reason}      POST /v1/approvals/{id}/deny {reason}
+    POST /v1/approvals/{id}/approve {reason, as}  POST /v1/approvals/{id}/deny {reason, as}
+                                                  (as: the approver voting; default owner:<name>)
     GET  /v1/authorizations?agent=&limit=         GET /v1/authorizations/{id}
     GET  /v1/events?after=&limit=
 """
@@ -157,13 +158,14 @@ class OwnerApi:
 
     async def _decide(self, request: web.Request, approve: bool) -> web.Response:
         owner = request[OWNER]
-        reason = (await self._body(request)).get("reason", "")
-        if not isinstance(reason, str):
-            raise BadRequest("reason must be a string", param="reason")
-        approval = await self.service.decide_hold(
-            owner.id, request.match_info["id"], approve, f"owner:{owner.name}", reason
+        body = await self._body(request)
+        reason, voter = body.get("reason", ""), body.get("as", f"owner:{owner.name}")
+        if not isinstance(reason, str) or not isinstance(voter, str) or not voter:
+            raise BadRequest("reason and as must be strings", param="reason")
+        result = await self.service.vote(
+            owner.id, request.match_info["id"], voter, approve, reason, "owner_api"
         )
-        return web.json_response(approval_json(approval, self.service.clock()))
+        return web.json_response(approval_json(result.approval, self.service.clock(), result.counted))
 
     async def approve(self, request: web.Request) -> web.Response:
         return await self._decide(request, True)

@@ -9,7 +9,7 @@
     paysentry policy check DIR...                  load and type-check (exit 3 when invalid)
     paysentry policy test DIR... [--coverage]      run *_test.yaml beside the policies (exit 4 on failure)
     paysentry policy replay DIR --since 7d         which recorded decisions a candidate set would change
-    paysentry approvals list [--state S] | show ID | approve ID | deny ID [--reason R]
+    paysentry approvals list [--state S] | show ID | approve ID | deny ID [--as APPROVER] [--reason R]
     paysentry mock-provider [--listen HOST:PORT]
 
 Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--owner")
         if name != "show":
             cmd.add_argument("--reason", default="")
+            cmd.add_argument(
+                "--as", dest="voter", default="cli", help="the approver voting (as named in the rule)"
+            )
 
     mock = sub.add_parser("mock-provider", help="run the built-in mock payment provider on its own")
     mock.add_argument("--listen", default="127.0.0.1:12111")
@@ -394,8 +397,10 @@ async def _approvals_decide(ctx: _Context, args: argparse.Namespace) -> int:
     from proxy.owners import approval_json
 
     owner = await ctx.service.owner_named(args.owner)
-    approval = await ctx.service.decide_hold(owner.id, args.id, args.action == "approve", "cli", args.reason)
-    _print(approval_json(approval, time.time()))
+    result = await ctx.service.vote(
+        owner.id, args.id, args.voter, args.action == "approve", args.reason, "cli"
+    )
+    _print(approval_json(result.approval, time.time(), result.counted))
     return 0
 
 

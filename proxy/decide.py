@@ -22,6 +22,7 @@ from proxy.model import (
     HOLD,
     UNRECOGNIZED,
     Agent,
+    ApprovalSpec,
     Charge,
     Decision,
     Payment,
@@ -39,6 +40,7 @@ class _Verdict:
     policy: str
     message: str
     hold_expires_in: float | None = None
+    approval: ApprovalSpec | None = None
 
 
 def period_of(window: str, now: datetime, timezone: str) -> str:
@@ -145,6 +147,7 @@ def _decision(verdict: _Verdict, charges: tuple[Charge, ...], **extra: Any) -> D
         verdict.message,
         charges,
         verdict.hold_expires_in,
+        approval=verdict.approval,
         **extra,
     )
 
@@ -187,6 +190,7 @@ class _Evaluation:
                 policy.name,
                 self.message(rule),
                 (rule.hold_expiry or policy.hold_expiry) if rule.effect == HOLD else None,
+                (rule.approval or ApprovalSpec()) if rule.effect == HOLD else None,
             )
             target = shadow if rule.shadow else fired
             target.setdefault(rule.effect, verdict)

@@ -10,6 +10,7 @@
     ├── IdempotencyMismatch        same Idempotency-Key, different request (400, idempotency_error)
     ├── RequestInFlight            same Idempotency-Key is being processed now (409, retryable)
     ├── NotFound                   an owner-API object that does not exist or is not yours (404)
+    ├── Forbidden                  not allowed to act on it (an approver not named on a hold) (403)
     ├── Conflict                   an owner action that does not fit the object's state (409)
     ├── StoreUnavailable           the store cannot be reached: payments fail closed (503)
     └── UpstreamUnavailable        the provider could not be reached (502)
@@ -82,6 +83,11 @@ class RequestInFlight(PaySentryError):
 class NotFound(PaySentryError):
     status = 404
     code = "not_found"
+
+
+class Forbidden(PaySentryError):
+    status = 403
+    code = "forbidden"
 
 
 class Conflict(PaySentryError):

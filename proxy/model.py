@@ -79,6 +79,26 @@ class SpendTotal:
 
 
 @dataclass(frozen=True, slots=True)
+class Reviewer:
+    """An automated reviewer: an HTTP endpoint that answers a held payment with a vote and its reasoning."""
+
+    name: str
+    url: str
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalSpec:
+    """Who decides a hold. No approvers: any owner decides alone."""
+
+    approvers: tuple[str, ...] = ()  # people, and "reviewer:<name>" for automated reviewers
+    quorum: int = 1
+    veto: bool = True  # one deny vote refuses at once
+    wait: float = 0.0  # seconds the agent's call may be kept open waiting for the quorum
+    reviewers: tuple[Reviewer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ShadowHit:
     """What a shadow rule or policy would have decided; recorded, never enforced."""
 
@@ -98,5 +118,6 @@ class Decision:
     hold_expires_in: float | None = None  # seconds, for holds
     revision: str = ""
     shadow: tuple[ShadowHit, ...] = ()
+    approval: ApprovalSpec | None = None  # for holds
     # Rules whose expression was evaluated and matched (for policy-test coverage).
     fired: tuple[str, ...] = ()

@@ -12,7 +12,15 @@ from adapters import get_adapter
 from proxy.connections import credentials_context
 from proxy.errors import BadRequest, NotFound
 from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, issue_token, new_id
-from proxy.store import AgentRecord, ApprovalRecord, AuthorizationRecord, ConnectionRecord, OwnerRecord, Store
+from proxy.store import (
+    AgentRecord,
+    ApprovalRecord,
+    AuthorizationRecord,
+    ConnectionRecord,
+    OwnerRecord,
+    Store,
+    VoteResult,
+)
 
 
 class OwnerService:
@@ -88,10 +96,10 @@ class OwnerService:
         await self.store.create_agent(agent)
         return agent, token
 
-    async def decide_hold(
-        self, owner_id: str, approval_id: str, approve: bool, actor: str, reason: str
-    ) -> ApprovalRecord:
-        return await self.store.decide_hold(owner_id, approval_id, approve, actor, reason, self.clock())
+    async def vote(
+        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str
+    ) -> VoteResult:
+        return await self.store.vote(owner_id, approval_id, voter, approve, reason, via, self.clock())
 
 
 def agent_json(agent: AgentRecord) -> dict[str, Any]:
@@ -128,7 +136,7 @@ def authorization_json(auth: AuthorizationRecord) -> dict[str, Any]:
     }
 
 
-def approval_json(approval: ApprovalRecord, now: float) -> dict[str, Any]:
+def approval_json(approval: ApprovalRecord, now: float, counted: bool | None = None) -> dict[str, Any]:
     out = {
         "id": approval.id,
         "state": approval.state,
@@ -139,7 +147,16 @@ def approval_json(approval: ApprovalRecord, now: float) -> dict[str, Any]:
         "reason": approval.reason,
         "created_at": approval.created_at,
         "decided_at": approval.decided_at,
+        "approvers": list(approval.approvers) or ["(any owner)"],
+        "quorum": approval.quorum,
+        "veto": approval.veto,
+        "votes": [
+            {"voter": v.voter, "vote": v.vote, "reason": v.reason, "via": v.via, "at": v.at}
+            for v in approval.votes
+        ],
     }
+    if counted is not None:
+        out["vote_counted"] = counted
     if approval.authorization is not None:
         out["authorization"] = authorization_json(approval.authorization)
     return out

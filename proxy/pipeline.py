@@ -262,6 +262,7 @@ class Pipeline:
             approval_id=new_id("apr") if hold else None,
             hold_expires_at=now + (decision.hold_expires_in or 0) if hold else None,
             lease_expires_at=now + self.lease,
+            approval=decision.approval,
             shadow=[
                 {"policy": h.policy, "rule": h.rule, "effect": h.effect, "message": h.message}
                 for h in decision.shadow

@@ -28,6 +28,7 @@ import yaml
 
 from proxy.durations import parse_duration
 from proxy.errors import PolicyError
+from proxy.model import ApprovalSpec, Reviewer
 from proxy.policy.engine import CompileError, Engine
 from proxy.policy.model import Limit, Policy, PolicySet, Rule
 
@@ -196,6 +197,8 @@ class _PolicyReader:
             except (ZoneInfoNotFoundError, ValueError):
                 self.report(doc.lines.get("timezone", 1), f"policy {name}", f"unknown time zone {timezone!r}")
         shadow = doc.get("mode") == "shadow"
+        self.groups = doc.get("groups", {}) if ("groups",) not in invalid else {}
+        self.reviewers = doc.get("reviewers", {}) if ("reviewers",) not in invalid else {}
         rules = tuple(
             rule
             for i, node in enumerate(doc.get("rules") or [])
@@ -275,6 +278,9 @@ class _PolicyReader:
         if when is None or ("message_expr" in node and message_expr is None):
             return None
         hold_expiry = parse_duration(node["hold_expiry"]) if "hold_expiry" in node else None
+        approval = self.approval(node, what) if "approval" in node else None
+        if "approval" in node and approval is None:
+            return None
         return Rule(
             node["name"],
             effect,
@@ -286,7 +292,43 @@ class _PolicyReader:
             policy_shadow or node.get("mode") == "shadow",
             node.line,
             node.get("message_expr"),
+            approval,
         )
+
+    def approval(self, node: _LineDict, what: str) -> ApprovalSpec | None:
+        spec, line = node["approval"], node.lines["approval"]
+        if node["effect"] != "hold":
+            self.report(line, what, "approval only applies to rules whose effect is hold")
+            return None
+        approvers: list[str] = []
+        reviewers: list[Reviewer] = []
+        for entry in spec.get("approvers", []):
+            kind, _, name = entry.partition(":")
+            if kind == "group" and name:
+                if name not in self.groups:
+                    self.report(line, what, f"unknown group {name!r} (define it under groups:)")
+                    return None
+                approvers += [m for m in self.groups[name] if m not in approvers]
+            elif kind == "reviewer" and name:
+                if name not in self.reviewers:
+                    self.report(line, what, f"unknown reviewer {name!r} (define it under reviewers:)")
+                    return None
+                config = self.reviewers[name]
+                reviewers.append(Reviewer(name, config["url"], parse_duration(config.get("timeout", 5))))
+                approvers.append(entry)
+            elif entry not in approvers:
+                approvers.append(entry)
+        quorum = spec.get("quorum", 1)
+        if approvers and quorum > len(approvers):
+            self.report(line, what, f"quorum {quorum} is more than the {len(approvers)} approvers named")
+            return None
+        wait = parse_duration(spec.get("wait", 0))
+        if wait > 60:
+            self.report(
+                line, what, "wait is at most 60s, so the agent's SDK (80 s timeout) hears back in time"
+            )
+            return None
+        return ApprovalSpec(tuple(approvers), quorum, spec.get("veto", True), wait, tuple(reviewers))
 
     def limit(self, node: _LineDict, policy_shadow: bool) -> Limit | None:
         what = f"limit {node['name']}"

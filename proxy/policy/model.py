@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from proxy.model import ApprovalSpec
 from proxy.policy.engine import Program
 
 WINDOWS = ("payment", "day", "week", "month")
@@ -23,6 +24,7 @@ class Rule:
     shadow: bool = False  # evaluated and recorded, never changes the outcome
     line: int = 0
     message_source: str | None = None
+    approval: ApprovalSpec | None = None  # holds: who decides, quorum, veto, waiting
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.model import Charge, SpendTotal
+from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
 
 # Authorization states.
 DENIED, HELD, APPROVED, REJECTED, EXPIRED = "denied", "held", "approved", "rejected", "expired"
@@ -76,6 +76,7 @@ class NewAuthorization:
     approval_id: str | None = None
     lease_expires_at: float | None = None
     shadow: Sequence[Mapping[str, str]] = ()  # what shadow rules would have decided
+    approval: ApprovalSpec | None = None  # holds: who decides
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,15 @@ class AuthorizationRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Vote:
+    voter: str
+    vote: str  # approve | deny
+    reason: str
+    via: str  # cli, owner_api, link, reviewer
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ApprovalRecord:
     id: str
     owner_id: str
@@ -118,7 +128,18 @@ class ApprovalRecord:
     reason: str | None
     created_at: float
     decided_at: float | None
+    approvers: tuple[str, ...] = ()
+    quorum: int = 1
+    veto: bool = True
+    reviewers: tuple[Reviewer, ...] = ()
+    votes: tuple[Vote, ...] = ()
     authorization: AuthorizationRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VoteResult:
+    approval: ApprovalRecord
+    counted: bool  # False when this voter had already voted: the first vote stands
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +208,12 @@ class Store(Protocol):
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
 
     # holds and housekeeping
-    async def decide_hold(
-        self, owner_id: str, approval_id: str, approve: bool, actor: str, reason: str, now: float
-    ) -> ApprovalRecord: ...
+    async def vote(
+        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str, now: float
+    ) -> VoteResult: ...
+    async def add_links(self, approval_id: str, links: Sequence[tuple[str, str, float]]) -> None: ...
+    async def find_link(self, token_hash: str) -> tuple[ApprovalRecord, str, float | None, float] | None: ...
+    async def use_link(self, token_hash: str, approve: bool, reason: str, now: float) -> VoteResult: ...
     async def get_approval(self, owner_id: str, approval_id: str) -> ApprovalRecord | None: ...
     async def list_approvals(self, owner_id: str, state: str | None) -> list[ApprovalRecord]: ...
     async def expire_holds(self, now: float) -> int: ...

@@ -16,9 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.approvals import APPROVED as APPROVED_HOLD
+from proxy.approvals import DENIED as DENIED_HOLD
+from proxy.approvals import EXPIRED as EXPIRED_HOLD
+from proxy.approvals import PENDING, may_vote, tally
 from proxy.decide import limit_exceeded_message
-from proxy.errors import Conflict, NotFound, StoreUnavailable
-from proxy.model import Charge, SpendTotal
+from proxy.errors import Conflict, Forbidden, NotFound, StoreUnavailable
+from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
 from proxy.store import (
     APPROVED,
     DENIED,
@@ -38,6 +42,8 @@ from proxy.store import (
     NewAuthorization,
     OwnerRecord,
     Recorded,
+    Vote,
+    VoteResult,
 )
 
 T = TypeVar("T")
@@ -370,10 +376,46 @@ class SqliteStore:
         return _authorization(row) if row else None
 
     # -- holds and housekeeping -----------------------------------------------------------------------
-    async def decide_hold(
-        self, owner_id: str, approval_id: str, approve: bool, actor: str, reason: str, now: float
-    ) -> ApprovalRecord:
-        return await self.write(_decide_hold, owner_id, approval_id, approve, actor, reason, now)
+    async def vote(
+        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str, now: float
+    ) -> VoteResult:
+        return await self.write(_vote, owner_id, approval_id, voter, approve, reason, via, now)
+
+    async def add_links(self, approval_id: str, links: Sequence[tuple[str, str, float]]) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO approval_links (token_hash, approval_id, approver, expires_at) VALUES (?,?,?,?)",
+                [(token_hash, approval_id, approver, expires) for token_hash, approver, expires in links],
+            )
+
+        await self.write(run)
+
+    async def find_link(self, token_hash: str) -> tuple[ApprovalRecord, str, float | None, float] | None:
+        def run(db: sqlite3.Connection) -> tuple[ApprovalRecord, str, float | None, float] | None:
+            link = db.execute(
+                "SELECT approval_id, approver, used_at, expires_at FROM approval_links WHERE token_hash=?",
+                (token_hash,),
+            ).fetchone()
+            if link is None:
+                return None
+            row = db.execute("SELECT * FROM approvals WHERE id=?", (link[0],)).fetchone()
+            return _approval(db, row), link[1], link[2], link[3]
+
+        return await self.read(run)
+
+    async def use_link(self, token_hash: str, approve: bool, reason: str, now: float) -> VoteResult:
+        def run(db: sqlite3.Connection) -> VoteResult:
+            link = db.execute(
+                "UPDATE approval_links SET used_at=? WHERE token_hash=? AND used_at IS NULL AND expires_at>? "
+                "RETURNING approval_id, approver",
+                (now, token_hash, now),
+            ).fetchone()
+            if link is None:
+                raise NotFound("this approval link is unknown, used or expired")
+            owner_id = db.execute("SELECT owner_id FROM approvals WHERE id=?", (link[0],)).fetchone()[0]
+            return _vote(db, owner_id, link[0], link[1], approve, reason, "link", now)
+
+        return await self.write(run)
 
     async def get_approval(self, owner_id: str, approval_id: str) -> ApprovalRecord | None:
         def run(db: sqlite3.Connection) -> ApprovalRecord | None:
@@ -551,9 +593,22 @@ def _record_decision(
         auth_id = new.id
     if state == HELD:
         assert new.approval_id and new.hold_expires_at
+        spec = new.approval or ApprovalSpec()
         db.execute(
-            "INSERT INTO approvals VALUES (?,?,?,?,?,?,?,?,?)",
-            (new.approval_id, new.owner_id, auth_id, "pending", new.hold_expires_at, None, None, now, None),
+            "INSERT INTO approvals (id, owner_id, authorization_id, state, expires_at, created_at, approvers, "
+            "quorum, veto, reviewers) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                new.approval_id,
+                new.owner_id,
+                auth_id,
+                "pending",
+                new.hold_expires_at,
+                now,
+                json.dumps(list(spec.approvers)),
+                spec.quorum,
+                int(spec.veto),
+                json.dumps([{"name": r.name, "url": r.url, "timeout": r.timeout} for r in spec.reviewers]),
+            ),
         )
     data = {
         "decision": decision,
@@ -615,48 +670,74 @@ def _release(db: sqlite3.Connection, agent_id: str, charges: Sequence[Charge]) -
         )
 
 
-def _decide_hold(
+def _vote(
     db: sqlite3.Connection,
     owner_id: str,
     approval_id: str,
+    voter: str,
     approve: bool,
-    actor: str,
     reason: str,
+    via: str,
     now: float,
-) -> ApprovalRecord:
+) -> VoteResult:
     row = db.execute("SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id)).fetchone()
     if row is None:
         raise NotFound(f"no approval {approval_id!r}")
     approval = _approval(db, row)
-    if approval.state != "pending":
+    if approval.state != PENDING:
         raise Conflict(f"approval {approval_id} is already {approval.state}")
     if approval.expires_at <= now:
-        _close_hold(db, owner_id, approval_id, "expired", EXPIRED, "paysentry", "the hold expired", now)
+        _close_hold(db, owner_id, approval_id, EXPIRED_HOLD, EXPIRED, "paysentry", "the hold expired", now)
         raise Conflict(f"approval {approval_id} has expired")
-    if approve:
+    if not may_vote(approval.approvers, voter):
+        raise Forbidden(
+            f"{voter!r} is not an approver of {approval_id} (approvers: {', '.join(approval.approvers)})"
+        )
+    vote = "approve" if approve else "deny"
+    try:
+        db.execute("INSERT INTO votes VALUES (?,?,?,?,?,?)", (approval_id, voter, vote, reason, via, now))
+    except sqlite3.IntegrityError:
+        return VoteResult(approval, counted=False)  # each approver votes once; the first vote stands
+    auth = approval.authorization
+    agent_id = auth.agent_id if auth else None
+    _event(
+        db,
+        owner_id,
+        agent_id,
+        approval.authorization_id,
+        "approval.vote",
+        voter,
+        {"approval_id": approval_id, "vote": vote, "reason": reason, "via": via},
+        now,
+    )
+    votes = db.execute(
+        "SELECT voter, vote FROM votes WHERE approval_id=? ORDER BY at", (approval_id,)
+    ).fetchall()
+    outcome = tally(approval.approvers, approval.quorum, approval.veto, votes)
+    if outcome == APPROVED_HOLD:
+        deciders = ",".join(v for v, choice in votes if choice == "approve")
         db.execute(
             "UPDATE approvals SET state='approved', decided_by=?, reason=?, decided_at=? WHERE id=?",
-            (actor, reason, now, approval_id),
+            (deciders, reason, now, approval_id),
         )
         db.execute(
             "UPDATE authorizations SET state=?, updated_at=? WHERE id=?",
             (APPROVED, now, approval.authorization_id),
         )
-        auth = approval.authorization
         _event(
             db,
             owner_id,
-            auth.agent_id if auth else None,
+            agent_id,
             approval.authorization_id,
             "approval.approved",
-            actor,
-            {"approval_id": approval_id, "reason": reason},
+            deciders,
+            {"approval_id": approval_id, "votes": [list(v) for v in votes]},
             now,
         )
-    else:
-        _close_hold(db, owner_id, approval_id, "denied", REJECTED, actor, reason, now)
+    elif outcome == DENIED_HOLD:
+        _close_hold(db, owner_id, approval_id, DENIED_HOLD, REJECTED, voter, reason, now)
     row = db.execute("SELECT * FROM approvals WHERE id=?", (approval_id,)).fetchone()
-    return _approval(db, row)
+    return VoteResult(_approval(db, row), counted=True)
 
 
 def _close_hold(
@@ -748,7 +829,19 @@ def _authorization(row: Sequence[Any]) -> AuthorizationRecord:
 
 def _approval(db: sqlite3.Connection, row: Sequence[Any]) -> ApprovalRecord:
     auth = db.execute(f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=?", (row[2],)).fetchone()
-    return ApprovalRecord(*row, authorization=_authorization(auth) if auth else None)
+    votes = db.execute(
+        "SELECT voter, vote, reason, via, at FROM votes WHERE approval_id=? ORDER BY at", (row[0],)
+    ).fetchall()
+    reviewers = tuple(Reviewer(**r) for r in json.loads(row[12]))
+    return ApprovalRecord(
+        *row[:9],
+        approvers=tuple(json.loads(row[9])),
+        quorum=row[10],
+        veto=bool(row[11]),
+        reviewers=reviewers,
+        votes=tuple(Vote(*v) for v in votes),
+        authorization=_authorization(auth) if auth else None,
+    )
 
 
 def _statements(sql: str) -> list[str]:

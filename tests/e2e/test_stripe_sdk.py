@@ -79,8 +79,9 @@ def test_hold_then_cli_approval_forwards_exactly_once(deployment: Deployment, st
     assert first.id == again.id
     assert len(deployment.mock_payments()) == 1
     events = deployment.owner_api("GET", "/v1/events")[1]["data"]
-    assert [e["type"] for e in events if e["authorization_id"]][-4:] == [
+    assert [e["type"] for e in events if e["authorization_id"]][-5:] == [
         "authorization.held",
+        "approval.vote",
         "approval.approved",
         "authorization.forwarding",
         "authorization.settled",

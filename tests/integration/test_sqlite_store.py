@@ -144,13 +144,13 @@ async def test_holds_reserve_and_release_on_deny_or_expiry(tmp_path: Path) -> No
     await store.record_decision(new("h2", "hold", approval_id="apr_2", hold_expires_at=now + 1), now)
     await store.record_decision(new("h3", "hold", approval_id="apr_3", hold_expires_at=now + 60), now)
     assert await spent(store) == (3000, 3)
-    await store.decide_hold("own_1", "apr_1", False, "alice", "no", now)
+    await store.vote("own_1", "apr_1", "alice", False, "no", "cli", now)
     assert await store.expire_holds(now + 2) == 1
     assert await spent(store) == (1000, 1)
-    approved = await store.decide_hold("own_1", "apr_3", True, "alice", "fine", now)
+    approved = (await store.vote("own_1", "apr_3", "alice", True, "fine", "cli", now)).approval
     assert approved.state == "approved" and approved.authorization.state == "approved"
     with pytest.raises(Conflict):
-        await store.decide_hold("own_1", "apr_3", True, "bob", "again", now)
+        await store.vote("own_1", "apr_3", "bob", True, "again", "cli", now)
     assert await store.start_forwarding("auth_h3", now + 60, now)
     assert not await store.start_forwarding("auth_h3", now + 60, now)  # forwarded exactly once
     assert await store.get_approval("own_2", "apr_3") is None  # another owner does not see it
@@ -186,3 +186,48 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "ps.db"))
     with pytest.raises(Exception, match="newer than this"):
         await store.open()
+
+
+async def test_quorum_votes_on_a_real_file(tmp_path: Path) -> None:
+    from proxy.errors import Forbidden, NotFound
+    from proxy.model import ApprovalSpec
+
+    store = await seeded(tmp_path / "ps.db")
+    now = time.time()
+    spec = ApprovalSpec(("alice", "bob", "reviewer:risk"), quorum=2, veto=True)
+    for key in ("q1", "q2"):
+        await store.record_decision(
+            new(key, "hold", approval_id=f"apr_{key}", hold_expires_at=now + 60, approval=spec), now
+        )
+    first = await store.vote("own_1", "apr_q1", "alice", True, "ok", "cli", now)
+    assert first.counted and first.approval.state == "pending"
+    again = await store.vote("own_1", "apr_q1", "alice", True, "ok again", "cli", now)
+    assert not again.counted and again.approval.state == "pending"  # the same approver counts once
+    with pytest.raises(Forbidden):
+        await store.vote("own_1", "apr_q1", "mallory", True, "me too", "cli", now)
+    done = await store.vote("own_1", "apr_q1", "reviewer:risk", True, "low risk", "reviewer", now)
+    assert done.approval.state == "approved"
+    assert [(v.voter, v.vote, v.via) for v in done.approval.votes] == [
+        ("alice", "approve", "cli"),
+        ("reviewer:risk", "approve", "reviewer"),
+    ]
+
+    await store.vote("own_1", "apr_q2", "alice", True, "ok", "cli", now)
+    vetoed = await store.vote("own_1", "apr_q2", "bob", False, "not this vendor", "cli", now)
+    assert vetoed.approval.state == "denied"
+    assert await spent(store) == (1000, 1)  # the vetoed hold released; the approved one still reserves
+
+    from proxy.approvals import new_link_token
+
+    await store.record_decision(
+        new("q3", "hold", approval_id="apr_q3", hold_expires_at=now + 60, approval=spec), now
+    )
+    token, digest = new_link_token()
+    await store.add_links("apr_q3", [(digest, "bob", now + 60)])
+    approval, approver, used, _ = await store.find_link(digest)
+    assert (approval.id, approver, used) == ("apr_q3", "bob", None)
+    result = await store.use_link(digest, True, "via link", now)
+    assert result.approval.votes[0].voter == "bob" and result.approval.votes[0].via == "link"
+    with pytest.raises(NotFound):
+        await store.use_link(digest, True, "replayed", now)  # one time only
+    await store.close()
