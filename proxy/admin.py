@@ -6,6 +6,7 @@ found. Routes:
     GET  /livez                                   the process is up
     GET  /readyz                                  store reachable and a policy set loaded (503 if not)
     GET  /metrics                                 Prometheus text format
+    GET|POST /approvals/link/{token}              the one-time approval page (the token is the credential)
     GET  /v1/agents                               POST /v1/agents {name, labels, connection}
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
     GET  /v1/approvals?state=pending              GET /v1/approvals/{id}
@@ -25,6 +26,8 @@ from aiohttp import web
 
 from proxy.auth import TokenAuthenticator
 from proxy.errors import BadRequest, NotFound, PaySentryError
+from proxy.holds import HoldCoordinator
+from proxy.links import LinkPages
 from proxy.metrics import Metrics
 from proxy.owners import OwnerService, agent_json, approval_json, authorization_json
 from proxy.policy.reload import PolicyHolder
@@ -47,10 +50,12 @@ class OwnerApi:
         policies: PolicyHolder,
         on_revoke: Callable[[str], None],
         metrics: Metrics,
+        holds: HoldCoordinator,
     ) -> None:
         self.store, self.service, self.owners, self.policies = store, service, owners, policies
         self.on_revoke = on_revoke
         self.metrics = metrics
+        self.holds = holds
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
@@ -69,12 +74,15 @@ class OwnerApi:
         r.add_get("/v1/authorizations", self.list_authorizations)
         r.add_get("/v1/authorizations/{id}", self.get_authorization)
         r.add_get("/v1/events", self.list_events)
+        LinkPages(self.store, self.holds.voted).add_routes(app)
         return app
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if request.path not in ("/livez", "/readyz", "/metrics"):
+            if request.path not in ("/livez", "/readyz", "/metrics") and not request.path.startswith(
+                "/approvals/link/"
+            ):
                 header = request.headers.get("Authorization", "")
                 token = header[7:].strip() if header.lower().startswith("bearer ") else None
                 request[OWNER] = await self.owners.authenticate(token)
@@ -165,6 +173,7 @@ class OwnerApi:
         result = await self.service.vote(
             owner.id, request.match_info["id"], voter, approve, reason, "owner_api"
         )
+        self.holds.voted(result.approval)
         return web.json_response(approval_json(result.approval, self.service.clock(), result.counted))
 
     async def approve(self, request: web.Request) -> web.Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from proxy.auth import TokenAuthenticator
 from proxy.config import Settings, split_address
 from proxy.connections import ConnectionCache
 from proxy.forwarder import Forwarder
+from proxy.holds import HoldCoordinator
 from proxy.metrics import Metrics
 from proxy.owners import OwnerService
 from proxy.pipeline import Pipeline
@@ -56,6 +58,12 @@ class Sidecar:
             cache_ttl=settings.token_cache_ttl,
         )
         self.forwarder = Forwarder(settings.upstream_timeout)
+        self.holds = HoldCoordinator(
+            self.store,
+            [u.strip() for u in settings.notify_webhooks.split(",") if u.strip()],
+            settings.notify_secret.encode() or os.urandom(32),
+            settings.public_url or f"http://{settings.admin_listen}",
+        )
         self.pipeline = Pipeline(
             self.store,
             self.engine,
@@ -68,6 +76,7 @@ class Sidecar:
             tracer_provider.get_tracer(TRACER_NAME, __version__),
             settings.reservation_lease,
             self.metrics,
+            self.holds,
         )
         self.owner_api = OwnerApi(
             self.store,
@@ -76,6 +85,7 @@ class Sidecar:
             self.policies,
             lambda agent_id: self.agents.forget(lambda a: a.id == agent_id),
             self.metrics,
+            self.holds,
         )
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -88,6 +98,7 @@ class Sidecar:
     async def start(self) -> None:
         await self.store.open()
         await self.forwarder.start()
+        await self.holds.start()
         if self.settings.mock_provider_listen:
             await self._listen(MockProvider().app(), self.settings.mock_provider_listen)
         await self._listen(self.agent_app(), self.settings.listen)
@@ -138,5 +149,6 @@ class Sidecar:
         # Agent listener first (it was started after the mock provider): in-flight calls finish.
         for runner in reversed(self._runners):
             await runner.cleanup()
+        await self.holds.close()
         await self.forwarder.close()
         await self.store.close()

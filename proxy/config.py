@@ -35,14 +35,23 @@ class Settings:
     sweep_interval: float = 5.0
     policy_poll_interval: float = 2.0  # how often the policy directory is checked for changes
     max_body_bytes: int = 1024 * 1024
+    notify_webhooks: str = ""  # comma-separated URLs that receive signed hold notifications
+    notify_secret: str = ""  # HMAC key of PaySentry-Signature (a secret: set it from the environment)
+    public_url: str = ""  # base URL of the owner listener in approval links; default http://<admin_listen>
     mock_provider_listen: str = ""  # host:port to run the built-in mock provider in-process; "" = off
     log_level: str = "INFO"
 
     def summary(self) -> dict[str, Any]:
-        """What the sidecar logs at start: every setting (none of them is a secret)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """What the sidecar logs at start: every setting, secrets redacted."""
+        return {
+            f.name: ("(set)" if getattr(self, f.name) else "")
+            if f.name in SECRET_SETTINGS
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
 
 
+SECRET_SETTINGS = frozenset({"notify_secret"})
 DEFAULTS = Settings()
 _DURATIONS = {
     "token_cache_ttl",
@@ -125,6 +134,13 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"bcrypt_rounds: between 4 and 16, got {rounds}")
     if not str(values.get("store", DEFAULTS.store)).startswith("sqlite:///"):
         problems.append("store: expected sqlite:///path/to/file.db")
+    if values.get("notify_webhooks") and not values.get("notify_secret"):
+        problems.append(
+            "notify_secret: required when notify_webhooks is set (receivers verify signatures with it)"
+        )
+    for url in filter(None, (u.strip() for u in str(values.get("notify_webhooks", "")).split(","))):
+        if not url.startswith(("http://", "https://")):
+            problems.append(f"notify_webhooks: {url!r} is not an http(s) URL")
     if values.get("listen", DEFAULTS.listen) == values.get("admin_listen", DEFAULTS.admin_listen):
         problems.append("admin_listen: the owner API must not share the agents' listener")
 

@@ -43,6 +43,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.forwarder import Forwarder, UpstreamReply
+from proxy.holds import HoldCoordinator
 from proxy.metrics import Metrics
 from proxy.model import DENY, HOLD, Agent, Decision, Payment
 from proxy.policy.engine import Engine
@@ -88,12 +89,13 @@ class Pipeline:
         tracer: trace.Tracer,
         reservation_lease: float,
         metrics: Metrics,
+        holds: HoldCoordinator,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.engine, self.policies = store, engine, policies
         self.agents, self.connections, self.forwarder = agents, connections, forwarder
         self.sealer, self.default_adapter, self.tracer = sealer, default_adapter, tracer
-        self.lease, self.clock, self.metrics = reservation_lease, clock, metrics
+        self.lease, self.clock, self.metrics, self.holds = reservation_lease, clock, metrics, holds
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         with self.tracer.start_as_current_span("paysentry.call", kind=SpanKind.SERVER) as span:
@@ -210,7 +212,40 @@ class Pipeline:
         self.metrics.inc("paysentry_decisions_total", decision=auth.decision, rule=auth.rule)
         if auth.state == FORWARDING:
             return await self._forward(auth, connection, request, url, body, key, span)
+        if auth.state == HELD and decision.approval is not None:
+            return await self._held(auth, decision, agent, connection, request, url, body, key, span)
         return self._refusal(auth, connection.adapter)
+
+    async def _held(
+        self,
+        auth: AuthorizationRecord,
+        decision: Decision,
+        agent: Agent,
+        connection: Connection,
+        request: web.Request,
+        url: str,
+        body: bytes,
+        key: str,
+        span: trace.Span,
+    ) -> web.StreamResponse:
+        """Announce the hold; when the rule allows waiting, keep the call open until the quorum decides."""
+        assert decision.approval is not None and auth.approval_id is not None
+        span.set_attribute("paysentry.hold_id", auth.approval_id)
+        expires_at = self.clock() + (decision.hold_expires_in or 0)
+        self.holds.on_hold(auth, decision.approval, agent, expires_at)
+        if decision.approval.wait <= 0:
+            return self._refusal(auth, connection.adapter)
+        with self.tracer.start_as_current_span("paysentry.wait_for_approval") as waiting:
+            state = await self.holds.wait(agent.owner_id, auth.approval_id, decision.approval.wait)
+            waiting.set_attribute("paysentry.approval_state", state)
+        if state == "approved" and await self.store.start_forwarding(
+            auth.id, self.clock() + self.lease, self.clock()
+        ):
+            return await self._forward(auth, connection, request, url, body, key, span)
+        latest = await self.store.get_authorization(agent.owner_id, auth.id) or auth
+        if latest.state not in (HELD, REJECTED, EXPIRED):  # another call with this key took it forward
+            raise RequestInFlight("A request with this Idempotency-Key is being processed; retry shortly.")
+        return self._refusal(latest, connection.adapter)
 
     async def _resolve(self, payment: Payment, agent: Agent, connection: Connection) -> Payment:
         """Fill in the amount of a call on an earlier object (confirm, capture, refund without amount)."""

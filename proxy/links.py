@@ -1,0 +1,126 @@
+"""One-time approval links: a small page showing the held payment and the rule; it acts only on a POST
+from that page. A used, expired, unknown or tampered link does nothing and says so."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from proxy.approvals import PENDING, link_hash
+from proxy.currency import format_minor
+from proxy.errors import PaySentryError
+from proxy.store import ApprovalRecord, Store, VoteResult
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse}td{padding:.25rem .75rem .25rem 0;vertical-align:top}"
+    "button{font-size:1rem;padding:.5rem 1.25rem;margin-right:.5rem}.approve{background:#1a7f37;color:#fff}"
+    ".deny{background:#cf222e;color:#fff}textarea{width:100%}"
+)
+
+
+def _page(title: str, body: str, status: int = 200) -> web.Response:
+    text = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<meta name='robots' content='noindex'><style>{STYLE}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+    return web.Response(
+        text=text,
+        content_type="text/html",
+        status=status,
+        headers={
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+        },
+    )
+
+
+def _gone(text: str) -> web.Response:
+    return _page("This approval link is no longer valid", f"<p>{html.escape(text)}</p>", status=410)
+
+
+class LinkPages:
+    def __init__(
+        self, store: Store, on_vote: Callable[[ApprovalRecord], None], clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store, self.on_vote, self.clock = store, on_vote, clock
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/approvals/link/{token}", self.show)
+        app.router.add_post("/approvals/link/{token}", self.act)
+
+    async def _find(self, token: str) -> tuple[ApprovalRecord, str] | web.Response:
+        found = await self.store.find_link(link_hash(token))
+        if found is None:
+            return _gone("The link is unknown.")
+        approval, approver, used_at, expires_at = found
+        if used_at is not None:
+            return _gone("The link has already been used.")
+        if expires_at <= self.clock() or approval.state != PENDING:
+            return _gone(f"The payment is no longer waiting for approval (it is {approval.state}).")
+        return approval, approver
+
+    async def show(self, request: web.Request) -> web.Response:
+        found = await self._find(request.match_info["token"])
+        if isinstance(found, web.Response):
+            return found
+        approval, approver = found
+        auth = approval.authorization
+        assert auth is not None
+        amount = format_minor(auth.amount, auth.currency) if auth.currency else str(auth.amount)
+        rows = [
+            ("Agent", auth.agent_id),
+            ("Operation", auth.operation),
+            ("Amount", amount),
+            ("Destination", auth.destination or "-"),
+            ("Rule", f"{auth.policy}.{auth.rule}"),
+            ("Why", auth.message),
+            ("Votes so far", ", ".join(f"{v.voter}: {v.vote}" for v in approval.votes) or "none"),
+            ("Quorum", f"{approval.quorum} of {len(approval.approvers) or 1}"),
+            ("Time left", f"{max(0, int(approval.expires_at - self.clock()))} s"),
+        ]
+        table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        chosen = request.query.get("decision", "")
+        hint = (
+            f"<p>You opened the <b>{html.escape(chosen)}</b> link; confirm below.</p>"
+            if chosen in ("approve", "deny")
+            else ""
+        )
+        form = (
+            "<form method='post'><p><label>Reason (optional)<br><textarea name='reason' rows='2'></textarea>"
+            "</label></p><button class='approve' name='decision' value='approve'>Approve</button>"
+            "<button class='deny' name='decision' value='deny'>Deny</button></form>"
+        )
+        return _page(f"Approve a payment as {approver}?", f"<table>{table}</table>{hint}{form}")
+
+    async def act(self, request: web.Request) -> web.Response:
+        found = await self._find(request.match_info["token"])
+        if isinstance(found, web.Response):
+            return found
+        form = await request.post()
+        decision = form.get("decision")
+        if decision not in ("approve", "deny"):
+            return _page(
+                "Nothing was done", "<p>Choose Approve or Deny on the approval page.</p>", status=400
+            )
+        try:
+            result: VoteResult = await self.store.use_link(
+                link_hash(request.match_info["token"]),
+                decision == "approve",
+                str(form.get("reason", ""))[:2000],
+                self.clock(),
+            )
+        except PaySentryError as exc:
+            return _gone(exc.message)
+        self.on_vote(result.approval)
+        return _page(
+            "Thank you",
+            f"<p>Your vote ({html.escape(str(decision))}) is recorded. The payment is now "
+            f"<b>{html.escape(result.approval.state)}</b>.</p>",
+        )
