@@ -143,7 +143,11 @@ class Deployment:
 
 
 def make_deployment(
-    root: Path, policy: str = POLICY, provider: str = "mock", upstream: str | None = None
+    root: Path,
+    policy: str = POLICY,
+    provider: str = "mock",
+    upstream: str | None = None,
+    extra_config: str = "",
 ) -> Deployment:
     agent_port, admin_port, mock_port = free_port(), free_port(), free_port()
     (root / "policies").mkdir()
@@ -161,6 +165,7 @@ def make_deployment(
         policy_poll_interval: 0.2
         upstream_timeout: 3s
     """)
+        + extra_config
     )
     env = {
         **os.environ,
