@@ -34,6 +34,8 @@ class Adapter(Protocol):
     idempotency_header: str
     # Request headers the agent may not send through (they would change whose money moves).
     guarded_headers: frozenset[str]
+    # The header naming a connected account to act for: allowed only for accounts the owner lists.
+    account_header: str | None
 
     def classify(self, method: str, path: str, content_type: str, body: bytes) -> Classified:
         """Recognise and normalize a call; raise BadRequest / RouteNotFound with a clear message."""

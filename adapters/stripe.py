@@ -117,7 +117,8 @@ class StripeAdapter:
     name = "stripe"
     default_upstream = "https://api.stripe.com"
     idempotency_header = "Idempotency-Key"
-    guarded_headers = frozenset({"stripe-account", "stripe-context"})
+    guarded_headers = frozenset({"stripe-context"})
+    account_header = "Stripe-Account"
 
     def __init__(self) -> None:
         self._routes: list[

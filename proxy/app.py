@@ -25,6 +25,7 @@ from proxy.owners import OwnerService
 from proxy.pipeline import Pipeline
 from proxy.policy.engine import make_engine
 from proxy.policy.reload import PolicyHolder
+from proxy.ratelimit import RateLimiter
 from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, load_keys
 from proxy.store import AgentRecord, OwnerRecord, open_store
 from proxy.telemetry import TRACER_NAME
@@ -77,6 +78,7 @@ class Sidecar:
             settings.reservation_lease,
             self.metrics,
             self.holds,
+            RateLimiter(settings.agent_rate_limit, settings.agent_rate_burst),
         )
         self.owner_api = OwnerApi(
             self.store,
@@ -119,7 +121,14 @@ class Sidecar:
         )
 
     async def _listen(self, app: web.Application, address: str) -> None:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.upstream_timeout)
+        limits = {
+            "max_line_size": self.settings.max_header_bytes,
+            "max_field_size": self.settings.max_header_bytes,
+            "max_headers": self.settings.max_headers,
+        }
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=self.settings.upstream_timeout, handler_args=limits
+        )
         await runner.setup()
         host, port = split_address(address)
         await web.TCPSite(runner, host, port, reuse_address=True).start()

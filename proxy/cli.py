@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--provider", required=True)
     add.add_argument("--upstream")
     add.add_argument(
+        "--allow-account",
+        action="append",
+        default=[],
+        metavar="ACCT",
+        help="a connected account agents may act for (Stripe-Account); repeat for several",
+    )
+    add.add_argument(
         "--credentials-file", required=True, help='JSON {"secret_key": ...} or the key alone; - for stdin'
     )
 
@@ -334,7 +341,9 @@ async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
     text = text.strip()
     credentials = json.loads(text) if text.startswith("{") else {"secret_key": text}
     owner = await ctx.service.owner_named(args.owner)
-    record = await ctx.service.add_connection(owner.id, args.provider, args.name, args.upstream, credentials)
+    record = await ctx.service.add_connection(
+        owner.id, args.provider, args.name, args.upstream, credentials, args.allow_account
+    )
     _print({"id": record.id, "name": record.name, "provider": record.provider, "upstream": record.upstream})
     return 0
 

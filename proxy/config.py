@@ -35,6 +35,11 @@ class Settings:
     sweep_interval: float = 5.0
     policy_poll_interval: float = 2.0  # how often the policy directory is checked for changes
     max_body_bytes: int = 1024 * 1024
+    max_header_bytes: int = 8190  # one header line
+    max_headers: int = 64
+    body_timeout: float = 10.0  # a client that sends its body slower than this is cut off
+    agent_rate_limit: int = 100  # requests per second per agent (0: off); each replica counts its own
+    agent_rate_burst: int = 200
     notify_webhooks: str = ""  # comma-separated URLs that receive signed hold notifications
     notify_secret: str = ""  # HMAC key of PaySentry-Signature (a secret: set it from the environment)
     public_url: str = ""  # base URL of the owner listener in approval links; default http://<admin_listen>

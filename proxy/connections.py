@@ -25,6 +25,7 @@ class Connection:
     adapter: Adapter
     upstream: str
     credentials: Mapping[str, str] = field(repr=False)
+    allowed_accounts: frozenset[str] = frozenset()
 
 
 def credentials_context(connection_id: str) -> str:
@@ -49,7 +50,12 @@ class ConnectionCache:
             )
         credentials = json.loads(self._sealer.open(record.credentials, credentials_context(record.id)))
         connection = Connection(
-            record.id, record.owner_id, get_adapter(record.provider), record.upstream.rstrip("/"), credentials
+            record.id,
+            record.owner_id,
+            get_adapter(record.provider),
+            record.upstream.rstrip("/"),
+            credentials,
+            frozenset(record.allowed_accounts),
         )
         self._cache[connection_id] = (connection, self._clock() + self._ttl)
         return connection

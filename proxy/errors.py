@@ -5,6 +5,7 @@
     ├── PolicyError                a policy set failed to load (every problem listed)
     ├── BadRequest                 the agent's request is malformed (400, names the parameter)
     ├── RouteNotFound              no such path behind this provider (404)
+    ├── MethodNotAllowed           CONNECT, TRACE, PUT ... (405)
     ├── AuthenticationFailed       missing, unknown, revoked or wrong token (401)
     ├── RateLimited                too many attempts (429)
     ├── IdempotencyMismatch        same Idempotency-Key, different request (400, idempotency_error)
@@ -58,6 +59,11 @@ class BadRequest(PaySentryError):
 class RouteNotFound(PaySentryError):
     status = 404
     code = "resource_missing"
+
+
+class MethodNotAllowed(PaySentryError):
+    status = 405
+    code = "method_not_allowed"
 
 
 class AuthenticationFailed(PaySentryError):

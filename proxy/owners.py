@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from adapters import get_adapter
@@ -61,7 +61,13 @@ class OwnerService:
         return owners[0]
 
     async def add_connection(
-        self, owner_id: str, provider: str, name: str, upstream: str | None, credentials: Mapping[str, str]
+        self,
+        owner_id: str,
+        provider: str,
+        name: str,
+        upstream: str | None,
+        credentials: Mapping[str, str],
+        allowed_accounts: Sequence[str] = (),
     ) -> ConnectionRecord:
         adapter = get_adapter(provider)
         if not credentials.get("secret_key"):
@@ -76,6 +82,7 @@ class OwnerService:
             upstream or adapter.default_upstream,
             sealed,
             self.clock(),
+            allowed_accounts=tuple(allowed_accounts),
         )
         await self.store.add_connection(record)
         return record

@@ -35,7 +35,9 @@ from proxy.decide import decide, spend_keys
 from proxy.errors import (
     AuthenticationFailed,
     BadRequest,
+    Forbidden,
     IdempotencyMismatch,
+    MethodNotAllowed,
     PaySentryError,
     RateLimited,
     RequestInFlight,
@@ -48,6 +50,7 @@ from proxy.metrics import Metrics
 from proxy.model import DENY, HOLD, Agent, Decision, Payment
 from proxy.policy.engine import Engine
 from proxy.policy.reload import PolicyHolder
+from proxy.ratelimit import RateLimiter
 from proxy.secrets import Sealer, new_id
 from proxy.store import (
     APPROVED,
@@ -67,7 +70,7 @@ from proxy.store import (
 
 log = logging.getLogger("paysentry.decisions")
 MAX_IDEMPOTENCY_KEY = 255
-_KIND_OF = {
+_KIND_OF: dict[type, str] = {
     BadRequest: "invalid_request",
     AuthenticationFailed: "authentication",
     RateLimited: "rate_limit",
@@ -90,12 +93,14 @@ class Pipeline:
         reservation_lease: float,
         metrics: Metrics,
         holds: HoldCoordinator,
+        limiter: RateLimiter,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.engine, self.policies = store, engine, policies
         self.agents, self.connections, self.forwarder = agents, connections, forwarder
         self.sealer, self.default_adapter, self.tracer = sealer, default_adapter, tracer
         self.lease, self.clock, self.metrics, self.holds = reservation_lease, clock, metrics, holds
+        self.limiter = limiter
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         with self.tracer.start_as_current_span("paysentry.call", kind=SpanKind.SERVER) as span:
@@ -107,6 +112,8 @@ class Pipeline:
                 agent = Agent(record.id, record.owner_id, record.name, record.connection_id, record.labels)
                 span.set_attribute("paysentry.agent", agent.name)
                 span.set_attribute("paysentry.agent_id", agent.id)
+                if not self.limiter.allow(agent.id):
+                    raise RateLimited("Too many requests for this agent; slow down and retry.")
                 connection = await self.connections.get(agent.connection_id)
                 adapter = connection.adapter
                 span.set_attribute("paysentry.provider", adapter.name)
@@ -122,7 +129,17 @@ class Pipeline:
                         exc.code,
                         exc.message,
                         exc.param,
-                        retry=exc.status in (409, 502, 503),
+                        retry=exc.status in (409, 429, 502, 503),
+                    )
+                )
+            except web.HTTPException as exc:  # aiohttp's own refusals: body too large, bad framing
+                span.set_attribute("paysentry.error", exc.reason)
+                return _reply(
+                    adapter.error(
+                        exc.status,
+                        "invalid_request",
+                        "request_refused",
+                        f"PaySentry refused the request: {exc.reason}",
                     )
                 )
             except Exception:  # anything unforeseen fails closed, in the provider's shape
@@ -143,7 +160,7 @@ class Pipeline:
         self, request: web.Request, agent: Agent, connection: Connection, span: trace.Span
     ) -> web.StreamResponse:
         adapter = connection.adapter
-        _check_request(request, adapter)
+        _check_request(request, connection)
         body = await request.read()
         classified = adapter.classify(
             request.method, request.path, request.content_type if body else "", body
@@ -423,13 +440,29 @@ def _retryable(auth: AuthorizationRecord) -> bool:
     return auth.state == FAILED and auth.response_status is None
 
 
-def _check_request(request: web.Request, adapter: Adapter) -> None:
+ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE"})
+
+
+def _check_request(request: web.Request, connection: Connection) -> None:
+    """Refuse what could steer the call elsewhere or onto someone else's money."""
+    if request.method not in ALLOWED_METHODS:
+        raise MethodNotAllowed(f"PaySentry does not forward {request.method} requests")
+    if not request.raw_path.startswith("/"):  # the request target as sent: absolute-form or authority-form
+        raise BadRequest("PaySentry is not a forward proxy: send the path only (origin-form), not a full URL")
+    adapter = connection.adapter
     guarded = [h for h in request.headers if h.lower() in adapter.guarded_headers]
     if guarded:
         raise BadRequest(
             f"PaySentry does not forward the {guarded[0]} header: it would change whose money moves",
             param=guarded[0],
         )
+    if adapter.account_header:
+        accounts = request.headers.getall(adapter.account_header, [])
+        if len(accounts) > 1 or (accounts and accounts[0] not in connection.allowed_accounts):
+            raise Forbidden(
+                f"{adapter.account_header} names an account this agent's owner has not allowed",
+                param=adapter.account_header,
+            )
     raw = request.rel_url.raw_path
     lowered = raw.lower()
     if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered or "/../" in raw + "/" or "//" in raw:

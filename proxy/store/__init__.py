@@ -37,6 +37,7 @@ class ConnectionRecord:
     credentials: bytes  # sealed
     created_at: float
     revoked_at: float | None = None
+    allowed_accounts: tuple[str, ...] = ()  # connected accounts agents may act for (Stripe-Account)
 
 
 @dataclass(frozen=True, slots=True)

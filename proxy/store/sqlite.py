@@ -187,8 +187,18 @@ class SqliteStore:
     async def add_connection(self, c: ConnectionRecord) -> None:
         def run(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT INTO connections VALUES (?,?,?,?,?,?,?,?)",
-                (c.id, c.owner_id, c.provider, c.name, c.upstream, c.credentials, c.created_at, None),
+                "INSERT INTO connections VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    c.id,
+                    c.owner_id,
+                    c.provider,
+                    c.name,
+                    c.upstream,
+                    c.credentials,
+                    c.created_at,
+                    None,
+                    json.dumps(list(c.allowed_accounts)),
+                ),
             )
             _event(
                 db,
@@ -207,7 +217,7 @@ class SqliteStore:
         row = await self.read(
             lambda db: db.execute("SELECT * FROM connections WHERE id=?", (connection_id,)).fetchone()
         )
-        return ConnectionRecord(*row) if row else None
+        return _connection(row) if row else None
 
     async def find_connection(self, owner_id: str, name: str) -> ConnectionRecord | None:
         row = await self.read(
@@ -216,7 +226,7 @@ class SqliteStore:
                 (owner_id, name),
             ).fetchone()
         )
-        return ConnectionRecord(*row) if row else None
+        return _connection(row) if row else None
 
     async def create_agent(self, a: AgentRecord) -> None:
         def run(db: sqlite3.Connection) -> None:
@@ -814,6 +824,10 @@ def _charge_json(c: Charge) -> dict[str, Any]:
 
 def _charges(text: str) -> list[Charge]:
     return [Charge(**c) for c in json.loads(text)]
+
+
+def _connection(row: Sequence[Any]) -> ConnectionRecord:
+    return ConnectionRecord(*row[:8], allowed_accounts=tuple(json.loads(row[8])))
 
 
 def _agent(row: Sequence[Any]) -> AgentRecord:

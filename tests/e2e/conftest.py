@@ -148,6 +148,7 @@ def make_deployment(
     provider: str = "mock",
     upstream: str | None = None,
     extra_config: str = "",
+    provider_args: tuple[str, ...] = (),
 ) -> Deployment:
     agent_port, admin_port, mock_port = free_port(), free_port(), free_port()
     (root / "policies").mkdir()
@@ -191,6 +192,7 @@ def make_deployment(
         "default",
         "--upstream",
         upstream or dep.mock_url,
+        *provider_args,
         "--credentials-file",
         "-",
         stdin=json.dumps({"secret_key": MOCK_SECRET}),

@@ -210,8 +210,8 @@ def test_bad_requests_get_clear_errors_and_change_nothing(deployment: Deployment
                 b"amount=1&currency=usd",
                 {**auth, "Stripe-Account": "acct_other"},
             ),
-            400,
-            "parameter_invalid",
+            403,
+            "forbidden",
         ),
         (raw(deployment, "GET", "/v1/customers/..%2f..%2fadmin", b"", auth), 400, "parameter_invalid"),
     ]

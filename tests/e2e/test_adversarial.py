@@ -1,0 +1,175 @@
+"""The compromised agent: every way around the gateway is attempted, and refused without a trace upstream."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import stripe
+
+from tests.e2e.conftest import Deployment, make_deployment
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Deployment]:
+    dep = make_deployment(
+        tmp_path,
+        provider_args=("--allow-account", "acct_allowed"),
+        extra_config="agent_rate_limit: 20\nagent_rate_burst: 40\n",
+    )
+    dep.start()
+    yield dep
+    dep.stop()
+
+
+def raw_http(dep: Deployment, request: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (no client library tidying them up) and read the answer."""
+    host, port = urlsplit(dep.agent_url).hostname, urlsplit(dep.agent_url).port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data:
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    None,
+                )
+                if length is not None and len(body) >= length:
+                    break
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+def request(
+    dep: Deployment, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, bytes]:
+    merged = {
+        "Host": "127.0.0.1",
+        "Authorization": f"Bearer {dep.agent_token}",
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+        **(headers or {}),
+    }
+    lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in merged.items())]
+    return raw_http(dep, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+
+def upstream_calls(dep: Deployment) -> list[dict[str, Any]]:
+    return dep.mock()
+
+
+PAY = b"amount=1000&currency=usd"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("POST", "http://evil.example/v1/payment_intents", {}, 400),  # absolute-form: not a forward proxy
+        ("CONNECT", "evil.example:443", {}, 404),  # authority-form matches no route at all
+        ("TRACE", "/v1/payment_intents", {}, 405),
+        ("PUT", "/v1/payment_intents", {}, 405),
+        ("POST", "/v1/payment_intents/../../admin", {}, 400),
+        ("POST", "/v1/customers/%2e%2e%2fpayouts", {}, 400),
+        ("POST", "/v1//payment_intents", {}, 400),
+        ("POST", "/v1/payment_intents", {"Stripe-Account": "acct_someone_else"}, 403),
+        ("POST", "/v1/payment_intents", {"Stripe-Context": "ctx_1"}, 400),
+        ("POST", "/v2/core/accounts", {}, 404),
+    ],
+)
+def test_bypasses_are_refused_before_anything_moves(
+    target: Deployment, method: str, path: str, headers: dict[str, str], status: int
+) -> None:
+    got, body = request(target, method, path, headers, PAY)
+    assert got == status, body
+    if body.startswith(b"{"):
+        assert json.loads(body)["error"]["message"]
+    assert upstream_calls(target) == []
+    assert target.owner_api("GET", "/v1/authorizations")[1]["data"] == []
+
+
+def test_header_injection_is_refused(target: Deployment) -> None:
+    status, _ = raw_http(
+        target,
+        b"POST /v1/payment_intents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + target.agent_token.encode()
+        + b"\r\nX-Evil: a\rStripe-Account: acct_x\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    assert status == 400
+    assert upstream_calls(target) == []
+
+
+def test_forged_host_and_hop_by_hop_headers_do_not_steer_or_leak(target: Deployment) -> None:
+    status, body = request(
+        target,
+        "POST",
+        "/v1/payment_intents",
+        {
+            "Host": "api.evil.example",
+            "X-Forwarded-Host": "evil.example",
+            "Connection": "X-Agent-Secret",
+            "X-Agent-Secret": "s3cr3t",
+            "Proxy-Authorization": "x",
+        },
+        PAY,
+    )
+    assert status == 200, body
+    [seen] = upstream_calls(target)  # it still went to the configured upstream, with the owner's key
+    assert seen["authorized"] is True
+
+
+def test_allowed_connected_account_passes_and_others_do_not(target: Deployment) -> None:
+    stripe.api_base, stripe.api_key, stripe.max_network_retries = target.agent_url, target.agent_token, 0
+    intent = stripe.PaymentIntent.create(amount=1000, currency="usd", stripe_account="acct_allowed")
+    assert intent.amount == 1000
+    assert upstream_calls(target)[0]["stripe_account"] == "acct_allowed"
+    with pytest.raises(stripe.error.PermissionError):
+        stripe.PaymentIntent.create(amount=1000, currency="usd", stripe_account="acct_stranger")
+    assert len(upstream_calls(target)) == 1
+
+
+def test_rate_limited_agents_get_a_stripe_shaped_429(target: Deployment) -> None:
+    answers = [request(target, "GET", "/v1/customers")[0] for _ in range(60)]
+    assert 429 in answers
+    status, body = request(target, "GET", "/v1/customers")
+    if status == 429:
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_oversized_bodies_and_headers_are_refused(target: Deployment) -> None:
+    status, _ = request(target, "POST", "/v1/payment_intents", body=b"a=" + b"x" * (2 * 1024 * 1024))
+    assert status == 413
+    status, _ = request(target, "GET", "/v1/customers", {"X-Big": "y" * 20000})
+    assert status in (400, 431)
+    assert [c for c in upstream_calls(target) if c["method"] == "POST"] == []
+
+
+def test_owners_are_isolated(target: Deployment) -> None:
+    other = json.loads(target.cli("owner", "create", "rival").stdout)["token"]
+    stripe.api_base, stripe.api_key, stripe.max_network_retries = target.agent_url, target.agent_token, 0
+    with pytest.raises(stripe.error.CardError) as caught:
+        stripe.PaymentIntent.create(amount=9000, currency="usd")  # held
+    approval_id = caught.value.json_body["error"]["paysentry"]["approval_id"]
+    agent_id = target.owner_api("GET", "/v1/agents")[1]["data"][0]["id"]
+    assert target.owner_api("GET", "/v1/agents", token=other)[1]["data"] == []
+    assert target.owner_api("GET", "/v1/authorizations", token=other)[1]["data"] == []
+    assert target.owner_api("GET", "/v1/events", token=other)[1]["data"][-1]["type"] == "owner.created"
+    assert target.owner_api("GET", f"/v1/approvals/{approval_id}", token=other)[0] == 404
+    assert target.owner_api("POST", f"/v1/approvals/{approval_id}/approve", {}, token=other)[0] == 404
+    assert target.owner_api("POST", f"/v1/agents/{agent_id}/revoke", {}, token=other)[0] == 404
+    assert target.owner_api("GET", f"/v1/agents/{agent_id}/spend", token=other)[0] == 404
+    assert target.owner_api("GET", f"/v1/approvals/{approval_id}")[1]["state"] == "pending"
