@@ -28,6 +28,19 @@ class ErrorReply:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+VOID, CONFIRM = "void", "confirm"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """A verified provider event, reduced to what settles an authorization."""
+
+    id: str
+    type: str
+    provider_ref: str | None
+    outcome: str | None  # VOID: the money will not move, release its spend; CONFIRM: it moved
+
+
 class Adapter(Protocol):
     name: str
     default_upstream: str
@@ -66,4 +79,10 @@ class Adapter(Protocol):
 
     def amount_of(self, body: bytes) -> tuple[int, str] | None:
         """(amount, currency) from the object that ``lookup_path`` returns."""
+        ...
+
+    def verify_webhook(
+        self, headers: Mapping[str, str], body: bytes, secret: str, now: float, tolerance: float
+    ) -> WebhookEvent:
+        """Check the provider's signature and freshness; raise WebhookRejected saying what is wrong."""
         ...

@@ -7,14 +7,16 @@ policy allows it.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from adapters.base import PASSTHROUGH, PAYMENT, Classified, ErrorReply
+from adapters.base import CONFIRM, PASSTHROUGH, PAYMENT, VOID, Classified, ErrorReply, WebhookEvent
 from adapters.formencode import parse_form
-from proxy.errors import BadRequest, RouteNotFound
+from proxy.errors import BadRequest, RouteNotFound, WebhookRejected
 from proxy.model import UNRECOGNIZED, Payment
 
 _ID = r"([A-Za-z0-9_]+)"
@@ -32,6 +34,14 @@ SAFE_WRITES = [
     )
 ]
 SAFE_DELETES = [re.compile(rf"^/v1/customers/{_ID}$")]
+# Events that settle what PaySentry counted: the money will not move (release its spend) or it did.
+WEBHOOK_OUTCOMES = {
+    "payment_intent.canceled": VOID,
+    "payout.canceled": VOID,
+    "payout.failed": VOID,
+    "payment_intent.succeeded": CONFIRM,
+    "payout.paid": CONFIRM,
+}
 _KINDS = {  # our error kinds -> Stripe error types
     "invalid_request": "invalid_request_error",
     "authentication": "invalid_request_error",
@@ -307,6 +317,41 @@ class StripeAdapter:
         if ref.startswith(("ch_", "py_")):
             return f"/v1/charges/{ref}"
         return None
+
+    def verify_webhook(
+        self, headers: Mapping[str, str], body: bytes, secret: str, now: float, tolerance: float
+    ) -> WebhookEvent:
+        """Stripe's scheme: ``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>." + body>``."""
+        header = headers.get("Stripe-Signature", "")
+        timestamp, signatures = None, []
+        for item in header.split(","):
+            name, _, value = item.strip().partition("=")
+            if name == "t" and value.isdigit():
+                timestamp = int(value)
+            elif name == "v1":
+                signatures.append(value)
+        if timestamp is None or not signatures:
+            raise WebhookRejected("the Stripe-Signature header is missing or has no t= and v1= parts")
+        expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+        if not any(hmac.compare_digest(expected, s) for s in signatures):
+            raise WebhookRejected("no v1 signature in Stripe-Signature matches this body")
+        if abs(now - timestamp) > tolerance:
+            raise WebhookRejected(
+                f"the signature's timestamp is {int(now - timestamp)} s from now, outside the "
+                f"{int(tolerance)} s tolerance (a replayed or delayed event)"
+            )
+        try:
+            event = json.loads(body)
+            event_id, event_type = event["id"], event["type"]
+            obj = event.get("data", {}).get("object", {})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise WebhookRejected("the event is not a JSON object with id, type and data.object") from None
+        if not isinstance(event_id, str) or not isinstance(event_type, str) or not isinstance(obj, dict):
+            raise WebhookRejected("the event is not a JSON object with id, type and data.object")
+        ref = obj.get("id")
+        return WebhookEvent(
+            event_id, event_type, ref if isinstance(ref, str) else None, WEBHOOK_OUTCOMES.get(event_type)
+        )
 
     def amount_of(self, body: bytes) -> tuple[int, str] | None:
         try:

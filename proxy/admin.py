@@ -32,6 +32,7 @@ from proxy.metrics import Metrics
 from proxy.owners import OwnerService, agent_json, approval_json, authorization_json
 from proxy.policy.reload import PolicyHolder
 from proxy.store import OwnerRecord, Store
+from proxy.webhooks import WebhookReceiver
 
 OWNER = web.AppKey("owner", OwnerRecord)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,11 +52,13 @@ class OwnerApi:
         on_revoke: Callable[[str], None],
         metrics: Metrics,
         holds: HoldCoordinator,
+        webhooks: WebhookReceiver,
     ) -> None:
         self.store, self.service, self.owners, self.policies = store, service, owners, policies
         self.on_revoke = on_revoke
         self.metrics = metrics
         self.holds = holds
+        self.webhooks = webhooks
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
@@ -75,17 +78,18 @@ class OwnerApi:
         r.add_get("/v1/authorizations/{id}", self.get_authorization)
         r.add_get("/v1/events", self.list_events)
         LinkPages(self.store, self.holds.voted).add_routes(app)
+        self.webhooks.add_routes(app)
         return app
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if request.path not in ("/livez", "/readyz", "/metrics") and not request.path.startswith(
-                "/approvals/link/"
+                ("/approvals/link/", "/v1/webhooks/")  # authenticated by one-time link / signature
             ):
                 header = request.headers.get("Authorization", "")
                 token = header[7:].strip() if header.lower().startswith("bearer ") else None
-                request[OWNER] = await self.owners.authenticate(token)
+                request[OWNER] = await self.owners.authenticate(token, request.remote)
             return await handler(request)
         except PaySentryError as exc:
             return _error(exc.status, exc.code, exc.message)

@@ -29,6 +29,7 @@ from proxy.ratelimit import RateLimiter
 from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, load_keys
 from proxy.store import AgentRecord, OwnerRecord, open_store
 from proxy.telemetry import TRACER_NAME
+from proxy.webhooks import WebhookReceiver
 
 log = logging.getLogger("paysentry")
 
@@ -65,12 +66,13 @@ class Sidecar:
             settings.notify_secret.encode() or os.urandom(32),
             settings.public_url or f"http://{settings.admin_listen}",
         )
+        connections = ConnectionCache(self.store, self.sealer)
         self.pipeline = Pipeline(
             self.store,
             self.engine,
             self.policies,
             self.agents,
-            ConnectionCache(self.store, self.sealer),
+            connections,
             self.forwarder,
             self.sealer,
             get_adapter("stripe"),
@@ -88,6 +90,7 @@ class Sidecar:
             lambda agent_id: self.agents.forget(lambda a: a.id == agent_id),
             self.metrics,
             self.holds,
+            WebhookReceiver(self.store, connections, self.metrics, settings.webhook_tolerance),
         )
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []

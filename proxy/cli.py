@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -50,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         "keygen", help="write an encryption key file (prepends a new key to an existing one)"
     )
     keygen.add_argument("file")
+    keys = sub.add_parser("keys").add_subparsers(dest="action", required=True)
+    keys.add_parser(
+        "rotate",
+        help="re-encrypt every sealed credential and stored answer under the newest key (run after keygen)",
+    )
 
     owner = sub.add_parser("owner").add_subparsers(dest="action", required=True)
     owner.add_parser("create").add_argument("name")
@@ -236,7 +242,7 @@ def _keygen(path: Path) -> int:
     from proxy.secrets import new_key_line
 
     existing = path.read_text() if path.exists() else ""
-    kid = f"k{int(time.time())}"
+    kid = f"k{time.strftime('%Y%m%d%H%M%S')}{secrets.token_hex(2)}"  # unique even within one second
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new_key_line(kid) + "\n" + existing)
     path.chmod(0o600)
@@ -323,6 +329,12 @@ async def _with_store(settings: Settings, fn: Callable[[_Context], Awaitable[int
 
 def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+async def _keys_rotate(ctx: _Context, args: argparse.Namespace) -> int:
+    report = await ctx.service.rotate_keys()
+    _print({"newest_key": ctx.sealer.key_ids[0], "loaded_keys": ctx.sealer.key_ids, **report})
+    return 0
 
 
 async def _owner_create(ctx: _Context, args: argparse.Namespace) -> int:
@@ -435,6 +447,7 @@ async def _policy_replay(ctx: _Context, args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[tuple[str, str], Callable[[_Context, argparse.Namespace], Awaitable[int]]] = {
     ("policy", "replay"): _policy_replay,
+    ("keys", "rotate"): _keys_rotate,
     ("owner", "create"): _owner_create,
     ("owner", "list"): _owner_list,
     ("provider", "add"): _provider_add,

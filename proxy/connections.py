@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from adapters import get_adapter
 from adapters.base import Adapter
 from proxy.errors import AuthenticationFailed
-from proxy.secrets import Sealer
+from proxy.secrets import Sealer, sealed_context
 from proxy.store import Store
 
 
@@ -26,10 +26,6 @@ class Connection:
     upstream: str
     credentials: Mapping[str, str] = field(repr=False)
     allowed_accounts: frozenset[str] = frozenset()
-
-
-def credentials_context(connection_id: str) -> str:
-    return f"connection:{connection_id}"
 
 
 class ConnectionCache:
@@ -48,7 +44,9 @@ class ConnectionCache:
             raise AuthenticationFailed(
                 "this agent's provider connection is revoked or missing; ask its owner"
             )
-        credentials = json.loads(self._sealer.open(record.credentials, credentials_context(record.id)))
+        credentials = json.loads(
+            self._sealer.open(record.credentials, sealed_context("connection", record.id))
+        )
         connection = Connection(
             record.id,
             record.owner_id,

@@ -4,6 +4,7 @@
     ├── ConfigError                the settings file or environment is wrong (every problem listed)
     ├── PolicyError                a policy set failed to load (every problem listed)
     ├── BadRequest                 the agent's request is malformed (400, names the parameter)
+    │   └── WebhookRejected        an inbound webhook without a valid, fresh signature (400)
     ├── RouteNotFound              no such path behind this provider (404)
     ├── MethodNotAllowed           CONNECT, TRACE, PUT ... (405)
     ├── AuthenticationFailed       missing, unknown, revoked or wrong token (401)
@@ -54,6 +55,10 @@ class PolicyError(PaySentryError):
 class BadRequest(PaySentryError):
     status = 400
     code = "parameter_invalid"
+
+
+class WebhookRejected(BadRequest):
+    code = "webhook_rejected"
 
 
 class RouteNotFound(PaySentryError):

@@ -8,6 +8,7 @@ HELP = {
     "paysentry_decisions_total": ("counter", "Payment decisions by outcome and rule."),
     "paysentry_policy_reloads_total": ("counter", "Policy reload attempts by result (ok, error)."),
     "paysentry_policy_revision_info": ("gauge", "The policy revision in force (value 1)."),
+    "paysentry_webhooks_total": ("counter", "Inbound provider webhooks by result (voided, recorded, ...)."),
 }
 
 

@@ -9,10 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from adapters import get_adapter
-from proxy.connections import credentials_context
 from proxy.errors import BadRequest, NotFound
-from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, issue_token, new_id
+from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, issue_token, new_id, sealed_context
 from proxy.store import (
+    SEALED_KINDS,
     AgentRecord,
     ApprovalRecord,
     AuthorizationRecord,
@@ -73,7 +73,9 @@ class OwnerService:
         if not credentials.get("secret_key"):
             raise BadRequest("the credentials need a secret_key")
         connection_id = new_id("conn")
-        sealed = self.sealer.seal(json.dumps(dict(credentials)).encode(), credentials_context(connection_id))
+        sealed = self.sealer.seal(
+            json.dumps(dict(credentials)).encode(), sealed_context("connection", connection_id)
+        )
         record = ConnectionRecord(
             connection_id,
             owner_id,
@@ -107,6 +109,29 @@ class OwnerService:
         self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str
     ) -> VoteResult:
         return await self.store.vote(owner_id, approval_id, voter, approve, reason, via, self.clock())
+
+    async def rotate_keys(self, batch: int = 500) -> dict[str, dict[str, int]]:
+        """Re-seal every value not sealed under the newest key; safe to run while sidecars serve.
+
+        Each value is opened with whichever loaded key sealed it and written back only if it is still the
+        same bytes (a compare-and-swap), so a concurrent writer is never overwritten; running it again
+        finds nothing left to do. A value no loaded key opens stops the rotation with an error.
+        """
+        report: dict[str, dict[str, int]] = {}
+        for kind in SEALED_KINDS:
+            counts = report.setdefault(kind, {"resealed": 0, "current": 0, "changed_meanwhile": 0})
+            after = ""
+            while page := await self.store.sealed_values(kind, after, batch):
+                for row_id, sealed in page:
+                    if not self.sealer.needs_rotation(sealed):
+                        counts["current"] += 1
+                        continue
+                    context = sealed_context(kind, row_id)
+                    fresh = self.sealer.seal(self.sealer.open(sealed, context), context)
+                    changed = await self.store.reseal(kind, row_id, sealed, fresh)
+                    counts["resealed" if changed else "changed_meanwhile"] += 1
+                after = page[-1][0]
+        return report
 
 
 def agent_json(agent: AgentRecord) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from proxy.model import DENY, HOLD, Agent, Decision, Payment
 from proxy.policy.engine import Engine
 from proxy.policy.reload import PolicyHolder
 from proxy.ratelimit import RateLimiter
-from proxy.secrets import Sealer, new_id
+from proxy.secrets import Sealer, new_id, sealed_context
 from proxy.store import (
     APPROVED,
     DENIED,
@@ -108,7 +108,7 @@ class Pipeline:
             span.set_attribute("url.path", request.path)
             adapter = self.default_adapter
             try:
-                record = await self.agents.authenticate(_token(request))
+                record = await self.agents.authenticate(_token(request), request.remote)
                 agent = Agent(record.id, record.owner_id, record.name, record.connection_id, record.labels)
                 span.set_attribute("paysentry.agent", agent.name)
                 span.set_attribute("paysentry.agent_id", agent.id)
@@ -349,7 +349,7 @@ class Pipeline:
             and auth.response_status is not None
             and auth.response_body is not None
         ):
-            payload = self.sealer.open(auth.response_body, f"response:{auth.id}")
+            payload = self.sealer.open(auth.response_body, sealed_context("response", auth.id))
             return web.Response(
                 status=auth.response_status,
                 body=payload,
@@ -389,7 +389,7 @@ class Pipeline:
         return out
 
     async def _settle(self, auth: AuthorizationRecord, adapter: Adapter, reply: UpstreamReply) -> None:
-        sealed = self.sealer.seal(reply.body, f"response:{auth.id}")
+        sealed = self.sealer.seal(reply.body, sealed_context("response", auth.id))
         if 200 <= reply.status < 300:
             await self.store.settle(
                 auth.id, adapter.provider_ref(reply.body), reply.status, sealed, self.clock()

@@ -64,6 +64,11 @@ class Sealer:
         return not sealed.startswith(f"ps1.{self._primary}.".encode())
 
 
+def sealed_context(kind: str, row_id: str) -> str:
+    """The associated data binding a sealed value to its row: ``connection:<id>`` or ``response:<id>``."""
+    return f"{kind}:{row_id}"
+
+
 def parse_keys(text: str) -> list[tuple[str, bytes]]:
     """Keys as ``id:base64key`` separated by commas or new lines, newest first."""
     keys, problems = [], []

@@ -16,6 +16,7 @@ from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
 # Authorization states.
 DENIED, HELD, APPROVED, REJECTED, EXPIRED = "denied", "held", "approved", "rejected", "expired"
 FORWARDING, SETTLED, FAILED = "forwarding", "settled", "failed"
+VOIDED = "voided"  # settled, then the provider reported the money will not move (spend released)
 RESERVING_STATES = (HELD, APPROVED, FORWARDING)  # states whose charges count against limits
 
 
@@ -206,6 +207,20 @@ class Store(Protocol):
     async def fail(
         self, authorization_id: str, reason: str, status: int | None, body: bytes | None, now: float
     ) -> None: ...
+    async def apply_webhook(
+        self,
+        owner_id: str,
+        connection_id: str,
+        event_id: str,
+        event_type: str,
+        provider_ref: str | None,
+        outcome: str | None,
+        now: float,
+    ) -> str:
+        """Record a verified provider event once and settle what it names; returns what happened:
+        duplicate, voided, recorded, unmatched or ignored."""
+        ...
+
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
 
     # holds and housekeeping
@@ -228,6 +243,13 @@ class Store(Protocol):
     async def history(self, since: float, owner_id: str | None) -> list[AuthorizationRecord]: ...
     async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]: ...
     async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]: ...
+
+    # key rotation: sealed values, a page at a time, and a compare-and-swap to reseal one
+    async def sealed_values(self, kind: str, after: str, limit: int) -> list[tuple[str, bytes]]: ...
+    async def reseal(self, kind: str, row_id: str, old: bytes, new: bytes) -> bool: ...
+
+
+SEALED_KINDS = ("connection", "response")  # credentials of connections; stored provider answers
 
 
 def open_store(url: str, **options: Any) -> Store:

@@ -32,6 +32,7 @@ from proxy.store import (
     HELD,
     REJECTED,
     SETTLED,
+    VOIDED,
     AgentRecord,
     ApprovalRecord,
     AuthorizationRecord,
@@ -151,6 +152,19 @@ class SqliteStore:
 
     async def ping(self) -> None:
         await self.read(lambda db: db.execute("SELECT 1").fetchone())
+
+    # -- key rotation ---------------------------------------------------------------------------------
+    _SEALED = {"connection": ("connections", "credentials"), "response": ("authorizations", "response_body")}
+
+    async def sealed_values(self, kind: str, after: str, limit: int) -> list[tuple[str, bytes]]:
+        table, column = self._SEALED[kind]
+        sql = f"SELECT id, {column} FROM {table} WHERE id > ? AND {column} IS NOT NULL ORDER BY id LIMIT ?"
+        return await self.read(lambda db: [(r[0], bytes(r[1])) for r in db.execute(sql, (after, limit))])
+
+    async def reseal(self, kind: str, row_id: str, old: bytes, new: bytes) -> bool:
+        table, column = self._SEALED[kind]
+        sql = f"UPDATE {table} SET {column}=? WHERE id=? AND {column}=?"
+        return await self.write(lambda db: db.execute(sql, (new, row_id, old)).rowcount == 1)
 
     # -- owners, connections, agents ------------------------------------------------------------------
     async def create_owner(self, owner: OwnerRecord) -> None:
@@ -374,6 +388,49 @@ class SqliteStore:
             )
 
         await self.write(run)
+
+    async def apply_webhook(
+        self,
+        owner_id: str,
+        connection_id: str,
+        event_id: str,
+        event_type: str,
+        provider_ref: str | None,
+        outcome: str | None,
+        now: float,
+    ) -> str:
+        def run(db: sqlite3.Connection) -> str:
+            inserted = db.execute(
+                "INSERT INTO webhook_events VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (connection_id, event_id, event_type, provider_ref, "", now),
+            ).rowcount
+            if not inserted:
+                return "duplicate"
+            result = "ignored"
+            row = None
+            if outcome and provider_ref:
+                row = db.execute(
+                    "SELECT id, agent_id, state, charges FROM authorizations WHERE owner_id=? AND provider_ref=?",
+                    (owner_id, provider_ref),
+                ).fetchone()
+                result = "unmatched" if row is None else "recorded"
+            if row is not None:
+                auth_id, agent_id, state, charges = row
+                data = {"event": event_id, "type": event_type}
+                if outcome == "void" and state == SETTLED:
+                    _release(db, agent_id, _charges(charges))
+                    db.execute(
+                        "UPDATE authorizations SET state=?, updated_at=? WHERE id=?", (VOIDED, now, auth_id)
+                    )
+                    result, data["released"] = "voided", True
+                _event(db, owner_id, agent_id, auth_id, f"authorization.{result}", "provider", data, now)
+            db.execute(
+                "UPDATE webhook_events SET outcome=? WHERE connection_id=? AND event_id=?",
+                (result, connection_id, event_id),
+            )
+            return result
+
+        return await self.write(run)
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
         row = await self.read(

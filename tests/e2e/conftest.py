@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 MOCK_SECRET = "sk_test_paysentry_mock"
+WEBHOOK_SECRET = "whsec_paysentry_test_signing_secret"
 POLICY = """
     name: test
     limits:
@@ -51,7 +52,9 @@ class Deployment:
     admin_url: str
     mock_url: str
     agent_token: str = ""
+    agent_id: str = ""
     owner_token: str = ""
+    connection_id: str = ""
     process: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
@@ -89,6 +92,12 @@ class Deployment:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
+
+    def spend(self, limit: str = "daily_budget") -> tuple[int, int]:
+        """(amount, count) the agent has counted against ``limit`` in its current period."""
+        rows = self.owner_api("GET", f"/v1/agents/{self.agent_id}/spend")[1]["data"]
+        current = [(r["amount"], r["count"]) for r in rows if r["limit"] == limit]
+        return current[-1] if current else (0, 0)
 
     def mock(self, what: str = "requests") -> list[dict[str, Any]]:
         with urllib.request.urlopen(f"{self.mock_url}/_mock/{what}", timeout=10) as resp:
@@ -183,7 +192,7 @@ def make_deployment(
         f"http://127.0.0.1:{mock_port}",
     )
     dep.owner_token = json.loads(dep.cli("owner", "create", "acme").stdout)["token"]
-    dep.cli(
+    connection = dep.cli(
         "provider",
         "add",
         "--provider",
@@ -195,9 +204,11 @@ def make_deployment(
         *provider_args,
         "--credentials-file",
         "-",
-        stdin=json.dumps({"secret_key": MOCK_SECRET}),
+        stdin=json.dumps({"secret_key": MOCK_SECRET, "webhook_secret": WEBHOOK_SECRET}),
     )
-    dep.agent_token = json.loads(dep.cli("agent", "create", "bot", "--label", "team=ads").stdout)["token"]
+    dep.connection_id = json.loads(connection.stdout)["id"]
+    agent = json.loads(dep.cli("agent", "create", "bot", "--label", "team=ads").stdout)
+    dep.agent_token, dep.agent_id = agent["token"], agent["id"]
     return dep
 
 

@@ -81,3 +81,27 @@ async def test_authenticator_caches_and_locks_out() -> None:
         await auth.authenticate(wrong + "again")
     with pytest.raises(AuthenticationFailed):
         await auth.authenticate(None)
+
+
+async def test_a_client_flooding_bad_tokens_is_locked_out_but_cached_tokens_still_work() -> None:
+    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+    lookups: list[str] = []
+
+    async def find(public_id: str) -> Row | None:
+        lookups.append(public_id)
+        return Row(issued.hash) if public_id == "agt_0123456789abcdef" else None
+
+    auth = TokenAuthenticator(
+        "psk", "agt", find, lambda r: r.token_hash, lambda r: r.active, max_client_failures=5
+    )
+    await auth.authenticate(issued.token, "10.0.0.9")  # verified and cached before the flood
+    for i in range(5):  # random unknown ids: the per-id lockout never triggers
+        with pytest.raises(AuthenticationFailed):
+            await auth.authenticate(f"psk_{i:016x}_guess", "10.0.0.9")
+    seen = len(lookups)
+    with pytest.raises(RateLimited, match="from this client"):
+        await auth.authenticate("psk_eeeeeeeeeeeeeeee_guess", "10.0.0.9")
+    assert len(lookups) == seen  # refused before touching the store
+    assert (await auth.authenticate(issued.token, "10.0.0.9")).id == "agt_0123456789abcdef"
+    with pytest.raises(AuthenticationFailed):  # another client is not affected
+        await auth.authenticate("psk_eeeeeeeeeeeeeeee_guess", "10.0.0.10")

@@ -1,0 +1,77 @@
+"""Inbound provider webhooks: events that settle what PaySentry counted (an intent cancelled, a payout
+failed) arrive at ``POST /v1/webhooks/{connection id}`` on the owner listener.
+
+An event is accepted only with a valid signature made with the connection's ``webhook_secret`` (kept
+sealed with its other credentials) and a timestamp within the tolerance. Each event id is recorded once
+per connection, in the same transaction as its effect, so a replayed or redelivered event changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from proxy.connections import Connection, ConnectionCache
+from proxy.errors import AuthenticationFailed, NotFound, PaySentryError
+from proxy.metrics import Metrics
+from proxy.store import Store
+
+log = logging.getLogger("paysentry.webhooks")
+WEBHOOKS = "paysentry_webhooks_total"
+
+
+class WebhookReceiver:
+    def __init__(
+        self,
+        store: Store,
+        connections: ConnectionCache,
+        metrics: Metrics,
+        tolerance: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.connections, self.metrics = store, connections, metrics
+        self.tolerance, self.clock = tolerance, clock
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/webhooks/{connection}", self.receive)
+
+    async def receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            connection = await self._connection(request.match_info["connection"])
+            secret = connection.credentials.get("webhook_secret")
+            if not secret:
+                raise NotFound("this connection has no webhook_secret: add one to its credentials")
+            event = connection.adapter.verify_webhook(
+                request.headers, body, secret, self.clock(), self.tolerance
+            )
+            result = await self.store.apply_webhook(
+                connection.owner_id,
+                connection.id,
+                event.id,
+                event.type,
+                event.provider_ref,
+                event.outcome,
+                self.clock(),
+            )
+        except PaySentryError as exc:
+            self.metrics.inc(WEBHOOKS, result="rejected")
+            log.warning("webhook rejected", extra={"fields": {"reason": exc.message}})
+            return web.json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+        self.metrics.inc(WEBHOOKS, result=result)
+        log.info(
+            "webhook",
+            extra={
+                "fields": {"event": event.id, "type": event.type, "ref": event.provider_ref, "result": result}
+            },
+        )
+        return web.json_response({"received": True, "result": result})
+
+    async def _connection(self, connection_id: str) -> Connection:
+        try:
+            return await self.connections.get(connection_id)
+        except AuthenticationFailed:  # missing or revoked; a store failure stays a 503 the provider retries
+            raise NotFound("no such connection") from None
