@@ -81,6 +81,7 @@ class Sidecar:
             self.metrics,
             self.holds,
             RateLimiter(settings.agent_rate_limit, settings.agent_rate_burst),
+            settings.body_timeout,
         )
         self.owner_api = OwnerApi(
             self.store,

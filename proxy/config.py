@@ -59,13 +59,6 @@ class Settings:
 
 SECRET_SETTINGS = frozenset({"notify_secret"})
 DEFAULTS = Settings()
-_DURATIONS = {
-    "token_cache_ttl",
-    "upstream_timeout",
-    "reservation_lease",
-    "sweep_interval",
-    "policy_poll_interval",
-}
 _PATHS = {"policies", "encryption_key_file"}
 
 
@@ -115,7 +108,7 @@ def load_settings(path: str | None, environ: dict[str, str] | None = None) -> Se
 
 
 def _convert(name: str, kind: Any, value: Any) -> Any:
-    if name in _DURATIONS:
+    if kind in (float, "float"):  # every float setting is a duration: 30, "30s", "2m", "500ms"
         return parse_duration(value)
     if kind in (int, "int"):
         if isinstance(value, bool) or not str(value).strip().isdigit():

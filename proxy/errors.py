@@ -4,7 +4,8 @@
     ├── ConfigError                the settings file or environment is wrong (every problem listed)
     ├── PolicyError                a policy set failed to load (every problem listed)
     ├── BadRequest                 the agent's request is malformed (400, names the parameter)
-    │   └── WebhookRejected        an inbound webhook without a valid, fresh signature (400)
+    │   ├── WebhookRejected        an inbound webhook without a valid, fresh signature (400)
+    │   └── RequestTimeout         the client sent its body too slowly (408)
     ├── RouteNotFound              no such path behind this provider (404)
     ├── MethodNotAllowed           CONNECT, TRACE, PUT ... (405)
     ├── AuthenticationFailed       missing, unknown, revoked or wrong token (401)
@@ -59,6 +60,11 @@ class BadRequest(PaySentryError):
 
 class WebhookRejected(BadRequest):
     code = "webhook_rejected"
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+    code = "request_timeout"
 
 
 class RouteNotFound(PaySentryError):

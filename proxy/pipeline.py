@@ -14,6 +14,7 @@ with its audit event before the agent hears of it. Any failure of the store or t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -41,6 +42,7 @@ from proxy.errors import (
     PaySentryError,
     RateLimited,
     RequestInFlight,
+    RequestTimeout,
     StoreUnavailable,
     UpstreamUnavailable,
 )
@@ -94,13 +96,14 @@ class Pipeline:
         metrics: Metrics,
         holds: HoldCoordinator,
         limiter: RateLimiter,
+        body_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.engine, self.policies = store, engine, policies
         self.agents, self.connections, self.forwarder = agents, connections, forwarder
         self.sealer, self.default_adapter, self.tracer = sealer, default_adapter, tracer
         self.lease, self.clock, self.metrics, self.holds = reservation_lease, clock, metrics, holds
-        self.limiter = limiter
+        self.limiter, self.body_timeout = limiter, body_timeout
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         with self.tracer.start_as_current_span("paysentry.call", kind=SpanKind.SERVER) as span:
@@ -161,7 +164,13 @@ class Pipeline:
     ) -> web.StreamResponse:
         adapter = connection.adapter
         _check_request(request, connection)
-        body = await request.read()
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await request.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.body_timeout:g} s; nothing was done"
+            ) from None
         classified = adapter.classify(
             request.method, request.path, request.content_type if body else "", body
         )

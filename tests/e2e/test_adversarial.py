@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ def target(tmp_path: Path) -> Iterator[Deployment]:
     dep = make_deployment(
         tmp_path,
         provider_args=("--allow-account", "acct_allowed"),
-        extra_config="agent_rate_limit: 20\nagent_rate_burst: 40\n",
+        extra_config="agent_rate_limit: 20\nagent_rate_burst: 40\nbody_timeout: 1s\n",
     )
     dep.start()
     yield dep
@@ -56,16 +57,23 @@ def raw_http(dep: Deployment, request: bytes) -> tuple[int, bytes]:
 def request(
     dep: Deployment, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b""
 ) -> tuple[int, bytes]:
+    return raw_http(dep, request_bytes(dep, method, target, headers, len(body)) + body)
+
+
+def request_bytes(
+    dep: Deployment, method: str, target: str, headers: dict[str, str] | None = None, length: int = 0
+) -> bytes:
+    """The request line and headers (with the agent's token) as raw bytes."""
     merged = {
         "Host": "127.0.0.1",
         "Authorization": f"Bearer {dep.agent_token}",
         "Content-Type": "application/x-www-form-urlencoded",
-        "Content-Length": str(len(body)),
+        "Content-Length": str(length),
         "Connection": "close",
         **(headers or {}),
     }
     lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in merged.items())]
-    return raw_http(dep, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def upstream_calls(dep: Deployment) -> list[dict[str, Any]]:
@@ -156,6 +164,16 @@ def test_oversized_bodies_and_headers_are_refused(target: Deployment) -> None:
     status, _ = request(target, "GET", "/v1/customers", {"X-Big": "y" * 20000})
     assert status in (400, 431)
     assert [c for c in upstream_calls(target) if c["method"] == "POST"] == []
+
+
+def test_a_slow_body_is_cut_off_with_a_clear_error_and_nothing_moves(target: Deployment) -> None:
+    body = b"amount=1000&currency=usd"
+    head = request_bytes(target, "POST", "/v1/payment_intents", {"Content-Length": str(len(body) + 50)})
+    started = time.monotonic()
+    status, answer = raw_http(target, head + body)  # 50 bytes never arrive
+    assert status == 408 and time.monotonic() - started < 5
+    assert json.loads(answer)["error"]["code"] == "request_timeout"
+    assert upstream_calls(target) == [] and target.spend("per_payment_cap") == (0, 0)
 
 
 def test_owners_are_isolated(target: Deployment) -> None:

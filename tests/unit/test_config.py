@@ -1,0 +1,30 @@
+"""Settings: file, environment overrides, durations, and every problem reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import load_settings
+from proxy.errors import ConfigError
+
+
+def test_every_duration_setting_accepts_units_from_file_or_environment(tmp_path: Path) -> None:
+    config = tmp_path / "paysentry.yaml"
+    config.write_text("body_timeout: 1s\nupstream_timeout: 500ms\nwebhook_tolerance: 5m\n")
+    settings = load_settings(
+        str(config), {"PAYSENTRY_TOKEN_CACHE_TTL": "2m", "PAYSENTRY_SWEEP_INTERVAL": "3"}
+    )
+    assert (settings.body_timeout, settings.upstream_timeout, settings.webhook_tolerance) == (1.0, 0.5, 300.0)
+    assert (settings.token_cache_ttl, settings.sweep_interval) == (120.0, 3.0)
+
+
+def test_problems_are_listed_together(tmp_path: Path) -> None:
+    config = tmp_path / "paysentry.yaml"
+    config.write_text("body_timeout: soon\nmax_headers: many\nlisten: nowhere\nspeed: 11\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(config), {})
+    message = caught.value.message
+    for expected in ("body_timeout", "max_headers", "listen", "unknown setting 'speed'"):
+        assert expected in message
