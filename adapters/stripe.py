@@ -333,7 +333,7 @@ class StripeAdapter:
         if timestamp is None or not signatures:
             raise WebhookRejected("the Stripe-Signature header is missing or has no t= and v1= parts")
         expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-        if not any(hmac.compare_digest(expected, s) for s in signatures):
+        if not any(hmac.compare_digest(expected.encode(), s.encode()) for s in signatures):  # any text
             raise WebhookRejected("no v1 signature in Stripe-Signature matches this body")
         if abs(now - timestamp) > tolerance:
             raise WebhookRejected(

@@ -6,6 +6,8 @@ found. Routes:
     GET  /livez                                   the process is up
     GET  /readyz                                  store reachable and a policy set loaded (503 if not)
     GET  /metrics                                 Prometheus text format
+    GET  /openapi.json                            this API's OpenAPI document (proxy/openapi.yaml)
+    POST /v1/webhooks/{connection}                inbound provider webhooks (signed; see proxy/webhooks.py)
     GET|POST /approvals/link/{token}              the one-time approval page (the token is the credential)
     GET  /v1/agents                               POST /v1/agents {name, labels, connection}
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
@@ -18,12 +20,17 @@ found. Routes:
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 
+from proxy.approvals import APPROVED, DENIED, EXPIRED, PENDING
 from proxy.auth import TokenAuthenticator
 from proxy.errors import BadRequest, NotFound, PaySentryError
 from proxy.holds import HoldCoordinator
@@ -34,8 +41,11 @@ from proxy.policy.reload import PolicyHolder
 from proxy.store import OwnerRecord, Store
 from proxy.webhooks import WebhookReceiver
 
+log = logging.getLogger("paysentry.owner_api")
 OWNER = web.AppKey("owner", OwnerRecord)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+APPROVAL_STATES = (PENDING, APPROVED, DENIED, EXPIRED)
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/openapi.json"})
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -66,6 +76,7 @@ class OwnerApi:
         r.add_get("/livez", self.livez)
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.prometheus)
+        r.add_get("/openapi.json", self.openapi)
         r.add_get("/v1/agents", self.list_agents)
         r.add_post("/v1/agents", self.create_agent)
         r.add_post("/v1/agents/{id}/revoke", self.revoke_agent)
@@ -84,7 +95,7 @@ class OwnerApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if request.path not in ("/livez", "/readyz", "/metrics") and not request.path.startswith(
+            if request.path not in PUBLIC_PATHS and not request.path.startswith(
                 ("/approvals/link/", "/v1/webhooks/")  # authenticated by one-time link / signature
             ):
                 header = request.headers.get("Authorization", "")
@@ -93,6 +104,16 @@ class OwnerApi:
             return await handler(request)
         except PaySentryError as exc:
             return _error(exc.status, exc.code, exc.message)
+        except web.HTTPException as exc:  # aiohttp's own: no such route, method, body too large
+            if exc.status < 400:
+                raise
+            return _error(exc.status, "request_refused", f"{exc.reason}: {request.method} {request.path}")
+        except Exception:
+            log.exception("owner API error", extra={"fields": {"path": request.path}})
+            return _error(500, "internal_error", "PaySentry failed to process this request; nothing changed")
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
 
     async def livez(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -158,6 +179,9 @@ class OwnerApi:
 
     async def list_approvals(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
+        if state not in (None, "all", *APPROVAL_STATES):
+            raise BadRequest(f"state must be one of {', '.join(APPROVAL_STATES)} or all", param="state")
+        state = None if state == "all" else state
         approvals = await self.store.list_approvals(request[OWNER].id, state)
         now = self.service.clock()
         return web.json_response({"data": [approval_json(a, now) for a in approvals]})
@@ -216,6 +240,12 @@ class OwnerApi:
                 ]
             }
         )
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The owner API's OpenAPI document (proxy/openapi.yaml), served at /openapi.json."""
+    return yaml.safe_load((Path(__file__).parent / "openapi.yaml").read_text())
 
 
 def _int_query(request: web.Request, name: str, default: int, maximum: int) -> int:
