@@ -107,6 +107,7 @@ class MockProvider:
             "params": params,
             "idempotency_key": key,
             "stripe_account": request.headers.get("Stripe-Account"),
+            "traceparent": request.headers.get("traceparent"),
             "authorized": authorized,
             "at": time.time(),
         }

@@ -38,6 +38,8 @@ DROP_REQUEST = HOP_BY_HOP | {
     "x-forwarded-host",
     "x-forwarded-proto",
     "x-real-ip",
+    "traceparent",  # replaced by PaySentry's own span context
+    "tracestate",
 }
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie"}
 MAX_PAYMENT_RESPONSE = 4 * 1024 * 1024

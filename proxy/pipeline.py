@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from adapters.base import PASSTHROUGH, Adapter, ErrorReply
 from proxy.auth import TokenAuthenticator
@@ -71,6 +72,7 @@ from proxy.store import (
 )
 
 log = logging.getLogger("paysentry.decisions")
+W3C = TraceContextTextMapPropagator()
 MAX_IDEMPOTENCY_KEY = 255
 _KIND_OF: dict[type, str] = {
     BadRequest: "invalid_request",
@@ -106,18 +108,22 @@ class Pipeline:
         self.limiter, self.body_timeout = limiter, body_timeout
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        with self.tracer.start_as_current_span("paysentry.call", kind=SpanKind.SERVER) as span:
+        parent = W3C.extract(request.headers)  # continue the agent's trace (traceparent), nothing else
+        with self.tracer.start_as_current_span("paysentry.call", parent, kind=SpanKind.SERVER) as span:
             span.set_attribute("http.request.method", request.method)
             span.set_attribute("url.path", request.path)
             adapter = self.default_adapter
             try:
-                record = await self.agents.authenticate(_token(request), request.remote)
-                agent = Agent(record.id, record.owner_id, record.name, record.connection_id, record.labels)
-                span.set_attribute("paysentry.agent", agent.name)
-                span.set_attribute("paysentry.agent_id", agent.id)
-                if not self.limiter.allow(agent.id):
-                    raise RateLimited("Too many requests for this agent; slow down and retry.")
-                connection = await self.connections.get(agent.connection_id)
+                with self.tracer.start_as_current_span("paysentry.authenticate"):
+                    record = await self.agents.authenticate(_token(request), request.remote)
+                    agent = Agent(
+                        record.id, record.owner_id, record.name, record.connection_id, record.labels
+                    )
+                    span.set_attribute("paysentry.agent", agent.name)
+                    span.set_attribute("paysentry.agent_id", agent.id)
+                    if not self.limiter.allow(agent.id):
+                        raise RateLimited("Too many requests for this agent; slow down and retry.")
+                    connection = await self.connections.get(agent.connection_id)
                 adapter = connection.adapter
                 span.set_attribute("paysentry.provider", adapter.name)
                 return await self._dispatch(request, agent, connection, span)
@@ -180,6 +186,7 @@ class Pipeline:
             headers = self.forwarder.request_headers(
                 request.headers, adapter.credential_headers(connection.credentials)
             )
+            W3C.inject(headers)  # the provider sees this call's span as the parent
             return await self.forwarder.stream(request, request.method, url, headers, body)
         assert classified.payment is not None
         return await self._pay(request, agent, connection, classified.payment, body, url, span)
@@ -385,6 +392,7 @@ class Pipeline:
         headers = self.forwarder.request_headers(request.headers, inject)
         try:
             with self.tracer.start_as_current_span("paysentry.upstream", kind=SpanKind.CLIENT) as up:
+                W3C.inject(headers)
                 reply = await self.forwarder.send(request.method, url, headers, body)
                 up.set_attribute("http.response.status_code", reply.status)
         except UpstreamUnavailable as exc:

@@ -1,0 +1,93 @@
+"""What a platform team sees: the span tree of each decision through a real OTLP/HTTP receiver, the W3C
+trace continued from the agent and passed to the provider, and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+import secrets
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Deployment, make_deployment
+from tests.e2e.otlp import OtlpReceiver
+
+
+def pay(dep: Deployment, body: bytes, key: str, traceparent: str | None = None) -> int:
+    headers = {
+        "Authorization": f"Bearer {dep.agent_token}",
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Idempotency-Key": key,
+    }
+    if traceparent:
+        headers["traceparent"] = traceparent
+    request = urllib.request.Request(f"{dep.agent_url}/v1/payment_intents", body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def tree(spans: list[dict[str, Any]], root: dict[str, Any]) -> list[str]:
+    """Names of the spans under ``root`` (transitively), in start order of discovery."""
+    names, frontier = [], [root["span_id"]]
+    while frontier:
+        parent = frontier.pop(0)
+        for span in spans:
+            if span["parent_span_id"] == parent:
+                names.append(span["name"])
+                frontier.append(span["span_id"])
+    return names
+
+
+@pytest.mark.e2e
+def test_span_trees_of_allowed_denied_and_held_calls(tmp_path: Path) -> None:
+    agent_trace, agent_span = secrets.token_hex(16), secrets.token_hex(8)
+    with OtlpReceiver() as collector:
+        dep = make_deployment(tmp_path)
+        dep.env.update(collector.env())
+        dep.start()
+        try:
+            assert pay(dep, b"amount=1000&currency=usd", "o-1", f"00-{agent_trace}-{agent_span}-01") == 200
+            assert pay(dep, b"amount=1000&currency=eur", "o-2") == 402
+            assert pay(dep, b"amount=6000&currency=usd", "o-3") == 402
+            upstream = [r for r in dep.mock() if r["method"] == "POST"]
+        finally:
+            dep.stop()
+        spans = collector.spans()
+
+    calls = {s["attributes"].get("paysentry.decision"): s for s in spans if s["name"] == "paysentry.call"}
+    assert set(calls) == {"allow", "deny", "hold"}
+    for call in calls.values():
+        a = call["attributes"]
+        assert call["kind"] == 2  # SERVER
+        assert a["paysentry.agent"] == "bot" and a["paysentry.agent_id"] == dep.agent_id
+        assert a["paysentry.provider"] == "mock" and a["paysentry.operation"] == "payment_intent"
+        assert a["paysentry.currency"] in ("usd", "eur") and a["paysentry.amount"] in (1000, 6000)
+        assert a["paysentry.policy_revision"].startswith("sha256:")
+        assert call["resource"]["service.name"] == "paysentry"
+
+    allowed = calls["allow"]
+    assert sorted(tree(spans, allowed)) == [
+        "paysentry.authenticate",
+        "paysentry.lookup",
+        "paysentry.policy",
+        "paysentry.reserve",
+        "paysentry.settle",
+        "paysentry.upstream",
+    ]
+    # The agent's trace is continued, and the provider sees PaySentry's upstream span as its parent.
+    assert allowed["trace_id"] == agent_trace and allowed["parent_span_id"] == agent_span
+    upstream_span = next(s for s in spans if s["name"] == "paysentry.upstream")
+    assert upstream[0]["traceparent"] == f"00-{agent_trace}-{upstream_span['span_id']}-01"
+
+    denied = calls["deny"]
+    assert denied["attributes"]["paysentry.rule"] == "usd_only"
+    assert "paysentry.upstream" not in tree(spans, denied) and "paysentry.policy" in tree(spans, denied)
+    held = calls["hold"]
+    assert held["attributes"]["paysentry.rule"] == "large_payment"
+    assert held["attributes"]["paysentry.hold_id"].startswith("apr_")
+    assert "paysentry.upstream" not in tree(spans, held) and "paysentry.reserve" in tree(spans, held)
+    assert len(upstream) == 1
