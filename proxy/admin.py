@@ -69,6 +69,7 @@ class OwnerApi:
         self.metrics = metrics
         self.holds = holds
         self.webhooks = webhooks
+        self.draining = False  # set on SIGTERM: readiness fails so no new traffic is routed here
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
@@ -133,7 +134,8 @@ class OwnerApi:
             checks["store"] = {"ok": True}
         except PaySentryError as exc:
             checks["store"] = {"ok": False, "error": exc.message}
-        ready = checks["store"]["ok"]
+        checks["draining"] = self.draining
+        ready = checks["store"]["ok"] and not self.draining
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:

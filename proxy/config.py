@@ -31,6 +31,7 @@ class Settings:
     bcrypt_rounds: int = 12
     token_cache_ttl: float = 30.0
     upstream_timeout: float = 30.0
+    shutdown_grace: float = 30.0  # on SIGTERM, how long calls in flight may take to finish
     reservation_lease: float = 120.0
     sweep_interval: float = 5.0
     policy_poll_interval: float = 2.0  # how often the policy directory is checked for changes

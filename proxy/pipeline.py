@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -106,15 +107,53 @@ class Pipeline:
         self.sealer, self.default_adapter, self.tracer = sealer, default_adapter, tracer
         self.lease, self.clock, self.metrics, self.holds = reservation_lease, clock, metrics, holds
         self.limiter, self.body_timeout = limiter, body_timeout
+        self._calls: set[asyncio.Task[Any]] = set()  # calls in flight, for a graceful shutdown
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        self._idle.clear()
+        try:
+            with self.metrics.timed("total"):
+                return await self._handle(request)
+        finally:
+            self._calls.discard(task)
+            if not self._calls:
+                self._idle.set()
+
+    @contextlib.contextmanager
+    def _stage(self, name: str, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[trace.Span]:
+        """A child span of the call, and its time in the stage-duration histogram."""
+        with (
+            self.tracer.start_as_current_span(f"paysentry.{name}", kind=kind) as span,
+            self.metrics.timed(name),
+        ):
+            yield span
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` seconds for the calls in flight; cancel those still running (each releases
+        its reservation). Returns how many were cut off."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+            return 0
+        cut = list(self._calls)
+        for task in cut:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 5)
+        return len(cut)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         parent = W3C.extract(request.headers)  # continue the agent's trace (traceparent), nothing else
         with self.tracer.start_as_current_span("paysentry.call", parent, kind=SpanKind.SERVER) as span:
             span.set_attribute("http.request.method", request.method)
             span.set_attribute("url.path", request.path)
             adapter = self.default_adapter
             try:
-                with self.tracer.start_as_current_span("paysentry.authenticate"):
+                with self._stage("authenticate"):
                     record = await self.agents.authenticate(_token(request), request.remote)
                     agent = Agent(
                         record.id, record.owner_id, record.name, record.connection_id, record.labels
@@ -129,6 +168,8 @@ class Pipeline:
                 return await self._dispatch(request, agent, connection, span)
             except PaySentryError as exc:
                 span.set_attribute("paysentry.error", exc.code)
+                if isinstance(exc, StoreUnavailable):
+                    self.metrics.inc("paysentry_store_errors_total", where="payment")
                 if exc.status >= 500:
                     span.set_status(Status(StatusCode.ERROR, exc.code))
                 return _reply(
@@ -213,7 +254,7 @@ class Pipeline:
         policy_set = self.policies.current
         now = datetime.fromtimestamp(self.clock(), UTC)
         keys = spend_keys(policy_set, agent, now) if policy_set.uses_spend else []
-        with self.tracer.start_as_current_span("paysentry.lookup"):
+        with self._stage("lookup"):
             existing, totals = await self.store.lookup(agent.id, key, keys)
         if existing is not None and existing.request_hash != request_hash:
             raise IdempotencyMismatch(
@@ -224,12 +265,12 @@ class Pipeline:
         if existing is not None and not _retryable(existing):
             return await self._replay(existing, agent, connection, url, request, body, key, span)
         payment = await self._resolve(payment, agent, connection)
-        with self.tracer.start_as_current_span("paysentry.policy"):
+        with self._stage("policy"):
             decision = decide(policy_set, self.engine, payment, agent, totals, now)
         _annotate(span, payment, decision)
         new = self._new_authorization(agent, payment, decision, key, request_hash)
         try:
-            with self.tracer.start_as_current_span("paysentry.reserve"):
+            with self._stage("reserve"):
                 recorded = await self.store.record_decision(
                     new, self.clock(), existing.id if existing else None
                 )
@@ -391,14 +432,18 @@ class Pipeline:
         inject = {**adapter.credential_headers(connection.credentials), adapter.idempotency_header: key}
         headers = self.forwarder.request_headers(request.headers, inject)
         try:
-            with self.tracer.start_as_current_span("paysentry.upstream", kind=SpanKind.CLIENT) as up:
+            with self._stage("upstream", SpanKind.CLIENT) as up:
                 W3C.inject(headers)
                 reply = await self.forwarder.send(request.method, url, headers, body)
                 up.set_attribute("http.response.status_code", reply.status)
         except UpstreamUnavailable as exc:
             await self.store.fail(auth.id, exc.message, None, None, self.clock())
             raise
-        with self.tracer.start_as_current_span("paysentry.settle"):
+        except asyncio.CancelledError:  # shutdown grace ran out (or the client went away) mid-call
+            reason = "the call was cut off before the provider answered (shutdown or disconnect)"
+            await asyncio.shield(self.store.fail(auth.id, reason, None, None, self.clock()))
+            raise
+        with self._stage("settle"):
             await self._settle(auth, adapter, reply)
         span.set_attribute("paysentry.upstream_status", reply.status)
         out = web.Response(status=reply.status, body=reply.body, headers=reply.headers)

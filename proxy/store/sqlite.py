@@ -153,6 +153,26 @@ class SqliteStore:
     async def ping(self) -> None:
         await self.read(lambda db: db.execute("SELECT 1").fetchone())
 
+    # -- gauges -------------------------------------------------------------------------------------------
+    async def count_pending_holds(self) -> int:
+        return await self.read(
+            lambda db: db.execute("SELECT COUNT(*) FROM approvals WHERE state=?", (PENDING,)).fetchone()[0]
+        )
+
+    async def current_spend(
+        self, keys: Sequence[tuple[str, str]], limit: int
+    ) -> list[tuple[str, str, str, str, int, int]]:
+        if not keys:
+            return []
+        wanted = ",".join("(?,?)" for _ in keys)
+        sql = (
+            "SELECT s.agent_id, a.name, s.limit_name, s.currency, s.amount, s.count FROM spend s "
+            f"JOIN agents a ON a.id = s.agent_id WHERE (s.limit_name, s.period) IN (VALUES {wanted}) "
+            "AND a.revoked_at IS NULL ORDER BY s.amount DESC LIMIT ?"
+        )
+        args = [x for key in keys for x in key] + [limit]
+        return await self.read(lambda db: [tuple(r) for r in db.execute(sql, args)])
+
     # -- key rotation ---------------------------------------------------------------------------------
     _SEALED = {"connection": ("connections", "credentials"), "response": ("authorizations", "response_body")}
 

@@ -1,4 +1,4 @@
-"""A minimal OTLP/HTTP trace receiver on loopback: what a collector would get from the sidecar."""
+"""A minimal OTLP/HTTP receiver on loopback (traces and metrics): what a collector would get."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -23,15 +27,22 @@ def _value(v: AnyValue) -> Any:
 class OtlpReceiver:
     def __init__(self) -> None:
         self.requests: list[ExportTraceServiceRequest] = []
+        self.metric_requests: list[ExportMetricsServiceRequest] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                message = ExportTraceServiceRequest()
-                message.ParseFromString(body)
-                receiver.requests.append(message)
-                reply = ExportTraceServiceResponse().SerializeToString()
+                if self.path == "/v1/metrics":
+                    metrics = ExportMetricsServiceRequest()
+                    metrics.ParseFromString(body)
+                    receiver.metric_requests.append(metrics)
+                    reply = ExportMetricsServiceResponse().SerializeToString()
+                else:
+                    message = ExportTraceServiceRequest()
+                    message.ParseFromString(body)
+                    receiver.requests.append(message)
+                    reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(reply)))
@@ -84,6 +95,15 @@ class OtlpReceiver:
                             }
                         )
         return out
+
+    def metric_names(self) -> set[str]:
+        return {
+            metric.name
+            for request in self.metric_requests
+            for resource_metrics in request.resource_metrics
+            for scope_metrics in resource_metrics.scope_metrics
+            for metric in scope_metrics.metrics
+        }
 
     def raw(self) -> bytes:
         """Every export as received, for searching bytes the decoder might not surface."""

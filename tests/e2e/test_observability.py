@@ -4,6 +4,7 @@ trace continued from the agent and passed to the provider, and the Prometheus sc
 from __future__ import annotations
 
 import secrets
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,44 @@ def test_span_trees_of_allowed_denied_and_held_calls(tmp_path: Path) -> None:
     assert held["attributes"]["paysentry.hold_id"].startswith("apr_")
     assert "paysentry.upstream" not in tree(spans, held) and "paysentry.reserve" in tree(spans, held)
     assert len(upstream) == 1
+
+
+def scrape(dep: Deployment) -> str:
+    with urllib.request.urlopen(f"{dep.admin_url}/metrics", timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        return resp.read().decode()
+
+
+@pytest.mark.e2e
+def test_metrics_are_scraped_with_the_documented_names_and_pushed_over_otlp(tmp_path: Path) -> None:
+    with OtlpReceiver() as collector:
+        dep = make_deployment(tmp_path)
+        dep.env.update({**collector.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+        dep.start()
+        try:
+            assert pay(dep, b"amount=1000&currency=usd", "m-1") == 200
+            assert pay(dep, b"amount=1000&currency=eur", "m-2") == 402
+            assert pay(dep, b"amount=6000&currency=usd", "m-3") == 402
+            deadline = time.monotonic() + 5
+            while "paysentry_holds_pending 1" not in (text := scrape(dep)) and time.monotonic() < deadline:
+                time.sleep(0.1)  # the sweep refreshes the gauges every sweep_interval (0.2 s here)
+        finally:
+            dep.stop()
+        pushed = collector.metric_names()
+
+    assert 'paysentry_decisions_total{decision="allow",rule="default"} 1' in text
+    assert 'paysentry_decisions_total{decision="deny",rule="usd_only"} 1' in text
+    assert 'paysentry_decisions_total{decision="hold",rule="large_payment"} 1' in text
+    for stage in ("authenticate", "lookup", "policy", "reserve", "upstream", "settle", "total"):
+        assert f'paysentry_stage_duration_seconds_count{{stage="{stage}"}}' in text, stage
+        assert f'paysentry_stage_duration_seconds_bucket{{le="+Inf",stage="{stage}"}}' in text, stage
+    assert "paysentry_holds_pending 1" in text
+    agent = f'agent="bot",agent_id="{dep.agent_id}"'
+    # The held $60 is reserved while it waits: 1000 + 6000 of the $100 daily budget.
+    assert f'paysentry_spend_amount{{{agent},currency="usd",limit="daily_budget",window="day"}} 7000' in text
+    assert f'paysentry_spend_limit_ratio{{{agent},limit="daily_budget",window="day"}} 0.7' in text
+    assert 'paysentry_policy_revision_info{revision="sha256:' in text
+    for line in text.splitlines():
+        if line.startswith("# TYPE"):
+            assert line.split()[3] in ("counter", "gauge", "histogram"), line
+    assert {"paysentry_decisions", "paysentry_stage_duration_seconds", "paysentry_holds_pending"} <= pushed

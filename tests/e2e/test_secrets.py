@@ -91,9 +91,9 @@ def test_a_full_session_leaves_no_secret_in_logs_spans_or_database(tmp_path: Pat
     encryption_key = dep.env["PAYSENTRY_ENCRYPTION_KEYS"].split(":", 1)[1]
     secrets = {
         "agent token": dep.agent_token,
-        "agent token secret": dep.agent_token.rsplit("_", 1)[1],
+        "agent token secret": dep.agent_token.split("_", 2)[2],
         "guessed agent token": dep.agent_token[:-6] + "guess!",
-        "owner token secret": dep.owner_token.rsplit("_", 1)[1],
+        "owner token secret": dep.owner_token.split("_", 2)[2],
         "provider secret key": MOCK_SECRET,
         "webhook signing secret": WEBHOOK_SECRET,
         "encryption key": encryption_key,

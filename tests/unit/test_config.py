@@ -28,3 +28,13 @@ def test_problems_are_listed_together(tmp_path: Path) -> None:
     message = caught.value.message
     for expected in ("body_timeout", "max_headers", "listen", "unknown setting 'speed'"):
         assert expected in message
+
+
+def test_every_setting_is_in_the_readme_table_with_its_environment_variable() -> None:
+    from dataclasses import fields
+
+    from proxy.config import Settings
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for f in fields(Settings):
+        assert f"| `{f.name}` | `PAYSENTRY_{f.name.upper()}` |" in readme, f"{f.name} is not documented"
