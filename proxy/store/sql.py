@@ -1,0 +1,878 @@
+"""The store's logic, written once over the SQL that SQLite and PostgreSQL both speak.
+
+Every operation is a *transaction body*: a generator that yields queries (``one``, ``many``, ``execute``)
+and receives their results, so the same body runs on SQLite's thread (driven synchronously inside
+``BEGIN IMMEDIATE``) and on an asyncpg connection (driven by awaiting each query inside a transaction).
+A driver only has to implement ``write(body)`` (one transaction) and ``read(body)``. The SQL uses ``?``
+placeholders (the PostgreSQL driver numbers them), ``ON CONFLICT DO NOTHING`` instead of catching
+integrity errors, and ``RETURNING`` for the atomic check-and-reserve.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from proxy.approvals import APPROVED as APPROVED_HOLD
+from proxy.approvals import DENIED as DENIED_HOLD
+from proxy.approvals import EXPIRED as EXPIRED_HOLD
+from proxy.approvals import PENDING, may_vote, tally
+from proxy.decide import limit_exceeded_message
+from proxy.errors import Conflict, Forbidden, NotFound
+from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
+from proxy.store import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    FAILED,
+    FORWARDING,
+    HELD,
+    REJECTED,
+    SETTLED,
+    VOIDED,
+    AgentRecord,
+    ApprovalRecord,
+    AuthorizationRecord,
+    ConnectionRecord,
+    DuplicateKey,
+    Event,
+    LimitExceeded,
+    NewAuthorization,
+    OwnerRecord,
+    Recorded,
+    Vote,
+    VoteResult,
+)
+
+T = TypeVar("T")
+AUTH_COLUMNS = (
+    "id, owner_id, agent_id, idempotency_key, request_hash, provider, operation, amount, currency, "
+    "destination, payment, decision, rule, policy, message, revision, state, charges, approval_id, "
+    "provider_ref, response_status, response_body, lease_expires_at, created_at, updated_at"
+)
+ONE, MANY, EXECUTE = "one", "many", "execute"
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    kind: str  # ONE: the first row or None; MANY: every row; EXECUTE: the number of rows changed
+    sql: str
+    args: Sequence[Any] = ()
+
+
+Tx = Generator[Query, Any, T]
+
+
+def one(sql: str, args: Sequence[Any] = ()) -> Query:
+    return Query(ONE, sql, args)
+
+
+def many(sql: str, args: Sequence[Any] = ()) -> Query:
+    return Query(MANY, sql, args)
+
+
+def execute(sql: str, args: Sequence[Any] = ()) -> Query:
+    return Query(EXECUTE, sql, args)
+
+
+def _single(query: Query) -> Tx[int]:
+    return (yield query)
+
+
+class SqlStore:
+    """Every ``Store`` operation, over a driver's ``write`` and ``read``."""
+
+    async def write(self, body: Tx[T]) -> T:
+        raise NotImplementedError
+
+    async def read(self, body: Tx[T]) -> T:
+        raise NotImplementedError
+
+    async def fetch_one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return await self.read(_single(one(sql, args)))
+
+    async def fetch_all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return await self.read(_single(many(sql, args)))
+
+    async def ping(self) -> None:
+        await self.fetch_one("SELECT 1")
+
+    # -- gauges -------------------------------------------------------------------------------------------
+    async def count_pending_holds(self) -> int:
+        row = await self.fetch_one("SELECT COUNT(*) FROM approvals WHERE state=?", (PENDING,))
+        return int(row[0])
+
+    async def current_spend(
+        self, keys: Sequence[tuple[str, str]], limit: int
+    ) -> list[tuple[str, str, str, str, int, int]]:
+        if not keys:
+            return []
+        wanted = ",".join("(?,?)" for _ in keys)
+        sql = (
+            "SELECT s.agent_id, a.name, s.limit_name, s.currency, s.amount, s.count FROM spend s "
+            f"JOIN agents a ON a.id = s.agent_id WHERE (s.limit_name, s.period) IN (VALUES {wanted}) "
+            "AND a.revoked_at IS NULL ORDER BY s.amount DESC LIMIT ?"
+        )
+        args = [x for key in keys for x in key] + [limit]
+        return [tuple(r) for r in await self.fetch_all(sql, args)]
+
+    # -- key rotation ---------------------------------------------------------------------------------
+    _SEALED = {"connection": ("connections", "credentials"), "response": ("authorizations", "response_body")}
+
+    async def sealed_values(self, kind: str, after: str, limit: int) -> list[tuple[str, bytes]]:
+        table, column = self._SEALED[kind]
+        sql = f"SELECT id, {column} FROM {table} WHERE id > ? AND {column} IS NOT NULL ORDER BY id LIMIT ?"
+        return [(r[0], bytes(r[1])) for r in await self.fetch_all(sql, (after, limit))]
+
+    async def reseal(self, kind: str, row_id: str, old: bytes, new: bytes) -> bool:
+        table, column = self._SEALED[kind]
+        sql = f"UPDATE {table} SET {column}=? WHERE id=? AND {column}=?"
+        return await self.write(_single(execute(sql, (new, row_id, old)))) == 1
+
+    # -- owners, connections, agents ------------------------------------------------------------------
+    async def create_owner(self, owner: OwnerRecord) -> None:
+        def tx() -> Tx[None]:
+            (
+                yield execute(
+                    "INSERT INTO owners VALUES (?,?,?,?)",
+                    (owner.id, owner.name, owner.token_hash, owner.created_at),
+                )
+            )
+            yield from _event(
+                owner.id, None, None, "owner.created", "cli", {"name": owner.name}, owner.created_at
+            )
+
+        await self.write(tx())
+
+    async def get_owner(self, owner_id: str) -> OwnerRecord | None:
+        row = await self.fetch_one("SELECT * FROM owners WHERE id=?", (owner_id,))
+        return OwnerRecord(*row) if row else None
+
+    async def find_owner(self, name: str) -> OwnerRecord | None:
+        row = await self.fetch_one("SELECT * FROM owners WHERE name=?", (name,))
+        return OwnerRecord(*row) if row else None
+
+    async def update_owner_token(self, owner_id: str, token_hash: str, now: float) -> None:
+        def tx() -> Tx[None]:
+            (yield execute("UPDATE owners SET token_hash=? WHERE id=?", (token_hash, owner_id)))
+            yield from _event(owner_id, None, None, "owner.token_rotated", "cli", {}, now)
+
+        await self.write(tx())
+
+    async def list_owners(self) -> list[OwnerRecord]:
+        rows = await self.fetch_all("SELECT * FROM owners ORDER BY created_at")
+        return [OwnerRecord(*r) for r in rows]
+
+    async def add_connection(self, c: ConnectionRecord) -> None:
+        def tx() -> Tx[None]:
+            (
+                yield execute(
+                    "INSERT INTO connections VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        c.id,
+                        c.owner_id,
+                        c.provider,
+                        c.name,
+                        c.upstream,
+                        c.credentials,
+                        c.created_at,
+                        None,
+                        json.dumps(list(c.allowed_accounts)),
+                    ),
+                )
+            )
+            yield from _event(
+                c.owner_id,
+                None,
+                None,
+                "connection.added",
+                "cli",
+                {"connection": c.id, "provider": c.provider, "name": c.name, "upstream": c.upstream},
+                c.created_at,
+            )
+
+        await self.write(tx())
+
+    async def get_connection(self, connection_id: str) -> ConnectionRecord | None:
+        row = await self.fetch_one("SELECT * FROM connections WHERE id=?", (connection_id,))
+        return _connection(row) if row else None
+
+    async def find_connection(self, owner_id: str, name: str) -> ConnectionRecord | None:
+        row = await self.fetch_one(
+            "SELECT * FROM connections WHERE owner_id=? AND name=? AND revoked_at IS NULL",
+            (owner_id, name),
+        )
+        return _connection(row) if row else None
+
+    async def create_agent(self, a: AgentRecord) -> None:
+        def tx() -> Tx[None]:
+            inserted = yield execute(
+                "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (
+                    a.id,
+                    a.owner_id,
+                    a.connection_id,
+                    a.name,
+                    json.dumps(dict(a.labels)),
+                    a.token_hash,
+                    a.created_at,
+                    None,
+                ),
+            )
+            if not inserted:
+                raise Conflict(f"an active agent named {a.name!r} already exists")
+            yield from _event(
+                a.owner_id,
+                a.id,
+                None,
+                "agent.created",
+                "owner",
+                {"name": a.name, "labels": dict(a.labels), "connection": a.connection_id},
+                a.created_at,
+            )
+
+        await self.write(tx())
+
+    async def get_agent(self, agent_id: str) -> AgentRecord | None:
+        row = await self.fetch_one("SELECT * FROM agents WHERE id=?", (agent_id,))
+        return _agent(row) if row else None
+
+    async def list_agents(self, owner_id: str) -> list[AgentRecord]:
+        rows = await self.fetch_all("SELECT * FROM agents WHERE owner_id=? ORDER BY created_at", (owner_id,))
+        return [_agent(r) for r in rows]
+
+    async def revoke_agent(self, owner_id: str, agent_id: str, actor: str, now: float) -> bool:
+        def tx() -> Tx[bool]:
+            changed = yield execute(
+                "UPDATE agents SET revoked_at=? WHERE id=? AND owner_id=? AND revoked_at IS NULL",
+                (now, agent_id, owner_id),
+            )
+            if changed:
+                yield from _event(owner_id, agent_id, None, "agent.revoked", actor, {}, now)
+            return bool(changed)
+
+        return await self.write(tx())
+
+    # -- the payment path -----------------------------------------------------------------------------
+    async def lookup(
+        self, agent_id: str, idempotency_key: str, spend_keys: Sequence[tuple[str, str]]
+    ) -> tuple[AuthorizationRecord | None, dict[str, SpendTotal]]:
+        def tx() -> Tx[tuple[AuthorizationRecord | None, dict[str, SpendTotal]]]:
+            row = yield one(
+                f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE agent_id=? AND idempotency_key=?",
+                (agent_id, idempotency_key),
+            )
+            totals = {}
+            for limit, period in spend_keys:
+                got = yield one(
+                    "SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
+                    (agent_id, limit, period),
+                )
+                totals[limit] = SpendTotal(*got) if got else SpendTotal()
+            return (_authorization(row) if row else None), totals
+
+        return await self.read(tx())
+
+    async def record_decision(
+        self, new: NewAuthorization, now: float, retry_of: str | None = None
+    ) -> Recorded:
+        return await self.write(_record_decision(new, now, retry_of))
+
+    async def start_forwarding(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
+        def tx() -> Tx[bool]:
+            changed = yield execute(
+                "UPDATE authorizations SET state=?, lease_expires_at=?, updated_at=? WHERE id=? AND state=?",
+                (FORWARDING, lease_expires_at, now, authorization_id, APPROVED),
+            )
+            if changed:
+                yield from _authorization_event(
+                    authorization_id, "authorization.forwarding", "agent", {"after": "approval"}, now
+                )
+            return bool(changed)
+
+        return await self.write(tx())
+
+    async def settle(
+        self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
+    ) -> None:
+        def tx() -> Tx[None]:
+            changed = yield execute(
+                "UPDATE authorizations SET state=?, provider_ref=?, response_status=?, "
+                "response_body=?, lease_expires_at=NULL, updated_at=? WHERE id=? AND state=?",
+                (SETTLED, provider_ref, status, body, now, authorization_id, FORWARDING),
+            )
+            if changed:
+                yield from _authorization_event(
+                    authorization_id,
+                    "authorization.settled",
+                    "provider",
+                    {"status": status, "provider_ref": provider_ref},
+                    now,
+                )
+
+        await self.write(tx())
+
+    async def fail(
+        self, authorization_id: str, reason: str, status: int | None, body: bytes | None, now: float
+    ) -> None:
+        def tx() -> Tx[None]:
+            row = yield one(
+                "SELECT owner_id, agent_id, charges FROM authorizations WHERE id=? AND state=?",
+                (authorization_id, FORWARDING),
+            )
+            if row is None:
+                return  # already settled, failed or reclaimed: nothing to release twice
+            owner, agent, charges = row
+            yield from _release(agent, _charges(charges))
+            (
+                yield execute(
+                    "UPDATE authorizations SET state=?, response_status=?, response_body=?, "
+                    "lease_expires_at=NULL, updated_at=? WHERE id=?",
+                    (FAILED, status, body, now, authorization_id),
+                )
+            )
+            yield from _event(
+                owner,
+                agent,
+                authorization_id,
+                "authorization.failed",
+                "provider",
+                {"status": status, "reason": reason, "released": True},
+                now,
+            )
+
+        await self.write(tx())
+
+    async def apply_webhook(
+        self,
+        owner_id: str,
+        connection_id: str,
+        event_id: str,
+        event_type: str,
+        provider_ref: str | None,
+        outcome: str | None,
+        now: float,
+    ) -> str:
+        def tx() -> Tx[str]:
+            inserted = yield execute(
+                "INSERT INTO webhook_events VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (connection_id, event_id, event_type, provider_ref, "", now),
+            )
+            if not inserted:
+                return "duplicate"
+            result = "ignored"
+            row = None
+            if outcome and provider_ref:
+                row = yield one(
+                    "SELECT id, agent_id, state, charges FROM authorizations WHERE owner_id=? AND provider_ref=?",
+                    (owner_id, provider_ref),
+                )
+                result = "unmatched" if row is None else "recorded"
+            if row is not None:
+                auth_id, agent_id, state, charges = row
+                data = {"event": event_id, "type": event_type}
+                if outcome == "void" and state == SETTLED:
+                    yield from _release(agent_id, _charges(charges))
+                    (
+                        yield execute(
+                            "UPDATE authorizations SET state=?, updated_at=? WHERE id=?",
+                            (VOIDED, now, auth_id),
+                        )
+                    )
+                    result, data["released"] = "voided", True
+                yield from _event(
+                    owner_id, agent_id, auth_id, f"authorization.{result}", "provider", data, now
+                )
+            (
+                yield execute(
+                    "UPDATE webhook_events SET outcome=? WHERE connection_id=? AND event_id=?",
+                    (result, connection_id, event_id),
+                )
+            )
+            return result
+
+        return await self.write(tx())
+
+    async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
+        row = await self.fetch_one(
+            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=? AND provider_ref=? AND state=? "
+            "ORDER BY created_at LIMIT 1",
+            (owner_id, provider_ref, SETTLED),
+        )
+        return _authorization(row) if row else None
+
+    # -- holds and housekeeping -----------------------------------------------------------------------
+    async def vote(
+        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str, now: float
+    ) -> VoteResult:
+        return await self.write(_vote(owner_id, approval_id, voter, approve, reason, via, now))
+
+    async def add_links(self, approval_id: str, links: Sequence[tuple[str, str, float]]) -> None:
+        def tx() -> Tx[None]:
+            for token_hash, approver, expires in links:
+                yield execute(
+                    "INSERT INTO approval_links (token_hash, approval_id, approver, expires_at) VALUES (?,?,?,?)",
+                    (token_hash, approval_id, approver, expires),
+                )
+
+        await self.write(tx())
+
+    async def find_link(self, token_hash: str) -> tuple[ApprovalRecord, str, float | None, float] | None:
+        def tx() -> Tx[tuple[ApprovalRecord, str, float | None, float] | None]:
+            link = yield one(
+                "SELECT approval_id, approver, used_at, expires_at FROM approval_links WHERE token_hash=?",
+                (token_hash,),
+            )
+            if link is None:
+                return None
+            row = yield one("SELECT * FROM approvals WHERE id=?", (link[0],))
+            return (yield from _approval(row)), link[1], link[2], link[3]
+
+        return await self.read(tx())
+
+    async def use_link(self, token_hash: str, approve: bool, reason: str, now: float) -> VoteResult:
+        def tx() -> Tx[VoteResult]:
+            link = yield one(
+                "UPDATE approval_links SET used_at=? WHERE token_hash=? AND used_at IS NULL AND expires_at>? "
+                "RETURNING approval_id, approver",
+                (now, token_hash, now),
+            )
+            if link is None:
+                raise NotFound("this approval link is unknown, used or expired")
+            owner_id = (yield one("SELECT owner_id FROM approvals WHERE id=?", (link[0],)))[0]
+            return (yield from _vote(owner_id, link[0], link[1], approve, reason, "link", now))
+
+        return await self.write(tx())
+
+    async def get_approval(self, owner_id: str, approval_id: str) -> ApprovalRecord | None:
+        def tx() -> Tx[ApprovalRecord | None]:
+            row = yield one("SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id))
+            return (yield from _approval(row)) if row else None
+
+        return await self.read(tx())
+
+    async def list_approvals(self, owner_id: str, state: str | None) -> list[ApprovalRecord]:
+        def tx() -> Tx[list[ApprovalRecord]]:
+            sql, args = "SELECT * FROM approvals WHERE owner_id=?", [owner_id]
+            if state:
+                sql, args = sql + " AND state=?", [*args, state]
+            rows = yield many(sql + " ORDER BY created_at", args)
+            approvals = []
+            for r in rows:
+                approvals.append((yield from _approval(r)))
+            return approvals
+
+        return await self.read(tx())
+
+    async def expire_holds(self, now: float) -> int:
+        def tx() -> Tx[int]:
+            rows = yield many(
+                "SELECT id, owner_id FROM approvals WHERE state='pending' AND expires_at<=?", (now,)
+            )
+            for approval_id, owner_id in rows:
+                yield from _close_hold(
+                    owner_id, approval_id, "expired", EXPIRED, "paysentry", "the hold expired", now
+                )
+            return len(rows)
+
+        return await self.write(tx())
+
+    async def reclaim_leases(self, now: float) -> int:
+        def tx() -> Tx[int]:
+            rows = yield many(
+                "SELECT id, owner_id, agent_id, charges FROM authorizations "
+                "WHERE state=? AND lease_expires_at<=?",
+                (FORWARDING, now),
+            )
+            for auth_id, owner, agent, charges in rows:
+                yield from _release(agent, _charges(charges))
+                (
+                    yield execute(
+                        "UPDATE authorizations SET state=?, lease_expires_at=NULL, updated_at=? WHERE id=?",
+                        (FAILED, now, auth_id),
+                    )
+                )
+                yield from _event(
+                    owner,
+                    agent,
+                    auth_id,
+                    "authorization.reclaimed",
+                    "paysentry",
+                    {
+                        "reason": "the reservation's lease expired before the provider's answer was recorded "
+                        "(the sidecar stopped mid-call); released. A retry with the same "
+                        "Idempotency-Key re-reserves and the provider replays its answer.",
+                        "released": True,
+                    },
+                    now,
+                )
+            return len(rows)
+
+        return await self.write(tx())
+
+    # -- records --------------------------------------------------------------------------------------
+    async def get_authorization(self, owner_id: str, authorization_id: str) -> AuthorizationRecord | None:
+        row = await self.fetch_one(
+            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=? AND owner_id=?",
+            (authorization_id, owner_id),
+        )
+        return _authorization(row) if row else None
+
+    async def list_authorizations(
+        self, owner_id: str, agent_id: str | None, limit: int
+    ) -> list[AuthorizationRecord]:
+        def tx() -> Tx[list[AuthorizationRecord]]:
+            sql, args = f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=?", [owner_id]
+            if agent_id:
+                sql, args = sql + " AND agent_id=?", [*args, agent_id]
+            rows = yield many(sql + " ORDER BY created_at DESC LIMIT ?", [*args, limit])
+            return [_authorization(r) for r in rows]
+
+        return await self.read(tx())
+
+    async def history(self, since: float, owner_id: str | None) -> list[AuthorizationRecord]:
+        def tx() -> Tx[list[AuthorizationRecord]]:
+            sql, args = f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE created_at >= ?", [since]
+            if owner_id:
+                sql, args = sql + " AND owner_id = ?", [*args, owner_id]
+            return [_authorization(r) for r in (yield many(sql + " ORDER BY created_at, id", args))]
+
+        return await self.read(tx())
+
+    async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]:
+        rows = await self.fetch_all(
+            "SELECT seq, owner_id, agent_id, authorization_id, type, actor, data, at FROM events "
+            "WHERE owner_id=? AND seq>? ORDER BY seq LIMIT ?",
+            (owner_id, after, limit),
+        )
+        return [Event(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7]) for r in rows]
+
+    async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]:
+        rows = await self.fetch_all(
+            "SELECT s.limit_name, s.period, s.currency, s.amount, s.count FROM spend s "
+            "JOIN agents a ON a.id = s.agent_id WHERE a.owner_id=? AND s.agent_id=? ORDER BY s.period, s.limit_name",
+            (owner_id, agent_id),
+        )
+        return [dict(zip(("limit", "period", "currency", "amount", "count"), r, strict=True)) for r in rows]
+
+
+# -- transaction bodies ------------------------------------------------------------------------------------
+def _record_decision(new: NewAuthorization, now: float, retry_of: str | None) -> Tx[Recorded]:
+    decision, rule, message, exceeded = new.decision, new.rule, new.message, None
+    if decision != DENIED and new.charges:
+        (yield execute("SAVEPOINT reserve"))
+        exceeded = yield from _reserve(new.agent_id, new.charges)
+        if exceeded:
+            (yield execute("ROLLBACK TO reserve"))
+            decision, rule = "deny", exceeded.charge.limit
+            message = limit_exceeded_message(exceeded.charge, exceeded.total, exceeded.charge.message)
+        (yield execute("RELEASE reserve"))
+    state = {"allow": FORWARDING, "hold": HELD, "deny": DENIED}[decision]
+    charges = [] if state == DENIED else new.charges
+    values = (
+        new.owner_id,
+        new.agent_id,
+        new.idempotency_key,
+        new.request_hash,
+        new.provider,
+        new.operation,
+        new.amount,
+        new.currency,
+        new.destination,
+        json.dumps(new.payment),
+        decision,
+        rule,
+        new.policy,
+        message,
+        new.revision,
+        state,
+        json.dumps([_charge_json(c) for c in charges]),
+        new.approval_id if state == HELD else None,
+        new.lease_expires_at if state == FORWARDING else None,
+        now,
+    )
+    if retry_of:
+        changed = yield execute(
+            "UPDATE authorizations SET owner_id=?, agent_id=?, idempotency_key=?, request_hash=?, provider=?, "
+            "operation=?, amount=?, currency=?, destination=?, payment=?, decision=?, rule=?, policy=?, message=?, "
+            "revision=?, state=?, charges=?, approval_id=?, lease_expires_at=?, updated_at=?, provider_ref=NULL, "
+            "response_status=NULL, response_body=NULL WHERE id=? AND state=? AND response_status IS NULL",
+            (*values, retry_of, FAILED),
+        )
+        if not changed:
+            raise DuplicateKey(new.idempotency_key)
+        auth_id = retry_of
+    else:
+        inserted = yield execute(
+            f"INSERT INTO authorizations ({AUTH_COLUMNS}) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?) ON CONFLICT DO NOTHING",
+            (new.id, *values[:-1], now, now),
+        )
+        if not inserted:
+            raise DuplicateKey(new.idempotency_key)
+        auth_id = new.id
+    if state == HELD:
+        assert new.approval_id and new.hold_expires_at
+        spec = new.approval or ApprovalSpec()
+        (
+            yield execute(
+                "INSERT INTO approvals (id, owner_id, authorization_id, state, expires_at, created_at, approvers, "
+                "quorum, veto, reviewers) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    new.approval_id,
+                    new.owner_id,
+                    auth_id,
+                    "pending",
+                    new.hold_expires_at,
+                    now,
+                    json.dumps(list(spec.approvers)),
+                    spec.quorum,
+                    int(spec.veto),
+                    json.dumps(
+                        [{"name": r.name, "url": r.url, "timeout": r.timeout} for r in spec.reviewers]
+                    ),
+                ),
+            )
+        )
+    data = {
+        "decision": decision,
+        "rule": rule,
+        "policy": new.policy,
+        "revision": new.revision,
+        "operation": new.operation,
+        "amount": new.amount,
+        "currency": new.currency,
+        "destination": new.destination,
+        "reserved": [_charge_json(c) for c in charges],
+        "approval_id": new.approval_id if state == HELD else None,
+        "shadow": [dict(h) for h in new.shadow],
+        "retry": bool(retry_of),
+    }
+    if exceeded:
+        data["limit_total"] = {"amount": exceeded.total.amount, "count": exceeded.total.count}
+    yield from _event(new.owner_id, new.agent_id, auth_id, f"authorization.{state}", "policy", data, now)
+    row = yield one(f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=?", (auth_id,))
+    return Recorded(_authorization(row), exceeded)
+
+
+def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | None]:
+    """Check and count each charge in one conditional UPDATE: a row lock makes it atomic."""
+    for c in charges:
+        (
+            yield execute(
+                "INSERT INTO spend (agent_id, limit_name, period, currency) VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
+                (agent_id, c.limit, c.period, c.currency),
+            )
+        )
+        row = yield one(
+            "UPDATE spend SET amount = amount + ?, count = count + 1 WHERE agent_id=? AND limit_name=? AND period=? "
+            "AND (CAST(? AS BIGINT) IS NULL OR amount + ? <= ?) AND (CAST(? AS BIGINT) IS NULL OR count + 1 <= ?) "
+            "RETURNING amount",
+            (
+                c.amount,
+                agent_id,
+                c.limit,
+                c.period,
+                c.max_amount,
+                c.amount,
+                c.max_amount,
+                c.max_count,
+                c.max_count,
+            ),
+        )
+        if row is None:
+            total = yield one(
+                "SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
+                (agent_id, c.limit, c.period),
+            )
+            return LimitExceeded(c, SpendTotal(*total))
+    return None
+
+
+def _release(agent_id: str, charges: Sequence[Charge]) -> Tx[None]:
+    for c in charges:
+        (
+            yield execute(
+                "UPDATE spend SET amount = amount - ?, count = count - 1 WHERE agent_id=? AND limit_name=? "
+                "AND period=?",
+                (c.amount, agent_id, c.limit, c.period),
+            )
+        )
+
+
+def _vote(
+    owner_id: str,
+    approval_id: str,
+    voter: str,
+    approve: bool,
+    reason: str,
+    via: str,
+    now: float,
+) -> Tx[VoteResult]:
+    row = yield one("SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id))
+    if row is None:
+        raise NotFound(f"no approval {approval_id!r}")
+    approval = yield from _approval(row)
+    if approval.state != PENDING:
+        raise Conflict(f"approval {approval_id} is already {approval.state}")
+    if approval.expires_at <= now:
+        yield from _close_hold(
+            owner_id, approval_id, EXPIRED_HOLD, EXPIRED, "paysentry", "the hold expired", now
+        )
+        raise Conflict(f"approval {approval_id} has expired")
+    if not may_vote(approval.approvers, voter):
+        raise Forbidden(
+            f"{voter!r} is not an approver of {approval_id} (approvers: {', '.join(approval.approvers)})"
+        )
+    vote = "approve" if approve else "deny"
+    counted = yield execute(
+        "INSERT INTO votes VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+        (approval_id, voter, vote, reason, via, now),
+    )
+    if not counted:
+        return VoteResult(approval, counted=False)  # each approver votes once; the first vote stands
+    auth = approval.authorization
+    agent_id = auth.agent_id if auth else None
+    yield from _event(
+        owner_id,
+        agent_id,
+        approval.authorization_id,
+        "approval.vote",
+        voter,
+        {"approval_id": approval_id, "vote": vote, "reason": reason, "via": via},
+        now,
+    )
+    votes = yield many("SELECT voter, vote FROM votes WHERE approval_id=? ORDER BY at", (approval_id,))
+    outcome = tally(approval.approvers, approval.quorum, approval.veto, votes)
+    if outcome == APPROVED_HOLD:
+        deciders = ",".join(v for v, choice in votes if choice == "approve")
+        (
+            yield execute(
+                "UPDATE approvals SET state='approved', decided_by=?, reason=?, decided_at=? WHERE id=?",
+                (deciders, reason, now, approval_id),
+            )
+        )
+        (
+            yield execute(
+                "UPDATE authorizations SET state=?, updated_at=? WHERE id=?",
+                (APPROVED, now, approval.authorization_id),
+            )
+        )
+        yield from _event(
+            owner_id,
+            agent_id,
+            approval.authorization_id,
+            "approval.approved",
+            deciders,
+            {"approval_id": approval_id, "votes": [list(v) for v in votes]},
+            now,
+        )
+    elif outcome == DENIED_HOLD:
+        yield from _close_hold(owner_id, approval_id, DENIED_HOLD, REJECTED, voter, reason, now)
+    row = yield one("SELECT * FROM approvals WHERE id=?", (approval_id,))
+    return VoteResult((yield from _approval(row)), counted=True)
+
+
+def _close_hold(
+    owner_id: str,
+    approval_id: str,
+    approval_state: str,
+    auth_state: str,
+    actor: str,
+    reason: str,
+    now: float,
+) -> Tx[None]:
+    """Deny or expire a pending hold and release what it reserved."""
+    auth_id = (yield one("SELECT authorization_id FROM approvals WHERE id=?", (approval_id,)))[0]
+    agent, charges = yield one("SELECT agent_id, charges FROM authorizations WHERE id=?", (auth_id,))
+    yield from _release(agent, _charges(charges))
+    (
+        yield execute(
+            "UPDATE approvals SET state=?, decided_by=?, reason=?, decided_at=? WHERE id=?",
+            (approval_state, actor, reason, now, approval_id),
+        )
+    )
+    (yield execute("UPDATE authorizations SET state=?, updated_at=? WHERE id=?", (auth_state, now, auth_id)))
+    yield from _event(
+        owner_id,
+        agent,
+        auth_id,
+        f"approval.{approval_state}",
+        actor,
+        {"approval_id": approval_id, "reason": reason, "released": True},
+        now,
+    )
+
+
+# -- row helpers ----------------------------------------------------------------------------------------
+def _event(
+    owner_id: str,
+    agent_id: str | None,
+    auth_id: str | None,
+    kind: str,
+    actor: str,
+    data: dict[str, Any],
+    now: float,
+) -> Tx[None]:
+    (
+        yield execute(
+            "INSERT INTO events (owner_id, agent_id, authorization_id, type, actor, data, at) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (owner_id, agent_id, auth_id, kind, actor, json.dumps(data), now),
+        )
+    )
+
+
+def _authorization_event(auth_id: str, kind: str, actor: str, data: dict[str, Any], now: float) -> Tx[None]:
+    owner, agent = yield one("SELECT owner_id, agent_id FROM authorizations WHERE id=?", (auth_id,))
+    yield from _event(owner, agent, auth_id, kind, actor, data, now)
+
+
+def _charge_json(c: Charge) -> dict[str, Any]:
+    return {
+        "limit": c.limit,
+        "period": c.period,
+        "currency": c.currency,
+        "amount": c.amount,
+        "max_amount": c.max_amount,
+        "max_count": c.max_count,
+        "message": c.message,
+    }
+
+
+def _charges(text: str) -> list[Charge]:
+    return [Charge(**c) for c in json.loads(text)]
+
+
+def _connection(row: Sequence[Any]) -> ConnectionRecord:
+    return ConnectionRecord(*row[:8], allowed_accounts=tuple(json.loads(row[8])))
+
+
+def _agent(row: Sequence[Any]) -> AgentRecord:
+    return AgentRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6], row[7])
+
+
+def _authorization(row: Sequence[Any]) -> AuthorizationRecord:
+    values = list(row)
+    values[10] = json.loads(values[10])
+    values[17] = _charges(values[17])
+    return AuthorizationRecord(*values)
+
+
+def _approval(row: Sequence[Any]) -> Tx[ApprovalRecord]:
+    auth = yield one(f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=?", (row[2],))
+    votes = yield many(
+        "SELECT voter, vote, reason, via, at FROM votes WHERE approval_id=? ORDER BY at", (row[0],)
+    )
+    reviewers = tuple(Reviewer(**r) for r in json.loads(row[12]))
+    return ApprovalRecord(
+        *row[:9],
+        approvers=tuple(json.loads(row[9])),
+        quorum=row[10],
+        veto=bool(row[11]),
+        reviewers=reviewers,
+        votes=tuple(Vote(*v) for v in votes),
+        authorization=_authorization(auth) if auth else None,
+    )
