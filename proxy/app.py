@@ -40,7 +40,7 @@ log = logging.getLogger("paysentry")
 class Sidecar:
     def __init__(self, settings: Settings, tracer_provider: TracerProvider) -> None:
         self.settings = settings
-        self.store = open_store(settings.store, synchronous=settings.sqlite_synchronous)
+        self.store = open_store(settings.store, settings.sqlite_synchronous, settings.store_timeout)
         self.sealer = Sealer(load_keys(settings.encryption_key_file))
         self.engine = make_engine(settings.engine)
         self.metrics = Metrics()

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         "keygen", help="write an encryption key file (prepends a new key to an existing one)"
     )
     keygen.add_argument("file")
+    db = sub.add_parser("db").add_subparsers(dest="action", required=True)
+    db.add_parser("migrate", help="create or upgrade the store's schema (PostgreSQL; SQLite does it itself)")
     keys = sub.add_parser("keys").add_subparsers(dest="action", required=True)
     keys.add_parser(
         "rotate",
@@ -140,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(settings, args.demo)
         return asyncio.run(
-            _with_store(settings, lambda ctx: _COMMANDS[(args.command, args.action)](ctx, args))
+            _with_store(
+                settings,
+                lambda ctx: _COMMANDS[(args.command, args.action)](ctx, args),
+                migrate=args.command == "db",
+            )
         )
     except PolicyError as exc:
         print(exc.message, file=sys.stderr)
@@ -313,14 +319,16 @@ class _Context:
         from proxy.secrets import Sealer, load_keys
         from proxy.store import open_store
 
-        self.store = open_store(settings.store, synchronous=settings.sqlite_synchronous)
+        self.store = open_store(settings.store, settings.sqlite_synchronous, settings.store_timeout)
         self.sealer = Sealer(load_keys(settings.encryption_key_file))
         self.service = OwnerService(self.store, self.sealer, settings.bcrypt_rounds)
 
 
-async def _with_store(settings: Settings, fn: Callable[[_Context], Awaitable[int]]) -> int:
+async def _with_store(
+    settings: Settings, fn: Callable[[_Context], Awaitable[int]], migrate: bool = False
+) -> int:
     ctx = _Context(settings)
-    await ctx.store.open()
+    await ctx.store.open(migrate=migrate)
     try:
         return await fn(ctx)
     finally:
@@ -329,6 +337,11 @@ async def _with_store(settings: Settings, fn: Callable[[_Context], Awaitable[int
 
 def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+async def _db_migrate(ctx: _Context, args: argparse.Namespace) -> int:
+    _print({"store": ctx.store.__class__.__name__, "schema_version": await ctx.store.migrate()})
+    return 0
 
 
 async def _keys_rotate(ctx: _Context, args: argparse.Namespace) -> int:
@@ -448,6 +461,7 @@ async def _policy_replay(ctx: _Context, args: argparse.Namespace) -> int:
 _COMMANDS: dict[tuple[str, str], Callable[[_Context, argparse.Namespace], Awaitable[int]]] = {
     ("policy", "replay"): _policy_replay,
     ("keys", "rotate"): _keys_rotate,
+    ("db", "migrate"): _db_migrate,
     ("owner", "create"): _owner_create,
     ("owner", "list"): _owner_list,
     ("provider", "add"): _provider_add,

@@ -25,6 +25,7 @@ class Settings:
     admin_listen: str = "127.0.0.1:8081"  # the owner API and probes; never on the agents' listener
     store: str = "sqlite:///var/paysentry.db"
     sqlite_synchronous: str = "NORMAL"  # NORMAL or FULL (WAL mode)
+    store_timeout: float = 5.0  # longest wait for a store connection or statement; then calls fail closed
     policies: str = "policies"
     engine: str = "cel-expr-python"
     encryption_key_file: str = "var/encryption.key"
@@ -132,8 +133,12 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
     rounds = values.get("bcrypt_rounds", DEFAULTS.bcrypt_rounds)
     if not 4 <= rounds <= 16:
         problems.append(f"bcrypt_rounds: between 4 and 16, got {rounds}")
-    if not str(values.get("store", DEFAULTS.store)).startswith("sqlite:///"):
-        problems.append("store: expected sqlite:///path/to/file.db")
+    if not str(values.get("store", DEFAULTS.store)).startswith(
+        ("sqlite:///", "postgresql://", "postgres://")
+    ):
+        problems.append(
+            "store: expected sqlite:///path/to/file.db or postgresql://user:password@host:port/db"
+        )
     if values.get("notify_webhooks") and not values.get("notify_secret"):
         problems.append(
             "notify_secret: required when notify_webhooks is set (receivers verify signatures with it)"

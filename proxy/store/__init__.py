@@ -1,8 +1,9 @@
 """The store port: what PaySentry keeps, and the atomic operations on it.
 
 Every method that changes state does it in one transaction together with the audit event that records
-it. Reserving spend is check-and-count in one atomic step. The embedded SQLite implementation is
-``proxy.store.sqlite.SqliteStore``; ``open_store`` picks one from a URL.
+it. Reserving spend is check-and-count in one atomic step. Implementations: the embedded SQLite store
+(``proxy.store.sqlite``) and PostgreSQL (``proxy.store.postgres``), both running the transaction bodies
+of ``proxy.store.sql``; ``open_store`` picks one from a URL.
 """
 
 from __future__ import annotations
@@ -175,9 +176,16 @@ class DuplicateKey(Exception):
 
 
 class Store(Protocol):
-    async def open(self) -> None: ...
+    async def open(self, migrate: bool = False) -> None:
+        """Connect and check the schema (refusing one older or newer than this PaySentry knows), applying
+        the migrations first when ``migrate``. The embedded SQLite store always migrates itself."""
+        ...
+
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
+    async def migrate(self) -> int:
+        """Bring the schema to the version this PaySentry knows; returns it."""
+        ...
 
     # owners, connections, agents
     async def create_owner(self, owner: OwnerRecord) -> None: ...
@@ -261,9 +269,15 @@ class Store(Protocol):
 SEALED_KINDS = ("connection", "response")  # credentials of connections; stored provider answers
 
 
-def open_store(url: str, **options: Any) -> Store:
+def open_store(url: str, synchronous: str = "NORMAL", timeout: float = 5.0) -> Store:
     if url.startswith("sqlite:///"):
         from proxy.store.sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite:///"), **options)
-    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path/to/file.db")
+        return SqliteStore(url.removeprefix("sqlite:///"), synchronous=synchronous)
+    if url.startswith(("postgresql://", "postgres://")):
+        from proxy.store.postgres import PostgresStore
+
+        return PostgresStore(url, timeout=timeout)
+    raise ValueError(
+        f"unsupported store URL {url!r}: use sqlite:///path/to/file.db or postgresql://user@host:port/db"
+    )

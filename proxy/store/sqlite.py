@@ -36,7 +36,7 @@ class SqliteStore(SqlStore):
         self._local = threading.local()
 
     # -- plumbing -------------------------------------------------------------------------------------
-    async def open(self) -> None:
+    async def open(self, migrate: bool = True) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         await self._call(self._open)
 
@@ -50,6 +50,11 @@ class SqliteStore(SqlStore):
         db.execute("PRAGMA foreign_keys = ON")
         self._db = db
         self._migrate(db)
+
+    async def migrate(self) -> int:
+        """The embedded store migrates itself when it opens; this reports the version."""
+        row = await self.fetch_one("SELECT MAX(version) FROM schema_version")
+        return int(row[0])
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")

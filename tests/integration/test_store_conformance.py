@@ -1,4 +1,5 @@
-"""The SQLite store on a real file: atomic reservations (also across processes), holds, release, audit."""
+"""One conformance suite for every store (a real SQLite file, a real PostgreSQL server): atomic
+reservations (also across processes), holds, release, audit, schema checks."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import asyncio
 import multiprocessing
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 
-from proxy.errors import Conflict
+from proxy.errors import Conflict, StoreUnavailable
 from proxy.model import Charge
 from proxy.store import (
     AgentRecord,
@@ -18,15 +18,16 @@ from proxy.store import (
     DuplicateKey,
     NewAuthorization,
     OwnerRecord,
+    Store,
+    open_store,
 )
-from proxy.store.sqlite import SqliteStore
 
 LIMIT = Charge("daily", "day:2026-11-22", "usd", 1000, 10000, None)
 
 
-async def seeded(path: Path) -> SqliteStore:
-    store = SqliteStore(str(path))
-    await store.open()
+async def seeded(url: str) -> Store:
+    store = open_store(url)
+    await store.open(migrate=True)
     if await store.get_owner("own_1") is None:
         await store.create_owner(OwnerRecord("own_1", "acme", "hash", 1.0))
         await store.add_connection(
@@ -61,13 +62,13 @@ def new(key: str, decision: str = "allow", charges: tuple[Charge, ...] = (LIMIT,
     return NewAuthorization(**fields)
 
 
-async def spent(store: SqliteStore) -> tuple[int, int]:
+async def spent(store: Store) -> tuple[int, int]:
     rows = await store.spend_of("own_1", "agt_1")
     return (rows[0]["amount"], rows[0]["count"]) if rows else (0, 0)
 
 
-async def test_concurrent_reservations_stop_exactly_at_the_limit(tmp_path: Path) -> None:
-    store = await seeded(tmp_path / "ps.db")
+async def test_concurrent_reservations_stop_exactly_at_the_limit(store_url: str) -> None:
+    store = await seeded(store_url)
     results = await asyncio.gather(*(store.record_decision(new(f"k{i}"), time.time()) for i in range(50)))
     states = [r.record.state for r in results]
     assert states.count("forwarding") == 10 and states.count("denied") == 40
@@ -77,9 +78,9 @@ async def test_concurrent_reservations_stop_exactly_at_the_limit(tmp_path: Path)
     await store.close()
 
 
-def _race_worker(path: str, worker: int, n: int, out: multiprocessing.Queue) -> None:
+def _race_worker(url: str, worker: int, n: int, out: multiprocessing.Queue) -> None:
     async def run() -> int:
-        store = SqliteStore(path)
+        store = open_store(url)
         await store.open()
         results = await asyncio.gather(
             *(store.record_decision(new(f"w{worker}-{i}"), time.time()) for i in range(n))
@@ -90,27 +91,26 @@ def _race_worker(path: str, worker: int, n: int, out: multiprocessing.Queue) -> 
     out.put(asyncio.run(run()))
 
 
-async def test_reservations_from_several_processes_stop_exactly_at_the_limit(tmp_path: Path) -> None:
-    path = tmp_path / "ps.db"
-    await (await seeded(path)).close()
+async def test_reservations_from_several_processes_stop_exactly_at_the_limit(store_url: str) -> None:
+    await (await seeded(store_url)).close()
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue = ctx.Queue()
-    workers = [ctx.Process(target=_race_worker, args=(str(path), w, 20, out)) for w in range(3)]
+    workers = [ctx.Process(target=_race_worker, args=(store_url, w, 20, out)) for w in range(3)]
     for w in workers:
         w.start()
     allowed = sum(out.get(timeout=60) for _ in workers)
     for w in workers:
         w.join(timeout=30)
     assert allowed == 10
-    store = await seeded(path)
+    store = await seeded(store_url)
     assert await spent(store) == (10000, 10)
     events = await store.list_events("own_1", 0, 1000)
     assert sum(e.type.startswith("authorization.") for e in events) == 60  # one record per decision
     await store.close()
 
 
-async def test_settle_keeps_and_fail_releases(tmp_path: Path) -> None:
-    store = await seeded(tmp_path / "ps.db")
+async def test_settle_keeps_and_fail_releases(store_url: str) -> None:
+    store = await seeded(store_url)
     a = (await store.record_decision(new("a"), time.time())).record
     b = (await store.record_decision(new("b"), time.time())).record
     await store.settle(a.id, "pi_1", 200, b"{}", time.time())
@@ -128,8 +128,8 @@ async def test_settle_keeps_and_fail_releases(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_same_key_twice_is_a_duplicate(tmp_path: Path) -> None:
-    store = await seeded(tmp_path / "ps.db")
+async def test_same_key_twice_is_a_duplicate(store_url: str) -> None:
+    store = await seeded(store_url)
     await store.record_decision(new("same"), time.time())
     with pytest.raises(DuplicateKey):
         await store.record_decision(new("same", id="auth_other"), time.time())
@@ -137,8 +137,8 @@ async def test_same_key_twice_is_a_duplicate(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_holds_reserve_and_release_on_deny_or_expiry(tmp_path: Path) -> None:
-    store = await seeded(tmp_path / "ps.db")
+async def test_holds_reserve_and_release_on_deny_or_expiry(store_url: str) -> None:
+    store = await seeded(store_url)
     now = time.time()
     await store.record_decision(new("h1", "hold", approval_id="apr_1", hold_expires_at=now + 60), now)
     await store.record_decision(new("h2", "hold", approval_id="apr_2", hold_expires_at=now + 1), now)
@@ -157,8 +157,8 @@ async def test_holds_reserve_and_release_on_deny_or_expiry(tmp_path: Path) -> No
     await store.close()
 
 
-async def test_stale_reservations_are_reclaimed(tmp_path: Path) -> None:
-    store = await seeded(tmp_path / "ps.db")
+async def test_stale_reservations_are_reclaimed(store_url: str) -> None:
+    store = await seeded(store_url)
     now = time.time()
     await store.record_decision(new("stale", lease_expires_at=now - 1), now)
     await store.record_decision(new("live", lease_expires_at=now + 60), now)
@@ -167,32 +167,54 @@ async def test_stale_reservations_are_reclaimed(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_events_are_append_only(tmp_path: Path) -> None:
-    store = await seeded(tmp_path / "ps.db")
-    await store.close()
-    db = sqlite3.connect(tmp_path / "ps.db")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("UPDATE events SET type='x'")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("DELETE FROM events")
+async def raw_sql(url: str, sql: str) -> None:
+    """Run SQL straight on the database, as an intruder or an older/newer PaySentry would."""
+    if url.startswith("sqlite:///"):
+        db = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            db.execute(sql)
+            db.commit()
+        finally:
+            db.close()
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
 
 
-async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    await (await seeded(tmp_path / "ps.db")).close()
-    db = sqlite3.connect(tmp_path / "ps.db")
-    db.execute("INSERT INTO schema_version VALUES (999, 0)")
-    db.commit()
-    db.close()
-    store = SqliteStore(str(tmp_path / "ps.db"))
-    with pytest.raises(Exception, match="newer than this"):
+async def test_events_are_append_only(store_url: str) -> None:
+    await (await seeded(store_url)).close()
+    for sql in ("UPDATE events SET type='x'", "DELETE FROM events"):
+        with pytest.raises(Exception, match="append-only"):
+            await raw_sql(store_url, sql)
+
+
+async def test_a_newer_schema_is_refused(store_url: str) -> None:
+    await (await seeded(store_url)).close()
+    await raw_sql(store_url, "INSERT INTO schema_version VALUES (999, 0)")
+    with pytest.raises(StoreUnavailable, match="newer than this"):
+        await open_store(store_url).open()
+
+
+async def test_a_database_not_yet_migrated_is_refused_until_db_migrate(postgres_url: str) -> None:
+    store = open_store(postgres_url)
+    with pytest.raises(StoreUnavailable, match="paysentry db migrate"):
         await store.open()
+    await store.close()
+    await store.open(migrate=True)
+    assert await store.migrate() == 1  # idempotent
+    await store.close()
 
 
-async def test_quorum_votes_on_a_real_file(tmp_path: Path) -> None:
+async def test_quorum_votes(store_url: str) -> None:
     from proxy.errors import Forbidden, NotFound
     from proxy.model import ApprovalSpec
 
-    store = await seeded(tmp_path / "ps.db")
+    store = await seeded(store_url)
     now = time.time()
     spec = ApprovalSpec(("alice", "bob", "reviewer:risk"), quorum=2, veto=True)
     for key in ("q1", "q2"):

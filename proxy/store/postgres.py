@@ -1,0 +1,154 @@
+"""PostgreSQL (asyncpg): the system of record shared by a fleet of sidecars.
+
+The operations are ``proxy.store.sql``'s transaction bodies, driven over a pooled asyncpg connection inside
+one READ COMMITTED transaction each. Reserving spend is a conditional ``UPDATE ... RETURNING`` on the spend
+row: the row lock serializes concurrent reservations of one agent's window across every replica, and the
+``WHERE`` is re-checked against the committed total, so a limit is never exceeded.
+
+The schema is versioned (``schema/postgres/NNN_*.sql``) and applied by ``paysentry db migrate``; a sidecar
+refuses to start on a database whose schema is older (not migrated) or newer than it knows. Every call has a
+bounded time (``store_timeout`` to get a connection and for each statement); past it, or with the server
+down, the call fails closed with ``StoreUnavailable`` and the pool reconnects by itself when it is back.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from proxy.errors import StoreUnavailable
+from proxy.store.sql import MANY, ONE, SqlStore, T, Tx
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema" / "postgres"
+MIGRATION_LOCK = 0x5053_4D49  # advisory lock id: one migrator at a time
+_PLACEHOLDER = re.compile(r"\?")
+_numbered: dict[str, str] = {}
+
+
+def schema_migrations() -> list[tuple[int, str]]:
+    return [(int(f.name.split("_", 1)[0]), f.read_text()) for f in sorted(SCHEMA_DIR.glob("*.sql"))]
+
+
+def numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2, ...`` (PaySentry's SQL has no ``?`` in literals)."""
+    converted = _numbered.get(sql)
+    if converted is None:
+        counter = iter(range(1, 10_000))
+        converted = _numbered[sql] = _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
+    return converted
+
+
+class PostgresStore(SqlStore):
+    def __init__(self, url: str, timeout: float = 5.0, min_size: int = 2, max_size: int = 20) -> None:
+        self.url, self.timeout = url, timeout
+        self._min, self._max = min_size, max_size
+        self._pool: asyncpg.Pool | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------------
+    async def open(self, migrate: bool = False) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self._min,
+                max_size=self._max,
+                timeout=self.timeout,
+                command_timeout=self.timeout,
+                max_inactive_connection_lifetime=60,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"PostgreSQL could not be reached: {_describe(exc)}") from exc
+        try:
+            if migrate:
+                await self.migrate()
+            await self._check_schema()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def migrate(self) -> int:
+        """Apply the migrations this PaySentry knows and the database lacks; returns the version."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION)"
+            )
+            current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            self._refuse_newer(current)
+            for version, sql in schema_migrations():
+                if version > current:
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_version VALUES ($1, extract(epoch FROM now()))", version
+                    )
+                    current = version
+            return current
+
+    async def _check_schema(self) -> None:
+        async with self._connection() as conn:
+            exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+            current = (
+                await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version") if exists else 0
+            )
+        self._refuse_newer(current)
+        known = max(v for v, _ in schema_migrations())
+        if current < known:
+            raise StoreUnavailable(
+                f"the PostgreSQL schema is at version {current}, this PaySentry needs {known}: "
+                "run `paysentry db migrate`"
+            )
+
+    def _refuse_newer(self, current: int) -> None:
+        known = max(v for v, _ in schema_migrations())
+        if current > known:
+            raise StoreUnavailable(
+                f"the PostgreSQL schema is at version {current}, newer than this PaySentry knows ({known}); "
+                "upgrade PaySentry"
+            )
+
+    def _connection(self) -> Any:
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        return self._pool.acquire(timeout=self.timeout)
+
+    async def write(self, body: Tx[T]) -> T:
+        try:
+            async with self._connection() as conn, conn.transaction():
+                return await _drive(conn, body)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
+
+    async def read(self, body: Tx[T]) -> T:
+        try:
+            async with self._connection() as conn:
+                return await _drive(conn, body)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
+
+
+async def _drive(conn: asyncpg.Connection, body: Tx[T]) -> T:
+    try:
+        query = next(body)
+        while True:
+            sql = numbered(query.sql)
+            if query.kind == ONE:
+                result: Any = await conn.fetchrow(sql, *query.args)
+            elif query.kind == MANY:
+                result = await conn.fetch(sql, *query.args)
+            else:
+                status = await conn.execute(sql, *query.args)
+                result = int(status.rsplit(" ", 1)[-1]) if status[-1:].isdigit() else 0
+            query = body.send(result)
+    except StopIteration as done:
+        return done.value
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
