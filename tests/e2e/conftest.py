@@ -7,6 +7,7 @@ credentials on stdin, agent), starts `paysentry serve`, and waits for its "ready
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -109,6 +110,28 @@ class Deployment:
             r for r in self.mock() if r["method"] == "POST" and r["status"] == 200 and not r.get("replayed")
         ]
 
+    def replica(self, index: int) -> Deployment:
+        """Another sidecar process of the same deployment (same store, keys, policies, tokens), on its own
+        ports."""
+        agent_port, admin_port = free_port(), free_port()
+        config = self.root / f"paysentry-{index}.yaml"
+        text = self.config.read_text()
+        text = text.replace(self.agent_url.removeprefix("http://"), f"127.0.0.1:{agent_port}")
+        text = text.replace(self.admin_url.removeprefix("http://"), f"127.0.0.1:{admin_port}")
+        config.write_text(text)
+        return Deployment(
+            self.root,
+            config,
+            self.env,
+            f"http://127.0.0.1:{agent_port}",
+            f"http://127.0.0.1:{admin_port}",
+            self.mock_url,
+            self.agent_token,
+            self.agent_id,
+            self.owner_token,
+            self.connection_id,
+        )
+
     def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(self.config), "serve"],
@@ -158,8 +181,12 @@ def make_deployment(
     upstream: str | None = None,
     extra_config: str = "",
     provider_args: tuple[str, ...] = (),
+    store: str | None = None,
 ) -> Deployment:
+    """A configured deployment (owner, connection, agent made with the CLI), not yet started. With
+    ``upstream`` the provider is that URL; otherwise the sidecar runs the built-in mock provider itself."""
     agent_port, admin_port, mock_port = free_port(), free_port(), free_port()
+    mock_line = "" if upstream else f"mock_provider_listen: 127.0.0.1:{mock_port}"
     (root / "policies").mkdir()
     (root / "policies" / "test.yaml").write_text(textwrap.dedent(policy))
     config = root / "paysentry.yaml"
@@ -167,9 +194,9 @@ def make_deployment(
         textwrap.dedent(f"""
         listen: 127.0.0.1:{agent_port}
         admin_listen: 127.0.0.1:{admin_port}
-        store: sqlite:///{root / "paysentry.db"}
+        store: {store or f"sqlite:///{root / 'paysentry.db'}"}
         policies: {root / "policies"}
-        mock_provider_listen: 127.0.0.1:{mock_port}
+        {mock_line}
         bcrypt_rounds: 4
         sweep_interval: 0.2
         policy_poll_interval: 0.2
@@ -189,8 +216,10 @@ def make_deployment(
         env,
         f"http://127.0.0.1:{agent_port}",
         f"http://127.0.0.1:{admin_port}",
-        f"http://127.0.0.1:{mock_port}",
+        upstream or f"http://127.0.0.1:{mock_port}",
     )
+    if store:
+        dep.cli("db", "migrate")
     dep.owner_token = json.loads(dep.cli("owner", "create", "acme").stdout)["token"]
     connection = dep.cli(
         "provider",
@@ -210,6 +239,24 @@ def make_deployment(
     agent = json.loads(dep.cli("agent", "create", "bot", "--label", "team=ads").stdout)
     dep.agent_token, dep.agent_id = agent["token"], agent["id"]
     return dep
+
+
+@contextlib.contextmanager
+def mock_provider_process() -> Iterator[str]:
+    """The built-in mock provider as its own process (a provider every sidecar replica shares)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "mock-provider", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    try:
+        assert server.stdout is not None and "listening" in server.stdout.readline()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.fixture

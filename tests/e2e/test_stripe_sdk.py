@@ -243,21 +243,10 @@ def test_owner_api_needs_the_owner_token(deployment: Deployment) -> None:
 
 def test_against_a_separate_stripe_compatible_server(tmp_path: Path) -> None:
     """The `stripe` adapter in front of a Stripe-compatible server running as its own process."""
-    import subprocess
-    import sys
+    from tests.e2e.conftest import mock_provider_process
 
-    from tests.e2e.conftest import free_port
-
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "mock-provider", "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None and "listening" in server.stdout.readline()
-        dep = make_deployment(tmp_path, provider="stripe", upstream=f"http://127.0.0.1:{port}")
-        dep.mock_url = f"http://127.0.0.1:{port}"
+    with mock_provider_process() as upstream:
+        dep = make_deployment(tmp_path, provider="stripe", upstream=upstream)
         dep.start()
         try:
             stripe.api_base, stripe.api_key = dep.agent_url, dep.agent_token
@@ -268,9 +257,6 @@ def test_against_a_separate_stripe_compatible_server(tmp_path: Path) -> None:
         finally:
             dep.stop()
         assert MOCK_SECRET not in dep.logs() and dep.agent_token not in dep.logs()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def _agent_id(dep: Deployment) -> str:
