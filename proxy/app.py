@@ -28,9 +28,10 @@ from proxy.pipeline import Pipeline
 from proxy.policy.engine import make_engine
 from proxy.policy.model import Limit
 from proxy.policy.reload import PolicyHolder
-from proxy.ratelimit import RateLimiter
+from proxy.ratelimit import Limiter, RateLimiter
 from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, load_keys
 from proxy.store import AgentRecord, OwnerRecord, open_store
+from proxy.store.redis_spend import ApprovalBus, RedisRateLimiter
 from proxy.telemetry import TRACER_NAME
 from proxy.webhooks import WebhookReceiver
 
@@ -40,7 +41,9 @@ log = logging.getLogger("paysentry")
 class Sidecar:
     def __init__(self, settings: Settings, tracer_provider: TracerProvider) -> None:
         self.settings = settings
-        self.store = open_store(settings.store, settings.sqlite_synchronous, settings.store_timeout)
+        self.store = open_store(
+            settings.store, settings.sqlite_synchronous, settings.store_timeout, settings.redis_url
+        )
         self.sealer = Sealer(load_keys(settings.encryption_key_file))
         self.engine = make_engine(settings.engine)
         self.metrics = Metrics()
@@ -68,8 +71,19 @@ class Sidecar:
             [u.strip() for u in settings.notify_webhooks.split(",") if u.strip()],
             settings.notify_secret.encode() or os.urandom(32),
             settings.public_url or f"http://{settings.admin_listen}",
+            bus=ApprovalBus(settings.redis_url, settings.store_timeout) if settings.redis_url else None,
         )
         connections = ConnectionCache(self.store, self.sealer)
+        self.limiter: Limiter = (
+            RedisRateLimiter(
+                settings.redis_url,
+                settings.agent_rate_limit,
+                settings.agent_rate_burst,
+                settings.store_timeout,
+            )
+            if settings.redis_url
+            else RateLimiter(settings.agent_rate_limit, settings.agent_rate_burst)
+        )
         self.pipeline = Pipeline(
             self.store,
             self.engine,
@@ -83,7 +97,7 @@ class Sidecar:
             settings.reservation_lease,
             self.metrics,
             self.holds,
-            RateLimiter(settings.agent_rate_limit, settings.agent_rate_burst),
+            self.limiter,
             settings.body_timeout,
         )
         self.owner_api = OwnerApi(
@@ -207,5 +221,7 @@ class Sidecar:
                 await self._runners.pop(name).cleanup()
         await self.holds.close()
         await self.forwarder.close()
+        if isinstance(self.limiter, RedisRateLimiter):
+            await self.limiter.close()
         await self.store.close()
         self.metrics.shutdown()  # pushes the last OTLP export

@@ -319,7 +319,9 @@ class _Context:
         from proxy.secrets import Sealer, load_keys
         from proxy.store import open_store
 
-        self.store = open_store(settings.store, settings.sqlite_synchronous, settings.store_timeout)
+        self.store = open_store(
+            settings.store, settings.sqlite_synchronous, settings.store_timeout, settings.redis_url
+        )
         self.sealer = Sealer(load_keys(settings.encryption_key_file))
         self.service = OwnerService(self.store, self.sealer, settings.bcrypt_rounds)
 

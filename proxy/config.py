@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -25,6 +26,9 @@ class Settings:
     admin_listen: str = "127.0.0.1:8081"  # the owner API and probes; never on the agents' listener
     store: str = "sqlite:///var/paysentry.db"
     sqlite_synchronous: str = "NORMAL"  # NORMAL or FULL (WAL mode)
+    redis_url: str = (
+        ""  # redis://host:6379/0: spend gate, shared rate limits, approval wake-ups (PostgreSQL only)
+    )
     store_timeout: float = 5.0  # longest wait for a store connection or statement; then calls fail closed
     policies: str = "policies"
     engine: str = "cel-expr-python"
@@ -50,16 +54,29 @@ class Settings:
     log_level: str = "INFO"
 
     def summary(self) -> dict[str, Any]:
-        """What the sidecar logs at start: every setting, secrets redacted."""
-        return {
-            f.name: ("(set)" if getattr(self, f.name) else "")
-            if f.name in SECRET_SETTINGS
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
+        """What the sidecar logs at start: every setting, secrets redacted (passwords in URLs too)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_SETTINGS:
+                value = "(set)" if value else ""
+            elif f.name in URL_SETTINGS:
+                value = redact_url(value)
+            out[f.name] = value
+        return out
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:password@host/...`` with the password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":(redacted)@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 SECRET_SETTINGS = frozenset({"notify_secret"})
+URL_SETTINGS = frozenset({"store", "redis_url"})
 DEFAULTS = Settings()
 _PATHS = {"policies", "encryption_key_file"}
 
@@ -139,6 +156,8 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
         problems.append(
             "store: expected sqlite:///path/to/file.db or postgresql://user:password@host:port/db"
         )
+    if values.get("redis_url") and not str(values.get("store", DEFAULTS.store)).startswith("postgres"):
+        problems.append("redis_url: Redis works beside a PostgreSQL store (store: postgresql://...)")
     if values.get("notify_webhooks") and not values.get("notify_secret"):
         problems.append(
             "notify_secret: required when notify_webhooks is set (receivers verify signatures with it)"

@@ -7,7 +7,8 @@ On a new hold the coordinator, in the background:
     ``{"vote": "approve" | "deny", "reason": "..."}`` as that reviewer's vote (a reviewer that times out,
     errors or answers anything else casts no vote).
 An agent's call may wait (``approval.wait``) for the quorum: it is woken at once by a vote cast through
-this process and checks the store a few times a second for votes cast elsewhere (the CLI, other replicas).
+this process (or, with Redis, through any replica) and checks the store a few times a second for votes
+cast elsewhere (the CLI).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -27,6 +28,9 @@ from proxy.approvals import PENDING, new_link_token, sign
 from proxy.errors import PaySentryError
 from proxy.model import Agent, ApprovalSpec, Reviewer
 from proxy.store import ApprovalRecord, AuthorizationRecord, Store
+
+if TYPE_CHECKING:
+    from proxy.store.redis_spend import ApprovalBus
 
 log = logging.getLogger("paysentry.holds")
 POLL_INTERVAL = 0.25
@@ -40,8 +44,9 @@ class HoldCoordinator:
         secret: bytes,
         public_url: str,
         clock: Callable[[], float] = time.time,
+        bus: ApprovalBus | None = None,
     ) -> None:
-        self.store, self.webhooks, self.secret = store, webhooks, secret
+        self.store, self.webhooks, self.secret, self.bus = store, webhooks, secret, bus
         self.public_url = public_url.rstrip("/")
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
@@ -50,6 +55,8 @@ class HoldCoordinator:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        if self.bus is not None:
+            self.bus.start(self.wake)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -59,6 +66,8 @@ class HoldCoordinator:
                 await task
         if self._session is not None:
             await self._session.close()
+        if self.bus is not None:
+            await self.bus.close()
 
     def on_hold(self, auth: AuthorizationRecord, spec: ApprovalSpec, agent: Agent, expires_at: float) -> None:
         self._spawn(self._announce(auth, spec, agent, expires_at))
@@ -66,9 +75,16 @@ class HoldCoordinator:
             self._spawn(self._ask(reviewer, auth, spec, agent, expires_at))
 
     def voted(self, approval: ApprovalRecord) -> None:
-        """A vote was cast through this process: wake the agent waiting on it, if any."""
-        if approval.state != PENDING and approval.id in self._events:
-            self._events[approval.id].set()
+        """A vote was cast through this process: wake the agent waiting on it, here or (with Redis) on any
+        replica."""
+        if approval.state != PENDING:
+            self.wake(approval.id)
+            if self.bus is not None:
+                self._spawn(self.bus.publish(approval.id))
+
+    def wake(self, approval_id: str) -> None:
+        if approval_id in self._events:
+            self._events[approval_id].set()
 
     async def wait(self, owner_id: str, approval_id: str, seconds: float) -> str:
         """Wait up to ``seconds`` for the hold to be decided; returns its state."""

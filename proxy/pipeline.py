@@ -54,7 +54,7 @@ from proxy.metrics import Metrics
 from proxy.model import DENY, HOLD, Agent, Decision, Payment
 from proxy.policy.engine import Engine
 from proxy.policy.reload import PolicyHolder
-from proxy.ratelimit import RateLimiter
+from proxy.ratelimit import Limiter
 from proxy.secrets import Sealer, new_id, sealed_context
 from proxy.store import (
     APPROVED,
@@ -98,7 +98,7 @@ class Pipeline:
         reservation_lease: float,
         metrics: Metrics,
         holds: HoldCoordinator,
-        limiter: RateLimiter,
+        limiter: Limiter,
         body_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -160,7 +160,7 @@ class Pipeline:
                     )
                     span.set_attribute("paysentry.agent", agent.name)
                     span.set_attribute("paysentry.agent_id", agent.id)
-                    if not self.limiter.allow(agent.id):
+                    if not await self.limiter.allow(agent.id):
                         raise RateLimited("Too many requests for this agent; slow down and retry.")
                     connection = await self.connections.get(agent.connection_id)
                 adapter = connection.adapter

@@ -1,9 +1,15 @@
-"""Per-agent rate limits: a token bucket per agent, in this process (each replica limits on its own)."""
+"""Per-agent rate limits: a token bucket per agent, in this process (each replica limits on its own).
+With Redis configured, ``proxy.store.redis_spend.RedisRateLimiter`` shares one bucket across replicas."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+
+class Limiter(Protocol):
+    async def allow(self, key: str) -> bool: ...
 
 
 class RateLimiter:
@@ -11,7 +17,7 @@ class RateLimiter:
         self.rate, self.burst, self.clock = rate, max(burst, 1.0), clock
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def allow(self, key: str) -> bool:
+    async def allow(self, key: str) -> bool:
         if self.rate <= 0:
             return True
         now = self.clock()

@@ -6,10 +6,13 @@ import itertools
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
+from proxy.store import Store, open_store
 from tests.servers import Postgres, Redis, free_port
 
 _databases = itertools.count(1)
@@ -39,9 +42,27 @@ def postgres_url(postgres_server: Postgres) -> str:
     return postgres_server.create_database(f"t{next(_databases)}")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+@dataclass(frozen=True)
+class Backend:
+    """A store configuration: the store URL and, for PostgreSQL, optionally Redis."""
+
+    url: str
+    redis_url: str = ""
+
+    def store(self) -> Store:
+        return open_store(self.url, redis_url=self.redis_url)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "postgres+redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """The same store tests run against every store."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ps.db'}"
-    return request.getfixturevalue("postgres_url")
+        return Backend(f"sqlite:///{tmp_path / 'ps.db'}")
+    url = request.getfixturevalue("postgres_url")
+    if request.param == "postgres":
+        return Backend(url)
+    server: Redis = request.getfixturevalue("redis_server")
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    client.flushall()
+    client.close()
+    return Backend(url, server.url)

@@ -269,12 +269,16 @@ class Store(Protocol):
 SEALED_KINDS = ("connection", "response")  # credentials of connections; stored provider answers
 
 
-def open_store(url: str, synchronous: str = "NORMAL", timeout: float = 5.0) -> Store:
+def open_store(url: str, synchronous: str = "NORMAL", timeout: float = 5.0, redis_url: str = "") -> Store:
     if url.startswith("sqlite:///"):
         from proxy.store.sqlite import SqliteStore
 
         return SqliteStore(url.removeprefix("sqlite:///"), synchronous=synchronous)
     if url.startswith(("postgresql://", "postgres://")):
+        if redis_url:
+            from proxy.store.redis_spend import PostgresRedisStore
+
+            return PostgresRedisStore(url, redis_url, timeout=timeout)
         from proxy.store.postgres import PostgresStore
 
         return PostgresStore(url, timeout=timeout)

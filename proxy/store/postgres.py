@@ -20,7 +20,8 @@ from typing import Any
 import asyncpg
 
 from proxy.errors import StoreUnavailable
-from proxy.store.sql import MANY, ONE, SqlStore, T, Tx
+from proxy.model import Charge
+from proxy.store.sql import MANY, ONE, RELEASED, SqlStore, T, Tx
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema" / "postgres"
 MIGRATION_LOCK = 0x5053_4D49  # advisory lock id: one migrator at a time
@@ -119,11 +120,18 @@ class PostgresStore(SqlStore):
         return self._pool.acquire(timeout=self.timeout)
 
     async def write(self, body: Tx[T]) -> T:
+        notes: list[tuple[str, tuple[Charge, ...]]] = []
         try:
             async with self._connection() as conn, conn.transaction():
-                return await _drive(conn, body)
+                result = await _drive(conn, body, notes)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
+        if notes:
+            await self.after_release(notes)
+        return result
+
+    async def after_release(self, notes: list[tuple[str, tuple[Charge, ...]]]) -> None:
+        """Spend released by a committed transaction: (agent id, charges). PostgreSQL alone: nothing to do."""
 
     async def read(self, body: Tx[T]) -> T:
         try:
@@ -133,10 +141,17 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
 
 
-async def _drive(conn: asyncpg.Connection, body: Tx[T]) -> T:
+async def _drive(
+    conn: asyncpg.Connection, body: Tx[T], notes: list[tuple[str, tuple[Charge, ...]]] | None = None
+) -> T:
     try:
         query = next(body)
         while True:
+            if query.kind == RELEASED:
+                if notes is not None:
+                    notes.append(query.args)  # type: ignore[arg-type]
+                query = body.send(None)
+                continue
             sql = numbered(query.sql)
             if query.kind == ONE:
                 result: Any = await conn.fetchrow(sql, *query.args)

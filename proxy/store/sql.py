@@ -52,12 +52,13 @@ AUTH_COLUMNS = (
     "destination, payment, decision, rule, policy, message, revision, state, charges, approval_id, "
     "provider_ref, response_status, response_body, lease_expires_at, created_at, updated_at"
 )
-ONE, MANY, EXECUTE = "one", "many", "execute"
+ONE, MANY, EXECUTE, RELEASED = "one", "many", "execute", "released"
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    kind: str  # ONE: the first row or None; MANY: every row; EXECUTE: the number of rows changed
+    kind: str  # ONE: the first row or None; MANY: every row; EXECUTE: the number of rows changed;
+    # RELEASED: no SQL, a note that ``args`` = (agent id, charges) were released (the driver answers None)
     sql: str
     args: Sequence[Any] = ()
 
@@ -75,6 +76,10 @@ def many(sql: str, args: Sequence[Any] = ()) -> Query:
 
 def execute(sql: str, args: Sequence[Any] = ()) -> Query:
     return Query(EXECUTE, sql, args)
+
+
+def released(agent_id: str, charges: Sequence[Charge]) -> Query:
+    return Query(RELEASED, "", (agent_id, tuple(charges)))
 
 
 def _single(query: Query) -> Tx[int]:
@@ -278,7 +283,7 @@ class SqlStore:
     async def record_decision(
         self, new: NewAuthorization, now: float, retry_of: str | None = None
     ) -> Recorded:
-        return await self.write(_record_decision(new, now, retry_of))
+        return await self.write(record_decision_tx(new, now, retry_of))
 
     async def start_forwarding(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
         def tx() -> Tx[bool]:
@@ -559,16 +564,25 @@ class SqlStore:
 
 
 # -- transaction bodies ------------------------------------------------------------------------------------
-def _record_decision(new: NewAuthorization, now: float, retry_of: str | None) -> Tx[Recorded]:
-    decision, rule, message, exceeded = new.decision, new.rule, new.message, None
-    if decision != DENIED and new.charges:
+def record_decision_tx(
+    new: NewAuthorization,
+    now: float,
+    retry_of: str | None,
+    enforce: bool = True,
+    exceeded: LimitExceeded | None = None,
+) -> Tx[Recorded]:
+    """Record a decision and reserve its spend. ``enforce=False`` counts without checking (the limits were
+    checked by a gate outside, Redis); ``exceeded`` is that gate's refusal."""
+    decision, rule, message = new.decision, new.rule, new.message
+    if decision != DENIED and new.charges and exceeded is None:
         (yield execute("SAVEPOINT reserve"))
-        exceeded = yield from _reserve(new.agent_id, new.charges)
+        exceeded = yield from _reserve(new.agent_id, new.charges, enforce)
         if exceeded:
             (yield execute("ROLLBACK TO reserve"))
-            decision, rule = "deny", exceeded.charge.limit
-            message = limit_exceeded_message(exceeded.charge, exceeded.total, exceeded.charge.message)
         (yield execute("RELEASE reserve"))
+    if exceeded:
+        decision, rule = "deny", exceeded.charge.limit
+        message = limit_exceeded_message(exceeded.charge, exceeded.total, exceeded.charge.message)
     state = {"allow": FORWARDING, "hold": HELD, "deny": DENIED}[decision]
     charges = [] if state == DENIED else new.charges
     values = (
@@ -657,7 +671,7 @@ def _record_decision(new: NewAuthorization, now: float, retry_of: str | None) ->
     return Recorded(_authorization(row), exceeded)
 
 
-def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | None]:
+def _reserve(agent_id: str, charges: Sequence[Charge], enforce: bool = True) -> Tx[LimitExceeded | None]:
     """Check and count each charge in one conditional UPDATE: a row lock makes it atomic."""
     for c in charges:
         (
@@ -675,10 +689,10 @@ def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | Non
                 agent_id,
                 c.limit,
                 c.period,
-                c.max_amount,
+                c.max_amount if enforce else None,
                 c.amount,
                 c.max_amount,
-                c.max_count,
+                c.max_count if enforce else None,
                 c.max_count,
             ),
         )
@@ -692,6 +706,7 @@ def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | Non
 
 
 def _release(agent_id: str, charges: Sequence[Charge]) -> Tx[None]:
+    yield released(agent_id, charges)  # for a store that mirrors spend elsewhere (Redis), after commit
     for c in charges:
         (
             yield execute(

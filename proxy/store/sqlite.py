@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import StoreUnavailable
-from proxy.store.sql import MANY, ONE, SqlStore, T, Tx
+from proxy.store.sql import MANY, ONE, RELEASED, SqlStore, T, Tx
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema" / "sqlite"
 
@@ -127,6 +127,9 @@ def _drive(db: sqlite3.Connection | None, body: Tx[T]) -> T:
     try:
         query = next(body)
         while True:
+            if query.kind == RELEASED:
+                query = body.send(None)
+                continue
             cursor = db.execute(query.sql, query.args)
             if query.kind == ONE:
                 result: Any = cursor.fetchone()

@@ -16,9 +16,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis
 
 from tests.e2e.conftest import Deployment, make_deployment, mock_provider_process
-from tests.servers import Postgres
+from tests.servers import Postgres, Redis
 
 BUDGET = """
     name: fleet
@@ -56,17 +57,24 @@ async def rows(url: str, sql: str) -> list[Any]:
         await conn.close()
 
 
-def fleet(root: Path, store: str, upstream: str, size: int = 3) -> list[Deployment]:
-    first = make_deployment(root, BUDGET, upstream=upstream, store=store)
+def fleet(root: Path, store: str, upstream: str, size: int = 3, redis_url: str = "") -> list[Deployment]:
+    extra = f"redis_url: {redis_url}\n" if redis_url else ""
+    first = make_deployment(root, BUDGET, upstream=upstream, store=store, extra_config=extra)
     return [first, *(first.replica(i) for i in range(1, size))]
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("with_redis", [False, True], ids=["postgres", "postgres+redis"])
 async def test_three_sidecars_on_one_postgres_stop_at_exactly_the_limit(
-    tmp_path: Path, postgres_url: str
+    tmp_path: Path, postgres_url: str, with_redis: bool, request: pytest.FixtureRequest
 ) -> None:
+    redis_url = ""
+    if with_redis:
+        server: Redis = request.getfixturevalue("redis_server")
+        redis.Redis(host="127.0.0.1", port=server.port).flushall()
+        redis_url = server.url
     with mock_provider_process() as upstream:
-        sidecars = fleet(tmp_path, postgres_url, upstream)
+        sidecars = fleet(tmp_path, postgres_url, upstream, redis_url=redis_url)
         for s in sidecars:
             s.start()
         try:

@@ -21,12 +21,13 @@ from proxy.store import (
     Store,
     open_store,
 )
+from tests.conftest import Backend
 
 LIMIT = Charge("daily", "day:2026-11-22", "usd", 1000, 10000, None)
 
 
-async def seeded(url: str) -> Store:
-    store = open_store(url)
+async def seeded(backend: Backend) -> Store:
+    store = backend.store()
     await store.open(migrate=True)
     if await store.get_owner("own_1") is None:
         await store.create_owner(OwnerRecord("own_1", "acme", "hash", 1.0))
@@ -67,8 +68,8 @@ async def spent(store: Store) -> tuple[int, int]:
     return (rows[0]["amount"], rows[0]["count"]) if rows else (0, 0)
 
 
-async def test_concurrent_reservations_stop_exactly_at_the_limit(store_url: str) -> None:
-    store = await seeded(store_url)
+async def test_concurrent_reservations_stop_exactly_at_the_limit(backend: Backend) -> None:
+    store = await seeded(backend)
     results = await asyncio.gather(*(store.record_decision(new(f"k{i}"), time.time()) for i in range(50)))
     states = [r.record.state for r in results]
     assert states.count("forwarding") == 10 and states.count("denied") == 40
@@ -78,9 +79,9 @@ async def test_concurrent_reservations_stop_exactly_at_the_limit(store_url: str)
     await store.close()
 
 
-def _race_worker(url: str, worker: int, n: int, out: multiprocessing.Queue) -> None:
+def _race_worker(backend: Backend, worker: int, n: int, out: multiprocessing.Queue) -> None:
     async def run() -> int:
-        store = open_store(url)
+        store = backend.store()
         await store.open()
         results = await asyncio.gather(
             *(store.record_decision(new(f"w{worker}-{i}"), time.time()) for i in range(n))
@@ -91,26 +92,26 @@ def _race_worker(url: str, worker: int, n: int, out: multiprocessing.Queue) -> N
     out.put(asyncio.run(run()))
 
 
-async def test_reservations_from_several_processes_stop_exactly_at_the_limit(store_url: str) -> None:
-    await (await seeded(store_url)).close()
+async def test_reservations_from_several_processes_stop_exactly_at_the_limit(backend: Backend) -> None:
+    await (await seeded(backend)).close()
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue = ctx.Queue()
-    workers = [ctx.Process(target=_race_worker, args=(store_url, w, 20, out)) for w in range(3)]
+    workers = [ctx.Process(target=_race_worker, args=(backend, w, 20, out)) for w in range(3)]
     for w in workers:
         w.start()
     allowed = sum(out.get(timeout=60) for _ in workers)
     for w in workers:
         w.join(timeout=30)
     assert allowed == 10
-    store = await seeded(store_url)
+    store = await seeded(backend)
     assert await spent(store) == (10000, 10)
     events = await store.list_events("own_1", 0, 1000)
     assert sum(e.type.startswith("authorization.") for e in events) == 60  # one record per decision
     await store.close()
 
 
-async def test_settle_keeps_and_fail_releases(store_url: str) -> None:
-    store = await seeded(store_url)
+async def test_settle_keeps_and_fail_releases(backend: Backend) -> None:
+    store = await seeded(backend)
     a = (await store.record_decision(new("a"), time.time())).record
     b = (await store.record_decision(new("b"), time.time())).record
     await store.settle(a.id, "pi_1", 200, b"{}", time.time())
@@ -128,8 +129,8 @@ async def test_settle_keeps_and_fail_releases(store_url: str) -> None:
     await store.close()
 
 
-async def test_same_key_twice_is_a_duplicate(store_url: str) -> None:
-    store = await seeded(store_url)
+async def test_same_key_twice_is_a_duplicate(backend: Backend) -> None:
+    store = await seeded(backend)
     await store.record_decision(new("same"), time.time())
     with pytest.raises(DuplicateKey):
         await store.record_decision(new("same", id="auth_other"), time.time())
@@ -137,8 +138,8 @@ async def test_same_key_twice_is_a_duplicate(store_url: str) -> None:
     await store.close()
 
 
-async def test_holds_reserve_and_release_on_deny_or_expiry(store_url: str) -> None:
-    store = await seeded(store_url)
+async def test_holds_reserve_and_release_on_deny_or_expiry(backend: Backend) -> None:
+    store = await seeded(backend)
     now = time.time()
     await store.record_decision(new("h1", "hold", approval_id="apr_1", hold_expires_at=now + 60), now)
     await store.record_decision(new("h2", "hold", approval_id="apr_2", hold_expires_at=now + 1), now)
@@ -157,8 +158,8 @@ async def test_holds_reserve_and_release_on_deny_or_expiry(store_url: str) -> No
     await store.close()
 
 
-async def test_stale_reservations_are_reclaimed(store_url: str) -> None:
-    store = await seeded(store_url)
+async def test_stale_reservations_are_reclaimed(backend: Backend) -> None:
+    store = await seeded(backend)
     now = time.time()
     await store.record_decision(new("stale", lease_expires_at=now - 1), now)
     await store.record_decision(new("live", lease_expires_at=now + 60), now)
@@ -186,18 +187,18 @@ async def raw_sql(url: str, sql: str) -> None:
             await conn.close()
 
 
-async def test_events_are_append_only(store_url: str) -> None:
-    await (await seeded(store_url)).close()
+async def test_events_are_append_only(backend: Backend) -> None:
+    await (await seeded(backend)).close()
     for sql in ("UPDATE events SET type='x'", "DELETE FROM events"):
         with pytest.raises(Exception, match="append-only"):
-            await raw_sql(store_url, sql)
+            await raw_sql(backend.url, sql)
 
 
-async def test_a_newer_schema_is_refused(store_url: str) -> None:
-    await (await seeded(store_url)).close()
-    await raw_sql(store_url, "INSERT INTO schema_version VALUES (999, 0)")
+async def test_a_newer_schema_is_refused(backend: Backend) -> None:
+    await (await seeded(backend)).close()
+    await raw_sql(backend.url, "INSERT INTO schema_version VALUES (999, 0)")
     with pytest.raises(StoreUnavailable, match="newer than this"):
-        await open_store(store_url).open()
+        await backend.store().open()
 
 
 async def test_a_database_not_yet_migrated_is_refused_until_db_migrate(postgres_url: str) -> None:
@@ -210,11 +211,11 @@ async def test_a_database_not_yet_migrated_is_refused_until_db_migrate(postgres_
     await store.close()
 
 
-async def test_quorum_votes(store_url: str) -> None:
+async def test_quorum_votes(backend: Backend) -> None:
     from proxy.errors import Forbidden, NotFound
     from proxy.model import ApprovalSpec
 
-    store = await seeded(store_url)
+    store = await seeded(backend)
     now = time.time()
     spec = ApprovalSpec(("alice", "bob", "reviewer:risk"), quorum=2, veto=True)
     for key in ("q1", "q2"):

@@ -38,3 +38,16 @@ def test_every_setting_is_in_the_readme_table_with_its_environment_variable() ->
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     for f in fields(Settings):
         assert f"| `{f.name}` | `PAYSENTRY_{f.name.upper()}` |" in readme, f"{f.name} is not documented"
+
+
+def test_passwords_in_store_urls_are_redacted_in_the_start_up_summary(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        {
+            "PAYSENTRY_STORE": "postgresql://paysentry:s3cret-pw@db:5432/paysentry",
+            "PAYSENTRY_REDIS_URL": "redis://:r3dis-pw@cache:6379/0",
+        },
+    )
+    summary = repr(settings.summary())
+    assert "s3cret-pw" not in summary and "r3dis-pw" not in summary
+    assert "postgresql://paysentry:(redacted)@db:5432/paysentry" in summary

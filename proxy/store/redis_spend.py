@@ -1,0 +1,283 @@
+"""Redis beside PostgreSQL, for fleets that need more than one row lock per agent window gives.
+
+**Spend gate.** Checking and reserving an agent's spend runs as one Lua script in Redis (atomic on the
+server, one round trip, no PostgreSQL row lock held while replicas queue). PostgreSQL stays the record:
+the authorization and its spend row are written in the same transaction as before, counted without a
+second check. How the two stay consistent:
+
+* Redis admits a reservation first and remembers it as *pending* (a sorted set, by deadline). The
+  PostgreSQL commit then removes it from pending. If the transaction fails, the reservation is released
+  in Redis at once.
+* A sidecar killed between the two leaves a pending entry: the sweep on any replica finds it past its
+  deadline, sees that PostgreSQL never recorded that authorization, and releases it in Redis.
+* Releases (a refusal, a failure, an expired hold, a reclaimed lease, a voided payment) are committed in
+  PostgreSQL and then applied to Redis.
+* A window missing from Redis (first use, expiry, or Redis lost its data) is rebuilt from PostgreSQL's
+  spend row before the script runs again. If Redis loses its data while reservations are in flight, the
+  ones not yet committed in PostgreSQL at that instant are missed once: run Redis with persistence
+  (appendonly) where that matters. When Redis is unreachable, payments fail closed.
+
+**Rate limits**: one token bucket per agent shared by every replica (a Lua script). **Approvals**: a vote
+on any replica is published so that an agent waiting on another replica is woken at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.errors import StoreUnavailable
+from proxy.model import Charge, SpendTotal
+from proxy.store import DENIED, LimitExceeded, NewAuthorization, Recorded
+from proxy.store.postgres import PostgresStore
+from proxy.store.sql import record_decision_tx
+
+log = logging.getLogger("paysentry.redis")
+PENDING_KEY, PENDING_DATA = "paysentry:pending", "paysentry:pending:charges"
+PENDING_SECONDS = 60.0  # longer than any PostgreSQL transaction may take (store_timeout bounds them)
+WINDOW_TTL = 40 * 86400  # a window's counter outlives the longest window (a month), then is rebuilt
+
+RESERVE = """
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return {'miss', i} end
+end
+for i = 1, n do
+  local amount, max_amount, max_count = tonumber(ARGV[3 + 3*i - 2]), tonumber(ARGV[3 + 3*i - 1]), tonumber(ARGV[3 + 3*i])
+  local cur = redis.call('HMGET', KEYS[i], 'amount', 'count')
+  local a, c = tonumber(cur[1]) or 0, tonumber(cur[2]) or 0
+  if (max_amount >= 0 and a + amount > max_amount) or (max_count >= 0 and c + 1 > max_count) then
+    return {'exceeded', i, a, c}
+  end
+end
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[i], 'amount', ARGV[3 + 3*i - 2])
+  redis.call('HINCRBY', KEYS[i], 'count', 1)
+end
+redis.call('ZADD', KEYS[n + 1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[n + 2], ARGV[1], ARGV[4 + 3*n])
+return {'ok'}
+"""
+RELEASE = """
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('HINCRBY', KEYS[i], 'amount', -tonumber(ARGV[2 + i]))
+    redis.call('HINCRBY', KEYS[i], 'count', -1)
+  end
+end
+if ARGV[1] ~= '' then
+  redis.call('ZREM', KEYS[n + 1], ARGV[1])
+  redis.call('HDEL', KEYS[n + 2], ARGV[1])
+end
+return 1
+"""
+TOKEN_BUCKET = """
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local allowed = 0
+if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return allowed
+"""
+
+
+def window_key(agent_id: str, charge: Charge) -> str:
+    return f"paysentry:spend:{agent_id}:{charge.limit}:{charge.period}"
+
+
+def connect(url: str, timeout: float) -> aioredis.Redis:
+    return aioredis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+    )
+
+
+class PostgresRedisStore(PostgresStore):
+    """PostgreSQL as the record, Redis as the spend gate."""
+
+    def __init__(self, url: str, redis_url: str, timeout: float = 5.0, **options: Any) -> None:
+        super().__init__(url, timeout=timeout, **options)
+        self.redis = connect(redis_url, timeout)
+        self._reserve = self.redis.register_script(RESERVE)
+        self._release = self.redis.register_script(RELEASE)
+
+    async def close(self) -> None:
+        await super().close()
+        await self.redis.aclose()
+
+    async def ping(self) -> None:
+        await super().ping()
+        await self._redis(self.redis.ping())
+
+    async def _redis(self, call: Any) -> Any:
+        try:
+            return await call
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis failed: {type(exc).__name__}: {exc}") from exc
+
+    # -- the gate ---------------------------------------------------------------------------------------------
+    async def record_decision(
+        self, new: NewAuthorization, now: float, retry_of: str | None = None
+    ) -> Recorded:
+        if new.decision == DENIED or not new.charges:
+            return await self.write(record_decision_tx(new, now, retry_of, enforce=False))
+        exceeded = await self.gate(new.id, new.agent_id, new.charges)
+        try:
+            recorded = await self.write(
+                record_decision_tx(new, now, retry_of, enforce=False, exceeded=exceeded)
+            )
+        except BaseException:
+            if exceeded is None:
+                await asyncio.shield(self.release(new.agent_id, new.charges, new.id))
+            raise
+        if exceeded is None:
+            await self._redis(self._pending_done(new.id))
+        return recorded
+
+    async def gate(self, reservation: str, agent_id: str, charges: Sequence[Charge]) -> LimitExceeded | None:
+        """Check and reserve every charge at once in Redis; the refusal names the first limit exceeded."""
+        keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
+        args: list[Any] = [reservation, time.time() + PENDING_SECONDS, len(charges)]
+        for c in charges:
+            args += [
+                c.amount,
+                -1 if c.max_amount is None else c.max_amount,
+                -1 if c.max_count is None else c.max_count,
+            ]
+        args.append(
+            json.dumps({"agent": agent_id, "charges": [[c.limit, c.period, c.amount] for c in charges]})
+        )
+        for _ in range(3):
+            answer = await self._redis(self._reserve(keys=keys, args=args))
+            kind = answer[0].decode() if isinstance(answer[0], bytes) else answer[0]
+            if kind == "ok":
+                return None
+            charge = charges[int(answer[1]) - 1]
+            if kind == "exceeded":
+                return LimitExceeded(charge, SpendTotal(int(answer[2]), int(answer[3])))
+            await self._load_window(agent_id, charge)
+        raise StoreUnavailable("Redis keeps losing the spend counters; refusing to guess")
+
+    async def _load_window(self, agent_id: str, charge: Charge) -> None:
+        """Rebuild a window's counter from PostgreSQL (which has every committed reservation)."""
+        row = await self.fetch_one(
+            "SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
+            (agent_id, charge.limit, charge.period),
+        )
+        amount, count = (int(row[0]), int(row[1])) if row else (0, 0)
+        key = window_key(agent_id, charge)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "amount", amount).hsetnx(key, "count", count).expire(key, WINDOW_TTL)
+            await self._redis(pipe.execute())
+
+    async def release(self, agent_id: str, charges: Sequence[Charge], reservation: str = "") -> None:
+        keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
+        await self._redis(
+            self._release(keys=keys, args=[reservation, len(charges), *(c.amount for c in charges)])
+        )
+
+    async def _pending_done(self, reservation: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.zrem(PENDING_KEY, reservation).hdel(PENDING_DATA, reservation).execute()
+
+    async def after_release(self, notes: list[tuple[str, tuple[Charge, ...]]]) -> None:
+        for agent_id, charges in notes:
+            await self.release(agent_id, charges)
+
+    # -- reconciliation -------------------------------------------------------------------------------------
+    async def reclaim_leases(self, now: float) -> int:
+        return await super().reclaim_leases(now) + await self.reconcile(now)
+
+    async def reconcile(self, now: float) -> int:
+        """Release Redis reservations whose sidecar died before PostgreSQL recorded them."""
+        stale = await self._redis(self.redis.zrangebyscore(PENDING_KEY, "-inf", now))
+        released = 0
+        for raw in stale:
+            reservation = raw.decode()
+            recorded = await self.fetch_one("SELECT 1 FROM authorizations WHERE id=?", (reservation,))
+            data = await self._redis(self.redis.hget(PENDING_DATA, reservation))
+            if recorded is not None or data is None:
+                await self._redis(self._pending_done(reservation))
+                continue
+            pending = json.loads(data)
+            charges = [
+                Charge(limit, period, "", amount, None, None) for limit, period, amount in pending["charges"]
+            ]
+            await self.release(pending["agent"], charges, reservation)
+            log.warning(
+                "released a Redis reservation never recorded in PostgreSQL",
+                extra={"fields": {"reservation": reservation, "agent": pending["agent"]}},
+            )
+            released += 1
+        return released
+
+
+class RedisRateLimiter:
+    """A token bucket per agent shared by every replica."""
+
+    def __init__(self, url: str, rate: float, burst: float, timeout: float = 5.0) -> None:
+        self.rate, self.burst = rate, max(burst, 1.0)
+        self.redis = connect(url, timeout)
+        self._bucket = self.redis.register_script(TOKEN_BUCKET)
+
+    async def allow(self, key: str) -> bool:
+        if self.rate <= 0:
+            return True
+        try:
+            return bool(
+                await self._bucket(keys=[f"paysentry:rate:{key}"], args=[self.rate, self.burst, time.time()])
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis failed: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class ApprovalBus:
+    """Votes published to every replica, so a waiting agent is woken wherever its call landed."""
+
+    CHANNEL = "paysentry:approvals"
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        self.redis = connect(url, timeout)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, on_decided: Callable[[str], None]) -> None:
+        self._task = asyncio.create_task(self._listen(on_decided))
+
+    async def publish(self, approval_id: str) -> None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):  # waiters still poll the store
+            await self.redis.publish(self.CHANNEL, approval_id)
+
+    async def _listen(self, on_decided: Callable[[str], None]) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            on_decided(message["data"].decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away: waiters fall back to polling; try again shortly
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.redis.aclose()
