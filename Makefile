@@ -41,3 +41,4 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.decision
+	$(BIN)/python -m bench.store

@@ -36,9 +36,9 @@ from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.model import Charge, SpendTotal
-from proxy.store import DENIED, LimitExceeded, NewAuthorization, Recorded
+from proxy.store import DENIED, AuthorizationRecord, LimitExceeded, NewAuthorization, Recorded
 from proxy.store.postgres import PostgresStore
-from proxy.store.sql import record_decision_tx
+from proxy.store.sql import AUTH_COLUMNS, authorization_record, record_decision_tx
 
 log = logging.getLogger("paysentry.redis")
 PENDING_KEY, PENDING_DATA = "paysentry:pending", "paysentry:pending:charges"
@@ -105,7 +105,9 @@ def connect(url: str, timeout: float) -> aioredis.Redis:
 
 
 class PostgresRedisStore(PostgresStore):
-    """PostgreSQL as the record, Redis as the spend gate."""
+    """PostgreSQL as the record, Redis as the spend gate. The ``spend`` table is not used: a window's total
+    is the sum of the charges of the authorizations that still hold spend, which is how a counter missing
+    from Redis is rebuilt, and Redis holds the running totals the rules and the gate read."""
 
     def __init__(self, url: str, redis_url: str, timeout: float = 5.0, **options: Any) -> None:
         super().__init__(url, timeout=timeout, **options)
@@ -132,22 +134,18 @@ class PostgresRedisStore(PostgresStore):
         self, new: NewAuthorization, now: float, retry_of: str | None = None
     ) -> Recorded:
         if new.decision == DENIED or not new.charges:
-            return await self.write(record_decision_tx(new, now, retry_of, enforce=False))
+            return await self.write(record_decision_tx(new, now, retry_of, gated=True))
         exceeded = await self.gate(new.id, new.agent_id, new.charges)
         try:
-            recorded = await self.write(
-                record_decision_tx(new, now, retry_of, enforce=False, exceeded=exceeded)
-            )
+            return await self.write(record_decision_tx(new, now, retry_of, gated=True, exceeded=exceeded))
         except BaseException:
-            if exceeded is None:
+            if exceeded is None:  # not recorded: give the reservation back at once
                 await asyncio.shield(self.release(new.agent_id, new.charges, new.id))
             raise
-        if exceeded is None:
-            await self._redis(self._pending_done(new.id))
-        return recorded
 
     async def gate(self, reservation: str, agent_id: str, charges: Sequence[Charge]) -> LimitExceeded | None:
-        """Check and reserve every charge at once in Redis; the refusal names the first limit exceeded."""
+        """Check and reserve every charge at once in Redis; the refusal names the first limit exceeded. The
+        reservation stays *pending* until the sweep sees it recorded in PostgreSQL (or releases it)."""
         keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
         args: list[Any] = [reservation, time.time() + PENDING_SECONDS, len(charges)]
         for c in charges:
@@ -167,20 +165,22 @@ class PostgresRedisStore(PostgresStore):
             charge = charges[int(answer[1]) - 1]
             if kind == "exceeded":
                 return LimitExceeded(charge, SpendTotal(int(answer[2]), int(answer[3])))
-            await self._load_window(agent_id, charge)
+            await self._load_window(agent_id, charge.limit, charge.period)
         raise StoreUnavailable("Redis keeps losing the spend counters; refusing to guess")
 
-    async def _load_window(self, agent_id: str, charge: Charge) -> None:
-        """Rebuild a window's counter from PostgreSQL (which has every committed reservation)."""
-        row = await self.fetch_one(
-            "SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
-            (agent_id, charge.limit, charge.period),
+    async def _load_window(self, agent_id: str, limit: str, period: str) -> SpendTotal:
+        """Rebuild a window's counter from PostgreSQL: the charges of the authorizations holding spend."""
+        rows = await self.fetch_all(
+            HELD_SPEND + " AND a.agent_id=? AND c->>'limit'=? AND c->>'period'=? " + GROUPED,
+            (agent_id, limit, period),
         )
-        amount, count = (int(row[0]), int(row[1])) if row else (0, 0)
-        key = window_key(agent_id, charge)
+        amount, count = (int(rows[0][4]), int(rows[0][5])) if rows else (0, 0)
+        key = f"paysentry:spend:{agent_id}:{limit}:{period}"
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, "amount", amount).hsetnx(key, "count", count).expire(key, WINDOW_TTL)
-            await self._redis(pipe.execute())
+            pipe.hmget(key, "amount", "count")
+            *_, current = await self._redis(pipe.execute())
+        return SpendTotal(int(current[0]), int(current[1]))
 
     async def release(self, agent_id: str, charges: Sequence[Charge], reservation: str = "") -> None:
         keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
@@ -188,28 +188,79 @@ class PostgresRedisStore(PostgresStore):
             self._release(keys=keys, args=[reservation, len(charges), *(c.amount for c in charges)])
         )
 
-    async def _pending_done(self, reservation: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.zrem(PENDING_KEY, reservation).hdel(PENDING_DATA, reservation).execute()
-
     async def after_release(self, notes: list[tuple[str, tuple[Charge, ...]]]) -> None:
         for agent_id, charges in notes:
             await self.release(agent_id, charges)
+
+    # -- reads of spend: Redis for the running totals, PostgreSQL's authorizations for reports -----------------
+    async def lookup(
+        self, agent_id: str, idempotency_key: str, spend_keys: Sequence[tuple[str, str]]
+    ) -> tuple[AuthorizationRecord | None, dict[str, SpendTotal]]:
+        row = await self.fetch_one(
+            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE agent_id=? AND idempotency_key=?",
+            (agent_id, idempotency_key),
+        )
+        totals: dict[str, SpendTotal] = {}
+        if spend_keys:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for limit, period in spend_keys:
+                    pipe.hmget(f"paysentry:spend:{agent_id}:{limit}:{period}", "amount", "count")
+                answers = await self._redis(pipe.execute())
+            for (limit, period), (amount, count) in zip(spend_keys, answers, strict=True):
+                if amount is None:
+                    totals[limit] = await self._load_window(agent_id, limit, period)
+                else:
+                    totals[limit] = SpendTotal(int(amount), int(count))
+        return (authorization_record(row) if row else None), totals
+
+    async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]:
+        rows = await self.fetch_all(
+            HELD_SPEND + " AND a.owner_id=? AND a.agent_id=? " + GROUPED + " ORDER BY 2, 1",
+            (owner_id, agent_id),
+        )
+        return [
+            {"limit": r[0], "period": r[1], "currency": r[2], "amount": int(r[4]), "count": int(r[5])}
+            for r in rows
+        ]
+
+    async def current_spend(
+        self, keys: Sequence[tuple[str, str]], limit: int
+    ) -> list[tuple[str, str, str, str, int, int]]:
+        if not keys:
+            return []
+        wanted = " OR ".join("(c->>'limit'=? AND c->>'period'=?)" for _ in keys)
+        sql = f"{HELD_SPEND} AND a.created_at > ? AND ({wanted}) {GROUPED}"
+        args = [time.time() - 32 * 86400, *(x for key in keys for x in key)]
+        rows = await self.fetch_all(
+            f"SELECT s.agent_id, g.name, s.limit_name, s.currency, s.amount, s.count FROM ({sql}) s "
+            "JOIN agents g ON g.id = s.agent_id WHERE g.revoked_at IS NULL ORDER BY s.amount DESC LIMIT ?",
+            [*args, limit],
+        )
+        return [tuple(r) for r in rows]
 
     # -- reconciliation -------------------------------------------------------------------------------------
     async def reclaim_leases(self, now: float) -> int:
         return await super().reclaim_leases(now) + await self.reconcile(now)
 
     async def reconcile(self, now: float) -> int:
-        """Release Redis reservations whose sidecar died before PostgreSQL recorded them."""
-        stale = await self._redis(self.redis.zrangebyscore(PENDING_KEY, "-inf", now))
+        """Settle pending Redis reservations past their deadline: forget those PostgreSQL recorded, release
+        those it never did (their sidecar died in between)."""
+        stale = [
+            raw.decode() for raw in await self._redis(self.redis.zrangebyscore(PENDING_KEY, "-inf", now))
+        ]
+        if not stale:
+            return 0
+        marks = ",".join("?" for _ in stale)
+        recorded = {
+            r[0] for r in await self.fetch_all(f"SELECT id FROM authorizations WHERE id IN ({marks})", stale)
+        }
         released = 0
-        for raw in stale:
-            reservation = raw.decode()
-            recorded = await self.fetch_one("SELECT 1 FROM authorizations WHERE id=?", (reservation,))
+        for reservation in stale:
             data = await self._redis(self.redis.hget(PENDING_DATA, reservation))
-            if recorded is not None or data is None:
-                await self._redis(self._pending_done(reservation))
+            if reservation in recorded or data is None:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.zrem(PENDING_KEY, reservation).hdel(PENDING_DATA, reservation)
+                    await self._redis(pipe.execute())
                 continue
             pending = json.loads(data)
             charges = [
@@ -222,6 +273,17 @@ class PostgresRedisStore(PostgresStore):
             )
             released += 1
         return released
+
+
+# Spend held by authorizations (the record the Redis counters are rebuilt from), one row per window:
+# limit, period, currency, agent, amount, count.
+HELD_SPEND = (
+    "SELECT c->>'limit' AS limit_name, c->>'period' AS period, c->>'currency' AS currency, "
+    "a.agent_id AS agent_id, SUM((c->>'amount')::bigint) AS amount, COUNT(*) AS count "
+    "FROM authorizations a CROSS JOIN LATERAL jsonb_array_elements(a.charges::jsonb) c "
+    "WHERE a.state IN ('held', 'approved', 'forwarding', 'settled')"
+)
+GROUPED = "GROUP BY 1, 2, 3, 4"
 
 
 class RedisRateLimiter:

@@ -276,7 +276,7 @@ class SqlStore:
                     (agent_id, limit, period),
                 )
                 totals[limit] = SpendTotal(*got) if got else SpendTotal()
-            return (_authorization(row) if row else None), totals
+            return (authorization_record(row) if row else None), totals
 
         return await self.read(tx())
 
@@ -406,7 +406,7 @@ class SqlStore:
             "ORDER BY created_at LIMIT 1",
             (owner_id, provider_ref, SETTLED),
         )
-        return _authorization(row) if row else None
+        return authorization_record(row) if row else None
 
     # -- holds and housekeeping -----------------------------------------------------------------------
     async def vote(
@@ -523,7 +523,7 @@ class SqlStore:
             f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=? AND owner_id=?",
             (authorization_id, owner_id),
         )
-        return _authorization(row) if row else None
+        return authorization_record(row) if row else None
 
     async def list_authorizations(
         self, owner_id: str, agent_id: str | None, limit: int
@@ -533,7 +533,7 @@ class SqlStore:
             if agent_id:
                 sql, args = sql + " AND agent_id=?", [*args, agent_id]
             rows = yield many(sql + " ORDER BY created_at DESC LIMIT ?", [*args, limit])
-            return [_authorization(r) for r in rows]
+            return [authorization_record(r) for r in rows]
 
         return await self.read(tx())
 
@@ -542,7 +542,7 @@ class SqlStore:
             sql, args = f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE created_at >= ?", [since]
             if owner_id:
                 sql, args = sql + " AND owner_id = ?", [*args, owner_id]
-            return [_authorization(r) for r in (yield many(sql + " ORDER BY created_at, id", args))]
+            return [authorization_record(r) for r in (yield many(sql + " ORDER BY created_at, id", args))]
 
         return await self.read(tx())
 
@@ -568,15 +568,16 @@ def record_decision_tx(
     new: NewAuthorization,
     now: float,
     retry_of: str | None,
-    enforce: bool = True,
+    gated: bool = False,
     exceeded: LimitExceeded | None = None,
 ) -> Tx[Recorded]:
-    """Record a decision and reserve its spend. ``enforce=False`` counts without checking (the limits were
-    checked by a gate outside, Redis); ``exceeded`` is that gate's refusal."""
+    """Record a decision and reserve its spend in the ``spend`` table. ``gated``: the limits were checked
+    and counted by a gate outside (Redis), whose refusal is ``exceeded``; the record is then the
+    authorization row and its charges alone."""
     decision, rule, message = new.decision, new.rule, new.message
-    if decision != DENIED and new.charges and exceeded is None:
+    if decision != DENIED and new.charges and exceeded is None and not gated:
         (yield execute("SAVEPOINT reserve"))
-        exceeded = yield from _reserve(new.agent_id, new.charges, enforce)
+        exceeded = yield from _reserve(new.agent_id, new.charges)
         if exceeded:
             (yield execute("ROLLBACK TO reserve"))
         (yield execute("RELEASE reserve"))
@@ -668,10 +669,10 @@ def record_decision_tx(
         data["limit_total"] = {"amount": exceeded.total.amount, "count": exceeded.total.count}
     yield from _event(new.owner_id, new.agent_id, auth_id, f"authorization.{state}", "policy", data, now)
     row = yield one(f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=?", (auth_id,))
-    return Recorded(_authorization(row), exceeded)
+    return Recorded(authorization_record(row), exceeded)
 
 
-def _reserve(agent_id: str, charges: Sequence[Charge], enforce: bool = True) -> Tx[LimitExceeded | None]:
+def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | None]:
     """Check and count each charge in one conditional UPDATE: a row lock makes it atomic."""
     for c in charges:
         (
@@ -689,10 +690,10 @@ def _reserve(agent_id: str, charges: Sequence[Charge], enforce: bool = True) -> 
                 agent_id,
                 c.limit,
                 c.period,
-                c.max_amount if enforce else None,
+                c.max_amount,
                 c.amount,
                 c.max_amount,
-                c.max_count if enforce else None,
+                c.max_count,
                 c.max_count,
             ),
         )
@@ -869,7 +870,7 @@ def _agent(row: Sequence[Any]) -> AgentRecord:
     return AgentRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6], row[7])
 
 
-def _authorization(row: Sequence[Any]) -> AuthorizationRecord:
+def authorization_record(row: Sequence[Any]) -> AuthorizationRecord:
     values = list(row)
     values[10] = json.loads(values[10])
     values[17] = _charges(values[17])
@@ -889,5 +890,5 @@ def _approval(row: Sequence[Any]) -> Tx[ApprovalRecord]:
         veto=bool(row[11]),
         reviewers=reviewers,
         votes=tuple(Vote(*v) for v in votes),
-        authorization=_authorization(auth) if auth else None,
+        authorization=authorization_record(auth) if auth else None,
     )
