@@ -39,6 +39,6 @@ fmt: $(STAMP)
 clean:
 	rm -rf $(VENV) var .pytest_cache
 
-bench: $(STAMP)
+bench: $(STAMP) services
 	$(BIN)/python -m bench.decision
 	$(BIN)/python -m bench.store
