@@ -69,4 +69,7 @@ def test_owner_api_has_no_5xx_and_refusals_change_nothing(case: schemathesis.Cas
         assert state(api) == before, (
             f"a refused {case.method} {case.formatted_path} ({response.status_code}) changed the database"
         )
-        assert response.json()["error"]["message"]
+        if response.status_code == 417:  # an Expect header the HTTP layer refuses before any route runs
+            assert "Expect" in response.text
+        else:
+            assert response.json()["error"]["message"]
