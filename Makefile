@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint fmt clean bench services
+.PHONY: run test lint fmt clean bench services wrk
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ services:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql redis-server >/dev/null; \
 	fi
 
+# The load benchmark drives the servers with wrk (Debian package).
+wrk:
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+
 test: $(STAMP) services
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -39,6 +43,8 @@ fmt: $(STAMP)
 clean:
 	rm -rf $(VENV) var .pytest_cache
 
-bench: $(STAMP) services
+bench: $(STAMP) services wrk
 	$(BIN)/python -m bench.decision
+	$(BIN)/python -m bench.growth
 	$(BIN)/python -m bench.store
+	$(BIN)/python -m bench.load

@@ -37,7 +37,7 @@ TEMPLATES = [
 ]
 
 
-def policy_text(rules: int) -> str:
+def policy_text(rules: int, budget: int = 10_000_000) -> str:
     entries = []
     for i in range(rules):
         effect, when = TEMPLATES[i % len(TEMPLATES)]
@@ -45,15 +45,15 @@ def policy_text(rules: int) -> str:
             {
                 "name": f"rule_{i}",
                 "effect": effect,
-                "when": when.format(i=i, big=900000 + i, small=500000 + i, count=1000 + i),
+                "when": when.format(i=i, big=budget // 10 + i, small=500000 + i, count=budget // 1000 + i),
             }
         )
     return yaml.safe_dump(
         {
             "name": "bench",
             "limits": [
-                {"name": "daily_budget", "window": "day", "currency": "usd", "max_amount": 10_000_000},
-                {"name": "monthly_budget", "window": "month", "currency": "usd", "max_amount": 100_000_000},
+                {"name": "daily_budget", "window": "day", "currency": "usd", "max_amount": budget},
+                {"name": "monthly_budget", "window": "month", "currency": "usd", "max_amount": budget * 10},
             ],
             "rules": entries,
         }
