@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench.decision import policy_text
-from tests.servers import Postgres, Redis, free_port
+from tests.servers import Postgres, Redis, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = "amount=1000&currency=usd"
@@ -89,24 +89,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _wait(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 def _start(args: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, *args], env=env or _env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    _wait(port)
+    wait_for_port(port, " ".join(args))
     return process
 
 

@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -83,47 +83,19 @@ class Postgres:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_for_port(self.port, "PostgreSQL")
+        wait_for_port(self.port, "PostgreSQL")
         for _ in range(100):  # the port opens slightly before connections are accepted
-            done = subprocess.run(
-                [
-                    shutil.which("psql") or "psql",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    "paysentry",
-                    "-d",
-                    "postgres",
-                    "-c",
-                    "SELECT 1",
-                ],
-                capture_output=True,
-            )
-            if done.returncode == 0:
+            if self.psql("SELECT 1").returncode == 0:
                 break
             time.sleep(0.1)
         return self
 
+    def psql(self, sql: str) -> subprocess.CompletedProcess[bytes]:
+        command = [shutil.which("psql") or "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "paysentry"]
+        return subprocess.run([*command, "-d", "postgres", "-c", sql], capture_output=True)
+
     def create_database(self, name: str) -> str:
-        subprocess.run(
-            [
-                shutil.which("psql") or "psql",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                "paysentry",
-                "-d",
-                "postgres",
-                "-c",
-                f'CREATE DATABASE "{name}"',
-            ],
-            check=True,
-            capture_output=True,
-        )
+        self.psql(f'CREATE DATABASE "{name}"').check_returncode()
         return f"postgresql://paysentry@127.0.0.1:{self.port}/{name}"
 
     def stop(self, mode: str = "fast") -> None:
@@ -179,7 +151,7 @@ class Redis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_for_port(self.port, "Redis")
+        wait_for_port(self.port, "Redis")
         return self
 
     def stop(self) -> None:
