@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/paysentry serve --config deploy/dev.yaml --demo
+	$(BIN)/paysentry --config deploy/dev.yaml serve --demo
 
 # The store tests start real PostgreSQL and Redis servers: install the Debian packages when missing.
 services:

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(hoist_config(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "policy" and args.action in ("check", "test"):
             return _policy_check(args) if args.action == "check" else _policy_test(args)
@@ -157,6 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     except PaySentryError as exc:
         print(f"paysentry: {exc.message}", file=sys.stderr)
         return 1
+
+
+def hoist_config(argv: list[str]) -> list[str]:
+    """``--config FILE`` is accepted anywhere (``paysentry serve --config x``): move it before the command."""
+    rest, hoisted = list(argv), []
+    while True:
+        i = next((k for k, a in enumerate(rest) if a == "--config" or a.startswith("--config=")), None)
+        if i is None:
+            return hoisted + rest
+        take = 1 if "=" in rest[i] else 2
+        hoisted += rest[i : i + take]
+        del rest[i : i + take]
 
 
 # -- serve ------------------------------------------------------------------------------------------------
