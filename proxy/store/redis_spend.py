@@ -316,6 +316,7 @@ class ApprovalBus:
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         self.redis = connect(url, timeout)
         self._task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()  # set once this replica listens (tests wait on it)
 
     def start(self, on_decided: Callable[[str], None]) -> None:
         self._task = asyncio.create_task(self._listen(on_decided))
@@ -329,6 +330,7 @@ class ApprovalBus:
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.CHANNEL)
+                    self.subscribed.set()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             on_decided(message["data"].decode())

@@ -11,6 +11,7 @@ integrity errors, and ``RETURNING`` for the atomic check-and-reserve.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -82,18 +83,20 @@ def released(agent_id: str, charges: Sequence[Charge]) -> Query:
     return Query(RELEASED, "", (agent_id, tuple(charges)))
 
 
-def _single(query: Query) -> Tx[int]:
+def _single(query: Query) -> Tx[Any]:
     return (yield query)
 
 
-class SqlStore:
+class SqlStore(ABC):
     """Every ``Store`` operation, over a driver's ``write`` and ``read``."""
 
+    @abstractmethod
     async def write(self, body: Tx[T]) -> T:
-        raise NotImplementedError
+        """Run ``body`` in one write transaction; its result once committed."""
 
+    @abstractmethod
     async def read(self, body: Tx[T]) -> T:
-        raise NotImplementedError
+        """Run ``body``'s queries on a committed snapshot."""
 
     async def fetch_one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return await self.read(_single(one(sql, args)))

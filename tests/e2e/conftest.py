@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -239,6 +240,17 @@ def make_deployment(
     agent = json.loads(dep.cli("agent", "create", "bot", "--label", "team=ads").stdout)
     dep.agent_token, dep.agent_id = agent["token"], agent["id"]
     return dep
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> float:
+    """Poll a result another process makes visible on its own schedule (a sweep, a reload, a restart);
+    returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ leave no reserved spend behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -18,7 +19,7 @@ import asyncpg
 import pytest
 import redis
 
-from tests.e2e.conftest import Deployment, make_deployment, mock_provider_process
+from tests.e2e.conftest import Deployment, make_deployment, mock_provider_process, wait_until
 from tests.servers import Postgres, Redis
 
 BUDGET = """
@@ -49,12 +50,17 @@ def pay(dep: Deployment, key: str, amount: int = 1000, extra: str = "", timeout:
         return 0  # the connection was cut
 
 
-async def rows(url: str, sql: str) -> list[Any]:
-    conn = await asyncpg.connect(url)
-    try:
-        return list(await conn.fetch(sql))
-    finally:
-        await conn.close()
+def rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Read the shared database directly, as an auditor would."""
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
 
 
 def fleet(root: Path, store: str, upstream: str, size: int = 3, redis_url: str = "") -> list[Deployment]:
@@ -65,7 +71,7 @@ def fleet(root: Path, store: str, upstream: str, size: int = 3, redis_url: str =
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("with_redis", [False, True], ids=["postgres", "postgres+redis"])
-async def test_three_sidecars_on_one_postgres_stop_at_exactly_the_limit(
+def test_three_sidecars_on_one_postgres_stop_at_exactly_the_limit(
     tmp_path: Path, postgres_url: str, with_redis: bool, request: pytest.FixtureRequest
 ) -> None:
     redis_url = ""
@@ -88,7 +94,7 @@ async def test_three_sidecars_on_one_postgres_stop_at_exactly_the_limit(
 
     assert Counter(statuses) == {200: 100, 402: 200}
     assert len(provider) == 100  # the provider saw exactly the allowed payments
-    decisions = await rows(
+    decisions = rows(
         postgres_url,
         "SELECT type, count(*) FROM events WHERE type IN "
         "('authorization.forwarding', 'authorization.denied') GROUP BY type ORDER BY type",
@@ -98,9 +104,7 @@ async def test_three_sidecars_on_one_postgres_stop_at_exactly_the_limit(
 
 
 @pytest.mark.e2e
-async def test_a_sidecar_killed_mid_payment_leaves_nothing_reserved(
-    tmp_path: Path, postgres_url: str
-) -> None:
+def test_a_sidecar_killed_mid_payment_leaves_nothing_reserved(tmp_path: Path, postgres_url: str) -> None:
     with mock_provider_process() as upstream:
         victim, survivor = fleet(tmp_path, postgres_url, upstream, size=2)
         config = victim.config.read_text() + "reservation_lease: 1s\n"
@@ -111,40 +115,31 @@ async def test_a_sidecar_killed_mid_payment_leaves_nothing_reserved(
         try:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 pending = pool.submit(pay, victim, "kill-1", 1000, "&metadata[mock_delay_ms]=3000")
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    state = await rows(postgres_url, "SELECT state FROM authorizations")
-                    if [r[0] for r in state] == ["forwarding"]:
-                        break
-                    time.sleep(0.05)
+                wait_until(
+                    lambda: rows(postgres_url, "SELECT state FROM authorizations") == [("forwarding",)]
+                )
                 assert victim.process is not None
                 victim.process.send_signal(signal.SIGKILL)  # between reserve and commit
                 assert pending.result(timeout=10) == 0
-            reserved = await rows(postgres_url, "SELECT amount, count FROM spend")
+            reserved = rows(postgres_url, "SELECT amount, count FROM spend")
             assert [tuple(r) for r in reserved] == [(1000, 1)]  # still counted: the outcome is unknown
-            deadline = time.monotonic() + 10  # the survivor's sweep reclaims the lapsed lease
-            while time.monotonic() < deadline and [
-                tuple(r) for r in await rows(postgres_url, "SELECT amount FROM spend")
-            ] != [(0,)]:
-                time.sleep(0.1)
-            assert [tuple(r) for r in await rows(postgres_url, "SELECT amount, count FROM spend")] == [(0, 0)]
-            states = await rows(postgres_url, "SELECT state FROM authorizations")
+            # The survivor's sweep reclaims the lapsed lease.
+            wait_until(lambda: rows(postgres_url, "SELECT amount FROM spend") == [(0,)])
+            assert rows(postgres_url, "SELECT amount, count FROM spend") == [(0, 0)]
+            states = rows(postgres_url, "SELECT state FROM authorizations")
             assert [r[0] for r in states] == ["failed"]
-            reclaimed = await rows(
-                postgres_url, "SELECT count(*) FROM events WHERE type='authorization.reclaimed'"
-            )
+            reclaimed = rows(postgres_url, "SELECT count(*) FROM events WHERE type='authorization.reclaimed'")
             assert reclaimed[0][0] == 1
+
             # The agent retries with the same key through the survivor (as its SDK does on 409 while the
             # provider still works on the first attempt): counted once, the provider replays its answer.
-            deadline = time.monotonic() + 15
-            while (status := pay(survivor, "kill-1", 1000, "&metadata[mock_delay_ms]=3000")) == 409:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-            assert status == 200
+            def retry() -> int:
+                return pay(survivor, "kill-1", 1000, "&metadata[mock_delay_ms]=3000")
+
+            wait_until(lambda: retry() != 409, timeout=15, interval=0.2)
+            assert retry() == 200
             assert len([r for r in survivor.mock() if r["status"] == 200 and not r.get("replayed")]) == 1
-            assert [tuple(r) for r in await rows(postgres_url, "SELECT amount, count FROM spend")] == [
-                (1000, 1)
-            ]
+            assert rows(postgres_url, "SELECT amount, count FROM spend") == [(1000, 1)]
         finally:
             victim.stop()
             survivor.stop()
@@ -152,7 +147,7 @@ async def test_a_sidecar_killed_mid_payment_leaves_nothing_reserved(
 
 
 @pytest.mark.e2e
-async def test_a_database_restart_fails_calls_closed_then_recovers(
+def test_a_database_restart_fails_calls_closed_then_recovers(
     tmp_path: Path, postgres_server: Postgres
 ) -> None:
     url = postgres_server.create_database("restart")
@@ -171,13 +166,10 @@ async def test_a_database_restart_fails_calls_closed_then_recovers(
                 urllib.request.urlopen(ready, timeout=15)
             assert not_ready.value.code == 503
             postgres_server.start()
-            deadline = time.monotonic() + 20
-            while (status := pay(dep, "after")) != 200 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert status == 200  # recovered without a restart
+            wait_until(lambda: pay(dep, "after") == 200, timeout=20, interval=0.2)  # recovered, no restart
             assert json.loads(urllib.request.urlopen(ready, timeout=5).read())["ready"] is True
         finally:
             dep.stop()
-    keys = await rows(url, "SELECT idempotency_key, state FROM authorizations ORDER BY created_at")
+    keys = rows(url, "SELECT idempotency_key, state FROM authorizations ORDER BY created_at")
     assert [tuple(r) for r in keys] == [("before", "settled"), ("after", "settled")]
-    assert [tuple(r) for r in await rows(url, "SELECT amount, count FROM spend")] == [(2000, 2)]
+    assert rows(url, "SELECT amount, count FROM spend") == [(2000, 2)]

@@ -7,7 +7,6 @@ import json
 import signal
 import sqlite3
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Deployment, make_deployment
+from tests.e2e.conftest import Deployment, make_deployment, wait_until
 
 
 def slow_payment(dep: Deployment, delay_ms: int, out: dict[str, Any]) -> None:
@@ -61,9 +60,7 @@ def start_slow_call_then_sigterm(dep: Deployment, delay_ms: int) -> tuple[thread
     out: dict[str, Any] = {}
     caller = threading.Thread(target=slow_payment, args=(dep, delay_ms, out))
     caller.start()
-    deadline = time.monotonic() + 5
-    while rows(dep)[0] != ["forwarding"] and time.monotonic() < deadline:
-        time.sleep(0.02)  # wait until the call is reserved and on its way to the (slow) provider
+    wait_until(lambda: rows(dep)[0] == ["forwarding"], timeout=5)  # reserved, on its way to the provider
     assert dep.process is not None
     dep.process.send_signal(signal.SIGTERM)
     return caller, out
@@ -74,7 +71,7 @@ def test_sigterm_lets_a_call_in_flight_finish_and_commit(tmp_path: Path) -> None
     dep = make_deployment(tmp_path, extra_config="shutdown_grace: 10s\nupstream_timeout: 10s\n")
     dep.start()
     caller, out = start_slow_call_then_sigterm(dep, 1500)
-    time.sleep(0.3)
+    wait_until(lambda: readiness(dep)[0] == 503)
     status, ready = readiness(dep)
     assert status == 503 and ready["checks"]["draining"] is True
     with pytest.raises(urllib.error.URLError):  # no longer accepting agents' connections

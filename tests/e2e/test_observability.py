@@ -4,14 +4,13 @@ trace continued from the agent and passed to the provider, and the Prometheus sc
 from __future__ import annotations
 
 import secrets
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Deployment, make_deployment
+from tests.e2e.conftest import Deployment, make_deployment, wait_until
 from tests.e2e.otlp import OtlpReceiver
 
 
@@ -110,9 +109,9 @@ def test_metrics_are_scraped_with_the_documented_names_and_pushed_over_otlp(tmp_
             assert pay(dep, b"amount=1000&currency=usd", "m-1") == 200
             assert pay(dep, b"amount=1000&currency=eur", "m-2") == 402
             assert pay(dep, b"amount=6000&currency=usd", "m-3") == 402
-            deadline = time.monotonic() + 5
-            while "paysentry_holds_pending 1" not in (text := scrape(dep)) and time.monotonic() < deadline:
-                time.sleep(0.1)  # the sweep refreshes the gauges every sweep_interval (0.2 s here)
+            # The sweep refreshes the gauges every sweep_interval (0.2 s here).
+            wait_until(lambda: "paysentry_holds_pending 1" in scrape(dep), timeout=5)
+            text = scrape(dep)
         finally:
             dep.stop()
         pushed = collector.metric_names()

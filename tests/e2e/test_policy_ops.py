@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import stripe
 
-from tests.e2e.conftest import POLICY, Deployment
+from tests.e2e.conftest import POLICY, Deployment, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -27,16 +26,6 @@ def readyz(dep: Deployment) -> dict[str, Any]:
 def metrics(dep: Deployment) -> str:
     with urllib.request.urlopen(dep.admin_url + "/metrics", timeout=5) as resp:
         return resp.read().decode()
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> float:
-    """Poll a visible result of the sidecar's own schedule; returns the seconds it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_broken_update_keeps_serving_and_good_update_switches(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import stripe
 
-from tests.e2e.conftest import MOCK_SECRET, Deployment, make_deployment
+from tests.e2e.conftest import MOCK_SECRET, Deployment, make_deployment, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -102,7 +102,7 @@ def test_denied_and_expired_holds_stay_refused_and_release(deployment: Deploymen
     with pytest.raises(stripe.error.CardError) as caught:
         stripe_sdk.PaymentIntent.create(amount=7000, currency="usd", idempotency_key="let-expire")
     expiring = caught.value.json_body["error"]["paysentry"]["approval_id"]
-    _wait_for(lambda: deployment.owner_api("GET", f"/v1/approvals/{expiring}")[1]["state"] == "expired")
+    wait_until(lambda: deployment.owner_api("GET", f"/v1/approvals/{expiring}")[1]["state"] == "expired")
     with pytest.raises(stripe.error.CardError) as caught:
         stripe_sdk.PaymentIntent.create(amount=7000, currency="usd", idempotency_key="let-expire")
     assert caught.value.code == "approval_expired"
@@ -261,17 +261,6 @@ def test_against_a_separate_stripe_compatible_server(tmp_path: Path) -> None:
 
 def _agent_id(dep: Deployment) -> str:
     return dep.owner_api("GET", "/v1/agents")[1]["data"][0]["id"]
-
-
-def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)  # the sweep runs on its own schedule; poll its visible result
-    raise AssertionError("condition not reached in time")
 
 
 def test_timeout_releases_and_a_retry_with_the_same_key_counts_once(

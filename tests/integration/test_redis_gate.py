@@ -97,7 +97,7 @@ async def test_a_vote_on_one_replica_wakes_the_waiter_on_another(redis_server: R
     woken: asyncio.Queue[str] = asyncio.Queue()
     here, there = ApprovalBus(redis_server.url), ApprovalBus(redis_server.url)
     there.start(woken.put_nowait)
-    await asyncio.sleep(0.2)  # subscribed
+    await asyncio.wait_for(there.subscribed.wait(), timeout=5)
     await here.publish("apr_1")
     assert await asyncio.wait_for(woken.get(), timeout=5) == "apr_1"
     await here.close()
