@@ -1,16 +1,19 @@
 """Payment-provider adapters behind one port (``adapters.base.Adapter``), and their registry.
 
-Adding a provider means one module here and one line in ``REGISTRY``: nothing else in PaySentry knows
+Adding a provider means one module here and one entry in ``REGISTRY``: nothing else in PaySentry knows
 a provider's routes, body format, amount units, error shape, idempotency header or credential placement.
 """
 
 from __future__ import annotations
 
 from adapters.base import Adapter
+from adapters.mercadopago import MercadoPagoAdapter
 from adapters.mock import MockAdapter
 from adapters.stripe import StripeAdapter
 
-REGISTRY: dict[str, Adapter] = {adapter.name: adapter for adapter in (StripeAdapter(), MockAdapter())}
+REGISTRY: dict[str, Adapter] = {
+    adapter.name: adapter for adapter in (StripeAdapter(), MercadoPagoAdapter(), MockAdapter())
+}
 
 
 def get_adapter(name: str) -> Adapter:

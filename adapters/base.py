@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,8 +20,9 @@ class Classified:
 
 
 @dataclass(frozen=True, slots=True)
-class ErrorReply:
-    """A refusal in the provider's own error shape, so the agent's SDK raises its ordinary error."""
+class Reply:
+    """An answer PaySentry makes itself in the provider's shape: a refusal the agent's SDK raises as its
+    ordinary error, or a decision the provider asked for (a real-time card authorization)."""
 
     status: int
     body: bytes
@@ -32,6 +33,30 @@ VOID, CONFIRM = "void", "confirm"
 
 
 @dataclass(frozen=True, slots=True)
+class AuthorizationRequest:
+    """A provider asking PaySentry to decide now (a card authorization at a merchant).
+
+    ``payment.refers_to`` is the card, ``id`` the provider's id of the authorization (recorded as its
+    idempotency key and provider reference); ``answer(approved, metadata)`` is the reply the provider
+    expects, in its own shape."""
+
+    id: str
+    payment: Payment
+    answer: Callable[[bool, Mapping[str, str]], Reply]
+
+
+@dataclass(frozen=True, slots=True)
+class CardUse:
+    """A card an event shows was used, and the provider call that cancels it (for one-time cards)."""
+
+    card: str
+    method: str
+    path: str
+    body: bytes
+    content_type: str = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookEvent:
     """A verified provider event, reduced to what settles an authorization."""
 
@@ -39,16 +64,25 @@ class WebhookEvent:
     type: str
     provider_ref: str | None
     outcome: str | None  # VOID: the money will not move, release its spend; CONFIRM: it moved
+    request: AuthorizationRequest | None = None
+    used_card: CardUse | None = None  # a captured authorization: one-time cards are then cancelled
 
 
 class Adapter(Protocol):
     name: str
     default_upstream: str
     idempotency_header: str
+    # The HTTP methods the provider's API uses; anything else is refused before it reaches the provider.
+    methods: frozenset[str]
     # Request headers the agent may not send through (they would change whose money moves).
     guarded_headers: frozenset[str]
     # The header naming a connected account to act for: allowed only for accounts the owner lists.
     account_header: str | None
+
+    def configured(self, settings: Mapping[str, str]) -> Adapter:
+        """This adapter for one connection's settings (e.g. the account's currency); raise ValueError
+        naming a missing or invalid setting."""
+        ...
 
     def classify(self, method: str, path: str, content_type: str, body: bytes) -> Classified:
         """Recognise and normalize a call; raise BadRequest / RouteNotFound with a clear message."""
@@ -63,8 +97,17 @@ class Adapter(Protocol):
         param: str | None = None,
         extra: Mapping[str, Any] | None = None,
         retry: bool = False,
-    ) -> ErrorReply:
+    ) -> Reply:
         """``kind`` is one of: invalid_request, authentication, policy, rate_limit, idempotency, api."""
+        ...
+
+    def prepare(self, payment: Payment, body: bytes) -> bytes:
+        """The body to forward once ``payment`` is allowed: where the provider can enforce what was
+        approved (a card's spending controls), the body says exactly that; otherwise it is unchanged."""
+        ...
+
+    def declined_in(self, body: bytes) -> str | None:
+        """Why a 2xx answer still moved no money (a payment created as rejected), or None."""
         ...
 
     def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]: ...
@@ -77,8 +120,9 @@ class Adapter(Protocol):
         """A GET path that tells the amount of ``payment.refers_to`` when the call itself does not."""
         ...
 
-    def amount_of(self, body: bytes) -> tuple[int, str] | None:
-        """(amount, currency) from the object that ``lookup_path`` returns."""
+    def amount_of(self, payment: Payment, body: bytes) -> tuple[int, str] | None:
+        """(amount, currency) that ``payment`` moves, given the object ``lookup_path`` returned: the
+        amount the call names (in that object's currency), else what is left of the object."""
         ...
 
     def verify_webhook(

@@ -1,14 +1,15 @@
 """Stripe's bracketed form encoding: ``metadata[k]=v``, ``items[0][price]=p``, ``expand[]=x``.
 
-``parse_form`` turns a urlencoded body into nested dicts and lists, refusing ambiguous or conflicting
-keys with the parameter's name, so a malformed body gets a precise error and changes nothing.
+``parse_form`` turns a urlencoded body into nested dicts and lists (``encode_form`` turns them back),
+refusing ambiguous or conflicting keys with the parameter's name, so a malformed body gets a precise error
+and changes nothing.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from proxy.errors import BadRequest
 
@@ -71,3 +72,21 @@ def _listify(node: Any) -> Any:
         if indexes == list(range(len(indexes))):
             return [converted[str(i)] for i in indexes]
     return converted
+
+
+def encode_form(params: dict[str, Any]) -> bytes:
+    """The inverse of ``parse_form``: nested dicts as ``a[b]``, lists as ``a[0]``, in the given order."""
+    pairs: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}[{key}]" if prefix else str(key), item)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(f"{prefix}[{i}]", item)
+        else:
+            pairs.append((prefix, str(value)))
+
+    walk("", params)
+    return urlencode(pairs).encode()

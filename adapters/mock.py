@@ -7,6 +7,7 @@ creates and every request it received, and follows Stripe's test conventions for
 ``metadata[mock_delay_ms]=N`` delays the answer (to exercise timeouts).
 
 Introspection (not part of Stripe): ``GET /_mock/requests``, ``GET /_mock/objects``, ``POST /_mock/reset``.
+MercadoPago's payments API is served beside it (``adapters/mock_mercadopago.py``): ``/v1/payments...``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from adapters.formencode import parse_form
+from adapters.mock_mercadopago import MockMercadoPago
 from adapters.stripe import StripeAdapter
 from proxy.errors import BadRequest
 
@@ -69,12 +71,14 @@ class MockProvider:
         self.objects: dict[str, dict[str, Any]] = {}
         self._idempotent: dict[str, tuple[str, int, bytes]] = {}
         self._in_flight: set[str] = set()
+        self.mercadopago = MockMercadoPago(self.requests)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/_mock/requests", self._list_requests)
         app.router.add_get("/_mock/objects", self._list_objects)
         app.router.add_post("/_mock/reset", self._reset)
+        self.mercadopago.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 
@@ -90,6 +94,7 @@ class MockProvider:
         self.requests.clear()
         self.objects.clear()
         self._idempotent.clear()
+        self.mercadopago.reset()
         return web.json_response({"reset": True})
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:

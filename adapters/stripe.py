@@ -14,8 +14,18 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from adapters.base import CONFIRM, PASSTHROUGH, PAYMENT, VOID, Classified, ErrorReply, WebhookEvent
-from adapters.formencode import parse_form
+from adapters.base import (
+    CONFIRM,
+    PASSTHROUGH,
+    PAYMENT,
+    VOID,
+    AuthorizationRequest,
+    CardUse,
+    Classified,
+    Reply,
+    WebhookEvent,
+)
+from adapters.formencode import encode_form, parse_form
 from proxy.errors import BadRequest, RouteNotFound, WebhookRejected
 from proxy.model import UNRECOGNIZED, Payment
 
@@ -42,6 +52,10 @@ WEBHOOK_OUTCOMES = {
     "payment_intent.succeeded": CONFIRM,
     "payout.paid": CONFIRM,
 }
+# The card metadata flag an agent sets for a card that may be used once: PaySentry cancels it after its
+# first captured authorization.
+ONE_TIME = "paysentry_one_time"
+DEFAULT_API_VERSION = "2025-10-29.clover"
 _KINDS = {  # our error kinds -> Stripe error types
     "invalid_request": "invalid_request_error",
     "authentication": "invalid_request_error",
@@ -123,10 +137,30 @@ def _card_limit(params: Mapping[str, Any]) -> int:
     return max(amounts)
 
 
+def _categories(params: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    controls = params.get("spending_controls")
+    raw = controls.get(key, []) if isinstance(controls, Mapping) else []
+    if raw == "":
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(c, str) and c for c in raw):
+        raise BadRequest(
+            f"spending_controls[{key}] must be a list of category names", param=f"spending_controls[{key}]"
+        )
+    return tuple(raw)
+
+
+def _ref(value: Any) -> str:
+    """An id given either as a string or as an expanded object."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return value if isinstance(value, str) else ""
+
+
 class StripeAdapter:
     name = "stripe"
     default_upstream = "https://api.stripe.com"
     idempotency_header = "Idempotency-Key"
+    methods = frozenset({"GET", "HEAD", "POST", "DELETE"})
     guarded_headers = frozenset({"stripe-context"})
     account_header = "Stripe-Account"
 
@@ -143,6 +177,11 @@ class StripeAdapter:
             (re.compile(r"^/v1/refunds$"), self._refund),
             (re.compile(r"^/v1/issuing/cards$"), self._issuing_card),
         ]
+
+    def configured(self, settings: Mapping[str, str]) -> StripeAdapter:
+        if settings:
+            raise ValueError(f"the {self.name} adapter takes no settings (got {', '.join(sorted(settings))})")
+        return self
 
     # -- classification ---------------------------------------------------------------------------------
     def classify(self, method: str, path: str, content_type: str, body: bytes) -> Classified:
@@ -268,13 +307,38 @@ class StripeAdapter:
         }
 
     def _issuing_card(self, params: Mapping[str, Any], _: re.Match[str]) -> dict[str, Any]:
+        common = self._common(params)
+        if common["metadata"].get(ONE_TIME, "true") not in ("true", "false"):
+            raise BadRequest(f"metadata[{ONE_TIME}] is true or false", param=f"metadata[{ONE_TIME}]")
+        _categories(params, "blocked_categories")  # checked here, kept as sent by prepare()
         return {
             "operation": "issuing_card",
             "amount": _card_limit(params),
             "currency": _currency(params),
             "destination": _text(params, "cardholder"),
-            **self._common(params),
+            "categories": _categories(params, "allowed_categories"),
+            **common,
         }
+
+    def prepare(self, payment: Payment, body: bytes) -> bytes:
+        """A card is created with exactly what was approved: one all-time spending limit of the approved
+        amount (so no interval can renew it) and the allowed categories the policy saw."""
+        if payment.operation != "issuing_card":
+            return body
+        params = dict(payment.params)
+        sent = params.get("spending_controls")
+        controls: dict[str, Any] = {
+            "spending_limits": [{"amount": str(payment.amount), "interval": "all_time"}],
+        }
+        if payment.categories:
+            controls["allowed_categories"] = list(payment.categories)
+        blocked = _categories(params, "blocked_categories")
+        if blocked:
+            controls["blocked_categories"] = list(blocked)
+        if isinstance(sent, Mapping) and sent.get("spending_limits_currency"):
+            controls["spending_limits_currency"] = sent["spending_limits_currency"]
+        params["spending_controls"] = controls
+        return encode_form(params)
 
     # -- the rest of the port -----------------------------------------------------------------------------
     def error(
@@ -286,18 +350,21 @@ class StripeAdapter:
         param: str | None = None,
         extra: Mapping[str, Any] | None = None,
         retry: bool = False,
-    ) -> ErrorReply:
+    ) -> Reply:
         error: dict[str, Any] = {"type": _KINDS.get(kind, "api_error"), "code": code, "message": message}
         if param:
             error["param"] = param
         if extra:
             error["paysentry"] = dict(extra)
         body = json.dumps({"error": error}).encode()
-        return ErrorReply(
+        return Reply(
             status,
             body,
             {"Content-Type": "application/json", "Stripe-Should-Retry": "true" if retry else "false"},
         )
+
+    def declined_in(self, body: bytes) -> str | None:
+        return None  # Stripe refuses with a 4xx (a declined card is a 402)
 
     def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]:
         return {"Authorization": f"Bearer {credentials['secret_key']}"}
@@ -348,15 +415,76 @@ class StripeAdapter:
             raise WebhookRejected("the event is not a JSON object with id, type and data.object") from None
         if not isinstance(event_id, str) or not isinstance(event_type, str) or not isinstance(obj, dict):
             raise WebhookRejected("the event is not a JSON object with id, type and data.object")
+        if event_type.startswith(("issuing_authorization.", "issuing_transaction.")):
+            return self._issuing_event(event_id, event_type, obj, event.get("api_version"))
         ref = obj.get("id")
         return WebhookEvent(
             event_id, event_type, ref if isinstance(ref, str) else None, WEBHOOK_OUTCOMES.get(event_type)
         )
 
-    def amount_of(self, body: bytes) -> tuple[int, str] | None:
+    # -- Issuing: real-time authorization and what follows it ------------------------------------------------
+    def _issuing_event(
+        self, event_id: str, event_type: str, obj: Mapping[str, Any], api_version: Any
+    ) -> WebhookEvent:
+        """An authorization asks for a decision (``.request``), then is created approved or declined,
+        may be reversed, and is captured by a transaction."""
+        ref = _ref(obj)
+        if event_type == "issuing_authorization.request":
+            version = api_version if isinstance(api_version, str) and api_version else DEFAULT_API_VERSION
+            return WebhookEvent(
+                event_id, event_type, ref, None, request=self._authorization_request(ref, obj, version)
+            )
+        if event_type == "issuing_authorization.created":
+            return WebhookEvent(event_id, event_type, ref, CONFIRM if obj.get("approved") is True else VOID)
+        if event_type == "issuing_authorization.updated" and obj.get("status") == "reversed":
+            return WebhookEvent(event_id, event_type, ref, VOID)
+        if event_type == "issuing_transaction.created" and obj.get("type") == "capture":
+            card = _ref(obj.get("card"))
+            cancel = CardUse(card, "POST", f"/v1/issuing/cards/{card}", b"status=canceled") if card else None
+            return WebhookEvent(
+                event_id, event_type, _ref(obj.get("authorization")) or None, CONFIRM, used_card=cancel
+            )
+        return WebhookEvent(event_id, event_type, ref or None, None)
+
+    def _authorization_request(self, ref: str, obj: Mapping[str, Any], version: str) -> AuthorizationRequest:
+        pending = obj.get("pending_request")
+        source = pending if isinstance(pending, Mapping) else obj
+        merchant = obj.get("merchant_data")
+        merchant = merchant if isinstance(merchant, Mapping) else {}
+        amount, currency, card = source.get("amount"), source.get("currency"), obj.get("card")
+        if not ref or not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+            raise WebhookRejected("the authorization request has no id or no whole amount")
+        if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency) or not _ref(card):
+            raise WebhookRejected("the authorization request has no currency or no card")
+        fields = {
+            name: merchant.get(name) for name in ("name", "category", "category_code", "country", "city")
+        }
+        texts = {k: v for k, v in fields.items() if isinstance(v, str)}
+        cardholder = _ref(card.get("cardholder")) if isinstance(card, Mapping) else ""
+        payment = Payment(
+            provider=self.name,
+            operation="issuing_authorization",
+            amount=amount,
+            currency=currency.lower(),
+            method="POST",
+            path=f"/v1/issuing/authorizations/{ref}",
+            destination=texts.get("name", ""),
+            customer=cardholder or _ref(obj.get("cardholder")),
+            refers_to=_ref(card),
+            categories=(texts["category"],) if texts.get("category") else (),
+            merchant=texts,
+        )
+
+        def answer(approved: bool, metadata: Mapping[str, str]) -> Reply:
+            body = json.dumps({"approved": approved, "metadata": dict(metadata)}).encode()
+            return Reply(200, body, {"Content-Type": "application/json", "Stripe-Version": version})
+
+        return AuthorizationRequest(ref, payment, answer)
+
+    def amount_of(self, payment: Payment, body: bytes) -> tuple[int, str] | None:
         try:
             obj = json.loads(body)
-            amount = int(obj["amount"]) - int(obj.get("amount_refunded") or 0)
-            return amount, str(obj["currency"]).lower()
+            remaining = int(obj["amount"]) - int(obj.get("amount_refunded") or 0)
+            return payment.amount or remaining, str(obj["currency"]).lower()
         except (ValueError, KeyError, TypeError):
             return None

@@ -29,6 +29,7 @@ from proxy.policy.engine import make_engine
 from proxy.policy.model import Limit
 from proxy.policy.reload import PolicyHolder
 from proxy.ratelimit import Limiter, RateLimiter
+from proxy.realtime import CardAuthorizer
 from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, load_keys
 from proxy.store import AgentRecord, OwnerRecord, open_store
 from proxy.store.redis_spend import ApprovalBus, RedisRateLimiter
@@ -84,6 +85,7 @@ class Sidecar:
             if settings.redis_url
             else RateLimiter(settings.agent_rate_limit, settings.agent_rate_burst)
         )
+        tracer = tracer_provider.get_tracer(TRACER_NAME, __version__)
         self.pipeline = Pipeline(
             self.store,
             self.engine,
@@ -93,7 +95,7 @@ class Sidecar:
             self.forwarder,
             self.sealer,
             get_adapter("stripe"),
-            tracer_provider.get_tracer(TRACER_NAME, __version__),
+            tracer,
             settings.reservation_lease,
             self.metrics,
             self.holds,
@@ -108,7 +110,23 @@ class Sidecar:
             lambda agent_id: self.agents.forget(lambda a: a.id == agent_id),
             self.metrics,
             self.holds,
-            WebhookReceiver(self.store, connections, self.metrics, settings.webhook_tolerance),
+            WebhookReceiver(
+                self.store,
+                connections,
+                CardAuthorizer(
+                    self.store,
+                    self.engine,
+                    self.policies,
+                    self.forwarder,
+                    self.sealer,
+                    self.metrics,
+                    tracer,
+                    settings.reservation_lease,
+                    settings.card_authorization_deadline,
+                ),
+                self.metrics,
+                settings.webhook_tolerance,
+            ),
         )
         self._runners: dict[str, web.AppRunner] = {}
         self._tasks: list[asyncio.Task[None]] = []

@@ -3,7 +3,7 @@
     paysentry serve [--demo]                       run the sidecar (--demo: mock provider, demo owner/agent)
     paysentry keygen FILE                          write a new encryption key file (or add one for rotation)
     paysentry owner create NAME                    prints the owner's API token once
-    paysentry provider add --name N --provider P [--upstream URL] --credentials-file F|-
+    paysentry provider add --name N --provider P [--upstream URL] [--currency C] --credentials-file F|-
     paysentry agent create NAME [--label k=v] [--connection N]   prints the agent's token once
     paysentry agent list | agent revoke ID
     paysentry policy check DIR...                  load and type-check (exit 3 when invalid)
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ACCT",
         help="a connected account agents may act for (Stripe-Account); repeat for several",
+    )
+    add.add_argument(
+        "--currency", help="the account's currency, for providers whose requests carry none (mercadopago)"
     )
     add.add_argument(
         "--credentials-file", required=True, help='JSON {"secret_key": ...} or the key alone; - for stdin'
@@ -381,9 +384,23 @@ async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
     credentials = json.loads(text) if text.startswith("{") else {"secret_key": text}
     owner = await ctx.service.owner_named(args.owner)
     record = await ctx.service.add_connection(
-        owner.id, args.provider, args.name, args.upstream, credentials, args.allow_account
+        owner.id,
+        args.provider,
+        args.name,
+        args.upstream,
+        credentials,
+        args.allow_account,
+        {"currency": args.currency.lower()} if args.currency else {},
     )
-    _print({"id": record.id, "name": record.name, "provider": record.provider, "upstream": record.upstream})
+    _print(
+        {
+            "id": record.id,
+            "name": record.name,
+            "provider": record.provider,
+            "upstream": record.upstream,
+            "settings": dict(record.settings),
+        }
+    )
     return 0
 
 

@@ -47,6 +47,7 @@ class Settings:
     agent_rate_limit: int = 100  # requests per second per agent (0: off); each replica counts its own
     agent_rate_burst: int = 200
     webhook_tolerance: float = 300.0  # seconds an inbound webhook's signed timestamp may be off by
+    card_authorization_deadline: float = 1.5  # a real-time card authorization declines after this
     notify_webhooks: str = ""  # comma-separated URLs that receive signed hold notifications
     notify_secret: str = ""  # HMAC key of PaySentry-Signature (a secret: set it from the environment)
     public_url: str = ""  # base URL of the owner listener in approval links; default http://<admin_listen>

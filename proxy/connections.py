@@ -50,7 +50,7 @@ class ConnectionCache:
         connection = Connection(
             record.id,
             record.owner_id,
-            get_adapter(record.provider),
+            get_adapter(record.provider).configured(record.settings),
             record.upstream.rstrip("/"),
             credentials,
             frozenset(record.allowed_accounts),

@@ -29,7 +29,7 @@ from proxy.model import (
     ShadowHit,
     SpendTotal,
 )
-from proxy.policy.engine import Engine, EvaluationError
+from proxy.policy.engine import MERCHANT_FIELDS, Engine, EvaluationError
 from proxy.policy.model import Limit, Policy, PolicySet, Rule
 
 
@@ -78,6 +78,8 @@ def activation_variables(
         "payment.description": payment.description,
         "payment.metadata": dict(payment.metadata),
         "payment.params": dict(payment.params),
+        "payment.categories": list(payment.categories),
+        **{f"merchant.{name}": payment.merchant.get(name, "") for name in MERCHANT_FIELDS},
         "request.method": payment.method,
         "request.path": payment.path,
         "agent.id": agent.id,

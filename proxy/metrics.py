@@ -42,6 +42,10 @@ INSTRUMENTS = {
     "paysentry_policy_reloads_total": (COUNTER, "Policy reload attempts by result (ok, error)."),
     "paysentry_policy_revision_info": (GAUGE, "The policy revision in force (value 1)."),
     "paysentry_webhooks_total": (COUNTER, "Inbound provider webhooks by result (voided, recorded, ...)."),
+    "paysentry_card_authorizations_total": (
+        COUNTER,
+        "Real-time card authorizations answered, by decision (approved, declined) and rule.",
+    ),
     "paysentry_holds_pending": (GAUGE, "Held payments waiting for approval."),
     "paysentry_spend_amount": (
         GAUGE,

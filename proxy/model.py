@@ -21,6 +21,8 @@ MONEY_OPERATIONS = (
     "payout",
     "refund",
     "issuing_card",
+    "payment",  # a one-step payment (MercadoPago POST /v1/payments)
+    "issuing_authorization",  # a card authorization decided in real time (Stripe Issuing)
 )
 UNRECOGNIZED = "unrecognized"
 OPERATIONS = (*MONEY_OPERATIONS, UNRECOGNIZED)
@@ -48,6 +50,11 @@ class Payment:
     # True when the spend of this call was already counted by an earlier call (confirming an intent
     # that was created through PaySentry): limits are checked but not charged again.
     already_counted: bool = False
+    # Merchant or item categories: a card's allowed categories, the items' category ids of a MercadoPago
+    # payment, the merchant category of a card authorization.
+    categories: tuple[str, ...] = ()
+    # The merchant of a card authorization: name, category, category_code, country, city.
+    merchant: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,10 +68,15 @@ class OwnerService:
         upstream: str | None,
         credentials: Mapping[str, str],
         allowed_accounts: Sequence[str] = (),
+        settings: Mapping[str, str] | None = None,
     ) -> ConnectionRecord:
         adapter = get_adapter(provider)
+        try:
+            adapter.configured(settings or {})
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         if not credentials.get("secret_key"):
-            raise BadRequest("the credentials need a secret_key")
+            raise BadRequest("the credentials need a secret_key (the provider's secret key or access token)")
         connection_id = new_id("conn")
         sealed = self.sealer.seal(
             json.dumps(dict(credentials)).encode(), sealed_context("connection", connection_id)
@@ -85,6 +90,7 @@ class OwnerService:
             sealed,
             self.clock(),
             allowed_accounts=tuple(allowed_accounts),
+            settings=dict(settings or {}),
         )
         await self.store.add_connection(record)
         return record

@@ -31,7 +31,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from adapters.base import PASSTHROUGH, Adapter, ErrorReply
+from adapters.base import PASSTHROUGH, Adapter, Reply
 from proxy.auth import TokenAuthenticator
 from proxy.connections import Connection, ConnectionCache
 from proxy.decide import decide, spend_keys
@@ -230,7 +230,14 @@ class Pipeline:
             W3C.inject(headers)  # the provider sees this call's span as the parent
             return await self.forwarder.stream(request, request.method, url, headers, body)
         assert classified.payment is not None
-        return await self._pay(request, agent, connection, classified.payment, body, url, span)
+        request_hash = hashlib.sha256(
+            b"\0".join([request.method.encode(), request.rel_url.raw_path_qs.encode(), body])
+        ).hexdigest()
+        # What is forwarded if allowed: where the provider can enforce the approval, the body says it.
+        outgoing = adapter.prepare(classified.payment, body)
+        return await self._pay(
+            request, agent, connection, classified.payment, outgoing, request_hash, url, span
+        )
 
     # -- a payment call -------------------------------------------------------------------------------------
     async def _pay(
@@ -240,6 +247,7 @@ class Pipeline:
         connection: Connection,
         payment: Payment,
         body: bytes,
+        request_hash: str,
         url: str,
         span: trace.Span,
     ) -> web.StreamResponse:
@@ -248,9 +256,6 @@ class Pipeline:
         if len(key) > MAX_IDEMPOTENCY_KEY:
             raise BadRequest(f"{adapter.idempotency_header} is longer than {MAX_IDEMPOTENCY_KEY} characters")
         key = key or new_id("psidem")
-        request_hash = hashlib.sha256(
-            b"\0".join([request.method.encode(), request.rel_url.raw_path_qs.encode(), body])
-        ).hexdigest()
         policy_set = self.policies.current
         now = datetime.fromtimestamp(self.clock(), UTC)
         keys = spend_keys(policy_set, agent, now) if policy_set.uses_spend else []
@@ -268,7 +273,7 @@ class Pipeline:
         with self._stage("policy"):
             decision = decide(policy_set, self.engine, payment, agent, totals, now)
         _annotate(span, payment, decision)
-        new = self._new_authorization(agent, payment, decision, key, request_hash)
+        new = authorization_for(agent, payment, decision, key, request_hash, self.clock(), self.lease)
         try:
             with self._stage("reserve"):
                 recorded = await self.store.record_decision(
@@ -282,7 +287,7 @@ class Pipeline:
         if recorded.exceeded is not None:
             span.set_attribute("paysentry.decision", DENY)
             span.set_attribute("paysentry.rule", auth.rule)
-        _log_decision(agent, auth)
+        log_decision(agent, auth)
         self.metrics.inc("paysentry_decisions_total", decision=auth.decision, rule=auth.rule)
         if auth.state == FORWARDING:
             return await self._forward(auth, connection, request, url, body, key, span)
@@ -336,47 +341,14 @@ class Pipeline:
                 {}, connection.adapter.credential_headers(connection.credentials)
             )
             reply = await self.forwarder.send("GET", connection.upstream + path, headers, b"")
-            found = connection.adapter.amount_of(reply.body) if reply.status == 200 else None
+            found = connection.adapter.amount_of(payment, reply.body) if reply.status == 200 else None
         if found is None:
             raise BadRequest(
                 f"PaySentry could not find the amount of {payment.refers_to!r} at the provider, so "
                 "it cannot decide this call",
                 param="amount",
             )
-        return replace(payment, amount=payment.amount or found[0], currency=found[1])
-
-    def _new_authorization(
-        self, agent: Agent, payment: Payment, decision: Decision, key: str, request_hash: str
-    ) -> NewAuthorization:
-        now = self.clock()
-        hold = decision.outcome == HOLD
-        return NewAuthorization(
-            id=new_id("auth"),
-            owner_id=agent.owner_id,
-            agent_id=agent.id,
-            idempotency_key=key,
-            request_hash=request_hash,
-            provider=payment.provider,
-            operation=payment.operation,
-            amount=payment.amount,
-            currency=payment.currency,
-            destination=payment.destination,
-            payment=_payment_summary(payment),
-            decision=decision.outcome,
-            rule=decision.rule,
-            policy=decision.policy,
-            message=decision.message,
-            revision=decision.revision,
-            charges=decision.charges,
-            approval_id=new_id("apr") if hold else None,
-            hold_expires_at=now + (decision.hold_expires_in or 0) if hold else None,
-            lease_expires_at=now + self.lease,
-            approval=decision.approval,
-            shadow=[
-                {"policy": h.policy, "rule": h.rule, "effect": h.effect, "message": h.message}
-                for h in decision.shadow
-            ],
-        )
+        return replace(payment, amount=found[0], currency=found[1])
 
     async def _replay(
         self,
@@ -452,7 +424,10 @@ class Pipeline:
 
     async def _settle(self, auth: AuthorizationRecord, adapter: Adapter, reply: UpstreamReply) -> None:
         sealed = self.sealer.seal(reply.body, sealed_context("response", auth.id))
-        if 200 <= reply.status < 300:
+        declined = adapter.declined_in(reply.body) if 200 <= reply.status < 300 else None
+        if declined:  # the provider answered, but no money moved: release, and replay this answer
+            await self.store.fail(auth.id, declined, reply.status, sealed, self.clock())
+        elif 200 <= reply.status < 300:
             await self.store.settle(
                 auth.id, adapter.provider_ref(reply.body), reply.status, sealed, self.clock()
             )
@@ -502,16 +477,13 @@ def _retryable(auth: AuthorizationRecord) -> bool:
     return auth.state == FAILED and auth.response_status is None
 
 
-ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE"})
-
-
 def _check_request(request: web.Request, connection: Connection) -> None:
     """Refuse what could steer the call elsewhere or onto someone else's money."""
-    if request.method not in ALLOWED_METHODS:
-        raise MethodNotAllowed(f"PaySentry does not forward {request.method} requests")
+    adapter = connection.adapter
+    if request.method not in adapter.methods:
+        raise MethodNotAllowed(f"PaySentry does not forward {request.method} requests to {adapter.name}")
     if not request.raw_path.startswith("/"):  # the request target as sent: absolute-form or authority-form
         raise BadRequest("PaySentry is not a forward proxy: send the path only (origin-form), not a full URL")
-    adapter = connection.adapter
     guarded = [h for h in request.headers if h.lower() in adapter.guarded_headers]
     if guarded:
         raise BadRequest(
@@ -544,6 +516,46 @@ def _token(request: web.Request) -> str | None:
     return None
 
 
+def authorization_for(
+    agent: Agent,
+    payment: Payment,
+    decision: Decision,
+    key: str,
+    request_hash: str,
+    now: float,
+    lease: float,
+) -> NewAuthorization:
+    """The record of one decision, as the store reserves and keeps it."""
+    hold = decision.outcome == HOLD
+    return NewAuthorization(
+        id=new_id("auth"),
+        owner_id=agent.owner_id,
+        agent_id=agent.id,
+        idempotency_key=key,
+        request_hash=request_hash,
+        provider=payment.provider,
+        operation=payment.operation,
+        amount=payment.amount,
+        currency=payment.currency,
+        destination=payment.destination,
+        payment=_payment_summary(payment),
+        decision=decision.outcome,
+        rule=decision.rule,
+        policy=decision.policy,
+        message=decision.message,
+        revision=decision.revision,
+        charges=decision.charges,
+        approval_id=new_id("apr") if hold else None,
+        hold_expires_at=now + (decision.hold_expires_in or 0) if hold else None,
+        lease_expires_at=now + lease,
+        approval=decision.approval,
+        shadow=[
+            {"policy": h.policy, "rule": h.rule, "effect": h.effect, "message": h.message}
+            for h in decision.shadow
+        ],
+    )
+
+
 def _payment_summary(payment: Payment) -> dict[str, Any]:
     """What the audit record keeps of a payment: the normalized fields, never the raw parameters."""
     return {
@@ -558,6 +570,8 @@ def _payment_summary(payment: Payment) -> dict[str, Any]:
         "method": payment.method,
         "path": payment.path,
         "refers_to": payment.refers_to,
+        "categories": list(payment.categories),
+        "merchant": dict(payment.merchant),
     }
 
 
@@ -572,7 +586,7 @@ def _annotate(span: trace.Span, payment: Payment, decision: Decision) -> None:
         span.set_attribute("paysentry.shadow", [f"{h.policy}.{h.rule}:{h.effect}" for h in decision.shadow])
 
 
-def _log_decision(agent: Agent, auth: AuthorizationRecord) -> None:
+def log_decision(agent: Agent, auth: AuthorizationRecord) -> None:
     context = trace.get_current_span().get_span_context()
     log.info(
         "decision",
@@ -596,8 +610,8 @@ def _log_decision(agent: Agent, auth: AuthorizationRecord) -> None:
     )
 
 
-def _reply(error: ErrorReply) -> web.Response:
+def _reply(error: Reply) -> web.Response:
     return web.Response(status=error.status, body=error.body, headers=dict(error.headers))
 
 
-__all__ = ["Pipeline", "StoreUnavailable"]
+__all__ = ["Pipeline", "StoreUnavailable", "authorization_for", "log_decision"]

@@ -1,5 +1,6 @@
 """Inbound provider webhooks: events that settle what PaySentry counted (an intent cancelled, a payout
-failed) arrive at ``POST /v1/webhooks/{connection id}`` on the owner listener.
+failed) arrive at ``POST /v1/webhooks/{connection id}`` on the owner listener, and so do the requests a
+provider makes for a decision in real time (card authorizations, see proxy/realtime.py).
 
 An event is accepted only with a valid signature made with the connection's ``webhook_secret`` (kept
 sealed with its other credentials) and a timestamp within the tolerance. Each event id is recorded once
@@ -17,6 +18,7 @@ from aiohttp import web
 from proxy.connections import Connection, ConnectionCache
 from proxy.errors import AuthenticationFailed, NotFound, PaySentryError
 from proxy.metrics import Metrics
+from proxy.realtime import CardAuthorizer
 from proxy.store import Store
 
 log = logging.getLogger("paysentry.webhooks")
@@ -28,11 +30,12 @@ class WebhookReceiver:
         self,
         store: Store,
         connections: ConnectionCache,
+        cards: CardAuthorizer,
         metrics: Metrics,
         tolerance: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store, self.connections, self.metrics = store, connections, metrics
+        self.store, self.connections, self.cards, self.metrics = store, connections, cards, metrics
         self.tolerance, self.clock = tolerance, clock
 
     def add_routes(self, app: web.Application) -> None:
@@ -48,6 +51,10 @@ class WebhookReceiver:
             event = connection.adapter.verify_webhook(
                 request.headers, body, secret, self.clock(), self.tolerance
             )
+            if event.request is not None:  # the provider waits for a decision
+                self.metrics.inc(WEBHOOKS, result="authorization_request")
+                reply = await self.cards.authorize(connection, event.request)
+                return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
             result = await self.store.apply_webhook(
                 connection.owner_id,
                 connection.id,
@@ -57,6 +64,9 @@ class WebhookReceiver:
                 event.outcome,
                 self.clock(),
             )
+            card = None
+            if event.used_card is not None and result != "duplicate":
+                card = await self.cards.card_used(connection, event.used_card)
         except PaySentryError as exc:
             self.metrics.inc(WEBHOOKS, result="rejected")
             log.warning("webhook rejected", extra={"fields": {"reason": exc.message}})
@@ -68,7 +78,10 @@ class WebhookReceiver:
                 "fields": {"event": event.id, "type": event.type, "ref": event.provider_ref, "result": result}
             },
         )
-        return web.json_response({"received": True, "result": result})
+        answer = {"received": True, "result": result}
+        if card is not None:
+            answer["card"] = card
+        return web.json_response(answer, status=502 if card == "cancel_failed" else 200)
 
     async def _connection(self, connection_id: str) -> Connection:
         try:

@@ -8,6 +8,12 @@ int with a string fails when the policy is checked, not at the first payment:
     payment.amount                                         int (minor units)
     payment.metadata                                       map(string, string)
     payment.params                                         map(string, dyn)  (the raw provider parameters)
+    payment.categories                                     list(string): a card's allowed categories,
+                                                           a MercadoPago payment's item category ids, a
+                                                           card authorization's merchant category
+    merchant.name, merchant.category, merchant.category_code,
+    merchant.country, merchant.city                        string: the merchant of a card authorization
+                                                           ("" for other calls)
     request.method, request.path                           string
     agent.id, agent.name                                   string
     agent.labels                                           map(string, string)
@@ -25,6 +31,8 @@ from typing import Any, Protocol
 
 STRING, INT, TIMESTAMP = "string", "int", "timestamp"
 STR_MAP, DYN_MAP, SPEND_MAP = "map<string,string>", "map<string,dyn>", "map<string,map<string,int>>"
+STR_LIST = "list<string>"
+MERCHANT_FIELDS = ("name", "category", "category_code", "country", "city")
 
 VARIABLES: dict[str, str] = {
     "payment.provider": STRING,
@@ -36,6 +44,8 @@ VARIABLES: dict[str, str] = {
     "payment.description": STRING,
     "payment.metadata": STR_MAP,
     "payment.params": DYN_MAP,
+    "payment.categories": STR_LIST,
+    **{f"merchant.{name}": STRING for name in MERCHANT_FIELDS},
     "request.method": STRING,
     "request.path": STRING,
     "agent.id": STRING,
@@ -90,6 +100,7 @@ class CelExprEngine:
             STR_MAP: t.Map(t.STRING, t.STRING),
             DYN_MAP: t.Map(t.STRING, t.DYN),
             SPEND_MAP: t.Map(t.STRING, t.Map(t.STRING, t.INT)),
+            STR_LIST: t.List(t.STRING),
         }
         self._results = {"bool": t.BOOL, "string": t.STRING}
         self._env = cel.NewEnv(

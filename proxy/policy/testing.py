@@ -40,6 +40,8 @@ PATHS = {
     "payout": "/v1/payouts",
     "refund": "/v1/refunds",
     "issuing_card": "/v1/issuing/cards",
+    "payment": "/v1/payments",
+    "issuing_authorization": "/v1/issuing/authorizations",
 }
 CASE_FIELDS = {"name", "payment", "agent", "spend", "now", "expect"}
 EXPECT_FIELDS = {"decision", "rule", "policy", "message_contains", "shadow"}
@@ -174,6 +176,8 @@ def _payment(raw: Any) -> Payment:
         path=str(raw.get("path", PATHS.get(operation.split(".")[0], "/v1/unknown"))),
         metadata={str(k): str(v) for k, v in (raw.get("metadata") or {}).items()},
         params=dict(raw.get("params") or {}),
+        categories=tuple(str(c) for c in raw.get("categories") or ()),
+        merchant={str(k): str(v) for k, v in (raw.get("merchant") or {}).items()},
         **text,
     )
 

@@ -40,6 +40,7 @@ class ConnectionRecord:
     created_at: float
     revoked_at: float | None = None
     allowed_accounts: tuple[str, ...] = ()  # connected accounts agents may act for (Stripe-Account)
+    settings: Mapping[str, str] = field(default_factory=dict)  # the adapter's, e.g. {"currency": "ars"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +231,18 @@ class Store(Protocol):
         ...
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
+    async def record_event(
+        self,
+        owner_id: str,
+        agent_id: str | None,
+        auth_id: str | None,
+        kind: str,
+        actor: str,
+        data: dict[str, Any],
+        now: float,
+    ) -> None:
+        """Append one audit event that is not part of another operation's transaction."""
+        ...
 
     # holds and housekeeping
     async def vote(

@@ -177,7 +177,7 @@ class SqlStore(ABC):
         def tx() -> Tx[None]:
             (
                 yield execute(
-                    "INSERT INTO connections VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO connections VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
                         c.id,
                         c.owner_id,
@@ -188,6 +188,7 @@ class SqlStore(ABC):
                         c.created_at,
                         None,
                         json.dumps(list(c.allowed_accounts)),
+                        json.dumps(dict(c.settings)),
                     ),
                 )
             )
@@ -197,7 +198,13 @@ class SqlStore(ABC):
                 None,
                 "connection.added",
                 "cli",
-                {"connection": c.id, "provider": c.provider, "name": c.name, "upstream": c.upstream},
+                {
+                    "connection": c.id,
+                    "provider": c.provider,
+                    "name": c.name,
+                    "upstream": c.upstream,
+                    "settings": dict(c.settings),
+                },
                 c.created_at,
             )
 
@@ -402,6 +409,18 @@ class SqlStore(ABC):
             return result
 
         return await self.write(tx())
+
+    async def record_event(
+        self,
+        owner_id: str,
+        agent_id: str | None,
+        auth_id: str | None,
+        kind: str,
+        actor: str,
+        data: dict[str, Any],
+        now: float,
+    ) -> None:
+        await self.write(_event(owner_id, agent_id, auth_id, kind, actor, data, now))
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
         row = await self.fetch_one(
@@ -866,7 +885,7 @@ def _charges(text: str) -> list[Charge]:
 
 
 def _connection(row: Sequence[Any]) -> ConnectionRecord:
-    return ConnectionRecord(*row[:8], allowed_accounts=tuple(json.loads(row[8])))
+    return ConnectionRecord(*row[:8], allowed_accounts=tuple(json.loads(row[8])), settings=json.loads(row[9]))
 
 
 def _agent(row: Sequence[Any]) -> AgentRecord:

@@ -183,6 +183,7 @@ def make_deployment(
     extra_config: str = "",
     provider_args: tuple[str, ...] = (),
     store: str | None = None,
+    secret_key: str = MOCK_SECRET,
 ) -> Deployment:
     """A configured deployment (owner, connection, agent made with the CLI), not yet started. With
     ``upstream`` the provider is that URL; otherwise the sidecar runs the built-in mock provider itself."""
@@ -234,7 +235,7 @@ def make_deployment(
         *provider_args,
         "--credentials-file",
         "-",
-        stdin=json.dumps({"secret_key": MOCK_SECRET, "webhook_secret": WEBHOOK_SECRET}),
+        stdin=json.dumps({"secret_key": secret_key, "webhook_secret": WEBHOOK_SECRET}),
     )
     dep.connection_id = json.loads(connection.stdout)["id"]
     agent = json.loads(dep.cli("agent", "create", "bot", "--label", "team=ads").stdout)

@@ -104,3 +104,26 @@ def test_revision_is_the_git_commit_of_a_clean_checkout(tmp_path: Path) -> None:
     assert load_policy_set(tmp_path, ENGINE).revision == f"git:{head.strip()[:12]}"
     (tmp_path / "p.yaml").write_text("name: p\ndefault: deny\n")  # uncommitted: the content decides
     assert load_policy_set(tmp_path, ENGINE).revision.startswith("sha256:")
+
+
+def test_the_schema_names_every_operation_the_adapters_recognise() -> None:
+    import json
+    from pathlib import Path
+
+    from proxy.model import MONEY_OPERATIONS
+
+    schema = json.loads((Path(__file__).parents[2] / "proxy/policy/policy.schema.json").read_text())
+    found = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "enum" in node and "issuing_card" in node["enum"]:
+                found.append(node["enum"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    assert found and all(sorted(e) == sorted(MONEY_OPERATIONS) for e in found)

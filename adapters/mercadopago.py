@@ -1,0 +1,364 @@
+"""MercadoPago (API v1): JSON bodies, amounts as decimals of the major unit, ``X-Idempotency-Key``, and
+MercadoPago-shaped errors (``{"message", "error", "status", "cause"}``).
+
+A payment request carries no currency: the account's country decides it (ARS in Argentina, BRL in Brazil,
+...). So a MercadoPago connection declares its account's currency (``paysentry provider add --currency``),
+and every ``transaction_amount`` is converted to minor units with that currency's exponent; an amount with
+more decimals than the currency has is refused rather than rounded. A request that names ``currency_id``
+must name the connection's.
+
+Payments (``POST /v1/payments``) and refunds (``POST /v1/payments/{id}/refunds``) are decided. Reads, and
+writes that move no money (customers, their cards, card tokens, cancelling or capturing a payment already
+counted), pass through. Any other write is ``unrecognized`` and refused unless the owner's policy allows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from adapters.base import PASSTHROUGH, PAYMENT, Classified, Reply, WebhookEvent
+from proxy.currency import exponent
+from proxy.errors import BadRequest, WebhookRejected
+from proxy.model import UNRECOGNIZED, Payment
+
+# The currencies of MercadoPago's sites (Argentina, Brazil, Mexico, Chile, Colombia, Peru, Uruguay).
+CURRENCIES = frozenset({"ars", "brl", "mxn", "clp", "cop", "pen", "uyu"})
+MAX_MINOR = 10**15
+_ID = r"([0-9A-Za-z_-]+)"
+PAYMENTS = re.compile(r"^/v1/payments$")
+REFUNDS = re.compile(rf"^/v1/payments/{_ID}/refunds$")
+ONE_PAYMENT = re.compile(rf"^/v1/payments/{_ID}$")
+SAFE_WRITES = [
+    re.compile(p)
+    for p in (
+        r"^/v1/customers$",
+        rf"^/v1/customers/{_ID}$",
+        rf"^/v1/customers/{_ID}/cards$",
+        rf"^/v1/customers/{_ID}/cards/{_ID}$",
+        r"^/v1/card_tokens$",
+    )
+]
+_ERRORS = {  # our error kinds -> MercadoPago's "error" names
+    "invalid_request": "bad_request",
+    "authentication": "unauthorized",
+    "policy": "payment_required",
+    "rate_limit": "too_many_requests",
+    "idempotency": "conflict",
+    "api": "internal_error",
+}
+# What a 2xx payment answer can still say: the payment exists but no money moved.
+DECLINED_STATUSES = frozenset({"rejected", "cancelled"})
+
+
+def to_minor(value: Any, currency: str, param: str) -> int:
+    """``to_minor(Decimal("700.50"), "ars") == 70050``; ``to_minor(1500, "clp") == 1500``."""
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        raise BadRequest(f"{param} must be a number (major units, e.g. 700.50), got {value!r}", param=param)
+    exp = exponent(currency)
+    try:
+        scaled = Decimal(value).scaleb(exp)
+    except InvalidOperation:
+        raise BadRequest(f"{param} is not a valid amount", param=param) from None
+    if not scaled.is_finite() or scaled != scaled.to_integral_value():
+        raise BadRequest(
+            f"{param} {value} has more decimals than {currency.upper()} allows ({exp})", param=param
+        )
+    minor = int(scaled)
+    if minor <= 0 or minor >= MAX_MINOR:
+        raise BadRequest(f"{param} must be a positive amount, got {value}", param=param)
+    return minor
+
+
+def _json(body: bytes, content_type: str) -> dict[str, Any]:
+    if not body:
+        return {}
+    if not content_type.startswith("application/json"):
+        raise BadRequest(f"MercadoPago requests are application/json, not {content_type or 'untyped'}")
+    try:
+        value = json.loads(body, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return value
+
+
+def _text(params: Mapping[str, Any], key: str) -> str:
+    value = params.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string", param=key)
+    return value
+
+
+def _payer_email(params: Mapping[str, Any]) -> str:
+    payer = params.get("payer")
+    if payer is None:
+        return ""
+    if not isinstance(payer, dict):
+        raise BadRequest("payer must be an object", param="payer")
+    return _text(payer, "email")
+
+
+def _item_categories(params: Mapping[str, Any]) -> tuple[str, ...]:
+    info = params.get("additional_info")
+    if info is None:
+        return ()
+    items = info.get("items") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not isinstance(items, (list, type(None))):
+        raise BadRequest("additional_info.items must be a list of items", param="additional_info.items")
+    categories: list[str] = []
+    for i, item in enumerate(items or []):
+        if not isinstance(item, dict):
+            raise BadRequest("each item must be an object", param=f"additional_info.items[{i}]")
+        category = item.get("category_id")
+        if category is not None and not isinstance(category, str):
+            raise BadRequest("category_id must be a string", param=f"additional_info.items[{i}].category_id")
+        if category and category not in categories:
+            categories.append(category)
+    return tuple(categories)
+
+
+def _metadata(params: Mapping[str, Any]) -> dict[str, str]:
+    meta = params.get("metadata")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise BadRequest("metadata must be an object", param="metadata")
+    scalars = {
+        k: v for k, v in meta.items() if isinstance(v, (str, int, Decimal)) and not isinstance(v, bool)
+    }
+    return {str(k): str(v) for k, v in scalars.items()}
+
+
+def _plain(value: Any) -> Any:
+    """JSON decimals back to plain numbers, for ``payment.params`` (policies compare them as numbers)."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class MercadoPagoAdapter:
+    name = "mercadopago"
+    default_upstream = "https://api.mercadopago.com"
+    idempotency_header = "X-Idempotency-Key"
+    methods = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
+    guarded_headers: frozenset[str] = frozenset()
+    account_header = None
+
+    def __init__(self, currency: str = "") -> None:
+        self.currency = currency
+
+    def configured(self, settings: Mapping[str, str]) -> MercadoPagoAdapter:
+        unknown = set(settings) - {"currency"}
+        if unknown:
+            raise ValueError(f"unknown MercadoPago connection settings: {', '.join(sorted(unknown))}")
+        currency = str(settings.get("currency", "")).lower()
+        if currency not in CURRENCIES:
+            raise ValueError(
+                "a MercadoPago connection needs its account's currency (--currency), one of "
+                f"{', '.join(sorted(c.upper() for c in CURRENCIES))}; got {currency.upper() or 'none'}"
+            )
+        return MercadoPagoAdapter(currency)
+
+    # -- classification ---------------------------------------------------------------------------------
+    def classify(self, method: str, path: str, content_type: str, body: bytes) -> Classified:
+        if method in ("GET", "HEAD"):
+            return Classified(PASSTHROUGH)
+        if method in ("POST", "DELETE") and any(p.match(path) for p in SAFE_WRITES):
+            return Classified(PASSTHROUGH)
+        params = _json(body, content_type)
+        if method == "POST" and PAYMENTS.match(path):
+            return Classified(PAYMENT, self._payment(path, params))
+        refund = REFUNDS.match(path)
+        if method == "POST" and refund:
+            return Classified(PAYMENT, self._refund(path, params, refund.group(1)))
+        if method == "PUT" and ONE_PAYMENT.match(path) and self._moves_nothing(params):
+            return Classified(PASSTHROUGH)
+        return Classified(
+            PAYMENT,
+            Payment(
+                provider=self.name,
+                operation=UNRECOGNIZED,
+                amount=0,
+                currency="",
+                method=method,
+                path=path,
+                params=_plain(params),
+            ),
+        )
+
+    @staticmethod
+    def _moves_nothing(params: Mapping[str, Any]) -> bool:
+        """Cancelling a payment, or capturing one authorized earlier (counted when it was created: the
+        capture cannot exceed it), moves no money PaySentry has not counted."""
+        if params == {"status": "cancelled"}:
+            return True
+        return params.get("capture") is True and set(params) <= {"capture"}
+
+    def _currency(self, params: Mapping[str, Any]) -> str:
+        if not self.currency:
+            raise BadRequest("this MercadoPago connection has no currency; its owner must set one")
+        named = params.get("currency_id")
+        if named is not None and (not isinstance(named, str) or named.lower() != self.currency):
+            raise BadRequest(
+                f"currency_id {named!r} is not this account's currency ({self.currency.upper()})",
+                param="currency_id",
+            )
+        return self.currency
+
+    def _payment(self, path: str, params: Mapping[str, Any]) -> Payment:
+        if "transaction_amount" not in params:
+            raise BadRequest("transaction_amount is required", param="transaction_amount")
+        currency = self._currency(params)
+        metadata = _metadata(params)
+        reference = _text(params, "external_reference")
+        if reference:
+            metadata.setdefault("external_reference", reference)
+        return Payment(
+            provider=self.name,
+            operation="payment",
+            amount=to_minor(params["transaction_amount"], currency, "transaction_amount"),
+            currency=currency,
+            method="POST",
+            path=path,
+            customer=_payer_email(params),
+            description=_text(params, "description"),
+            metadata=metadata,
+            params=_plain(params),
+            categories=_item_categories(params),
+        )
+
+    def _refund(self, path: str, params: Mapping[str, Any], payment_id: str) -> Payment:
+        currency = self._currency(params)
+        amount = params.get("amount")
+        return Payment(
+            provider=self.name,
+            operation="refund",
+            amount=0 if amount is None else to_minor(amount, currency, "amount"),
+            currency="",  # the refunded payment's, once looked up
+            method="POST",
+            path=path,
+            destination=payment_id,
+            refers_to=payment_id,
+            params=_plain(params),
+        )
+
+    # -- the rest of the port -----------------------------------------------------------------------------
+    def error(
+        self,
+        status: int,
+        kind: str,
+        code: str,
+        message: str,
+        param: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        retry: bool = False,
+    ) -> Reply:
+        cause: dict[str, Any] = {"code": code, "description": message}
+        if param:
+            cause["data"] = param
+        error: dict[str, Any] = {
+            "message": message,
+            "error": _ERRORS.get(kind, "internal_error"),
+            "status": status,
+            "cause": [cause],
+        }
+        if extra:
+            error["paysentry"] = dict(extra)
+        headers = {"Content-Type": "application/json"}
+        if retry and status == 429:
+            headers["Retry-After"] = "1"
+        return Reply(status, json.dumps(error).encode(), headers)
+
+    def prepare(self, payment: Payment, body: bytes) -> bytes:
+        return body
+
+    def declined_in(self, body: bytes) -> str | None:
+        obj = self._object(body)
+        status = obj.get("status") if obj else None
+        if status in DECLINED_STATUSES:
+            return f"MercadoPago answered the payment {status} ({obj.get('status_detail') or 'no detail'})"
+        return None
+
+    def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]:
+        return {"Authorization": f"Bearer {credentials['secret_key']}"}
+
+    @staticmethod
+    def _object(body: bytes) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(body, parse_float=Decimal)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def provider_ref(self, body: bytes) -> str | None:
+        ref = (self._object(body) or {}).get("id")
+        return str(ref) if isinstance(ref, (int, str)) and not isinstance(ref, bool) else None
+
+    def lookup_path(self, payment: Payment) -> str | None:
+        return f"/v1/payments/{payment.refers_to}" if payment.refers_to else None
+
+    def amount_of(self, payment: Payment, body: bytes) -> tuple[int, str] | None:
+        obj = self._object(body)
+        try:
+            assert obj is not None
+            currency = str(obj["currency_id"]).lower()
+            total = to_minor(obj["transaction_amount"], currency, "transaction_amount")
+            refunded = obj.get("transaction_amount_refunded") or 0
+            done = to_minor(refunded, currency, "transaction_amount_refunded") if refunded else 0
+        except (AssertionError, KeyError, BadRequest):
+            return None
+        return payment.amount or total - done, currency
+
+    def verify_webhook(
+        self, headers: Mapping[str, str], body: bytes, secret: str, now: float, tolerance: float
+    ) -> WebhookEvent:
+        """MercadoPago's scheme: ``x-signature: ts=<ts>,v1=<hex>`` and ``x-request-id``; the HMAC-SHA256
+        covers ``id:<data.id>;request-id:<x-request-id>;ts:<ts>;`` (absent parts left out)."""
+        timestamp, signatures = "", []
+        for item in headers.get("x-signature", "").split(","):
+            name, _, value = item.strip().partition("=")
+            if name == "ts" and value.isdigit():
+                timestamp = value
+            elif name == "v1":
+                signatures.append(value)
+        if not timestamp or not signatures:
+            raise WebhookRejected("the x-signature header is missing or has no ts= and v1= parts")
+        event = self._object(body)
+        data = event.get("data") if event else None
+        data_id = data.get("id") if isinstance(data, dict) else None
+        if event is None or not isinstance(data_id, (str, int)) or isinstance(data_id, bool):
+            raise WebhookRejected("the notification is not a JSON object with data.id")
+        data_id = str(data_id).lower()
+        manifest = f"id:{data_id};"
+        request_id = headers.get("x-request-id", "")
+        if request_id:
+            manifest += f"request-id:{request_id};"
+        manifest += f"ts:{timestamp};"
+        expected = hmac.new(secret.encode(), manifest.encode(), hashlib.sha256).hexdigest()
+        if not any(hmac.compare_digest(expected.encode(), s.encode()) for s in signatures):
+            raise WebhookRejected("no v1 signature in x-signature matches this notification")
+        seconds = int(timestamp) / 1000 if len(timestamp) > 11 else int(timestamp)  # ms or s
+        if abs(now - seconds) > tolerance:
+            raise WebhookRejected(
+                f"the signature's timestamp is {int(now - seconds)} s from now, outside the "
+                f"{int(tolerance)} s tolerance (a replayed or delayed notification)"
+            )
+        kind = event.get("action") or event.get("type")
+        event_id = event.get("id")
+        if not isinstance(kind, str) or not isinstance(event_id, (str, int)):
+            raise WebhookRejected("the notification has no id or no action/type")
+        # A notification only says that something changed; it does not say what the payment became.
+        return WebhookEvent(str(event_id), kind, data_id, None)

@@ -1,0 +1,171 @@
+"""Real-time card authorizations: the provider asks, PaySentry decides within its deadline.
+
+A card created through PaySentry (``issuing_card``) belongs to the agent that asked for it. When the card
+is used, the provider sends an authorization request to the connection's webhook endpoint; it is decided
+with the same policies as any payment of that agent (the merchant's name, category and country are policy
+variables), its spend is reserved and committed in one step, and the provider gets approve or decline.
+Holds cannot wait here, so a hold rule declines with its reason. Anything that goes wrong, or a decision
+that does not finish within ``deadline``, declines: the provider's own fallback is never relied on.
+
+What follows settles the spend through the ordinary webhook path: the authorization created but not
+approved, or reversed, releases it; a capture confirms it (and cancels a one-time card).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from adapters.base import AuthorizationRequest, CardUse, Reply
+from proxy.connections import Connection
+from proxy.decide import decide, spend_keys
+from proxy.errors import PaySentryError, RequestInFlight, UpstreamUnavailable
+from proxy.forwarder import Forwarder
+from proxy.metrics import Metrics
+from proxy.model import DENY, HOLD, Agent
+from proxy.pipeline import authorization_for, log_decision
+from proxy.policy.engine import Engine
+from proxy.policy.reload import PolicyHolder
+from proxy.secrets import Sealer, sealed_context
+from proxy.store import FORWARDING, SETTLED, DuplicateKey, Store
+
+log = logging.getLogger("paysentry.realtime")
+ONE_TIME = "paysentry_one_time"
+
+
+class CardAuthorizer:
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        policies: PolicyHolder,
+        forwarder: Forwarder,
+        sealer: Sealer,
+        metrics: Metrics,
+        tracer: trace.Tracer,
+        lease: float,
+        deadline: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.engine, self.policies, self.forwarder = store, engine, policies, forwarder
+        self.sealer, self.metrics, self.tracer = sealer, metrics, tracer
+        self.lease, self.deadline, self.clock = lease, deadline, clock
+
+    async def authorize(self, connection: Connection, request: AuthorizationRequest) -> Reply:
+        """Approve or decline; every answer names the rule, and every decision made is recorded."""
+        with self.tracer.start_as_current_span("paysentry.card_authorization", kind=SpanKind.SERVER) as span:
+            span.set_attribute("paysentry.provider_authorization", request.id)
+            span.set_attribute("paysentry.amount", request.payment.amount)
+            span.set_attribute("paysentry.currency", request.payment.currency)
+            try:
+                async with asyncio.timeout(self.deadline):
+                    approved, meta = await self._decide(connection, request)
+            except TimeoutError:
+                approved, meta = False, {"paysentry_rule": "deadline"}
+                log.error("card authorization not decided within %.1f s; declined", self.deadline)
+            except PaySentryError as exc:  # the store or the policy is unavailable: decline
+                approved, meta = False, {"paysentry_rule": exc.code}
+                log.error("card authorization declined: %s", exc.message)
+            span.set_attribute("paysentry.decision", "allow" if approved else DENY)
+            span.set_attribute("paysentry.rule", meta.get("paysentry_rule", ""))
+            self.metrics.inc(
+                "paysentry_card_authorizations_total",
+                decision="approved" if approved else "declined",
+                rule=meta.get("paysentry_rule", ""),
+            )
+            return request.answer(approved, meta)
+
+    async def _decide(
+        self, connection: Connection, request: AuthorizationRequest
+    ) -> tuple[bool, dict[str, str]]:
+        payment = request.payment
+        card = await self.store.find_by_provider_ref(connection.owner_id, payment.refers_to)
+        record = await self.store.get_agent(card.agent_id) if card is not None else None
+        if card is None or record is None or record.connection_id != connection.id:
+            await self.store.record_event(
+                connection.owner_id,
+                None,
+                None,
+                "card_authorization.declined",
+                "provider",
+                {
+                    "authorization": request.id,
+                    "card": payment.refers_to,
+                    "reason": "card not issued by PaySentry",
+                },
+                self.clock(),
+            )
+            return False, {"paysentry_rule": "unknown_card"}
+        if record.revoked_at is not None:
+            return False, {"paysentry_rule": "agent_revoked"}
+        agent = Agent(record.id, record.owner_id, record.name, record.connection_id, record.labels)
+        policy_set = self.policies.current
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        keys = spend_keys(policy_set, agent, now) if policy_set.uses_spend else []
+        existing, totals = await self.store.lookup(agent.id, request.id, keys)
+        if existing is not None:  # the provider asked again: the same answer
+            return existing.state == SETTLED, _meta(existing.id, existing.rule)
+        decision = decide(policy_set, self.engine, payment, agent, totals, now)
+        if decision.outcome == HOLD:
+            decision = replace(
+                decision,
+                outcome=DENY,
+                charges=(),
+                approval=None,
+                hold_expires_in=None,
+                message=f"a card authorization cannot wait for approval: {decision.message}",
+            )
+        digest = hashlib.sha256(f"{request.id}:{payment.amount}:{payment.currency}".encode()).hexdigest()
+        new = authorization_for(agent, payment, decision, request.id, digest, self.clock(), self.lease)
+        try:
+            recorded = await self.store.record_decision(new, self.clock(), None)
+        except DuplicateKey:
+            raise RequestInFlight("this authorization is being decided by another request") from None
+        auth = recorded.record
+        log_decision(agent, auth)
+        self.metrics.inc("paysentry_decisions_total", decision=auth.decision, rule=auth.rule)
+        if auth.state != FORWARDING:
+            return False, _meta(auth.id, auth.rule)
+        answer = request.answer(True, _meta(auth.id, auth.rule))
+        sealed = self.sealer.seal(answer.body, sealed_context("response", auth.id))
+        await self.store.settle(auth.id, request.id, answer.status, sealed, self.clock())
+        return True, _meta(auth.id, auth.rule)
+
+    async def card_used(self, connection: Connection, use: CardUse) -> str:
+        """After a captured authorization: cancel the card when it was issued for one use. Returns what
+        was done (``cancelled``, ``kept``, ``cancel_failed``)."""
+        card = await self.store.find_by_provider_ref(connection.owner_id, use.card)
+        if card is None or card.payment.get("metadata", {}).get(ONE_TIME) != "true":
+            return "kept"
+        adapter = connection.adapter
+        headers = self.forwarder.request_headers(
+            {"Content-Type": use.content_type}, adapter.credential_headers(connection.credentials)
+        )
+        try:
+            reply = await self.forwarder.send(use.method, connection.upstream + use.path, headers, use.body)
+            status = reply.status
+        except UpstreamUnavailable:
+            status = 0
+        result = "cancelled" if 200 <= status < 300 else "cancel_failed"
+        await self.store.record_event(
+            connection.owner_id,
+            card.agent_id,
+            card.id,
+            f"card.{result}",
+            "paysentry",
+            {"card": use.card, "provider_status": status},
+            self.clock(),
+        )
+        return result
+
+
+def _meta(authorization: str, rule: str) -> dict[str, str]:
+    return {"paysentry_authorization": authorization, "paysentry_rule": rule}
