@@ -175,3 +175,34 @@ def test_errors_are_stripe_shaped_and_not_retryable() -> None:
     assert body["error"]["code"] == "daily_budget"
     assert body["error"]["message"] == "over budget"
     assert body["error"]["paysentry"] == {"rule": "daily_budget"}
+
+
+def test_a_card_is_forwarded_with_exactly_the_approved_controls() -> None:
+    from adapters.formencode import encode_form, parse_form
+    from adapters.stripe import StripeAdapter
+
+    adapter = StripeAdapter()
+    sent = (
+        b"cardholder=ich_1&currency=usd&type=virtual"
+        b"&spending_controls[spending_limits][0][amount]=5000&spending_controls[spending_limits][0][interval]=daily"
+        b"&spending_controls[spending_limits][1][amount]=900&spending_controls[spending_limits][1][interval]=per_authorization"
+        b"&spending_controls[allowed_categories][0]=book_stores&spending_controls[blocked_categories][0]=taxicabs_limousines"
+        b"&metadata[paysentry_one_time]=true"
+    )
+    payment = adapter.classify("POST", "/v1/issuing/cards", "application/x-www-form-urlencoded", sent).payment
+    assert payment is not None and payment.amount == 5000 and payment.categories == ("book_stores",)
+    out = parse_form(adapter.prepare(payment, sent))
+    assert out["spending_controls"] == {
+        "spending_limits": [{"amount": "5000", "interval": "all_time"}],
+        "allowed_categories": ["book_stores"],
+        "blocked_categories": ["taxicabs_limousines"],
+    }
+    assert out["cardholder"] == "ich_1" and out["metadata"] == {"paysentry_one_time": "true"}
+    # Other payments are forwarded byte for byte.
+    intent = b"amount=100&currency=usd"
+    other = adapter.classify(
+        "POST", "/v1/payment_intents", "application/x-www-form-urlencoded", intent
+    ).payment
+    assert other is not None and adapter.prepare(other, intent) == intent
+    nested = {"a": "1", "b": {"c": ["x", "y"], "d": {"e": "ü &="}}}
+    assert parse_form(encode_form(nested)) == nested
