@@ -8,6 +8,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from proxy import __version__
 
@@ -19,8 +20,14 @@ def setup_tracing(extra_processor: SpanProcessor | None = None) -> TracerProvide
     resource = Resource.create(
         {"service.name": os.environ.get("OTEL_SERVICE_NAME", "paysentry"), "service.version": __version__}
     )
-    provider = TracerProvider(resource=resource)
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    exporting = bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    # Spans nobody will receive are not recorded (their context still propagates, so the provider's trace
+    # continues the agent's). When exporting, the standard OTEL_TRACES_SAMPLER(_ARG) choose the sampler.
+    recording = exporting or extra_processor is not None
+    provider = TracerProvider(resource=resource, sampler=None if recording else ALWAYS_OFF)
+    if exporting:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

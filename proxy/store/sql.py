@@ -279,13 +279,15 @@ class SqlStore(ABC):
                 f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE agent_id=? AND idempotency_key=?",
                 (agent_id, idempotency_key),
             )
-            totals = {}
-            for limit, period in spend_keys:
-                got = yield one(
-                    "SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
-                    (agent_id, limit, period),
+            totals = {limit: SpendTotal() for limit, _ in spend_keys}
+            if spend_keys:  # one query for every window the rules may read
+                wanted = " OR ".join(["(limit_name=? AND period=?)"] * len(spend_keys))
+                rows = yield many(
+                    f"SELECT limit_name, period, amount, count FROM spend WHERE agent_id=? AND ({wanted})",
+                    (agent_id, *(part for key in spend_keys for part in key)),
                 )
-                totals[limit] = SpendTotal(*got) if got else SpendTotal()
+                found = {(limit, period): SpendTotal(amount, count) for limit, period, amount, count in rows}
+                totals = {limit: found.get((limit, period), SpendTotal()) for limit, period in spend_keys}
             return (authorization_record(row) if row else None), totals
 
         return await self.read(tx())
@@ -690,30 +692,52 @@ def record_decision_tx(
     if exceeded:
         data["limit_total"] = {"amount": exceeded.total.amount, "count": exceeded.total.count}
     yield from _event(new.owner_id, new.agent_id, auth_id, f"authorization.{state}", "policy", data, now)
-    row = yield one(f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=?", (auth_id,))
-    return Recorded(authorization_record(row), exceeded)
+    if retry_of:  # the row keeps its creation time
+        row = yield one(f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE id=?", (auth_id,))
+        return Recorded(authorization_record(row), exceeded)
+    # (values: owner .. destination, payment JSON, decision .. state, charges JSON, approval, lease, now)
+    record = AuthorizationRecord(
+        auth_id,
+        *values[:9],
+        dict(new.payment),
+        *values[10:16],
+        list(charges),
+        values[17],
+        None,  # provider_ref
+        None,  # response_status
+        None,  # response_body
+        values[18],
+        now,
+        now,
+    )
+    return Recorded(record, exceeded)
 
 
 def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | None]:
-    """Check and count each charge in one conditional UPDATE: a row lock makes it atomic."""
+    """Check and count each charge in one conditional upsert: the row lock (or SQLite's write lock) makes
+    it atomic. A first charge that alone passes its limit inserts nothing (totals are never negative, so
+    it would pass with any earlier spend too); a later one updates only while within the limit."""
     for c in charges:
-        (
-            yield execute(
-                "INSERT INTO spend (agent_id, limit_name, period, currency) VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
-                (agent_id, c.limit, c.period, c.currency),
-            )
-        )
         row = yield one(
-            "UPDATE spend SET amount = amount + ?, count = count + 1 WHERE agent_id=? AND limit_name=? AND period=? "
-            "AND (CAST(? AS BIGINT) IS NULL OR amount + ? <= ?) AND (CAST(? AS BIGINT) IS NULL OR count + 1 <= ?) "
-            "RETURNING amount",
+            "INSERT INTO spend (agent_id, limit_name, period, currency, amount, count) "
+            "SELECT ?, ?, ?, ?, CAST(? AS BIGINT), 1 "
+            "WHERE (CAST(? AS BIGINT) IS NULL OR CAST(? AS BIGINT) <= CAST(? AS BIGINT)) "
+            "AND (CAST(? AS BIGINT) IS NULL OR 1 <= CAST(? AS BIGINT)) "
+            "ON CONFLICT (agent_id, limit_name, period) DO UPDATE SET amount = spend.amount + excluded.amount, "
+            "count = spend.count + 1 WHERE (CAST(? AS BIGINT) IS NULL OR spend.amount + excluded.amount <= ?) "
+            "AND (CAST(? AS BIGINT) IS NULL OR spend.count + 1 <= ?) RETURNING amount",
             (
-                c.amount,
                 agent_id,
                 c.limit,
                 c.period,
+                c.currency,
+                c.amount,
                 c.max_amount,
                 c.amount,
+                c.max_amount,
+                c.max_count,
+                c.max_count,
+                c.max_amount,
                 c.max_amount,
                 c.max_count,
                 c.max_count,
@@ -724,7 +748,7 @@ def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | Non
                 "SELECT amount, count FROM spend WHERE agent_id=? AND limit_name=? AND period=?",
                 (agent_id, c.limit, c.period),
             )
-            return LimitExceeded(c, SpendTotal(*total))
+            return LimitExceeded(c, SpendTotal(*total) if total else SpendTotal())
     return None
 
 
@@ -864,8 +888,13 @@ def _event(
 
 
 def _authorization_event(auth_id: str, kind: str, actor: str, data: dict[str, Any], now: float) -> Tx[None]:
-    owner, agent = yield one("SELECT owner_id, agent_id FROM authorizations WHERE id=?", (auth_id,))
-    yield from _event(owner, agent, auth_id, kind, actor, data, now)
+    (
+        yield execute(
+            "INSERT INTO events (owner_id, agent_id, authorization_id, type, actor, data, at) "
+            "SELECT owner_id, agent_id, id, ?, ?, ?, ? FROM authorizations WHERE id=?",
+            (kind, actor, json.dumps(data), now, auth_id),
+        )
+    )
 
 
 def _charge_json(c: Charge) -> dict[str, Any]:

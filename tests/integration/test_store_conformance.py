@@ -112,8 +112,11 @@ async def test_reservations_from_several_processes_stop_exactly_at_the_limit(bac
 
 async def test_settle_keeps_and_fail_releases(backend: Backend) -> None:
     store = await seeded(backend)
-    a = (await store.record_decision(new("a"), time.time())).record
+    a = (
+        await store.record_decision(new("a", payment={"amount": 1000, "categories": ["x"]}), time.time())
+    ).record
     b = (await store.record_decision(new("b"), time.time())).record
+    assert a == await store.get_authorization("own_1", a.id)  # what record_decision returns is what is stored
     await store.settle(a.id, "pi_1", 200, b"{}", time.time())
     await store.fail(b.id, "declined", 402, b"{}", time.time())
     await store.fail(b.id, "declined again", 402, b"{}", time.time())  # releasing twice changes nothing
@@ -126,6 +129,9 @@ async def test_settle_keeps_and_fail_releases(backend: Backend) -> None:
         "authorization.settled",
         "authorization.failed",
     ]
+    hold = new("h", decision="hold", charges=(), approval_id="apr_h", hold_expires_at=time.time() + 60)
+    held = (await store.record_decision(hold, time.time())).record
+    assert held == await store.get_authorization("own_1", held.id)
     await store.close()
 
 
