@@ -48,3 +48,4 @@ bench: $(STAMP) services wrk
 	$(BIN)/python -m bench.growth
 	$(BIN)/python -m bench.store
 	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.cards

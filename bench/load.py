@@ -103,7 +103,15 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class Sidecar:
-    def __init__(self, root: Path, store: str, upstream: str, redis_url: str = "") -> None:
+    def __init__(
+        self,
+        root: Path,
+        store: str,
+        upstream: str,
+        redis_url: str = "",
+        extra: str = "",
+        credentials: dict[str, str] | None = None,
+    ) -> None:
         self.root, self.port, self.admin = root, free_port(), free_port()
         (root / "policies").mkdir(parents=True)
         (root / "policies" / "bench.yaml").write_text(policy_text(10, budget=10**15))
@@ -112,12 +120,13 @@ class Sidecar:
             f"listen: 127.0.0.1:{self.port}\nadmin_listen: 127.0.0.1:{self.admin}\nstore: {store}\n"
             f"policies: {root / 'policies'}\nbcrypt_rounds: 4\nagent_rate_limit: 0\nlog_level: WARNING\n"
             + (f"redis_url: {redis_url}\n" if redis_url else "")
+            + extra
         )
         self.env = {**_env(), "PAYSENTRY_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode()}
         if not store.startswith("sqlite"):
             self._cli("db", "migrate")
         self._cli("owner", "create", "bench")
-        self._cli(
+        added = self._cli(
             "provider",
             "add",
             "--provider",
@@ -126,8 +135,9 @@ class Sidecar:
             upstream,
             "--credentials-file",
             "-",
-            stdin=json.dumps({"secret_key": "sk_test_bench"}),
+            stdin=json.dumps(credentials or {"secret_key": "sk_test_bench"}),
         )
+        self.connection = json.loads(added)["id"]
         self.token = json.loads(self._cli("agent", "create", "bench", "--label", "team=ads"))["token"]
         self.process = _start(["-m", "proxy", "--config", str(self.config), "serve"], self.port, self.env)
 
