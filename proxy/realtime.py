@@ -39,6 +39,7 @@ from proxy.store import FORWARDING, SETTLED, DuplicateKey, Store
 
 log = logging.getLogger("paysentry.realtime")
 ONE_TIME = "paysentry_one_time"
+RETRY = "cancel_failed"
 
 
 class CardAuthorizer:
@@ -141,7 +142,9 @@ class CardAuthorizer:
 
     async def card_used(self, connection: Connection, use: CardUse) -> str:
         """After a captured authorization: cancel the card when it was issued for one use. Returns what
-        was done (``cancelled``, ``kept``, ``cancel_failed``)."""
+        was done: ``cancelled``, ``kept`` (not a one-time card), ``cancel_refused`` (the provider refused
+        the change: retrying will not help, recorded for the owner) or ``RETRY`` (the provider could not
+        be reached or failed: the event should be delivered again)."""
         card = await self.store.find_by_provider_ref(connection.owner_id, use.card)
         if card is None or card.payment.get("metadata", {}).get(ONE_TIME) != "true":
             return "kept"
@@ -154,7 +157,10 @@ class CardAuthorizer:
             status = reply.status
         except UpstreamUnavailable:
             status = 0
-        result = "cancelled" if 200 <= status < 300 else "cancel_failed"
+        if status == 0 or status >= 500 or status in (401, 403, 409, 429):
+            result = RETRY
+        else:
+            result = "cancelled" if 200 <= status < 300 else "cancel_refused"
         await self.store.record_event(
             connection.owner_id,
             card.agent_id,

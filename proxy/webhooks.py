@@ -15,10 +15,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from adapters.base import WebhookEvent
 from proxy.connections import Connection, ConnectionCache
-from proxy.errors import AuthenticationFailed, NotFound, PaySentryError
+from proxy.errors import AuthenticationFailed, NotFound, PaySentryError, UpstreamUnavailable
 from proxy.metrics import Metrics
-from proxy.realtime import CardAuthorizer
+from proxy.realtime import RETRY, CardAuthorizer
 from proxy.store import Store
 
 log = logging.getLogger("paysentry.webhooks")
@@ -55,6 +56,15 @@ class WebhookReceiver:
                 self.metrics.inc(WEBHOOKS, result="authorization_request")
                 reply = await self.cards.authorize(connection, event.request)
                 return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
+            card = None
+            if event.used_card is not None:  # act first: the event is recorded once the card is handled
+                if await self.store.webhook_seen(connection.id, event.id):
+                    return self._answer(event, "duplicate", None)
+                card = await self.cards.card_used(connection, event.used_card)
+                if card == RETRY:
+                    raise UpstreamUnavailable(
+                        "the provider did not cancel the one-time card; redeliver the event to retry"
+                    )
             result = await self.store.apply_webhook(
                 connection.owner_id,
                 connection.id,
@@ -64,13 +74,14 @@ class WebhookReceiver:
                 event.outcome,
                 self.clock(),
             )
-            card = None
-            if event.used_card is not None and result != "duplicate":
-                card = await self.cards.card_used(connection, event.used_card)
-        except PaySentryError as exc:
-            self.metrics.inc(WEBHOOKS, result="rejected")
-            log.warning("webhook rejected", extra={"fields": {"reason": exc.message}})
+        except PaySentryError as exc:  # 4xx: refused; 5xx: not handled now, the provider redelivers
+            outcome = "rejected" if exc.status < 500 else "failed"
+            self.metrics.inc(WEBHOOKS, result=outcome)
+            log.warning(f"webhook {outcome}", extra={"fields": {"reason": exc.message}})
             return web.json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+        return self._answer(event, result, card)
+
+    def _answer(self, event: WebhookEvent, result: str, card: str | None) -> web.Response:
         self.metrics.inc(WEBHOOKS, result=result)
         log.info(
             "webhook",
@@ -81,7 +92,7 @@ class WebhookReceiver:
         answer = {"received": True, "result": result}
         if card is not None:
             answer["card"] = card
-        return web.json_response(answer, status=502 if card == "cancel_failed" else 200)
+        return web.json_response(answer)
 
     async def _connection(self, connection_id: str) -> Connection:
         try:

@@ -230,6 +230,10 @@ class Store(Protocol):
         duplicate, voided, recorded, unmatched or ignored."""
         ...
 
+    async def webhook_seen(self, connection_id: str, event_id: str) -> bool:
+        """Whether this provider event was already recorded (applied) for the connection."""
+        ...
+
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
     async def record_event(
         self,

@@ -412,6 +412,12 @@ class SqlStore(ABC):
 
         return await self.write(tx())
 
+    async def webhook_seen(self, connection_id: str, event_id: str) -> bool:
+        row = await self.fetch_one(
+            "SELECT 1 FROM webhook_events WHERE connection_id=? AND event_id=?", (connection_id, event_id)
+        )
+        return row is not None
+
     async def record_event(
         self,
         owner_id: str,

@@ -253,3 +253,46 @@ def test_spend_stays_right_across_authorization_capture_and_reversal(cards: Depl
     assert notify(cards, "issuing_transaction.created", capture, "evt_t4")[1]["card"] == "kept"
     assert mock_card(cards, reusable)["status"] == "active"
     assert cards.spend("card_spend") == (3500, 2)
+
+
+@pytest.mark.e2e
+def test_a_card_cancellation_the_provider_misses_is_retried_on_redelivery(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.servers import free_port, wait_for_port
+
+    port = free_port()
+
+    def provider() -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "mock-provider", "--listen", f"127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        )
+        wait_for_port(port, "mock provider")
+        return process
+
+    mock = provider()
+    dep = make_deployment(tmp_path, POLICY, upstream=f"http://127.0.0.1:{port}")
+    dep.start()
+    try:
+        card = create_card(dep).id
+        assert ask(dep, "iauth_1", card, 1000)[1]["approved"] is True
+        mock.terminate()
+        mock.wait(timeout=10)
+        capture = {"id": "ipi_1", "type": "capture", "authorization": "iauth_1", "card": card}
+        status, answer = notify(dep, "issuing_transaction.created", capture, "evt_t1")
+        assert status == 502 and "redeliver" in answer["error"]["message"]  # not recorded: Stripe retries
+        mock = provider()  # back, but it lost its cards: it refuses the change, retrying would not help
+        status, answer = notify(dep, "issuing_transaction.created", capture, "evt_t1")
+        assert (status, answer["result"], answer["card"]) == (200, "recorded", "cancel_refused")
+        assert notify(dep, "issuing_transaction.created", capture, "evt_t1")[1]["result"] == "duplicate"
+        cards_events = [e["type"] for e in events_of(dep) if e["type"].startswith("card.")]
+        assert cards_events == ["card.cancel_failed", "card.cancel_refused"]  # each attempt audited
+        assert dep.spend("card_spend") == (1000, 1)
+    finally:
+        dep.stop()
+        mock.terminate()
+        mock.wait(timeout=10)
