@@ -17,6 +17,9 @@ class Classified:
 
     kind: str
     payment: Payment | None = None
+    # A passthrough that cancels an earlier object (an intent, a payment): once the provider accepts it,
+    # the spend counted for that object is released.
+    voids: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

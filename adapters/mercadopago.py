@@ -8,8 +8,8 @@ more decimals than the currency has is refused rather than rounded. A request th
 must name the connection's.
 
 Payments (``POST /v1/payments``) and refunds (``POST /v1/payments/{id}/refunds``) are decided. Reads, and
-writes that move no money (customers, their cards, card tokens, cancelling or capturing a payment already
-counted), pass through. Any other write is ``unrecognized`` and refused unless the owner's policy allows it.
+writes that move no money (customers, their cards, card tokens, capturing a payment already counted) pass
+through; cancelling a payment passes through and, once MercadoPago accepts it, releases its spend. Any other write is ``unrecognized`` and refused unless the owner's policy allows it.
 """
 
 from __future__ import annotations
@@ -184,7 +184,12 @@ class MercadoPagoAdapter:
         refund = REFUNDS.match(path)
         if method == "POST" and refund:
             return Classified(PAYMENT, self._refund(path, params, refund.group(1)))
-        if method == "PUT" and ONE_PAYMENT.match(path) and self._moves_nothing(params):
+        one_payment = ONE_PAYMENT.match(path)
+        if method == "PUT" and one_payment and params == {"status": "cancelled"}:
+            return Classified(PASSTHROUGH, voids=one_payment.group(1))
+        if method == "PUT" and one_payment and params.get("capture") is True and set(params) <= {"capture"}:
+            # Capturing a payment authorized earlier: counted when it was created, and the capture
+            # cannot exceed it.
             return Classified(PASSTHROUGH)
         return Classified(
             PAYMENT,
@@ -198,14 +203,6 @@ class MercadoPagoAdapter:
                 params=_plain(params),
             ),
         )
-
-    @staticmethod
-    def _moves_nothing(params: Mapping[str, Any]) -> bool:
-        """Cancelling a payment, or capturing one authorized earlier (counted when it was created: the
-        capture cannot exceed it), moves no money PaySentry has not counted."""
-        if params == {"status": "cancelled"}:
-            return True
-        return params.get("capture") is True and set(params) <= {"capture"}
 
     def _currency(self, params: Mapping[str, Any]) -> str:
         if not self.currency:

@@ -40,9 +40,9 @@ SAFE_WRITES = [
         r"^/v1/setup_intents$",
         r"^/v1/products$",
         r"^/v1/prices$",
-        rf"^/v1/payment_intents/{_ID}/cancel$",
     )
 ]
+CANCEL = re.compile(rf"^/v1/payment_intents/{_ID}/cancel$")
 SAFE_DELETES = [re.compile(rf"^/v1/customers/{_ID}$")]
 # Events that settle what PaySentry counted: the money will not move (release its spend) or it did.
 WEBHOOK_OUTCOMES = {
@@ -196,6 +196,9 @@ class StripeAdapter:
             return Classified(PASSTHROUGH)
         if method == "POST" and any(p.match(path) for p in SAFE_WRITES):
             return Classified(PASSTHROUGH)
+        cancel = CANCEL.match(path)
+        if method == "POST" and cancel:
+            return Classified(PASSTHROUGH, voids=cancel.group(1))
         params = self._params(content_type, body) if method == "POST" else {}
         for pattern, build in self._routes:
             match = pattern.match(path)

@@ -224,7 +224,12 @@ class Pipeline:
                 request.headers, adapter.credential_headers(connection.credentials)
             )
             W3C.inject(headers)  # the provider sees this call's span as the parent
-            return await self.forwarder.stream(request, request.method, url, headers, body)
+            if classified.voids is None:
+                return await self.forwarder.stream(request, request.method, url, headers, body)
+            reply = await self.forwarder.send(request.method, url, headers, body)
+            if 200 <= reply.status < 300:
+                await self._void(agent, classified.voids, request)
+            return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
         assert classified.payment is not None
         request_hash = hashlib.sha256(
             b"\0".join([request.method.encode(), request.rel_url.raw_path_qs.encode(), body])
@@ -234,6 +239,16 @@ class Pipeline:
         return await self._pay(
             request, agent, connection, classified.payment, outgoing, request_hash, url, span
         )
+
+    async def _void(self, agent: Agent, ref: str, request: web.Request) -> None:
+        """The provider cancelled ``ref`` at the agent's request: release what it counted. The provider's
+        answer goes back regardless; if the store fails, the spend stays counted (the provider's
+        cancellation webhook releases it later)."""
+        data = {"call": f"{request.method} {request.path}", "agent": agent.id}
+        try:
+            await self.store.void(agent.owner_id, ref, "agent", data, self.clock())
+        except StoreUnavailable as exc:
+            log.error("cancelled at the provider, spend not yet released: %s", exc.message)
 
     # -- a payment call -------------------------------------------------------------------------------------
     async def _pay(

@@ -230,6 +230,13 @@ class Store(Protocol):
         duplicate, voided, recorded, unmatched or ignored."""
         ...
 
+    async def void(
+        self, owner_id: str, provider_ref: str, actor: str, data: dict[str, Any], now: float
+    ) -> str:
+        """The provider's object ``provider_ref`` was cancelled: release the spend its settled
+        authorizations counted. Returns voided, recorded (nothing left to release) or unmatched."""
+        ...
+
     async def webhook_seen(self, connection_id: str, event_id: str) -> bool:
         """Whether this provider event was already recorded (applied) for the connection."""
         ...

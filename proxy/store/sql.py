@@ -380,28 +380,9 @@ class SqlStore(ABC):
             if not inserted:
                 return "duplicate"
             result = "ignored"
-            row = None
             if outcome and provider_ref:
-                row = yield one(
-                    "SELECT id, agent_id, state, charges FROM authorizations WHERE owner_id=? AND provider_ref=?",
-                    (owner_id, provider_ref),
-                )
-                result = "unmatched" if row is None else "recorded"
-            if row is not None:
-                auth_id, agent_id, state, charges = row
                 data = {"event": event_id, "type": event_type}
-                if outcome == "void" and state == SETTLED:
-                    yield from _release(agent_id, _charges(charges))
-                    (
-                        yield execute(
-                            "UPDATE authorizations SET state=?, updated_at=? WHERE id=?",
-                            (VOIDED, now, auth_id),
-                        )
-                    )
-                    result, data["released"] = "voided", True
-                yield from _event(
-                    owner_id, agent_id, auth_id, f"authorization.{result}", "provider", data, now
-                )
+                result = yield from _settle_ref(owner_id, provider_ref, outcome, "provider", data, now)
             (
                 yield execute(
                     "UPDATE webhook_events SET outcome=? WHERE connection_id=? AND event_id=?",
@@ -411,6 +392,11 @@ class SqlStore(ABC):
             return result
 
         return await self.write(tx())
+
+    async def void(
+        self, owner_id: str, provider_ref: str, actor: str, data: dict[str, Any], now: float
+    ) -> str:
+        return await self.write(_settle_ref(owner_id, provider_ref, "void", actor, data, now))
 
     async def webhook_seen(self, connection_id: str, event_id: str) -> bool:
         row = await self.fetch_one(
@@ -891,6 +877,35 @@ def _event(
             (owner_id, agent_id, auth_id, kind, actor, json.dumps(data), now),
         )
     )
+
+
+def _settle_ref(
+    owner_id: str, provider_ref: str, outcome: str, actor: str, data: dict[str, Any], now: float
+) -> Tx[str]:
+    """What the provider says of its object ``provider_ref``: ``void`` releases the spend of the settled
+    authorizations that created or changed it (state voided); otherwise it is recorded. Returns voided,
+    recorded or unmatched."""
+    rows = yield many(
+        "SELECT id, agent_id, state, charges FROM authorizations WHERE owner_id=? AND provider_ref=? "
+        "ORDER BY created_at",
+        (owner_id, provider_ref),
+    )
+    if not rows:
+        return "unmatched"
+    result = "recorded"
+    for auth_id, agent_id, state, charges in rows:
+        kind, details = "recorded", dict(data)
+        if outcome == "void" and state == SETTLED:
+            yield from _release(agent_id, _charges(charges))
+            (
+                yield execute(
+                    "UPDATE authorizations SET state=?, updated_at=? WHERE id=?", (VOIDED, now, auth_id)
+                )
+            )
+            kind = result = "voided"
+            details["released"] = True
+        yield from _event(owner_id, agent_id, auth_id, f"authorization.{kind}", actor, details, now)
+    return result
 
 
 def _authorization_event(auth_id: str, kind: str, actor: str, data: dict[str, Any], now: float) -> Tx[None]:

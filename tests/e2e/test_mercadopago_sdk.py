@@ -228,3 +228,20 @@ def test_amounts_land_in_each_currencys_minor_units(mp: Deployment) -> None:
         check=False,
     )
     assert refused.returncode != 0 and "--currency" in refused.stderr
+
+
+@pytest.mark.e2e
+def test_a_payment_cancelled_through_the_sidecar_releases_its_spend(mp: Deployment) -> None:
+    payment = sdk(mp).payment().create(order(300, capture=False))["response"]
+    assert mp.spend("daily_ars") == (30000, 1)
+    captured = sdk(mp).payment().update(payment["id"], {"capture": True})  # counted at creation
+    assert captured["status"] == 200 and mp.spend("daily_ars") == (30000, 1)
+    other = sdk(mp).payment().create(order(200))["response"]
+    cancelled = sdk(mp).payment().update(other["id"], {"status": "cancelled"})
+    assert cancelled["status"] == 200 and cancelled["response"]["status"] == "cancelled"
+    assert mp.spend("daily_ars") == (30000, 1)
+    states = {a["provider_ref"]: a["state"] for a in mp.owner_api("GET", "/v1/authorizations")[1]["data"]}
+    assert states == {str(payment["id"]): "settled", str(other["id"]): "voided"}
+    # Any other change to a payment is a write PaySentry does not know: refused.
+    changed = sdk(mp).payment().update(payment["id"], {"transaction_amount": 9999})
+    assert changed["status"] == 402 and changed["response"]["cause"][0]["code"] == "unrecognized_write"

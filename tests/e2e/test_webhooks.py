@@ -102,3 +102,26 @@ def test_unsigned_forged_stale_or_misdirected_events_change_nothing(
     assert deliver(deployment, body, signature(body))[1]["result"] == "voided"
     metrics = urllib.request.urlopen(f"{deployment.admin_url}/metrics", timeout=5).read().decode()
     assert 'paysentry_webhooks_total{result="rejected"} 8' in metrics
+
+
+@pytest.mark.e2e
+def test_an_intent_cancelled_through_the_sidecar_releases_its_spend_at_once(
+    deployment: Deployment, stripe_sdk: Any
+) -> None:
+    intent = stripe_sdk.PaymentIntent.create(amount=2000, currency="usd", idempotency_key="cx-1")
+    assert deployment.spend() == (2000, 1)
+    cancelled = stripe_sdk.PaymentIntent.cancel(intent.id)
+    assert cancelled.status == "canceled"
+    assert deployment.spend() == (0, 0)
+    auth = deployment.owner_api("GET", "/v1/authorizations")[1]["data"][0]
+    assert auth["state"] == "voided"
+    voided = [e for e in events_of(deployment) if e["type"] == "authorization.voided"]
+    assert len(voided) == 1 and voided[0]["actor"] == "agent"
+    # Stripe's own event arrives later: recorded, nothing released twice.
+    body = event("payment_intent.canceled", intent.id, "evt_cx")
+    assert deliver(deployment, body, signature(body))[1]["result"] == "recorded"
+    assert deployment.spend() == (0, 0)
+    # A cancel the provider refuses (already cancelled) releases nothing.
+    with pytest.raises(stripe_sdk.InvalidRequestError):
+        stripe_sdk.PaymentIntent.cancel("pi_unknown")
+    assert deployment.spend() == (0, 0)

@@ -91,6 +91,10 @@ def test_routes() -> None:
     assert kind("POST", "/v1/payments/123/refunds", b"") == "refund"
     assert kind("POST", "/checkout/preferences", body(items=[])) == UNRECOGNIZED
     assert kind("POST", "/v1/advanced_payments", body()) == UNRECOGNIZED
+    assert (
+        ARS.classify("PUT", "/v1/payments/123", "application/json", body(status="cancelled")).voids == "123"
+    )
+    assert ARS.classify("PUT", "/v1/payments/123", "application/json", body(capture=True)).voids is None
     refund = ARS.classify("POST", "/v1/payments/123/refunds", "application/json", body(amount=10.5)).payment
     assert refund is not None and (refund.amount, refund.refers_to) == (1050, "123")
 
