@@ -1,15 +1,17 @@
 """The embedded store: one SQLite file in WAL mode.
 
-All SQLite work runs on one dedicated thread (never on the event loop), one short transaction per
-operation; the operations themselves are ``proxy.store.sql``'s transaction bodies. ``BEGIN IMMEDIATE`` takes the file's write lock up front, so check-and-reserve is atomic across
-coroutines of this process and across processes sharing the file.
+SQLite work never runs on the event loop: writes run on one dedicated thread and connection, reads on
+another (WAL readers never wait for the writer), each batched (what arrives while a batch runs goes in
+the next). The operations themselves are ``proxy.store.sql``'s transaction bodies. ``BEGIN IMMEDIATE``
+takes the file's write lock up front, so check-and-reserve is atomic across coroutines of this process and
+across processes sharing the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,8 @@ class SqliteStore(SqlStore):
         self._db: sqlite3.Connection | None = None
         self._reader: ThreadPoolExecutor | None = None  # reads on their own connection (WAL: no waiting)
         self._read_db: sqlite3.Connection | None = None
-        self._queue: list[tuple[Tx[Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._writes = _Batcher(lambda bodies: self._call(self._batch, bodies))
+        self._reads = _Batcher(lambda bodies: self._call(self._each, bodies, executor=self._reader))
 
     # -- plumbing -------------------------------------------------------------------------------------
     async def open(self, migrate: bool = True) -> None:
@@ -93,8 +95,8 @@ class SqliteStore(SqlStore):
     async def close(self) -> None:
         if self._executor is None:
             return
-        if self._flusher is not None:
-            await self._flusher  # writes already accepted are committed first
+        await self._writes.drain()  # writes already accepted are committed first
+        await self._reads.drain()
         if self._reader is not None and self._reader is not self._executor:
             await self._call(self._read_db.close, executor=self._reader)  # type: ignore[union-attr]
             self._reader.shutdown(wait=True)
@@ -128,29 +130,7 @@ class SqliteStore(SqlStore):
         """
         if self._executor is None:
             raise StoreUnavailable("the store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((body, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                outcomes = await self._call(self._batch, [body for body, _ in batch])
-            except Exception as exc:  # the batch as a whole failed (the file is locked, the disk is gone)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():  # its caller went away; the body ran all the same
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+        return await self._writes.submit(body)
 
     def _batch(self, bodies: list[Tx[Any]]) -> list[tuple[bool, Any]]:
         db = self._db
@@ -177,7 +157,58 @@ class SqliteStore(SqlStore):
     async def read(self, body: Tx[T]) -> T:
         if self._reader is None:
             raise StoreUnavailable("the store is not open")
-        return await self._call(lambda: _drive(self._read_db, body), executor=self._reader)
+        return await self._reads.submit(body)
+
+    def _each(self, bodies: list[Tx[Any]]) -> list[tuple[bool, Any]]:
+        """A batch of reads, each on its own (WAL: each sees the last commit, none waits for the writer)."""
+        outcomes: list[tuple[bool, Any]] = []
+        for body in bodies:
+            try:
+                outcomes.append((True, _drive(self._read_db, body)))
+            except sqlite3.OperationalError as exc:
+                outcomes.append((False, StoreUnavailable(f"the SQLite store failed: {exc}")))
+            except Exception as exc:
+                outcomes.append((False, exc))
+        return outcomes
+
+
+class _Batcher:
+    """Group work for a store thread: what arrives while a batch runs waits for the next one, so under
+    load many calls share one thread hop (and, for writes, one commit)."""
+
+    def __init__(self, run: Callable[[list[Tx[Any]]], Awaitable[list[tuple[bool, Any]]]]) -> None:
+        self._run = run
+        self._queue: list[tuple[Tx[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, body: Tx[T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((body, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def drain(self) -> None:
+        if self._flusher is not None:
+            await self._flusher
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                outcomes = await self._run([body for body, _ in batch])
+            except Exception as exc:  # the batch as a whole failed (the file is locked, the disk is gone)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():  # its caller went away; the body ran all the same
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
 
 
 def _drive(db: sqlite3.Connection | None, body: Tx[T]) -> T:
