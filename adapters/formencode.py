@@ -32,7 +32,7 @@ def parse_form(body: bytes) -> dict[str, Any]:
     root: dict[str, Any] = {}
     for key, value in pairs:
         _assign(root, key, value)
-    return _listify(root)
+    return {key: _listify(value) for key, value in root.items()}  # the top level stays named (0=x too)
 
 
 def _assign(root: dict[str, Any], key: str, value: str) -> None:

@@ -30,7 +30,7 @@ from proxy.model import (
     SpendTotal,
 )
 from proxy.policy.engine import MERCHANT_FIELDS, Engine, EvaluationError
-from proxy.policy.model import Limit, Policy, PolicySet, Rule
+from proxy.policy.model import MASK_BITS, Limit, Policy, PolicySet, Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +163,31 @@ class _Evaluation:
         self.shadow: list[ShadowHit] = []
         self.fired: list[str] = []
 
+    def matches(self, policy: Policy) -> list[bool] | None:
+        """Which rules match, from the policy's masks (one evaluation per chunk of rules); None when a
+        mask is missing or fails, so that the rules are evaluated one by one and the failing one named."""
+        if len(policy.masks) * MASK_BITS < len(policy.rules):
+            return None
+        found: list[bool] = []
+        for i, mask in enumerate(policy.masks):
+            try:
+                bits = int(mask.evaluate(self.activation))
+            except (EvaluationError, TypeError, ValueError):
+                return None
+            chunk = policy.rules[i * MASK_BITS : (i + 1) * MASK_BITS]
+            found.extend(bool(bits >> j & 1) for j in range(len(chunk)))
+        return found
+
     def run(self, policy: Policy) -> None:
         fired: dict[str, _Verdict] = {}
         shadow: dict[str, _Verdict] = {}
-        for rule in policy.rules:
+        matches = self.matches(policy)
+        for index, rule in enumerate(policy.rules):
             try:
-                matched = rule.when.evaluate(self.activation) is True
+                if matches is not None:
+                    matched = matches[index]
+                else:
+                    matched = rule.when.evaluate(self.activation) is True
             except EvaluationError as exc:
                 if policy.failure_mode == "ignore":
                     continue

@@ -74,7 +74,7 @@ class Engine(Protocol):
     name: str
 
     def compile(self, source: str, result: str) -> Program:
-        """Compile and type-check ``source``; ``result`` is "bool" or "string"."""
+        """Compile and type-check ``source``; ``result`` is "bool", "string" or "int"."""
         ...
 
     def activation(self, variables: Mapping[str, Any]) -> Any:
@@ -102,7 +102,7 @@ class CelExprEngine:
             SPEND_MAP: t.Map(t.STRING, t.Map(t.STRING, t.INT)),
             STR_LIST: t.List(t.STRING),
         }
-        self._results = {"bool": t.BOOL, "string": t.STRING}
+        self._results = {"bool": t.BOOL, "string": t.STRING, "int": t.INT}
         self._env = cel.NewEnv(
             variables={name: types[kind] for name, kind in VARIABLES.items()},
             extensions=[ext_strings.ExtStrings()],

@@ -30,7 +30,7 @@ from proxy.durations import parse_duration
 from proxy.errors import PolicyError
 from proxy.model import ApprovalSpec, Reviewer
 from proxy.policy.engine import CompileError, Engine
-from proxy.policy.model import Limit, Policy, PolicySet, Rule
+from proxy.policy.model import MASK_BITS, Limit, Policy, PolicySet, Rule
 
 SCHEMA_FILE = Path(__file__).with_name("policy.schema.json")
 DEFAULT_HOLD_EXPIRY = 24 * 3600.0
@@ -151,6 +151,14 @@ def _line_of(doc: Any, path: Sequence[Any]) -> int:
     return line
 
 
+def _balanced_sum(terms: list[str]) -> str:
+    """``a + b + c + d`` as ``((a + b) + (c + d))``: CEL parsers limit nesting depth (32 in cel-cpp)."""
+    if len(terms) == 1:
+        return terms[0]
+    middle = len(terms) // 2
+    return f"({_balanced_sum(terms[:middle])} + {_balanced_sum(terms[middle:])})"
+
+
 def _comprehension_depth(source: str) -> int:
     """How deeply exists/all/map/filter macros nest in ``source`` (string literals skipped)."""
     stack: list[bool] = []
@@ -224,7 +232,23 @@ class _PolicyReader:
             limits,
             shadow,
             doc.get("failure_mode", "deny"),
+            self.masks(rules),
         )
+
+    def masks(self, rules: Sequence[Rule]) -> tuple[Any, ...]:
+        """The rules' conditions as one expression per MASK_BITS rules (one call into CEL instead of one
+        per rule). Only a speed-up: if one does not compile, the rules are evaluated one by one."""
+        masks = []
+        for start in range(0, len(rules), MASK_BITS):
+            chunk = rules[start : start + MASK_BITS]
+            source = _balanced_sum(
+                [f"(((\n{r.source}\n) == true) ? {1 << i} : 0)" for i, r in enumerate(chunk)]
+            )
+            try:
+                masks.append(self.engine.compile(source, "int"))
+            except CompileError:
+                return ()
+        return tuple(masks)
 
     def schema_stage(self, doc: _LineDict) -> set[tuple[Any, ...]]:
         """Report schema errors; return the paths (entry level) that later stages must skip."""

@@ -9,6 +9,7 @@ from proxy.model import ApprovalSpec
 from proxy.policy.engine import Program
 
 WINDOWS = ("payment", "day", "week", "month")
+MASK_BITS = 62  # rules per mask: CEL ints are 64-bit signed
 EFFECTS = ("deny", "hold", "allow")
 
 
@@ -51,6 +52,9 @@ class Policy:
     limits: tuple[Limit, ...]
     shadow: bool = False
     failure_mode: str = "deny"  # deny | ignore: what a rule that fails to evaluate does
+    # Every rule's ``when`` in one evaluation per chunk of MASK_BITS rules: an int whose bit i is set when
+    # rule i matches. Any error in a chunk falls back to evaluating its rules one by one (to name it).
+    masks: tuple[Program, ...] = ()
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.labels.items())

@@ -262,3 +262,34 @@ def test_costly_or_misplaced_constructs_are_rejected_at_load(tmp_path: Path) -> 
     assert "comprehensions nested 3 deep are too costly" in text
     assert "is too long" in text
     assert "limits are enforced by the store and cannot be shadowed" in text
+
+
+def test_rules_evaluated_together_match_as_one_by_one(tmp_path: Path) -> None:
+    """Rules are evaluated as bit masks of 62; the outcome is the same as one rule at a time, past the
+    first mask, with a comment ending a rule, and when one rule fails (then they run one by one)."""
+    rules = [
+        f"  - {{name: r{i}, effect: deny, when: 'payment.amount == {10_000 + i} // amount {i}'}}"
+        for i in range(130)
+    ]
+    text = "name: many\nrules:\n" + "\n".join(rules) + "\n"
+    policy_set = policies(tmp_path, text)
+    assert len(policy_set.policies[0].masks) == 3
+    for i in (0, 61, 62, 100, 129):
+        decision = decide(policy_set, ENGINE, pay(10_000 + i), AGENT, {}, NOW)
+        assert (decision.outcome, decision.rule) == ("deny", f"r{i}")
+    assert decide(policy_set, ENGINE, pay(5), AGENT, {}, NOW).outcome == "allow"
+    folder = tmp_path / "failing"
+    folder.mkdir()
+    failing = policies(
+        folder,
+        """
+        name: failing
+        rules:
+          - {name: fine, effect: deny, when: 'payment.amount == 1'}
+          - {name: broken, effect: deny, when: 'payment.metadata["missing"] == "x"'}
+        """,
+    )
+    for amount in (1, 2):  # a rule that fails denies naming itself, whatever the others matched
+        decision = decide(failing, ENGINE, pay(amount), AGENT, {}, NOW)
+        assert (decision.outcome, decision.rule) == ("deny", "broken")
+        assert "could not be evaluated" in decision.message
