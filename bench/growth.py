@@ -33,7 +33,8 @@ def fill(path: Path, history: int, agents: int) -> list[str]:
     db.execute("PRAGMA synchronous = OFF")
     db.execute("INSERT INTO owners VALUES ('own_1', 'bench', 'x', 1)")
     db.execute(
-        "INSERT INTO connections VALUES ('conn_1','own_1','mock','default','http://x',x'00',1,NULL,'[]')"
+        "INSERT INTO connections (id, owner_id, provider, name, upstream, credentials, created_at) "
+        "VALUES ('conn_1','own_1','mock','default','http://x',x'00',1)"
     )
     ids = [f"agt_{i:08d}" for i in range(agents)]
     db.executemany(
@@ -91,10 +92,16 @@ async def decision_time(history: int, agents: int, samples: int) -> tuple[float,
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument(
+        "--sizes",
+        default="1000:10,1000000:10,1000:100000,1000000:100000",
+        help="recorded decisions:agents pairs, comma-separated",
+    )
     args = parser.parse_args()
+    sizes = [tuple(int(n) for n in pair.split(":")) for pair in args.sizes.split(",")]
     print("store part of a decision (lookup + decide-and-reserve), SQLite, one at a time")
     print(f"{'recorded decisions':>19}{'agents':>9}{'p50 ms':>9}{'p99 ms':>9}")
-    for history, agents in ((1_000, 10), (1_000_000, 10), (1_000, 100_000), (1_000_000, 100_000)):
+    for history, agents in sizes:
         p50, p99 = await decision_time(history, agents, args.samples)
         print(f"{history:>19,}{agents:>9,}{p50:>9.3f}{p99:>9.3f}", flush=True)
 
