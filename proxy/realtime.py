@@ -75,6 +75,9 @@ class CardAuthorizer:
             except PaySentryError as exc:  # the store or the policy is unavailable: decline
                 approved, meta = False, {"paysentry_rule": exc.code}
                 log.error("card authorization declined: %s", exc.message)
+            except Exception:  # anything unforeseen declines too: never the provider's fallback
+                approved, meta = False, {"paysentry_rule": "paysentry_internal_error"}
+                log.exception("card authorization failed; declined")
             span.set_attribute("paysentry.decision", "allow" if approved else DENY)
             span.set_attribute("paysentry.rule", meta.get("paysentry_rule", ""))
             self.metrics.inc(

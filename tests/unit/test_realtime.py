@@ -1,4 +1,4 @@
-"""Real-time card authorizations fail closed: a slow or failing store declines within the deadline."""
+"""Real-time card authorizations fail closed: a slow, failing or buggy store declines within the deadline."""
 
 from __future__ import annotations
 
@@ -51,13 +51,23 @@ class SlowStore:
         await asyncio.sleep(30)
 
 
+class BuggyStore:
+    async def find_by_provider_ref(self, owner_id: str, ref: str) -> Any:
+        raise KeyError("a bug")
+
+
 class BrokenStore:
     async def find_by_provider_ref(self, owner_id: str, ref: str) -> Any:
         raise StoreUnavailable("the store is unavailable")
 
 
 @pytest.mark.parametrize(
-    ("store", "rule"), [(SlowStore(), "deadline"), (BrokenStore(), "paysentry_store_unavailable")]
+    ("store", "rule"),
+    [
+        (SlowStore(), "deadline"),
+        (BrokenStore(), "paysentry_store_unavailable"),
+        (BuggyStore(), "paysentry_internal_error"),
+    ],
 )
 async def test_no_decision_in_time_declines(store: Any, rule: str) -> None:
     cards = CardAuthorizer(
