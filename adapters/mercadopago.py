@@ -138,14 +138,14 @@ def _metadata(params: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in scalars.items()}
 
 
-def _plain(value: Any) -> Any:
+def plain_numbers(value: Any) -> Any:
     """JSON decimals back to plain numbers, for ``payment.params`` (policies compare them as numbers)."""
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [plain_numbers(v) for v in value]
     return value
 
 
@@ -200,7 +200,7 @@ class MercadoPagoAdapter:
                 currency="",
                 method=method,
                 path=path,
-                params=_plain(params),
+                params=plain_numbers(params),
             ),
         )
 
@@ -233,7 +233,7 @@ class MercadoPagoAdapter:
             customer=_payer_email(params),
             description=_text(params, "description"),
             metadata=metadata,
-            params=_plain(params),
+            params=plain_numbers(params),
             categories=_item_categories(params),
         )
 
@@ -249,7 +249,7 @@ class MercadoPagoAdapter:
             path=path,
             destination=payment_id,
             refers_to=payment_id,
-            params=_plain(params),
+            params=plain_numbers(params),
         )
 
     # -- the rest of the port -----------------------------------------------------------------------------

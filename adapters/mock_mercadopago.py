@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.mercadopago import CURRENCIES, to_minor
+from adapters.mercadopago import CURRENCIES, plain_numbers, to_minor
 from proxy.currency import exponent
 from proxy.errors import BadRequest
 
@@ -82,7 +82,7 @@ class MockMercadoPago:
                 params = json.loads(body, parse_float=Decimal) if body else {}
             except ValueError:
                 params = None
-            record["params"] = json.loads(json.dumps(params, default=float)) if params is not None else None
+            record["params"] = plain_numbers(params)
             if currency is None:
                 record["status"] = 401
                 return _error(401, "unauthorized", "invalid access token", 2)
@@ -132,8 +132,8 @@ class MockMercadoPago:
             "description": params.get("description"),
             "payment_method_id": params.get("payment_method_id"),
             "external_reference": params.get("external_reference"),
-            "payer": json.loads(json.dumps(payer, default=float)),
-            "additional_info": json.loads(json.dumps(params.get("additional_info") or {}, default=float)),
+            "payer": plain_numbers(payer),
+            "additional_info": plain_numbers(params.get("additional_info") or {}),
             "date_created": time.strftime("%Y-%m-%dT%H:%M:%S.000-04:00"),
             "refunds": [],
             "_minor": amount,
