@@ -51,7 +51,7 @@ from proxy.errors import (
 )
 from proxy.forwarder import Forwarder, UpstreamReply
 from proxy.holds import HoldCoordinator
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, Series
 from proxy.model import DENY, HOLD, Agent, Decision, Payment
 from proxy.policy.engine import Engine
 from proxy.policy.reload import PolicyHolder
@@ -76,6 +76,7 @@ from proxy.store import (
 log = logging.getLogger("paysentry.decisions")
 W3C = TraceContextTextMapPropagator()
 MAX_IDEMPOTENCY_KEY = 255
+STAGES = ("authenticate", "lookup", "policy", "reserve", "upstream", "settle", "total")
 _KIND_OF: dict[type, str] = {
     BadRequest: "invalid_request",
     AuthenticationFailed: "authentication",
@@ -109,6 +110,9 @@ class Pipeline:
         self.lease, self.clock, self.metrics, self.holds = reservation_lease, clock, metrics, holds
         self.limiter, self.body_timeout = limiter, body_timeout
         self._calls: set[asyncio.Task[Any]] = set()  # calls in flight, for a graceful shutdown
+        self._durations = {
+            stage: metrics.series("paysentry_stage_duration_seconds", stage=stage) for stage in STAGES
+        }
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -117,17 +121,19 @@ class Pipeline:
         assert task is not None
         self._calls.add(task)
         self._idle.clear()
+        started = time.perf_counter()
         try:
-            with self.metrics.timed("total"):
-                return await self._handle(request)
+            return await self._handle(request)
         finally:
+            self._durations["total"].observe(time.perf_counter() - started)
             self._calls.discard(task)
             if not self._calls:
                 self._idle.set()
 
-    def _stage(self, name: str, kind: SpanKind = SpanKind.INTERNAL) -> _Stage:
-        """A child span of the call, and its time in the stage-duration histogram."""
-        return _Stage(self.tracer, self.metrics, name, kind)
+    def _stage(self, name: str, call: trace.Span, kind: SpanKind = SpanKind.INTERNAL) -> _Stage:
+        """A child span of the call (when the call's span is recorded), and its time in the stage-duration
+        histogram."""
+        return _Stage(self.tracer, self._durations[name], name, call, kind)
 
     async def drain(self, grace: float) -> int:
         """Wait up to ``grace`` seconds for the calls in flight; cancel those still running (each releases
@@ -149,7 +155,7 @@ class Pipeline:
             span.set_attribute("url.path", request.path)
             adapter = self.default_adapter
             try:
-                with self._stage("authenticate"):
+                with self._stage("authenticate", span):
                     record = await self.agents.authenticate(_token(request), request.remote)
                     agent = Agent(
                         record.id, record.owner_id, record.name, record.connection_id, record.labels
@@ -270,7 +276,7 @@ class Pipeline:
         policy_set = self.policies.current
         now = datetime.fromtimestamp(self.clock(), UTC)
         keys = spend_keys(policy_set, agent, now) if policy_set.uses_spend else []
-        with self._stage("lookup"):
+        with self._stage("lookup", span):
             existing, totals = await self.store.lookup(agent.id, key, keys)
         if existing is not None and existing.request_hash != request_hash:
             raise IdempotencyMismatch(
@@ -281,12 +287,12 @@ class Pipeline:
         if existing is not None and not _retryable(existing):
             return await self._replay(existing, agent, connection, url, request, body, key, span)
         payment = await self._resolve(payment, agent, connection)
-        with self._stage("policy"):
+        with self._stage("policy", span):
             decision = decide(policy_set, self.engine, payment, agent, totals, now)
         _annotate(span, payment, decision)
         new = authorization_for(agent, payment, decision, key, request_hash, self.clock(), self.lease)
         try:
-            with self._stage("reserve"):
+            with self._stage("reserve", span):
                 recorded = await self.store.record_decision(
                     new, self.clock(), existing.id if existing else None
                 )
@@ -415,7 +421,7 @@ class Pipeline:
         inject = {**adapter.credential_headers(connection.credentials), adapter.idempotency_header: key}
         headers = self.forwarder.request_headers(request.headers, inject)
         try:
-            with self._stage("upstream", SpanKind.CLIENT) as up:
+            with self._stage("upstream", span, SpanKind.CLIENT) as up:
                 W3C.inject(headers)
                 reply = await self.forwarder.send(request.method, url, headers, body)
                 up.set_attribute("http.response.status_code", reply.status)
@@ -426,7 +432,7 @@ class Pipeline:
             reason = "the call was cut off before the provider answered (shutdown or disconnect)"
             await asyncio.shield(self.store.fail(auth.id, reason, None, None, self.clock()))
             raise
-        with self._stage("settle"):
+        with self._stage("settle", span):
             await self._settle(auth, adapter, reply)
         span.set_attribute("paysentry.upstream_status", reply.status)
         out = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
@@ -485,25 +491,32 @@ class Pipeline:
 
 class _Stage:
     """One stage of a call: its span (current while it runs) and its duration, with no generator
-    machinery on the hot path (a payment goes through six of these)."""
+    machinery on the hot path (a payment goes through six of these). When the call's own span is not
+    recorded (nobody receives traces), neither is the stage's: the call's span stands in for it."""
 
-    __slots__ = ("_tracer", "_metrics", "_name", "_kind", "_span", "_token", "_started")
+    __slots__ = ("_tracer", "_series", "_name", "_call", "_kind", "_span", "_token", "_started")
 
-    def __init__(self, tracer: trace.Tracer, metrics: Metrics, name: str, kind: SpanKind) -> None:
-        self._tracer, self._metrics, self._name, self._kind = tracer, metrics, name, kind
+    def __init__(
+        self, tracer: trace.Tracer, series: Series, name: str, call: trace.Span, kind: SpanKind
+    ) -> None:
+        self._tracer, self._series, self._name, self._call, self._kind = tracer, series, name, call, kind
+        self._token: object = None
 
     def __enter__(self) -> trace.Span:
-        self._span = self._tracer.start_span(f"paysentry.{self._name}", kind=self._kind)
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        if self._call.is_recording():
+            self._span = self._tracer.start_span(f"paysentry.{self._name}", kind=self._kind)
+            self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        else:
+            self._span = self._call
         self._started = time.perf_counter()
         return self._span
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        self._metrics.observe(
-            "paysentry_stage_duration_seconds", time.perf_counter() - self._started, stage=self._name
-        )
+        self._series.observe(time.perf_counter() - self._started)
+        if self._token is None:
+            return
         otel_context.detach(self._token)
-        if exc is not None and self._span.is_recording():
+        if exc is not None:
             self._span.record_exception(exc)
             self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         self._span.end()
