@@ -79,6 +79,20 @@ async def test_concurrent_reservations_stop_exactly_at_the_limit(backend: Backen
     await store.close()
 
 
+async def test_a_refusal_by_a_later_limit_counts_nothing_against_the_earlier_ones(backend: Backend) -> None:
+    store = await seeded(backend)
+    monthly = Charge("monthly", "month:2026-11", "usd", 1000, 2500, None)
+    both = (LIMIT, monthly)
+    first = await store.record_decision(new("m1", charges=both), time.time())
+    second = await store.record_decision(new("m2", charges=both), time.time())
+    third = await store.record_decision(new("m3", charges=both), time.time())  # the month's 2500 is full
+    assert [r.record.state for r in (first, second, third)] == ["forwarding", "forwarding", "denied"]
+    assert third.record.rule == "monthly" and third.exceeded.total.amount == 2000
+    totals = {row["limit"]: (row["amount"], row["count"]) for row in await store.spend_of("own_1", "agt_1")}
+    assert totals == {"daily": (2000, 2), "monthly": (2000, 2)}
+    await store.close()
+
+
 def _race_worker(backend: Backend, worker: int, n: int, out: multiprocessing.Queue) -> None:
     async def run() -> int:
         store = backend.store()
