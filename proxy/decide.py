@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -43,6 +44,7 @@ class _Verdict:
     approval: ApprovalSpec | None = None
 
 
+@lru_cache(maxsize=256)  # a payment asks twice for the same instant: for its totals, then its charges
 def period_of(window: str, now: datetime, timezone: str) -> str:
     local = now.astimezone(ZoneInfo(timezone))
     if window == "day":

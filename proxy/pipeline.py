@@ -637,6 +637,8 @@ def _annotate(span: trace.Span, payment: Payment, decision: Decision) -> None:
 
 
 def log_decision(agent: Agent, auth: AuthorizationRecord) -> None:
+    if not log.isEnabledFor(logging.INFO):  # the audit log keeps every decision; this line is optional
+        return
     context = trace.get_current_span().get_span_context()
     log.info(
         "decision",
