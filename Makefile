@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint fmt clean bench services wrk
+.PHONY: run test lint fmt clean bench profile services wrk
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,3 +49,8 @@ bench: $(STAMP) services wrk
 	$(BIN)/python -m bench.store
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.cards
+
+# Where an allowed payment's time goes (py-spy samples the sidecar under wrk; needs root or CAP_SYS_PTRACE).
+profile: $(STAMP) wrk
+	test -x $(BIN)/py-spy || $(BIN)/python -m pip install -q py-spy
+	$(BIN)/python -m bench.profile

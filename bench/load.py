@@ -5,8 +5,9 @@ wrk from its own process at concurrency 1, 16 and 64 on loopback.
     python -m bench.load [--duration 5] [--stores sqlite,postgres,postgres+redis] [--concurrency 1,16,64]
 
 Printed per row: requests/s, p50 and p99 latency, server CPU per request (the process under test, from
-/proc), non-2xx answers, and for the sidecar its throughput ratio to the bare forwarder and the p50 it adds,
-measured in the same run.
+/proc), non-2xx answers, and for the sidecar its throughput ratio to the bare forwarder and the p50 it adds.
+The bare forwarder is measured again right before each sidecar row, at the same concurrency, and the ratio
+is taken against that: on a shared machine the speed drifts by tens of percent within minutes.
 """
 
 from __future__ import annotations
@@ -205,6 +206,16 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
+def run(
+    process: subprocess.Popen[bytes], url: str, c: int, args: argparse.Namespace, token: str
+) -> dict[str, float]:
+    wrk(url, c, 1, token, f"warm{time.time_ns()}")
+    before = _cpu_seconds(process.pid)
+    result = wrk(url, c, args.duration, token, f"run{time.time_ns()}")
+    result["cpu_us"] = (_cpu_seconds(process.pid) - before) / max(result["requests"], 1) * 1e6
+    return result
+
+
 def measure(
     name: str,
     process: subprocess.Popen[bytes],
@@ -212,18 +223,14 @@ def measure(
     c: int,
     args: argparse.Namespace,
     token: str,
-    baseline: dict[int, dict[str, float]] | None,
+    bare: dict[str, float] | None,
 ) -> dict[str, float]:
-    wrk(url, c, 1, token, f"warm{time.time_ns()}")
-    before = _cpu_seconds(process.pid)
-    result = wrk(url, c, args.duration, token, f"run{time.time_ns()}")
-    result["cpu_us"] = (_cpu_seconds(process.pid) - before) / max(result["requests"], 1) * 1e6
+    result = run(process, url, c, args, token)
     line = (
         f"{name:<24}{c:>4}{result['rps']:>10.0f}{result['p50']:>9.2f}{result['p99']:>9.2f}"
         f"{result['cpu_us']:>10.0f}{result['errors']:>8.0f}"
     )
-    if baseline is not None:
-        bare = baseline[c]
+    if bare is not None:
         line += f"{result['rps'] / bare['rps']:>8.2f}{result['p50'] - bare['p50']:>10.2f}"
     print(line, flush=True)
     return result
@@ -256,7 +263,8 @@ def main() -> None:
     servers: list[Postgres | Redis] = []
     print(
         f"POST /v1/payment_intents, allowed, {args.duration:g} s per row, wrk on loopback; "
-        "cpu = server process CPU per request"
+        "cpu = server process CPU per request;\nratio, +p50: against the bare forwarder measured again "
+        "just before the row, at the same concurrency"
     )
     print(
         f"{'target':<24}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu us':>10}{'non2xx':>8}"
@@ -265,18 +273,9 @@ def main() -> None:
     try:
         for c in levels:
             measure("upstream alone", upstream, upstream_url + "/v1/payment_intents", c, args, "x", None)
-        bare = {
-            c: measure(
-                "bare forwarder",
-                forwarder,
-                f"http://127.0.0.1:{fw_port}/v1/payment_intents",
-                c,
-                args,
-                "x",
-                None,
-            )
-            for c in levels
-        }
+        bare_url = f"http://127.0.0.1:{fw_port}/v1/payment_intents"
+        for c in levels:
+            measure("bare forwarder", forwarder, bare_url, c, args, "x", None)
         for store in args.stores.split(","):
             redis_url = ""
             if store == "sqlite":
@@ -299,7 +298,7 @@ def main() -> None:
                         c,
                         args,
                         sidecar.token,
-                        bare,
+                        run(forwarder, bare_url, c, args, "x"),  # the floor, back to back
                     )
             finally:
                 sidecar.stop()
