@@ -46,29 +46,29 @@ def area(frame: str) -> str:
     return path.split("/", 1)[0].removesuffix(".py")
 
 
-def summarize(raw: Path, top: int) -> None:
+def summarize(samples: str, top: int) -> None:
     inclusive: collections.Counter[str] = collections.Counter()
     by_area: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in raw.read_text().splitlines():
+    for line in samples.splitlines():
         stack, _, count = line.rpartition(" ")
-        samples = int(count)
-        total += samples
+        n = int(count)
+        total += n
         frames = stack.split(";")
-        by_area[area(frames[-1])] += samples
+        by_area[area(frames[-1])] += n
         for name in {f.split(" (")[0] for f in frames}:
-            inclusive[name] += samples
+            inclusive[name] += n
     if not total:
         print("py-spy took no samples (could it attach? it needs root or CAP_SYS_PTRACE)")
         return
     print(f"\nwhere the running code lives (share of {total} samples taken while holding the GIL)")
-    for name, samples in by_area.most_common(top):
-        print(f"{100 * samples / total:6.1f}%  {name}")
+    for name, n in by_area.most_common(top):
+        print(f"{100 * n / total:6.1f}%  {name}")
     print("\nfunctions by inclusive share (what they and their callees cost)")
     skip = ("<module>", "_run_module_as_main", "_run_code", "main", "run", "Runner.run", "_serve")
-    shown = [(n, s) for n, s in inclusive.most_common() if n not in skip and not n.startswith("Thread.")]
-    for name, samples in shown[:top]:
-        print(f"{100 * samples / total:6.1f}%  {name}")
+    shown = [(name, n) for name, n in inclusive.most_common() if name not in skip]
+    for name, n in [(name, n) for name, n in shown if not name.startswith("Thread.")][:top]:
+        print(f"{100 * n / total:6.1f}%  {name}")
 
 
 def main() -> None:
@@ -100,9 +100,11 @@ def main() -> None:
         result = wrk(url, args.concurrency, args.duration, sidecar.token, f"run{time.time_ns()}")
         after = thread_cpu(sidecar.process.pid)
         _, errors = sampler.communicate(timeout=60)
+        samples = raw.read_text() if raw.exists() else ""
     finally:
         sidecar.stop()
         upstream.terminate()
+        shutil.rmtree(root, ignore_errors=True)
     requests = max(result["requests"], 1)
     pid = sidecar.process.pid
     loop = after.get(pid, 0) - before.get(pid, 0)
@@ -112,9 +114,9 @@ def main() -> None:
         f"CPU per request: event loop {loop / requests * 1e6:.0f} us, "
         f"other threads (SQLite writer and reader) {others / requests * 1e6:.0f} us"
     )
-    if sampler.returncode != 0 or not raw.exists():
+    if sampler.returncode != 0 or not samples:
         sys.exit(f"py-spy failed: {errors.strip()}")
-    summarize(raw, args.top)
+    summarize(samples, args.top)
 
 
 if __name__ == "__main__":
