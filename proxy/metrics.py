@@ -153,9 +153,6 @@ class Metrics:
             found = self._histograms[name][key] = Series(self._otel_histograms.get(name), labels)
         return found
 
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        self.series(name, **labels).observe(value)
-
     def set(self, name: str, value: float, replace: bool = False, **labels: str) -> None:
         if replace:
             self._values[name] = {}
