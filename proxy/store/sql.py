@@ -83,7 +83,7 @@ def released(agent_id: str, charges: Sequence[Charge]) -> Query:
     return Query(RELEASED, "", (agent_id, tuple(charges)))
 
 
-def _single(query: Query) -> Tx[Any]:
+def single(query: Query) -> Tx[Any]:
     return (yield query)
 
 
@@ -99,10 +99,10 @@ class SqlStore(ABC):
         """Run ``body``'s queries on a committed snapshot."""
 
     async def fetch_one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return await self.read(_single(one(sql, args)))
+        return await self.read(single(one(sql, args)))
 
     async def fetch_all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        return await self.read(_single(many(sql, args)))
+        return await self.read(single(many(sql, args)))
 
     async def ping(self) -> None:
         await self.fetch_one("SELECT 1")
@@ -137,7 +137,7 @@ class SqlStore(ABC):
     async def reseal(self, kind: str, row_id: str, old: bytes, new: bytes) -> bool:
         table, column = self._SEALED[kind]
         sql = f"UPDATE {table} SET {column}=? WHERE id=? AND {column}=?"
-        return await self.write(_single(execute(sql, (new, row_id, old)))) == 1
+        return await self.write(single(execute(sql, (new, row_id, old)))) == 1
 
     # -- owners, connections, agents ------------------------------------------------------------------
     async def create_owner(self, owner: OwnerRecord) -> None:
