@@ -8,6 +8,11 @@ Printed per row: requests/s, p50 and p99 latency, server CPU per request (the pr
 /proc), non-2xx answers, and for the sidecar its throughput ratio to the bare forwarder and the p50 it adds.
 The bare forwarder is measured again right before each sidecar row, at the same concurrency, and the ratio
 is taken against that: on a shared machine the speed drifts by tens of percent within minutes.
+
+Two rows between the floor and the sidecar show the least any gateway in this stack must add to the bare
+forwarder: ``bare + decide`` parses the form and decides it with the same 10-rule policy; ``bare + decide + commits``
+also checks and counts the spend with an audit row in one SQLite transaction before forwarding and settles
+it in a second one after (on the event loop: no hand-off, no idempotency, no authentication, no metrics).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bench.decision import policy_text
 from tests.servers import Postgres, Redis, free_port, wait_for_port
@@ -50,8 +57,75 @@ def serve_upstream(port: int) -> None:
     _run(app, port)
 
 
-def serve_forwarder(port: int, upstream: str) -> None:
-    """The bare forwarder: the sidecar's Forwarder (one shared ClientSession, keep-alive), nothing else."""
+class RequiredWork:
+    """The least a gateway must do around forwarding a payment: decide it (form parsed, the sidecar's
+    10-rule policy on its CEL engine) and, with ``commit``, check and count the spend with an audit row in
+    one SQLite transaction before forwarding, and settle that row in another after."""
+
+    def __init__(self, commit_to: str) -> None:
+        import sqlite3
+
+        from proxy.model import Agent, SpendTotal
+        from proxy.policy.engine import make_engine
+        from proxy.policy.loader import load_policy_set
+
+        self.engine = make_engine("cel-expr-python")
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "bench.yaml").write_text(policy_text(10, budget=10**15))
+            self.policy_set = load_policy_set(folder, self.engine)
+        self.agent = Agent("agt_bench", "own_bench", "bench", "conn_bench", {"team": "ads"})
+        self.nothing_spent = {"daily_budget": SpendTotal(0, 0), "monthly_budget": SpendTotal(0, 0)}
+        self.db = None
+        if commit_to:
+            self.db = sqlite3.connect(commit_to, isolation_level=None)
+            self.db.executescript(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+                "CREATE TABLE spend (name TEXT PRIMARY KEY, amount INTEGER, count INTEGER);"
+                "CREATE TABLE audit (id INTEGER PRIMARY KEY, idempotency_key TEXT, amount INTEGER,"
+                " outcome TEXT, at REAL);"
+                "INSERT INTO spend VALUES ('daily_budget', 0, 0), ('monthly_budget', 0, 0);"
+            )
+
+    def before(self, request: Any, body: bytes) -> int:
+        from urllib.parse import parse_qsl
+
+        from proxy.decide import decide
+        from proxy.model import Payment, SpendTotal
+
+        form = dict(parse_qsl(body.decode()))
+        payment = Payment(
+            provider="stripe",
+            operation="payment_intent",
+            amount=int(form["amount"]),
+            currency=form["currency"],
+            method=request.method,
+            path=request.path,
+        )
+        now = datetime.now(UTC)
+        if self.db is None:
+            decide(self.policy_set, self.engine, payment, self.agent, self.nothing_spent, now)
+            return 0
+        self.db.execute("BEGIN IMMEDIATE")
+        spend = {name: SpendTotal(a, c) for name, a, c in self.db.execute("SELECT * FROM spend")}
+        decision = decide(self.policy_set, self.engine, payment, self.agent, spend, now)
+        self.db.execute("UPDATE spend SET amount = amount + ?, count = count + 1", (payment.amount,))
+        row = self.db.execute(
+            "INSERT INTO audit (idempotency_key, amount, outcome, at) VALUES (?, ?, ?, ?)",
+            (request.headers.get("Idempotency-Key"), payment.amount, decision.outcome, time.time()),
+        ).lastrowid
+        self.db.execute("COMMIT")
+        return row or 0
+
+    def after(self, row: int) -> None:
+        if self.db is not None:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("UPDATE audit SET outcome = 'settled' WHERE id = ?", (row,))
+            self.db.execute("COMMIT")
+
+
+def serve_forwarder(port: int, upstream: str, work: RequiredWork | None = None) -> None:
+    """The bare forwarder: the sidecar's Forwarder (one shared ClientSession, keep-alive), nothing else;
+    with ``work``, that work around each call."""
     from aiohttp import web
 
     from proxy.forwarder import Forwarder
@@ -60,8 +134,11 @@ def serve_forwarder(port: int, upstream: str) -> None:
 
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
+        row = work.before(request, body) if work else 0
         headers = forwarder.request_headers(request.headers, {"Authorization": "Bearer sk_test_bench"})
         reply = await forwarder.send(request.method, upstream + request.rel_url.raw_path_qs, headers, body)
+        if work:
+            work.after(row)
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
     async def start(_: web.Application) -> None:
@@ -241,14 +318,17 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--stores", default="sqlite,postgres,postgres+redis")
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--role", choices=["upstream", "forwarder"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["upstream", "forwarder", "required"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--commit-to", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "upstream":
         return serve_upstream(args.port)
     if args.role == "forwarder":
         return serve_forwarder(args.port, args.upstream)
+    if args.role == "required":
+        return serve_forwarder(args.port, args.upstream, RequiredWork(args.commit_to))
 
     levels = [int(c) for c in args.concurrency.split(",")]
     root = Path(tempfile.mkdtemp(prefix="paysentry-load-"))
@@ -276,6 +356,23 @@ def main() -> None:
         bare_url = f"http://127.0.0.1:{fw_port}/v1/payment_intents"
         for c in levels:
             measure("bare forwarder", forwarder, bare_url, c, args, "x", None)
+        for name, commit_to in (
+            ("bare + decide", ""),
+            ("bare + decide + commits", str(root / "required.db")),
+        ):
+            port = free_port()
+            required = _start(
+                ["-m", "bench.load", "--role", "required", "--port", str(port), "--upstream", upstream_url]
+                + ["--commit-to", commit_to],
+                port,
+            )
+            try:
+                for c in levels:
+                    bare = run(forwarder, bare_url, c, args, "x")
+                    measure(name, required, f"http://127.0.0.1:{port}/v1/payment_intents", c, args, "x", bare)
+            finally:
+                required.terminate()
+                required.wait(timeout=10)
         for store in args.stores.split(","):
             redis_url = ""
             if store == "sqlite":
