@@ -10,9 +10,10 @@ The bare forwarder is measured again right before each sidecar row, at the same 
 is taken against that: on a shared machine the speed drifts by tens of percent within minutes.
 
 Two rows between the floor and the sidecar show the least any gateway in this stack must add to the bare
-forwarder: ``bare + decide`` parses the form and decides it with the same 10-rule policy; ``bare + decide + commits``
-also checks and counts the spend with an audit row in one SQLite transaction before forwarding and settles
-it in a second one after (on the event loop: no hand-off, no idempotency, no authentication, no metrics).
+forwarder: ``bare + decide`` parses the form and decides it with the same 10-rule policy;
+``bare + decide + commits`` also checks and counts the spend with an audit row in one SQLite transaction
+before forwarding and settles it in a second one after (on the event loop: no hand-off, no idempotency, no
+authentication, no metrics).
 """
 
 from __future__ import annotations
