@@ -25,11 +25,11 @@ services:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql redis-server >/dev/null; \
 	fi
 
-# The load benchmark drives the servers with wrk (Debian package).
+# The load benchmark (and its smoke test) drives the servers with wrk (Debian package).
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 
-test: $(STAMP) services
+test: $(STAMP) services wrk
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)

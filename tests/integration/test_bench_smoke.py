@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
         ("bench.growth", ["--samples", "5", "--sizes", "100:10,200:50"], 2),
         ("bench.store", ["--payments", "20", "--agents", "5"], 6),
         ("bench.cards", ["--requests", "5"], 1),
+        # upstream, bare forwarder, bare + decide, bare + decide + commits, sidecar (wrk: make test installs it)
+        ("bench.load", ["--stores", "sqlite", "--concurrency", "1", "--duration", "1"], 5),
     ],
 )
 def test_a_benchmark_prints_its_table(module: str, args: list[str], rows: int) -> None:
@@ -34,8 +36,18 @@ def test_a_benchmark_prints_its_table(module: str, args: list[str], rows: int) -
     assert done.returncode == 0, done.stderr
     figures = [line for line in done.stdout.splitlines() if _numbers(line.split()[-3:])]
     assert len(figures) == rows, done.stdout
+    if module == "bench.load":  # every server under load answered every request with a 2xx
+        assert all(_figures(line)[5] == 0 for line in figures), done.stdout
+
+
+def _figures(line: str) -> list[float]:
+    return [float(w.replace(",", "")) for w in line.split() if _number(w)]
 
 
 def _numbers(words: list[str]) -> bool:
     """A table row ends in (at least) three figures; a title line does not."""
-    return len(words) == 3 and all(w.replace(",", "").replace(".", "", 1).isdigit() for w in words)
+    return len(words) == 3 and all(_number(w) for w in words)
+
+
+def _number(word: str) -> bool:
+    return word.removeprefix("-").replace(",", "").replace(".", "", 1).isdigit()
