@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -31,8 +32,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from bench.decision import policy_text
+from proxy.decide import decide
+from proxy.model import Agent, Payment, SpendTotal
+from proxy.policy.engine import make_engine
+from proxy.policy.loader import load_policy_set
 from tests.servers import Postgres, Redis, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,12 +70,6 @@ class RequiredWork:
     one SQLite transaction before forwarding, and settle that row in another after."""
 
     def __init__(self, commit_to: str) -> None:
-        import sqlite3
-
-        from proxy.model import Agent, SpendTotal
-        from proxy.policy.engine import make_engine
-        from proxy.policy.loader import load_policy_set
-
         self.engine = make_engine("cel-expr-python")
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "bench.yaml").write_text(policy_text(10, budget=10**15))
@@ -88,11 +88,6 @@ class RequiredWork:
             )
 
     def before(self, request: Any, body: bytes) -> int:
-        from urllib.parse import parse_qsl
-
-        from proxy.decide import decide
-        from proxy.model import Payment, SpendTotal
-
         form = dict(parse_qsl(body.decode()))
         payment = Payment(
             provider="stripe",
