@@ -15,6 +15,9 @@ REGISTRY: dict[str, Adapter] = {
     adapter.name: adapter for adapter in (StripeAdapter(), MercadoPagoAdapter(), MockAdapter())
 }
 
+# Whose error shape answers a call made before its connection is known (no or a bad token).
+DEFAULT_PROVIDER = "stripe"
+
 
 def get_adapter(name: str) -> Adapter:
     try:

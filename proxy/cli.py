@@ -216,7 +216,7 @@ async def _demo(sidecar: Any, settings: Settings) -> None:
     """A demo owner, a connection to the built-in mock provider, and a fresh demo agent."""
     from adapters.mock import DEFAULT_SECRET_KEY
 
-    service = sidecar.service
+    service = sidecar.gateway.owner_service
     owner = await sidecar.store.find_owner("demo")
     if owner is None:
         owner, owner_token = await service.create_owner("demo")
@@ -329,16 +329,13 @@ def _policy_test(args: argparse.Namespace) -> int:
 
 # -- commands on the store ----------------------------------------------------------------------------------
 class _Context:
-    def __init__(self, settings: Settings) -> None:
-        from proxy.owners import OwnerService
-        from proxy.secrets import Sealer, load_keys
-        from proxy.store import open_store
+    """What the store commands use of the graph the composition root builds (nothing else is built)."""
 
-        self.store = open_store(
-            settings.store, settings.sqlite_synchronous, settings.store_timeout, settings.redis_url
-        )
-        self.sealer = Sealer(load_keys(settings.encryption_key_file))
-        self.service = OwnerService(self.store, self.sealer, settings.bcrypt_rounds)
+    def __init__(self, settings: Settings) -> None:
+        from proxy.bootstrap import bootstrap
+
+        gateway = bootstrap(settings)
+        self.store, self.sealer, self.service = gateway.store, gateway.sealer, gateway.owner_service
 
 
 async def _with_store(

@@ -5,7 +5,8 @@
     ├── PolicyError                a policy set failed to load (every problem listed)
     ├── BadRequest                 the agent's request is malformed (400, names the parameter)
     │   ├── WebhookRejected        an inbound webhook without a valid, fresh signature (400)
-    │   └── RequestTimeout         the client sent its body too slowly (408)
+    │   ├── RequestTimeout         the client sent its body too slowly (408)
+    │   └── RequestRefused         the HTTP server refused the request: too large, bad framing (413, 400)
     ├── RouteNotFound              no such path behind this provider (404)
     ├── MethodNotAllowed           CONNECT, TRACE, PUT ... (405)
     ├── AuthenticationFailed       missing, unknown, revoked or wrong token (401)
@@ -67,6 +68,16 @@ class RequestTimeout(BadRequest):
     code = "request_timeout"
 
 
+class RequestRefused(BadRequest):
+    """The HTTP server refused the request itself (a body too large, bad framing): its own status."""
+
+    code = "request_refused"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class RouteNotFound(PaySentryError):
     status = 404
     code = "resource_missing"
@@ -118,5 +129,12 @@ class StoreUnavailable(PaySentryError):
 
 
 class UpstreamUnavailable(PaySentryError):
+    """``maybe_sent``: the request may have reached the provider (a timeout, a connection lost after
+    sending), so whether money moved is unknown; False when it certainly did not (never connected)."""
+
     status = 502
     code = "paysentry_upstream_unavailable"
+
+    def __init__(self, message: str, *, maybe_sent: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent

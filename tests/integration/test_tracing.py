@@ -42,11 +42,11 @@ async def test_decisions_are_traced_without_secrets(tmp_path: Path, monkeypatch)
     sidecar = Sidecar(settings, provider)
     await sidecar.start()
     try:
-        owner, _ = await sidecar.service.create_owner("acme")
-        await sidecar.service.add_connection(
+        owner, _ = await sidecar.gateway.owner_service.create_owner("acme")
+        await sidecar.gateway.owner_service.add_connection(
             owner.id, "mock", "default", f"http://127.0.0.1:{ports[2]}", {"secret_key": DEFAULT_SECRET_KEY}
         )
-        _, token = await sidecar.service.create_agent(owner.id, "bot", {}, "default")
+        _, token = await sidecar.gateway.owner_service.create_agent(owner.id, "bot", {}, "default")
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
             for body in (
                 b"amount=1000&currency=usd",

@@ -17,7 +17,7 @@ from adapters.stripe import StripeAdapter
 from proxy.connections import Connection
 from proxy.errors import StoreUnavailable
 from proxy.metrics import Metrics
-from proxy.realtime import CardAuthorizer
+from proxy.payments.cards import CardAuthorizer
 
 ADAPTER = StripeAdapter()
 
@@ -71,15 +71,11 @@ class BrokenStore:
 )
 async def test_no_decision_in_time_declines(store: Any, rule: str) -> None:
     cards = CardAuthorizer(
+        None,  # type: ignore[arg-type]  # never reached: the store fails first
         store,
-        None,
-        None,
-        None,
-        None,
         Metrics(otlp=False),
         trace.get_tracer("test"),
-        30.0,
-        0.2,  # type: ignore[arg-type]
+        0.2,
     )
     connection = Connection("conn_1", "own_1", ADAPTER, "http://127.0.0.1:1", {"secret_key": "sk"})
     started = time.monotonic()

@@ -1,6 +1,5 @@
-"""Inbound provider webhooks: events that settle what PaySentry counted (an intent cancelled, a payout
-failed) arrive at ``POST /v1/webhooks/{connection id}`` on the owner listener, and so do the requests a
-provider makes for a decision in real time (card authorizations, see proxy/realtime.py).
+"""Provider events: what settles what PaySentry counted (an intent cancelled, a payout failed), and the
+requests a provider makes for a decision in real time (card authorizations, ``proxy.payments.cards``).
 
 An event is accepted only with a valid signature made with the connection's ``webhook_secret`` (kept
 sealed with its other credentials) and a timestamp within the tolerance. Each event id is recorded once
@@ -9,24 +8,23 @@ per connection, in the same transaction as its effect, so a replayed or redelive
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from aiohttp import web
-
-from adapters.base import WebhookEvent
+from adapters.base import Reply, WebhookEvent
 from proxy.connections import Connection, ConnectionCache
 from proxy.errors import AuthenticationFailed, NotFound, PaySentryError, UpstreamUnavailable
 from proxy.metrics import Metrics
-from proxy.realtime import RETRY, CardAuthorizer
+from proxy.payments.cards import RETRY, CardAuthorizer
 from proxy.store import Store
 
 log = logging.getLogger("paysentry.webhooks")
 WEBHOOKS = "paysentry_webhooks_total"
 
 
-class WebhookReceiver:
+class ProviderEvents:
     def __init__(
         self,
         store: Store,
@@ -39,23 +37,18 @@ class WebhookReceiver:
         self.store, self.connections, self.cards, self.metrics = store, connections, cards, metrics
         self.tolerance, self.clock = tolerance, clock
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1/webhooks/{connection}", self.receive)
-
-    async def receive(self, request: web.Request) -> web.Response:
-        body = await request.read()
+    async def receive(self, connection_id: str, headers: Mapping[str, str], body: bytes) -> Reply:
+        """One delivery: 2xx when handled (or already handled), 4xx when refused, 5xx when it could not
+        be handled now (the provider redelivers)."""
         try:
-            connection = await self._connection(request.match_info["connection"])
+            connection = await self._connection(connection_id)
             secret = connection.credentials.get("webhook_secret")
             if not secret:
                 raise NotFound("this connection has no webhook_secret: add one to its credentials")
-            event = connection.adapter.verify_webhook(
-                request.headers, body, secret, self.clock(), self.tolerance
-            )
+            event = connection.adapter.verify_webhook(headers, body, secret, self.clock(), self.tolerance)
             if event.request is not None:  # the provider waits for a decision
                 self.metrics.inc(WEBHOOKS, result="authorization_request")
-                reply = await self.cards.authorize(connection, event.request)
-                return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
+                return await self.cards.authorize(connection, event.request)
             card = None
             if event.used_card is not None:  # act first: the event is recorded once the card is handled
                 if await self.store.webhook_seen(connection.id, event.id):
@@ -78,10 +71,10 @@ class WebhookReceiver:
             outcome = "rejected" if exc.status < 500 else "failed"
             self.metrics.inc(WEBHOOKS, result=outcome)
             log.warning(f"webhook {outcome}", extra={"fields": {"reason": exc.message}})
-            return web.json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+            return _json({"error": {"code": exc.code, "message": exc.message}}, exc.status)
         return self._answer(event, result, card)
 
-    def _answer(self, event: WebhookEvent, result: str, card: str | None) -> web.Response:
+    def _answer(self, event: WebhookEvent, result: str, card: str | None) -> Reply:
         self.metrics.inc(WEBHOOKS, result=result)
         log.info(
             "webhook",
@@ -89,13 +82,17 @@ class WebhookReceiver:
                 "fields": {"event": event.id, "type": event.type, "ref": event.provider_ref, "result": result}
             },
         )
-        answer = {"received": True, "result": result}
+        answer: dict[str, object] = {"received": True, "result": result}
         if card is not None:
             answer["card"] = card
-        return web.json_response(answer)
+        return _json(answer, 200)
 
     async def _connection(self, connection_id: str) -> Connection:
         try:
             return await self.connections.get(connection_id)
         except AuthenticationFailed:  # missing or revoked; a store failure stays a 503 the provider retries
             raise NotFound("no such connection") from None
+
+
+def _json(data: object, status: int) -> Reply:
+    return Reply(status, json.dumps(data).encode(), {"Content-Type": "application/json"})

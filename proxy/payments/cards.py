@@ -2,12 +2,12 @@
 
 A card created through PaySentry (``issuing_card``) belongs to the agent that asked for it. When the card
 is used, the provider sends an authorization request to the connection's webhook endpoint; it is decided
-with the same policies as any payment of that agent (the merchant's name, category and country are policy
-variables), its spend is reserved and committed in one step, and the provider gets approve or decline.
-Holds cannot wait here, so a hold rule declines with its reason. Anything that goes wrong, or a decision
-that does not finish within ``deadline``, declines: the provider's own fallback is never relied on.
+by the payment service like any payment of that agent (the merchant's name, category and country are
+policy variables), its spend is reserved and committed in one step, and the provider gets approve or
+decline. Holds cannot wait here, so a hold rule declines with its reason. Anything that goes wrong, or a
+decision that does not finish within ``deadline``, declines: the provider's own fallback is never relied on.
 
-What follows settles the spend through the ordinary webhook path: the authorization created but not
+What follows settles the spend through the ordinary event path: the authorization created but not
 approved, or reversed, releases it; a capture confirms it (and cancels a one-time card).
 """
 
@@ -18,26 +18,22 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from datetime import UTC, datetime
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from adapters.base import AuthorizationRequest, CardUse, Reply
 from proxy.connections import Connection
-from proxy.decide import decide, spend_keys
-from proxy.errors import PaySentryError, RequestInFlight, UpstreamUnavailable
-from proxy.forwarder import Forwarder
+from proxy.errors import PaySentryError, UpstreamUnavailable
 from proxy.metrics import Metrics
-from proxy.model import DENY, HOLD, Agent
-from proxy.pipeline import authorization_for, log_decision
-from proxy.policy.engine import Engine
-from proxy.policy.reload import PolicyHolder
-from proxy.secrets import Sealer, sealed_context
-from proxy.store import FORWARDING, SETTLED, DuplicateKey, Store
+from proxy.model import DENY, Agent
+from proxy.payments.calls import PaymentCall
+from proxy.payments.service import PaymentService
+from proxy.secrets import sealed_context
+from proxy.store import FORWARDING, SETTLED, Store
+from proxy.upstream import provider_request
 
-log = logging.getLogger("paysentry.realtime")
+log = logging.getLogger("paysentry.cards")
 ONE_TIME = "paysentry_one_time"
 RETRY = "cancel_failed"
 
@@ -45,20 +41,15 @@ RETRY = "cancel_failed"
 class CardAuthorizer:
     def __init__(
         self,
+        payments: PaymentService,
         store: Store,
-        engine: Engine,
-        policies: PolicyHolder,
-        forwarder: Forwarder,
-        sealer: Sealer,
         metrics: Metrics,
         tracer: trace.Tracer,
-        lease: float,
         deadline: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store, self.engine, self.policies, self.forwarder = store, engine, policies, forwarder
-        self.sealer, self.metrics, self.tracer = sealer, metrics, tracer
-        self.lease, self.deadline, self.clock = lease, deadline, clock
+        self.payments, self.store, self.metrics, self.tracer = payments, store, metrics, tracer
+        self.deadline, self.clock = deadline, clock
 
     async def authorize(self, connection: Connection, request: AuthorizationRequest) -> Reply:
         """Approve or decline; every answer names the rule, and every decision made is recorded."""
@@ -68,7 +59,7 @@ class CardAuthorizer:
             span.set_attribute("paysentry.currency", request.payment.currency)
             try:
                 async with asyncio.timeout(self.deadline):
-                    approved, meta = await self._decide(connection, request)
+                    approved, meta = await self._decide(connection, request, span)
             except TimeoutError:
                 approved, meta = False, {"paysentry_rule": "deadline"}
                 log.error("card authorization not decided within %.1f s; declined", self.deadline)
@@ -88,7 +79,7 @@ class CardAuthorizer:
             return request.answer(approved, meta)
 
     async def _decide(
-        self, connection: Connection, request: AuthorizationRequest
+        self, connection: Connection, request: AuthorizationRequest, span: trace.Span
     ) -> tuple[bool, dict[str, str]]:
         payment = request.payment
         card = await self.store.find_by_provider_ref(connection.owner_id, payment.refers_to)
@@ -111,35 +102,16 @@ class CardAuthorizer:
         if record.revoked_at is not None:
             return False, {"paysentry_rule": "agent_revoked"}
         agent = Agent(record.id, record.owner_id, record.name, record.connection_id, record.labels)
-        policy_set = self.policies.current
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        keys = spend_keys(policy_set, agent, now) if policy_set.uses_spend else []
-        existing, totals = await self.store.lookup(agent.id, request.id, keys)
-        if existing is not None:  # the provider asked again: the same answer
-            return existing.state == SETTLED, _meta(existing.id, existing.rule)
-        decision = decide(policy_set, self.engine, payment, agent, totals, now)
-        if decision.outcome == HOLD:
-            decision = replace(
-                decision,
-                outcome=DENY,
-                charges=(),
-                approval=None,
-                hold_expires_in=None,
-                message=f"a card authorization cannot wait for approval: {decision.message}",
-            )
         digest = hashlib.sha256(f"{request.id}:{payment.amount}:{payment.currency}".encode()).hexdigest()
-        new = authorization_for(agent, payment, decision, request.id, digest, self.clock(), self.lease)
-        try:
-            recorded = await self.store.record_decision(new, self.clock(), None)
-        except DuplicateKey:
-            raise RequestInFlight("this authorization is being decided by another request") from None
-        auth = recorded.record
-        log_decision(agent, auth)
-        self.metrics.inc("paysentry_decisions_total", decision=auth.decision, rule=auth.rule)
+        call = PaymentCall(agent, connection, payment, request.id, digest)
+        decided = await self.payments.decide_and_record(call, span, holds=False)
+        auth = decided.record
+        if decided.replay:  # the provider asked again: the same answer
+            return auth.state == SETTLED, _meta(auth.id, auth.rule)
         if auth.state != FORWARDING:
             return False, _meta(auth.id, auth.rule)
         answer = request.answer(True, _meta(auth.id, auth.rule))
-        sealed = self.sealer.seal(answer.body, sealed_context("response", auth.id))
+        sealed = self.payments.sealer.seal(answer.body, sealed_context("response", auth.id))
         await self.store.settle(auth.id, request.id, answer.status, sealed, self.clock())
         return True, _meta(auth.id, auth.rule)
 
@@ -152,12 +124,16 @@ class CardAuthorizer:
         if card is None or card.payment.get("metadata", {}).get(ONE_TIME) != "true":
             return "kept"
         adapter = connection.adapter
-        headers = self.forwarder.request_headers(
-            {"Content-Type": use.content_type}, adapter.credential_headers(connection.credentials)
+        request = provider_request(
+            adapter,
+            connection.credentials,
+            use.method,
+            connection.upstream + use.path,
+            {"Content-Type": use.content_type},
+            use.body,
         )
         try:
-            reply = await self.forwarder.send(use.method, connection.upstream + use.path, headers, use.body)
-            status = reply.status
+            status = (await self.payments.upstream.send(request)).status
         except UpstreamUnavailable:
             status = 0
         if status == 0 or status >= 500 or status in (401, 403, 409, 429):

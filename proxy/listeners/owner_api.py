@@ -7,7 +7,7 @@ found. Routes:
     GET  /readyz                                  store reachable and a policy set loaded (503 if not)
     GET  /metrics                                 Prometheus text format
     GET  /openapi.json                            this API's OpenAPI document (proxy/openapi.yaml)
-    POST /v1/webhooks/{connection}                inbound provider webhooks (signed; see proxy/webhooks.py)
+    POST /v1/webhooks/{connection}                inbound provider webhooks (signed; see proxy/listeners/webhooks.py)
     GET|POST /approvals/link/{token}              the one-time approval page (the token is the credential)
     GET  /v1/agents                               POST /v1/agents {name, labels, connection}
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,10 @@ from proxy.approvals import APPROVED, DENIED, EXPIRED, PENDING
 from proxy.auth import TokenAuthenticator
 from proxy.errors import BadRequest, NotFound, PaySentryError
 from proxy.holds import HoldCoordinator
-from proxy.links import LinkPages
 from proxy.metrics import Metrics
 from proxy.owners import OwnerService, agent_json, approval_json, authorization_json
 from proxy.policy.reload import PolicyHolder
 from proxy.store import OwnerRecord, Store
-from proxy.webhooks import WebhookReceiver
 
 log = logging.getLogger("paysentry.owner_api")
 OWNER = web.AppKey("owner", OwnerRecord)
@@ -62,13 +60,13 @@ class OwnerApi:
         on_revoke: Callable[[str], None],
         metrics: Metrics,
         holds: HoldCoordinator,
-        webhooks: WebhookReceiver,
+        extra_routes: Sequence[Callable[[web.Application], None]] = (),
     ) -> None:
         self.store, self.service, self.owners, self.policies = store, service, owners, policies
         self.on_revoke = on_revoke
         self.metrics = metrics
         self.holds = holds
-        self.webhooks = webhooks
+        self.extra_routes = extra_routes  # listeners sharing this port: webhooks, approval links
         self.draining = False  # set on SIGTERM: readiness fails so no new traffic is routed here
 
     def app(self) -> web.Application:
@@ -89,8 +87,8 @@ class OwnerApi:
         r.add_get("/v1/authorizations", self.list_authorizations)
         r.add_get("/v1/authorizations/{id}", self.get_authorization)
         r.add_get("/v1/events", self.list_events)
-        LinkPages(self.store, self.holds.voted).add_routes(app)
-        self.webhooks.add_routes(app)
+        for add_routes in self.extra_routes:
+            add_routes(app)
         return app
 
     @web.middleware
@@ -247,7 +245,7 @@ class OwnerApi:
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The owner API's OpenAPI document (proxy/openapi.yaml), served at /openapi.json."""
-    return yaml.safe_load((Path(__file__).parent / "openapi.yaml").read_text())
+    return yaml.safe_load((Path(__file__).parents[1] / "openapi.yaml").read_text())
 
 
 def _int_query(request: web.Request, name: str, default: int, maximum: int) -> int:

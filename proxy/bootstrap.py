@@ -1,0 +1,247 @@
+"""The one composition root: every dependency of PaySentry is chosen here, and only here.
+
+``bootstrap(settings)`` builds the real parts from the settings; a test passes its own (``store=``,
+``upstream=``, ``clock=``, ``tracer_provider=``, ``adapters=``) and gets the same graph around them.
+Each part is built on first use, so the CLI, which needs only the store and the owner service, does not
+load policies or open listeners. ``serve`` runs the graph with ``proxy.app.Sidecar``.
+
+    settings ─► store (SQLite | PostgreSQL | PostgreSQL + Redis gate)      RedisServices (once, or none)
+             ─► sealer, policies (engine + holder), token authenticators, connections (+ adapters)
+             ─► upstream ─► PaymentService ─► CardAuthorizer, ProviderEvents
+             ─► listeners: AgentListener | OwnerApi (+ WebhookListener, LinkPages on its port)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from adapters import DEFAULT_PROVIDER, REGISTRY
+from adapters.base import Adapter
+from proxy import __version__
+from proxy.auth import TokenAuthenticator
+from proxy.config import Settings
+from proxy.connections import ConnectionCache
+from proxy.holds import HoldCoordinator
+from proxy.listeners.agents import AgentListener
+from proxy.listeners.links import LinkPages
+from proxy.listeners.owner_api import OwnerApi
+from proxy.listeners.webhooks import WebhookListener
+from proxy.metrics import Metrics
+from proxy.owners import OwnerService
+from proxy.payments.cards import CardAuthorizer
+from proxy.payments.events import ProviderEvents
+from proxy.payments.service import PaymentService, Policies
+from proxy.policy.engine import make_engine
+from proxy.policy.reload import PolicyHolder
+from proxy.ratelimit import Limiter, RateLimiter
+from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, load_keys
+from proxy.store import AgentRecord, OwnerRecord, Store
+from proxy.telemetry import TRACER_NAME
+from proxy.upstream import AiohttpUpstream, Upstream
+
+if TYPE_CHECKING:  # Redis's client is imported only by a process configured to use it
+    from proxy.store.redis_spend import ApprovalBus, RedisRateLimiter
+
+
+def open_store(url: str, synchronous: str = "NORMAL", timeout: float = 5.0, redis_url: str = "") -> Store:
+    """The store a URL names: ``sqlite:///path`` (embedded), ``postgresql://...``, and with ``redis_url``
+    PostgreSQL with the Redis spend gate in front."""
+    if url.startswith("sqlite:///"):
+        from proxy.store.sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite:///"), synchronous=synchronous)
+    if url.startswith(("postgresql://", "postgres://")):
+        if redis_url:
+            from proxy.store.redis_spend import PostgresRedisStore
+
+            return PostgresRedisStore(url, redis_url, timeout=timeout)
+        from proxy.store.postgres import PostgresStore
+
+        return PostgresStore(url, timeout=timeout)
+    raise ValueError(
+        f"unsupported store URL {url!r}: use sqlite:///path/to/file.db or postgresql://user@host:port/db"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RedisServices:
+    """What Redis does for a fleet besides the spend gate: shared rate limits and approval wake-ups."""
+
+    limiter: RedisRateLimiter
+    approvals: ApprovalBus
+
+
+class Gateway:
+    """The object graph of one PaySentry process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        upstream: Upstream | None = None,
+        adapters: Mapping[str, Adapter] = REGISTRY,
+        tracer_provider: TracerProvider | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.adapters, self.clock = settings, adapters, clock
+        self._store, self._upstream, self._tracer_provider = store, upstream, tracer_provider
+
+    @cached_property
+    def store(self) -> Store:
+        s = self.settings
+        return self._store or open_store(s.store, s.sqlite_synchronous, s.store_timeout, s.redis_url)
+
+    @cached_property
+    def redis(self) -> RedisServices | None:
+        s = self.settings
+        if not s.redis_url:
+            return None
+        from proxy.store.redis_spend import ApprovalBus, RedisRateLimiter
+
+        return RedisServices(
+            RedisRateLimiter(s.redis_url, s.agent_rate_limit, s.agent_rate_burst, s.store_timeout),
+            ApprovalBus(s.redis_url, s.store_timeout),
+        )
+
+    @cached_property
+    def sealer(self) -> Sealer:
+        return Sealer(load_keys(self.settings.encryption_key_file))
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        return Metrics()
+
+    @cached_property
+    def policies(self) -> Policies:
+        engine = make_engine(self.settings.engine)
+        return Policies(PolicyHolder(self.settings.policies, engine, self.metrics), engine)
+
+    @cached_property
+    def owner_service(self) -> OwnerService:
+        return OwnerService(self.store, self.sealer, self.settings.bcrypt_rounds)
+
+    @cached_property
+    def agent_tokens(self) -> TokenAuthenticator[AgentRecord]:
+        return TokenAuthenticator(
+            AGENT_PREFIX,
+            "agt",
+            self.store.get_agent,
+            lambda a: a.token_hash,
+            lambda a: a.revoked_at is None,
+            cache_ttl=self.settings.token_cache_ttl,
+        )
+
+    @cached_property
+    def owner_tokens(self) -> TokenAuthenticator[OwnerRecord]:
+        return TokenAuthenticator(
+            OWNER_PREFIX,
+            "own",
+            self.store.get_owner,
+            lambda o: o.token_hash,
+            lambda o: True,
+            cache_ttl=self.settings.token_cache_ttl,
+        )
+
+    @cached_property
+    def upstream(self) -> Upstream:
+        return self._upstream or AiohttpUpstream(self.settings.upstream_timeout)
+
+    @cached_property
+    def connections(self) -> ConnectionCache:
+        return ConnectionCache(self.store, self.sealer)
+
+    @cached_property
+    def limiter(self) -> Limiter:
+        if self.redis is not None:
+            return self.redis.limiter
+        return RateLimiter(self.settings.agent_rate_limit, self.settings.agent_rate_burst)
+
+    @cached_property
+    def holds(self) -> HoldCoordinator:
+        s = self.settings
+        return HoldCoordinator(
+            self.store,
+            [u.strip() for u in s.notify_webhooks.split(",") if u.strip()],
+            s.notify_secret.encode() or os.urandom(32),
+            s.public_url or f"http://{s.admin_listen}",
+            clock=self.clock,
+            bus=self.redis.approvals if self.redis is not None else None,
+        )
+
+    @cached_property
+    def tracer(self) -> trace.Tracer:
+        provider = self._tracer_provider or trace.get_tracer_provider()
+        return provider.get_tracer(TRACER_NAME, __version__)
+
+    @cached_property
+    def payments(self) -> PaymentService:
+        return PaymentService(
+            store=self.store,
+            policies=self.policies,
+            agents=self.agent_tokens,
+            connections=self.connections,
+            upstream=self.upstream,
+            sealer=self.sealer,
+            holds=self.holds,
+            limiter=self.limiter,
+            metrics=self.metrics,
+            tracer=self.tracer,
+            default_adapter=self.adapters[DEFAULT_PROVIDER],
+            reservation_lease=self.settings.reservation_lease,
+            clock=self.clock,
+        )
+
+    @cached_property
+    def cards(self) -> CardAuthorizer:
+        return CardAuthorizer(
+            self.payments,
+            self.store,
+            self.metrics,
+            self.tracer,
+            self.settings.card_authorization_deadline,
+            self.clock,
+        )
+
+    @cached_property
+    def events(self) -> ProviderEvents:
+        return ProviderEvents(
+            self.store,
+            self.connections,
+            self.cards,
+            self.metrics,
+            self.settings.webhook_tolerance,
+            self.clock,
+        )
+
+    @cached_property
+    def agent_listener(self) -> AgentListener:
+        s = self.settings
+        return AgentListener(self.payments, self.upstream, s.max_body_bytes, s.body_timeout)
+
+    @cached_property
+    def owner_api(self) -> OwnerApi:
+        return OwnerApi(
+            self.store,
+            self.owner_service,
+            self.owner_tokens,
+            self.policies.holder,
+            lambda agent_id: self.agent_tokens.forget(lambda a: a.id == agent_id),
+            self.metrics,
+            self.holds,
+            extra_routes=(
+                WebhookListener(self.events).add_routes,
+                LinkPages(self.store, self.holds.voted, self.clock).add_routes,
+            ),
+        )
+
+
+bootstrap = Gateway  # bootstrap(settings, store=..., upstream=..., clock=...) -> the graph

@@ -1,0 +1,74 @@
+"""The agents' listener: an agent's HTTP call becomes an ``AgentCall`` for the payment service, and its
+``Outcome`` becomes the HTTP answer (a passthrough's answer relayed from the provider as it arrives)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.errors import RequestRefused, RequestTimeout, UpstreamUnavailable
+from proxy.payments.calls import AgentCall, Outcome
+from proxy.payments.service import PaymentService
+from proxy.upstream import Upstream
+
+
+class AgentListener:
+    def __init__(
+        self,
+        payments: PaymentService,
+        upstream: Upstream,
+        max_body_bytes: int,
+        body_timeout: float = 10.0,
+    ) -> None:
+        self.payments, self.upstream = payments, upstream
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        call = AgentCall(
+            method=request.method,
+            path=request.path,
+            raw_path=request.raw_path,
+            target=request.rel_url.raw_path_qs,
+            query=request.query,
+            headers=request.headers,
+            content_type=request.content_type,
+            remote=request.remote,
+            read_body=lambda: self._read(request),
+        )
+        outcome = await self.payments.agent_call(call)
+        if outcome.stream is None:
+            return web.Response(status=outcome.status, body=outcome.body, headers=outcome.headers)
+        return await self._relay(request, outcome)
+
+    async def _read(self, request: web.Request) -> bytes:
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.body_timeout:g} s; nothing was done"
+            ) from None
+        except web.HTTPException as exc:  # aiohttp's own refusals: body too large, bad framing
+            raise RequestRefused(f"PaySentry refused the request: {exc.reason}", exc.status) from exc
+
+    async def _relay(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+        """A call that moves no money: the provider's answer streamed back as it arrives."""
+        assert outcome.stream is not None
+        try:
+            async with self.upstream.stream(outcome.stream) as reply:
+                out = web.StreamResponse(status=reply.status, headers=reply.headers)
+                if reply.content_length is not None:
+                    out.content_length = reply.content_length
+                await out.prepare(request)
+                async for chunk in reply.chunks:
+                    await out.write(chunk)
+                await out.write_eof()
+                return out
+        except UpstreamUnavailable:  # the answer the service prepared for an unreachable provider
+            return web.Response(status=outcome.status, body=outcome.body, headers=outcome.headers)

@@ -1,0 +1,511 @@
+"""The payment service: where a payment is decided. It knows no HTTP framework.
+
+    AgentCall ──► authenticate (token cache, rate limit) ──► guards ──► adapter.classify
+                    │ passthrough (moves no money) ──► Outcome(stream=...) relayed by the listener
+                    │ payment ──► authorize(PaymentCall)
+                    │               idempotency lookup ──► replay an earlier decision
+                    │               └─► decide (pure core) ──► record + reserve (one transaction)
+                    │                    deny ─► provider-shaped 402 naming the rule
+                    │                    hold ─► provider-shaped 402 carrying the approval id (or wait)
+                    │                    allow ─► upstream ─► 2xx: settle (commit) / else: fail (release)
+
+Every refusal is the provider's own error shape with a "do not retry" flag; every decision is recorded
+with its audit event before the agent hears of it. Any failure of the store or the policy fails closed.
+Real-time card authorizations (``proxy.payments.cards``) and provider events (``proxy.payments.events``)
+use the same lookup-decide-record step (``decide_and_record``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from adapters.base import PASSTHROUGH, Adapter
+from proxy.auth import TokenAuthenticator
+from proxy.connections import Connection, ConnectionCache
+from proxy.decide import decide, spend_keys
+from proxy.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    IdempotencyMismatch,
+    PaySentryError,
+    RateLimited,
+    RequestInFlight,
+    StoreUnavailable,
+    UpstreamUnavailable,
+)
+from proxy.holds import HoldCoordinator
+from proxy.metrics import Metrics, Series
+from proxy.model import DENY, HOLD, Agent, Decision, Payment
+from proxy.payments.calls import AgentCall, Outcome, PaymentCall
+from proxy.payments.guards import bearer_token, check_call
+from proxy.payments.records import annotate, authorization_for, log_decision
+from proxy.policy.engine import Engine
+from proxy.policy.reload import PolicyHolder
+from proxy.ratelimit import Limiter
+from proxy.secrets import Sealer, new_id, sealed_context
+from proxy.store import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    FAILED,
+    FORWARDING,
+    HELD,
+    REJECTED,
+    SETTLED,
+    AgentRecord,
+    AuthorizationRecord,
+    DuplicateKey,
+    Recorded,
+    Store,
+)
+from proxy.upstream import Upstream, UpstreamReply, provider_request
+
+log = logging.getLogger("paysentry.payments")
+W3C = TraceContextTextMapPropagator()
+MAX_IDEMPOTENCY_KEY = 255
+STAGES = ("authenticate", "lookup", "policy", "reserve", "upstream", "settle", "total")
+IN_FLIGHT = "A request with this Idempotency-Key is being processed; retry shortly."
+_KIND_OF: dict[type, str] = {
+    BadRequest: "invalid_request",
+    AuthenticationFailed: "authentication",
+    RateLimited: "rate_limit",
+    IdempotencyMismatch: "idempotency",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Policies:
+    """The policy set in force and the CEL engine that evaluates it."""
+
+    holder: PolicyHolder
+    engine: Engine
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What ``decide_and_record`` found or made: an earlier record under the same key (``replay``), or the
+    new one, with the decision that made it."""
+
+    record: AuthorizationRecord
+    replay: bool
+    decision: Decision | None = None
+    recorded: Recorded | None = None
+
+
+class PaymentService:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        policies: Policies,
+        agents: TokenAuthenticator[AgentRecord],
+        connections: ConnectionCache,
+        upstream: Upstream,
+        sealer: Sealer,
+        holds: HoldCoordinator,
+        limiter: Limiter,
+        metrics: Metrics,
+        tracer: trace.Tracer,
+        default_adapter: Adapter,
+        reservation_lease: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.policies, self.agents, self.connections = store, policies, agents, connections
+        self.upstream, self.sealer, self.holds, self.limiter = upstream, sealer, holds, limiter
+        self.metrics, self.tracer, self.default_adapter = metrics, tracer, default_adapter
+        self.lease, self.clock = reservation_lease, clock
+        self._calls: set[asyncio.Task[Any]] = set()  # calls in flight, for a graceful shutdown
+        self._durations = {
+            stage: metrics.series("paysentry_stage_duration_seconds", stage=stage) for stage in STAGES
+        }
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- the agent's entry ----------------------------------------------------------------------------------
+    async def agent_call(self, call: AgentCall) -> Outcome:
+        """One call of an agent: whatever happens, an Outcome in the provider's shape."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        self._idle.clear()
+        started = time.perf_counter()
+        try:
+            return await self._agent_call(call)
+        finally:
+            self._durations["total"].observe(time.perf_counter() - started)
+            self._calls.discard(task)
+            if not self._calls:
+                self._idle.set()
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` seconds for the calls in flight; cancel those still running. Returns how
+        many were cut off."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+            return 0
+        cut = list(self._calls)
+        for task in cut:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 5)
+        return len(cut)
+
+    async def _agent_call(self, call: AgentCall) -> Outcome:
+        parent = W3C.extract(call.headers)  # continue the agent's trace (traceparent), nothing else
+        with self.tracer.start_as_current_span("paysentry.call", parent, kind=SpanKind.SERVER) as span:
+            span.set_attribute("http.request.method", call.method)
+            span.set_attribute("url.path", call.path)
+            adapter = self.default_adapter
+            try:
+                with self._stage("authenticate", span):
+                    agent, connection = await self._authenticate(call, span)
+                adapter = connection.adapter
+                span.set_attribute("paysentry.provider", adapter.name)
+                return await self._dispatch(call, agent, connection, span)
+            except PaySentryError as exc:
+                span.set_attribute("paysentry.error", exc.code)
+                if isinstance(exc, StoreUnavailable):
+                    self.metrics.inc("paysentry_store_errors_total", where="payment")
+                if exc.status >= 500:
+                    span.set_status(Status(StatusCode.ERROR, exc.code))
+                return Outcome.of(
+                    adapter.error(
+                        exc.status,
+                        _KIND_OF.get(type(exc), "api"),
+                        exc.code,
+                        exc.message,
+                        exc.param,
+                        retry=exc.status in (409, 429, 502, 503),
+                    )
+                )
+            except Exception:  # anything unforeseen fails closed, in the provider's shape
+                log.exception("unexpected error; the call is refused")
+                span.set_status(Status(StatusCode.ERROR, "internal"))
+                return Outcome.of(
+                    adapter.error(
+                        500,
+                        "api",
+                        "paysentry_internal_error",
+                        "PaySentry failed to process this call; "
+                        "nothing was forwarded unless the provider's answer says so.",
+                        retry=False,
+                    )
+                )
+
+    async def _authenticate(self, call: AgentCall, span: trace.Span) -> tuple[Agent, Connection]:
+        record = await self.agents.authenticate(bearer_token(call.headers), call.remote)
+        agent = Agent(record.id, record.owner_id, record.name, record.connection_id, record.labels)
+        span.set_attribute("paysentry.agent", agent.name)
+        span.set_attribute("paysentry.agent_id", agent.id)
+        if not await self.limiter.allow(agent.id):
+            raise RateLimited("Too many requests for this agent; slow down and retry.")
+        return agent, await self.connections.get(agent.connection_id)
+
+    async def _dispatch(
+        self, call: AgentCall, agent: Agent, connection: Connection, span: trace.Span
+    ) -> Outcome:
+        adapter = connection.adapter
+        check_call(call, connection)
+        body = await call.read_body()
+        classified = adapter.classify(call.method, call.path, call.content_type if body else "", body)
+        url = connection.upstream + call.target
+        if classified.kind == PASSTHROUGH:
+            span.set_attribute("paysentry.decision", "passthrough")
+            request = provider_request(adapter, connection.credentials, call.method, url, call.headers, body)
+            if classified.voids is None:
+                unreachable = adapter.error(
+                    502, "api", UpstreamUnavailable.code, "the provider could not be reached", retry=True
+                )
+                return replace(Outcome.of(unreachable), stream=request)
+            reply = await self.upstream.send(request)
+            if 200 <= reply.status < 300:
+                await self._void(agent, classified.voids, call)
+            return Outcome(reply.status, reply.body, reply.headers)
+        assert classified.payment is not None
+        key = call.headers.get(adapter.idempotency_header) or ""
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            raise BadRequest(f"{adapter.idempotency_header} is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        key = key or new_id("psidem")
+        request_hash = hashlib.sha256(
+            b"\0".join([call.method.encode(), call.target.encode(), body])
+        ).hexdigest()
+        # What is forwarded if allowed: where the provider can enforce the approval, the body says it.
+        outgoing = adapter.prepare(classified.payment, body)
+        forward = provider_request(
+            adapter, connection.credentials, call.method, url, call.headers, outgoing, key
+        )
+        payment_call = PaymentCall(agent, connection, classified.payment, key, request_hash, forward)
+        return await self.authorize(payment_call, span)
+
+    async def _void(self, agent: Agent, ref: str, call: AgentCall) -> None:
+        """The provider cancelled ``ref`` at the agent's request: release what it counted. The provider's
+        answer goes back regardless; if the store fails, the spend stays counted (the provider's
+        cancellation webhook releases it later)."""
+        data = {"call": f"{call.method} {call.path}", "agent": agent.id}
+        try:
+            await self.store.void(agent.owner_id, ref, "agent", data, self.clock())
+        except StoreUnavailable as exc:
+            log.error("cancelled at the provider, spend not yet released: %s", exc.message)
+
+    # -- a payment ------------------------------------------------------------------------------------------
+    async def authorize(self, call: PaymentCall, span: trace.Span) -> Outcome:
+        """Decide, record and carry out one payment call; the Outcome is what the agent is told."""
+        decided = await self.decide_and_record(call, span)
+        auth = decided.record
+        if decided.replay:
+            return await self._replay(auth, call, span)
+        if auth.state == FORWARDING:
+            return await self._forward(auth, call, span)
+        decision = decided.decision
+        if auth.state == HELD and decision is not None and decision.approval is not None:
+            return await self._held(auth, decision, call, span)
+        return self._refusal(auth, call.connection.adapter)
+
+    async def decide_and_record(self, call: PaymentCall, span: trace.Span, *, holds: bool = True) -> Decided:
+        """The one step every way of deciding money goes through: look the key up (an earlier decision is
+        replayed), decide with the policies, and record the decision with its reservation in one
+        transaction. ``holds=False``: nothing can wait (a card authorization), a hold declines."""
+        agent = call.agent
+        policy_set = self.policies.holder.current
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        keys = spend_keys(policy_set, agent, now) if policy_set.uses_spend else []
+        with self._stage("lookup", span):
+            existing, totals = await self.store.lookup(agent.id, call.idempotency_key, keys)
+        if existing is not None and existing.request_hash != call.request_hash:
+            raise IdempotencyMismatch(
+                f"Keys for idempotent requests can only be used with the same parameters "
+                f"they were first used with. Try using a key other than '{call.idempotency_key}' if you "
+                "meant to execute a different request."
+            )
+        if existing is not None and not _retryable(existing):
+            return Decided(existing, replay=True)
+        payment = await self._resolve(call.payment, agent, call.connection)
+        with self._stage("policy", span):
+            decision = decide(policy_set, self.policies.engine, payment, agent, totals, now)
+        if decision.outcome == HOLD and not holds:
+            decision = replace(
+                decision,
+                outcome=DENY,
+                charges=(),
+                approval=None,
+                hold_expires_in=None,
+                message=f"a card authorization cannot wait for approval: {decision.message}",
+            )
+        annotate(span, payment, decision)
+        new = authorization_for(
+            agent, payment, decision, call.idempotency_key, call.request_hash, self.clock(), self.lease
+        )
+        try:
+            with self._stage("reserve", span):
+                recorded = await self.store.record_decision(
+                    new, self.clock(), existing.id if existing else None
+                )
+        except DuplicateKey:
+            raise RequestInFlight(IN_FLIGHT) from None
+        auth = recorded.record
+        if recorded.exceeded is not None:
+            span.set_attribute("paysentry.decision", DENY)
+            span.set_attribute("paysentry.rule", auth.rule)
+        log_decision(agent, auth)
+        self.metrics.inc("paysentry_decisions_total", decision=auth.decision, rule=auth.rule)
+        return Decided(auth, replay=False, decision=decision, recorded=recorded)
+
+    async def _held(
+        self, auth: AuthorizationRecord, decision: Decision, call: PaymentCall, span: trace.Span
+    ) -> Outcome:
+        """Announce the hold; when the rule allows waiting, keep the call open until the quorum decides."""
+        assert decision.approval is not None and auth.approval_id is not None
+        agent = call.agent
+        span.set_attribute("paysentry.hold_id", auth.approval_id)
+        expires_at = self.clock() + (decision.hold_expires_in or 0)
+        self.holds.on_hold(auth, decision.approval, agent, expires_at)
+        if decision.approval.wait <= 0:
+            return self._refusal(auth, call.connection.adapter)
+        with self.tracer.start_as_current_span("paysentry.wait_for_approval") as waiting:
+            state = await self.holds.wait(agent.owner_id, auth.approval_id, decision.approval.wait)
+            waiting.set_attribute("paysentry.approval_state", state)
+        if state == "approved" and await self.store.start_forwarding(
+            auth.id, self.clock() + self.lease, self.clock()
+        ):
+            return await self._forward(auth, call, span)
+        latest = await self.store.get_authorization(agent.owner_id, auth.id) or auth
+        if latest.state not in (HELD, REJECTED, EXPIRED):  # another call with this key took it forward
+            raise RequestInFlight(IN_FLIGHT)
+        return self._refusal(latest, call.connection.adapter)
+
+    async def _resolve(self, payment: Payment, agent: Agent, connection: Connection) -> Payment:
+        """Fill in the amount of a call on an earlier object (confirm, capture, refund without amount)."""
+        if not payment.refers_to or (payment.amount and payment.currency):
+            return payment
+        earlier = await self.store.find_by_provider_ref(agent.owner_id, payment.refers_to)
+        if earlier is not None and payment.operation.startswith("payment_intent."):
+            amount = payment.amount or earlier.amount
+            return replace(payment, amount=amount, currency=earlier.currency, already_counted=True)
+        path = connection.adapter.lookup_path(payment)
+        found = None
+        if path:
+            request = provider_request(
+                connection.adapter, connection.credentials, "GET", connection.upstream + path, {}, b""
+            )
+            reply = await self.upstream.send(request)
+            found = connection.adapter.amount_of(payment, reply.body) if reply.status == 200 else None
+        if found is None:
+            raise BadRequest(
+                f"PaySentry could not find the amount of {payment.refers_to!r} at the provider, so "
+                "it cannot decide this call",
+                param="amount",
+            )
+        return replace(payment, amount=found[0], currency=found[1])
+
+    async def _replay(self, auth: AuthorizationRecord, call: PaymentCall, span: trace.Span) -> Outcome:
+        span.set_attribute("paysentry.replay", True)
+        span.set_attribute("paysentry.authorization", auth.id)
+        if auth.state == APPROVED:
+            if not await self.store.start_forwarding(auth.id, self.clock() + self.lease, self.clock()):
+                raise RequestInFlight(IN_FLIGHT)
+            span.set_attribute("paysentry.decision", "allow")
+            span.set_attribute("paysentry.hold_id", auth.approval_id or "")
+            return await self._forward(auth, call, span)
+        if auth.state == FORWARDING:
+            raise RequestInFlight(IN_FLIGHT)
+        if (
+            auth.state in (SETTLED, FAILED)
+            and auth.response_status is not None
+            and auth.response_body is not None
+        ):
+            payload = self.sealer.open(auth.response_body, sealed_context("response", auth.id))
+            return Outcome(
+                auth.response_status,
+                payload,
+                {
+                    "Content-Type": "application/json",
+                    "Idempotent-Replayed": "true",
+                    "PaySentry-Authorization": auth.id,
+                },
+            )
+        return self._refusal(auth, call.connection.adapter)
+
+    async def _forward(self, auth: AuthorizationRecord, call: PaymentCall, span: trace.Span) -> Outcome:
+        adapter = call.connection.adapter
+        assert call.forward is not None, "a call the provider asked for is not forwarded"
+        try:
+            with self._stage("upstream", span, SpanKind.CLIENT) as up:
+                W3C.inject(call.forward.headers)  # the upstream stage's span is the provider's parent
+                reply = await self.upstream.send(call.forward)
+                up.set_attribute("http.response.status_code", reply.status)
+        except UpstreamUnavailable as exc:
+            await self.store.fail(auth.id, exc.message, None, None, self.clock())
+            raise
+        except asyncio.CancelledError:  # shutdown grace ran out (or the client went away) mid-call
+            reason = "the call was cut off before the provider answered (shutdown or disconnect)"
+            await asyncio.shield(self.store.fail(auth.id, reason, None, None, self.clock()))
+            raise
+        with self._stage("settle", span):
+            await self._settle(auth, adapter, reply)
+        span.set_attribute("paysentry.upstream_status", reply.status)
+        headers = dict(reply.headers)
+        headers["PaySentry-Authorization"] = auth.id
+        return Outcome(reply.status, reply.body, headers)
+
+    async def _settle(self, auth: AuthorizationRecord, adapter: Adapter, reply: UpstreamReply) -> None:
+        sealed = self.sealer.seal(reply.body, sealed_context("response", auth.id))
+        declined = adapter.declined_in(reply.body) if 200 <= reply.status < 300 else None
+        if declined:  # the provider answered, but no money moved: release, and replay this answer
+            await self.store.fail(auth.id, declined, reply.status, sealed, self.clock())
+        elif 200 <= reply.status < 300:
+            await self.store.settle(
+                auth.id, adapter.provider_ref(reply.body), reply.status, sealed, self.clock()
+            )
+        elif reply.status >= 500 or reply.status == 409:
+            # The provider did not finish: nothing is replayed, the agent may retry with the same key.
+            await self.store.fail(auth.id, f"the provider answered {reply.status}", None, None, self.clock())
+        else:
+            await self.store.fail(
+                auth.id, f"the provider refused ({reply.status})", reply.status, sealed, self.clock()
+            )
+
+    def _refusal(self, auth: AuthorizationRecord, adapter: Adapter) -> Outcome:
+        extra = {
+            "decision": auth.decision,
+            "rule": auth.rule,
+            "policy": auth.policy,
+            "authorization": auth.id,
+            "revision": auth.revision,
+        }
+        if auth.state == HELD:
+            extra["approval_id"] = auth.approval_id
+            message = (
+                f"PaySentry is holding this payment for approval {auth.approval_id} (rule '{auth.rule}': "
+                f"{auth.message}). Once it is approved, retry with the same Idempotency-Key."
+            )
+            return Outcome.of(adapter.error(402, "policy", "approval_required", message, extra=extra))
+        if auth.state == REJECTED:
+            extra["approval_id"] = auth.approval_id
+            message = (
+                f"PaySentry: approval {auth.approval_id} for this payment was denied (rule '{auth.rule}')."
+            )
+            return Outcome.of(adapter.error(402, "policy", "approval_denied", message, extra=extra))
+        if auth.state == EXPIRED:
+            extra["approval_id"] = auth.approval_id
+            message = (
+                f"PaySentry: approval {auth.approval_id} for this payment expired before anyone approved it."
+            )
+            return Outcome.of(adapter.error(402, "policy", "approval_expired", message, extra=extra))
+        assert auth.state == DENIED, auth.state
+        where = f" of policy '{auth.policy}'" if auth.policy else ""
+        message = f"PaySentry denied this payment by rule '{auth.rule}'{where}: {auth.message}"
+        return Outcome.of(adapter.error(402, "policy", auth.rule, message, extra=extra))
+
+    def _stage(self, name: str, call: trace.Span, kind: SpanKind = SpanKind.INTERNAL) -> Stage:
+        return Stage(self.tracer, self._durations[name], name, call, kind)
+
+
+class Stage:
+    """One stage of a call: its span (current while it runs) and its duration, with no generator
+    machinery on the hot path (a payment goes through six of these). When the call's own span is not
+    recorded (nobody receives traces), neither is the stage's: the call's span stands in for it."""
+
+    __slots__ = ("_tracer", "_series", "_name", "_call", "_kind", "_span", "_token", "_started")
+
+    def __init__(
+        self, tracer: trace.Tracer, series: Series, name: str, call: trace.Span, kind: SpanKind
+    ) -> None:
+        self._tracer, self._series, self._name, self._call, self._kind = tracer, series, name, call, kind
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        if self._call.is_recording():
+            self._span = self._tracer.start_span(f"paysentry.{self._name}", kind=self._kind)
+            self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        else:
+            self._span = self._call
+        self._started = time.perf_counter()
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._series.observe(time.perf_counter() - self._started)
+        if self._token is None:
+            return
+        otel_context.detach(self._token)
+        if exc is not None:
+            self._span.record_exception(exc)
+            self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        self._span.end()
+
+
+def _retryable(auth: AuthorizationRecord) -> bool:
+    """A call whose forwarding failed without an answer from the provider is decided again on retry."""
+    return auth.state == FAILED and auth.response_status is None

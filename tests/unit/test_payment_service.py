@@ -1,0 +1,180 @@
+"""The payment service with fakes: no socket, no database. A fixed clock, a fake upstream built from a plain
+function, the payment path of the store in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+from opentelemetry import trace
+
+from adapters.stripe import StripeAdapter
+from proxy.connections import Connection
+from proxy.errors import IdempotencyMismatch, UpstreamUnavailable
+from proxy.metrics import Metrics
+from proxy.model import Agent
+from proxy.payments.calls import Outcome, PaymentCall
+from proxy.payments.service import PaymentService, Policies
+from proxy.policy.engine import make_engine
+from proxy.policy.reload import PolicyHolder
+from proxy.secrets import Sealer
+from proxy.store import FAILED, HELD, SETTLED
+from proxy.upstream import FakeUpstream, UpstreamReply, UpstreamRequest, provider_request
+from tests.unit.fakes import AllowAll, FakeAuthorizations, FakeHolds
+
+ADAPTER = StripeAdapter()
+NOW = 1_790_000_000.0
+POLICY = """
+    name: test
+    limits:
+      - {name: daily_budget, window: day, currency: usd, max_amount: 10000}
+    rules:
+      - {name: usd_only, effect: deny, when: 'payment.currency != "usd"', message: USD only}
+      - {name: large_payment, effect: hold, when: payment.amount > 5000, message: needs a human}
+"""
+AGENT = Agent("agt_1", "own_1", "bot", "conn_1")
+CONNECTION = Connection("conn_1", "own_1", ADAPTER, "http://provider.test", {"secret_key": "sk_owner"})
+Handler = Callable[[UpstreamRequest], Awaitable[UpstreamReply]]
+
+
+def intent(amount: int = 1000) -> Handler:
+    async def handler(request: UpstreamRequest) -> UpstreamReply:
+        body = json.dumps({"id": "pi_1", "object": "payment_intent", "amount": amount}).encode()
+        return UpstreamReply(200, CIMultiDict({"Content-Type": "application/json"}), body)
+
+    return handler
+
+
+def answering(status: int) -> Handler:
+    async def handler(request: UpstreamRequest) -> UpstreamReply:
+        return UpstreamReply(status, CIMultiDict(), b'{"error": {"type": "api_error"}}')
+
+    return handler
+
+
+def raising(maybe_sent: bool) -> Handler:
+    async def handler(request: UpstreamRequest) -> UpstreamReply:
+        raise UpstreamUnavailable("the provider could not be reached", maybe_sent=maybe_sent)
+
+    return handler
+
+
+class World:
+    def __init__(self, tmp_path: Path, handler: Handler, holds: FakeHolds | None = None) -> None:
+        (tmp_path / "p.yaml").write_text(textwrap.dedent(POLICY))
+        engine = make_engine("cel-expr-python")
+        self.store = FakeAuthorizations()
+        self.upstream = FakeUpstream(handler)
+        self.holds = holds or FakeHolds()
+        self.service = PaymentService(
+            store=self.store,  # type: ignore[arg-type]
+            policies=Policies(PolicyHolder(str(tmp_path), engine), engine),
+            agents=None,  # type: ignore[arg-type]  # authorize() is given the agent
+            connections=None,  # type: ignore[arg-type]
+            upstream=self.upstream,
+            sealer=Sealer([("k1", os.urandom(32))]),
+            holds=self.holds,  # type: ignore[arg-type]
+            limiter=AllowAll(),
+            metrics=Metrics(otlp=False),
+            tracer=trace.get_tracer("test"),
+            default_adapter=ADAPTER,
+            reservation_lease=30.0,
+            clock=lambda: NOW,
+        )
+
+    async def pay(self, body: bytes, key: str = "k1") -> Outcome:
+        classified = ADAPTER.classify(
+            "POST", "/v1/payment_intents", "application/x-www-form-urlencoded", body
+        )
+        assert classified.payment is not None
+        forward = provider_request(
+            ADAPTER,
+            CONNECTION.credentials,
+            "POST",
+            CONNECTION.upstream + "/v1/payment_intents",
+            {"Authorization": "Bearer agent-token", "Content-Type": "application/x-www-form-urlencoded"},
+            body,
+            key,
+        )
+        call = PaymentCall(AGENT, CONNECTION, classified.payment, key, f"hash:{body!r}", forward)
+        return await self.service.authorize(call, trace.INVALID_SPAN)
+
+    def only_row(self) -> Any:
+        (row,) = self.store.rows.values()
+        return row
+
+
+async def test_allowed_payment_is_forwarded_with_the_owners_key_and_committed(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+    outcome = await world.pay(b"amount=1000&currency=usd")
+    assert outcome.status == 200 and json.loads(outcome.body)["id"] == "pi_1"
+    (sent,) = world.upstream.sent
+    assert sent.headers["Authorization"] == "Bearer sk_owner" and sent.headers["Idempotency-Key"] == "k1"
+    row = world.only_row()
+    assert (row.state, row.provider_ref) == (SETTLED, "pi_1")
+    assert world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_denied_payment_names_the_rule_and_sends_nothing(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+    outcome = await world.pay(b"amount=1000&currency=eur")
+    error = json.loads(outcome.body)["error"]
+    assert outcome.status == 402 and error["code"] == "usd_only"
+    assert world.upstream.sent == [] and world.store.spent(AGENT.id, "daily_budget") == 0
+
+
+async def test_a_limit_refuses_what_would_pass_it(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+    for i in range(2):
+        assert (await world.pay(b"amount=4000&currency=usd", key=f"k{i}")).status == 200
+    outcome = await world.pay(b"amount=4000&currency=usd", key="k3")
+    assert outcome.status == 402 and json.loads(outcome.body)["error"]["code"] == "daily_budget"
+    assert len(world.upstream.sent) == 2 and world.store.spent(AGENT.id, "daily_budget") == 8000
+
+
+async def test_held_payment_is_announced_and_reserved_but_not_sent(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+    outcome = await world.pay(b"amount=6000&currency=usd")
+    error = json.loads(outcome.body)["error"]
+    assert outcome.status == 402 and error["code"] == "approval_required"
+    row = world.only_row()
+    assert row.state == HELD and world.holds.announced == [row.id]
+    assert world.upstream.sent == [] and world.store.spent(AGENT.id, "daily_budget") == 6000
+
+
+async def test_a_retry_with_the_same_key_replays_the_stored_answer(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+    first = await world.pay(b"amount=1000&currency=usd")
+    again = await world.pay(b"amount=1000&currency=usd")
+    assert again.body == first.body and again.headers["Idempotent-Replayed"] == "true"
+    assert len(world.upstream.sent) == 1 and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_the_same_key_for_another_request_is_refused(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+    await world.pay(b"amount=1000&currency=usd")
+    with pytest.raises(IdempotencyMismatch):
+        await world.pay(b"amount=2000&currency=usd")
+    assert len(world.upstream.sent) == 1 and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_a_provider_never_reached_releases_the_spend(tmp_path: Path) -> None:
+    world = World(tmp_path, raising(maybe_sent=False))
+    with pytest.raises(UpstreamUnavailable):
+        await world.pay(b"amount=1000&currency=usd")
+    assert world.only_row().state == FAILED and world.store.spent(AGENT.id, "daily_budget") == 0
+
+
+async def test_a_provider_refusal_releases_the_spend_and_is_replayed(tmp_path: Path) -> None:
+    world = World(tmp_path, answering(402))
+    first = await world.pay(b"amount=1000&currency=usd")
+    assert first.status == 402 and world.store.spent(AGENT.id, "daily_budget") == 0
+    again = await world.pay(b"amount=1000&currency=usd")
+    assert again.status == 402 and again.headers["Idempotent-Replayed"] == "true"
+    assert len(world.upstream.sent) == 1
