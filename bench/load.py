@@ -7,7 +7,9 @@ wrk from its own process at concurrency 1, 16 and 64 on loopback.
 Printed per row: requests/s, p50 and p99 latency, server CPU per request (the process under test, from
 /proc), non-2xx answers, and for the sidecar its throughput ratio to the bare forwarder and the p50 it adds.
 The bare forwarder is measured again right before each sidecar row, at the same concurrency, and the ratio
-is taken against that: on a shared machine the speed drifts by tens of percent within minutes.
+is taken against that: on a shared machine the speed drifts by tens of percent within minutes. A row that
+cannot be measured (a server did not start, wrk failed, printed socket errors or no figures, or completed no
+request) says ``not measured`` and why, and the table goes on.
 
 Two rows between the floor and the sidecar show the least any gateway in this stack must add to the bare
 forwarder: ``bare + decide`` parses the form and decides it with the same 10-rule policy;
@@ -29,9 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from bench.decision import policy_text
@@ -43,6 +47,11 @@ from tests.servers import Postgres, Redis, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = "amount=1000&currency=usd"
+MS_PER = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}  # wrk's time units
+
+
+class Unmeasured(Exception):
+    """Why a row of the table could not be measured."""
 
 
 # -- the processes under test -------------------------------------------------------------------------------
@@ -167,8 +176,44 @@ def _start(args: list[str], port: int, env: dict[str, str] | None = None) -> sub
     process = subprocess.Popen(
         [sys.executable, *args], env=env or _env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    wait_for_port(port, " ".join(args))
+    try:
+        wait_for_port(port, " ".join(args))
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
     return process
+
+
+class Role:
+    """This module serving one of its roles (upstream, forwarder, required) in a process of its own."""
+
+    token = "x"
+
+    def __init__(self, port: int, role: str, *options: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = _start(["-m", "bench.load", "--role", role, "--port", str(port), *options], port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+class Databases:
+    """PostgreSQL and Redis for the sidecar's postgres stores, one of each shared by them."""
+
+    def __init__(self, root: Path) -> None:
+        self.postgres, self.redis = Postgres(root / "pg", free_port()), Redis(root / "redis", free_port())
+        try:
+            self.postgres.start()
+            self.redis.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.postgres.stop()
+        self.redis.stop()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -187,6 +232,7 @@ class Sidecar:
         credentials: dict[str, str] | None = None,
     ) -> None:
         self.root, self.port, self.admin = root, free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         (root / "policies").mkdir(parents=True)
         (root / "policies" / "bench.yaml").write_text(policy_text(10, budget=10**15))
         self.config = root / "paysentry.yaml"
@@ -232,6 +278,8 @@ class Sidecar:
 
 
 def wrk(url: str, concurrency: int, duration: float, token: str, run_id: str) -> dict[str, float]:
+    """wrk's figures for a run of ``duration`` seconds at ``concurrency``, each request a new payment; raises
+    Unmeasured if wrk fails or its figures are missing or cannot be trusted."""
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(
         "local counter, thread_id = 0, 0\n"
@@ -243,62 +291,98 @@ def wrk(url: str, concurrency: int, duration: float, token: str, run_id: str) ->
         "end\n"
     )
     threads = min(concurrency, 2)
-    out = subprocess.run(
-        [
-            shutil.which("wrk") or "wrk",
-            f"-t{threads}",
-            f"-c{concurrency}",
-            f"-d{duration:g}s",
-            "--latency",
-            "-H",
-            f"Authorization: Bearer {token}",
-            "-H",
-            "Content-Type: application/x-www-form-urlencoded",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    script.unlink()
-    latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)$", out, re.MULTILINE))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    try:
+        done = subprocess.run(
+            [
+                shutil.which("wrk") or "wrk",
+                f"-t{threads}",
+                f"-c{concurrency}",
+                f"-d{duration:g}s",
+                "--latency",
+                "-H",
+                f"Authorization: Bearer {token}",
+                "-H",
+                "Content-Type: application/x-www-form-urlencoded",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        script.unlink()
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip() or "nothing").splitlines()[-1]
+        raise Unmeasured(f"wrk exited with {done.returncode}: {said}")
+    return parse_wrk(done.stdout)
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """wrk --latency's figures: requests/s, requests, p50 and p99 in ms, non-2xx answers. Raises Unmeasured
+    if one is missing, if wrk saw socket errors (connect, read, write, timeout) or no request completed."""
+    # wrk pads a value whose unit is one letter ("99%    1.31s "): spaces may follow it
+    latency = {
+        p: float(value) * MS_PER[unit]
+        for p, value, unit in re.findall(
+            r"^\s*(50|99)%\s+(\d+(?:\.\d+)?)(us|ms|s|m|h)\s*$", out, re.MULTILINE
+        )
+    }
+    rps = re.search(r"^\s*Requests/sec:\s+(\d+(?:\.\d+)?)\s*$", out, re.MULTILINE)
+    requests = re.search(r"^\s*(\d+) requests in ", out, re.MULTILINE)
+    found = {"p50": "50" in latency, "p99": "99" in latency, "requests/s": rps, "request count": requests}
+    if missing := [name for name, there in found.items() if not there]:
+        raise Unmeasured(f"wrk printed no {', '.join(missing)}")
+    if socket := re.search(r"^\s*Socket errors: (.*\S)", out, re.MULTILINE):
+        raise Unmeasured(f"wrk socket errors: {socket.group(1)}")
+    if int(requests.group(1)) == 0:  # type: ignore[union-attr]
+        raise Unmeasured("no request completed")
+    errors = re.search(r"^\s*Non-2xx or 3xx responses: (\d+)", out, re.MULTILINE)
     return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "requests": float(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
-        "p50": _ms(latency["50"]),
-        "p99": _ms(latency["99"]),
+        "rps": float(rps.group(1)),  # type: ignore[union-attr]
+        "requests": float(requests.group(1)),  # type: ignore[union-attr]
+        "p50": latency["50"],
+        "p99": latency["99"],
         "errors": float(errors.group(1)) if errors else 0.0,
     }
 
 
-def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-
-
-def run(
-    process: subprocess.Popen[bytes], url: str, c: int, args: argparse.Namespace, token: str
-) -> dict[str, float]:
-    wrk(url, c, 1, token, f"warm{time.time_ns()}")
-    before = _cpu_seconds(process.pid)
-    result = wrk(url, c, args.duration, token, f"run{time.time_ns()}")
-    result["cpu_us"] = (_cpu_seconds(process.pid) - before) / max(result["requests"], 1) * 1e6
+def run(server: Role | Sidecar | Exception, c: int, args: argparse.Namespace) -> dict[str, float]:
+    """``server`` under wrk at concurrency ``c`` after a 1 s warm-up, with its CPU per request; ``server``
+    an exception: it did not start, and that is raised."""
+    if isinstance(server, Exception):
+        raise server
+    url = server.url + "/v1/payment_intents"
+    wrk(url, c, 1, server.token, f"warm{time.time_ns()}")
+    before = _cpu_seconds(server.process.pid)
+    result = wrk(url, c, args.duration, server.token, f"run{time.time_ns()}")
+    result["cpu_us"] = (_cpu_seconds(server.process.pid) - before) / result["requests"] * 1e6
     return result
 
 
-def measure(
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text if isinstance(error, Unmeasured) else f"{type(error).__name__}: {text}"
+
+
+def row(
     name: str,
-    process: subprocess.Popen[bytes],
-    url: str,
     c: int,
     args: argparse.Namespace,
-    token: str,
-    bare: dict[str, float] | None,
-) -> dict[str, float]:
-    result = run(process, url, c, args, token)
+    server: Role | Sidecar | Exception,
+    floor: Role | Exception | None = None,
+) -> None:
+    """Print ``server``'s row at concurrency ``c`` (with ``floor``, the bare forwarder measured just before:
+    the ratio to it and the p50 added to it), or, if it cannot be measured, a row saying why."""
+    try:
+        try:
+            bare = run(floor, c, args) if floor is not None else None
+        except Exception as error:
+            raise Unmeasured(f"the bare forwarder before it: {_reason(error)}") from error
+        result = run(server, c, args)
+    except Exception as error:  # this row's failure, not the table's: the next rows go on
+        print(f"{name:<24}{c:>4}  not measured: {_reason(error)}", flush=True)
+        return
     line = (
         f"{name:<24}{c:>4}{result['rps']:>10.0f}{result['p50']:>9.2f}{result['p99']:>9.2f}"
         f"{result['cpu_us']:>10.0f}{result['errors']:>8.0f}"
@@ -306,7 +390,31 @@ def measure(
     if bare is not None:
         line += f"{result['rps'] / bare['rps']:>8.2f}{result['p50'] - bare['p50']:>10.2f}"
     print(line, flush=True)
-    return result
+
+
+S = TypeVar("S", Role, Sidecar, Databases)
+
+
+def start(stack: ExitStack, make: Callable[..., S], *args: Any) -> S | Exception:
+    """``make(*args)``, a server stopped when ``stack`` closes; or, if it does not start, why, for each of
+    its rows to say."""
+    try:
+        server = make(*args)
+    except Exception as error:
+        return error
+    stack.callback(server.stop)
+    return server
+
+
+def _sidecar(root: Path, store: str, upstream: str, databases: Databases | Exception | None) -> Sidecar:
+    """The sidecar on ``store``; on a postgres store, in a database of its own on the shared server."""
+    if store == "sqlite":
+        return Sidecar(root / store, f"sqlite:///{root / 'sidecar.db'}", upstream)
+    if isinstance(databases, Exception):
+        raise databases
+    url = databases.postgres.create_database(f"load_{store.replace('+', '_')}")  # type: ignore[union-attr]
+    redis_url = databases.redis.url if store == "postgres+redis" else ""  # type: ignore[union-attr]
+    return Sidecar(root / store, url, upstream, redis_url)
 
 
 def main() -> None:
@@ -329,79 +437,42 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     root = Path(tempfile.mkdtemp(prefix="paysentry-load-"))
     root.chmod(0o755)
-    up_port, fw_port = free_port(), free_port()
-    upstream = _start(["-m", "bench.load", "--role", "upstream", "--port", str(up_port)], up_port)
-    upstream_url = f"http://127.0.0.1:{up_port}"
-    forwarder = _start(
-        ["-m", "bench.load", "--role", "forwarder", "--port", str(fw_port), "--upstream", upstream_url],
-        fw_port,
-    )
-    servers: list[Postgres | Redis] = []
-    print(
-        f"POST /v1/payment_intents, allowed, {args.duration:g} s per row, wrk on loopback; "
-        "cpu = server process CPU per request;\nratio, +p50: against the bare forwarder measured again "
-        "just before the row, at the same concurrency"
-    )
-    print(
-        f"{'target':<24}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu us':>10}{'non2xx':>8}"
-        f"{'ratio':>8}{'+p50 ms':>10}"
-    )
-    try:
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        up_port = free_port()
+        upstream_url = f"http://127.0.0.1:{up_port}"
+        upstream = start(stack, Role, up_port, "upstream")
+        forwarder = start(stack, Role, free_port(), "forwarder", "--upstream", upstream_url)
+        print(
+            f"POST /v1/payment_intents, allowed, {args.duration:g} s per row, wrk on loopback; "
+            "cpu = server process CPU per request;\nratio, +p50: against the bare forwarder measured again "
+            "just before the row, at the same concurrency"
+        )
+        print(
+            f"{'target':<24}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu us':>10}{'non2xx':>8}"
+            f"{'ratio':>8}{'+p50 ms':>10}"
+        )
         for c in levels:
-            measure("upstream alone", upstream, upstream_url + "/v1/payment_intents", c, args, "x", None)
-        bare_url = f"http://127.0.0.1:{fw_port}/v1/payment_intents"
+            row("upstream alone", c, args, upstream)
         for c in levels:
-            measure("bare forwarder", forwarder, bare_url, c, args, "x", None)
+            row("bare forwarder", c, args, forwarder)
         for name, commit_to in (
             ("bare + decide", ""),
             ("bare + decide + commits", str(root / "required.db")),
         ):
-            port = free_port()
-            required = _start(
-                ["-m", "bench.load", "--role", "required", "--port", str(port), "--upstream", upstream_url]
-                + ["--commit-to", commit_to],
-                port,
-            )
-            try:
+            with ExitStack() as rows:
+                options = ["--upstream", upstream_url, "--commit-to", commit_to]
+                required = start(rows, Role, free_port(), "required", *options)
                 for c in levels:
-                    bare = run(forwarder, bare_url, c, args, "x")
-                    measure(name, required, f"http://127.0.0.1:{port}/v1/payment_intents", c, args, "x", bare)
-            finally:
-                required.terminate()
-                required.wait(timeout=10)
+                    row(name, c, args, required, forwarder)
+        databases: Databases | Exception | None = None
         for store in args.stores.split(","):
-            redis_url = ""
-            if store == "sqlite":
-                url = f"sqlite:///{root / 'sidecar.db'}"
-            else:
-                if not servers:
-                    servers = [
-                        Postgres(root / "pg", free_port()).start(),
-                        Redis(root / "redis", free_port()).start(),
-                    ]
-                url = servers[0].create_database(f"load_{store.replace('+', '_')}")  # type: ignore[union-attr]
-                redis_url = servers[1].url if store == "postgres+redis" else ""
-            sidecar = Sidecar(root / store, url, upstream_url, redis_url)
-            try:
+            if store != "sqlite" and databases is None:
+                databases = start(stack, Databases, root)
+            with ExitStack() as rows:
+                sidecar = start(rows, _sidecar, root, store, upstream_url, databases)
                 for c in levels:
-                    measure(
-                        f"sidecar ({store})",
-                        sidecar.process,
-                        f"http://127.0.0.1:{sidecar.port}/v1/payment_intents",
-                        c,
-                        args,
-                        sidecar.token,
-                        run(forwarder, bare_url, c, args, "x"),  # the floor, back to back
-                    )
-            finally:
-                sidecar.stop()
-    finally:
-        for process in (upstream, forwarder):
-            process.terminate()
-            process.wait(timeout=10)
-        for server in servers:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+                    row(f"sidecar ({store})", c, args, sidecar, forwarder)  # the floor, back to back
 
 
 if __name__ == "__main__":
