@@ -129,19 +129,22 @@ class RequiredWork:
 
 
 def serve_forwarder(port: int, upstream: str, work: RequiredWork | None = None) -> None:
-    """The bare forwarder: the sidecar's Forwarder (one shared ClientSession, keep-alive), nothing else;
-    with ``work``, that work around each call."""
+    """The bare forwarder: the sidecar's upstream seam (one shared ClientSession, keep-alive, the provider's
+    headers built the same way), nothing else; with ``work``, that work around each call."""
     from aiohttp import web
 
-    from proxy.forwarder import Forwarder
+    from adapters.mock import MockAdapter
+    from proxy.upstream import AiohttpUpstream, provider_request
 
-    forwarder = Forwarder(30.0)
+    forwarder, adapter, credentials = AiohttpUpstream(30.0), MockAdapter(), {"secret_key": "sk_test_bench"}
 
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
         row = work.before(request, body) if work else 0
-        headers = forwarder.request_headers(request.headers, {"Authorization": "Bearer sk_test_bench"})
-        reply = await forwarder.send(request.method, upstream + request.rel_url.raw_path_qs, headers, body)
+        url = upstream + request.rel_url.raw_path_qs
+        reply = await forwarder.send(
+            provider_request(adapter, credentials, request.method, url, request.headers, body)
+        )
         if work:
             work.after(row)
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
