@@ -132,7 +132,6 @@ def serve_forwarder(port: int, upstream: str, work: RequiredWork | None = None) 
     """The bare forwarder: the sidecar's Forwarder (one shared ClientSession, keep-alive), nothing else;
     with ``work``, that work around each call."""
     from aiohttp import web
-
     from proxy.forwarder import Forwarder
 
     forwarder = Forwarder(30.0)

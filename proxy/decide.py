@@ -279,7 +279,9 @@ def simulate_reservation(decision: Decision, spend: Mapping[str, SpendTotal]) ->
 def _limit_applies(lim: Limit, payment: Payment, activation: Any) -> bool:
     if payment.operation == UNRECOGNIZED or payment.currency != lim.currency:
         return False
-    if lim.operations is not None and payment.operation not in lim.operations:
+    if lim.operations is not None and not (
+        payment.operation in lim.operations or payment.operation.split(".")[0] in lim.operations
+    ):  # a limit on payment_intent also counts its confirm and capture: the money of that object
         return False
     if lim.when is None:
         return True

@@ -39,6 +39,7 @@ from proxy.decide import decide, spend_keys
 from proxy.errors import (
     AuthenticationFailed,
     BadRequest,
+    Forbidden,
     IdempotencyMismatch,
     PaySentryError,
     RateLimited,
@@ -49,7 +50,7 @@ from proxy.errors import (
 from proxy.holds import HoldCoordinator
 from proxy.metrics import Metrics, Series
 from proxy.model import DENY, HOLD, Agent, Decision, Payment
-from proxy.payments.calls import AgentCall, Outcome, PaymentCall
+from proxy.payments.calls import AgentCall, Outcome, PaymentCall, provider_idempotency_key
 from proxy.payments.guards import bearer_token, check_call
 from proxy.payments.records import annotate, authorization_for, log_decision
 from proxy.policy.engine import Engine
@@ -222,43 +223,95 @@ class PaymentService:
         body = await call.read_body()
         classified = adapter.classify(call.method, call.path, call.content_type if body else "", body)
         url = connection.upstream + call.target
-        if classified.kind == PASSTHROUGH:
-            span.set_attribute("paysentry.decision", "passthrough")
-            request = provider_request(adapter, connection.credentials, call.method, url, call.headers, body)
-            if classified.voids is None:
-                unreachable = adapter.error(
-                    502, "api", UpstreamUnavailable.code, "the provider could not be reached", retry=True
-                )
-                return replace(Outcome.of(unreachable), stream=request)
-            reply = await self.upstream.send(request)
-            if 200 <= reply.status < 300:
-                await self._void(agent, classified.voids, call)
-            return Outcome(reply.status, reply.body, reply.headers)
-        assert classified.payment is not None
         key = call.headers.get(adapter.idempotency_header) or ""
         if len(key) > MAX_IDEMPOTENCY_KEY:
             raise BadRequest(f"{adapter.idempotency_header} is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        if classified.kind == PASSTHROUGH and classified.voids is None:
+            span.set_attribute("paysentry.decision", "passthrough")
+            request = provider_request(
+                adapter,
+                connection.credentials,
+                call.method,
+                url,
+                call.headers,
+                body,
+                provider_idempotency_key(agent.id, key) if key else None,
+            )
+            unreachable = adapter.error(
+                502, "api", UpstreamUnavailable.code, "the provider could not be reached", retry=True
+            )
+            return replace(Outcome.of(unreachable), stream=request)
+        if call.query:  # a call on money is decided on its body; the provider may read the query too
+            name = next(iter(call.query))
+            raise BadRequest(
+                f"PaySentry does not forward query parameters on calls that move money ({name!r}): "
+                "send every parameter in the body, where it is decided",
+                param=name,
+            )
         key = key or new_id("psidem")
+        if classified.voids is not None:
+            return await self._cancel(call, agent, connection, classified.voids, url, body, key)
+        assert classified.payment is not None
         request_hash = hashlib.sha256(
             b"\0".join([call.method.encode(), call.target.encode(), body])
         ).hexdigest()
         # What is forwarded if allowed: where the provider can enforce the approval, the body says it.
         outgoing = adapter.prepare(classified.payment, body)
         forward = provider_request(
-            adapter, connection.credentials, call.method, url, call.headers, outgoing, key
+            adapter,
+            connection.credentials,
+            call.method,
+            url,
+            call.headers,
+            outgoing,
+            provider_idempotency_key(agent.id, key),
         )
         payment_call = PaymentCall(agent, connection, classified.payment, key, request_hash, forward)
         return await self.authorize(payment_call, span)
 
-    async def _void(self, agent: Agent, ref: str, call: AgentCall) -> None:
-        """The provider cancelled ``ref`` at the agent's request: release what it counted. The provider's
-        answer goes back regardless; if the store fails, the spend stays counted (the provider's
-        cancellation webhook releases it later)."""
-        data = {"call": f"{call.method} {call.path}", "agent": agent.id}
-        try:
-            await self.store.void(agent.owner_id, ref, "agent", data, self.clock())
-        except StoreUnavailable as exc:
-            log.error("cancelled at the provider, spend not yet released: %s", exc.message)
+    async def _cancel(
+        self,
+        call: AgentCall,
+        agent: Agent,
+        connection: Connection,
+        ref: str,
+        url: str,
+        body: bytes,
+        key: str,
+    ) -> Outcome:
+        """Cancel an object: only its owner may (another agent's object is refused before anything is
+        sent); once the provider accepts, the spend it counted is released. The provider's answer goes
+        back regardless; if the store fails, the spend stays counted (the provider's cancellation event
+        releases it later)."""
+        await self._owned(agent, ref)
+        request = provider_request(
+            connection.adapter,
+            connection.credentials,
+            call.method,
+            url,
+            call.headers,
+            body,
+            provider_idempotency_key(agent.id, key),
+        )
+        reply = await self.upstream.send(request)
+        if 200 <= reply.status < 300:
+            data = {"call": f"{call.method} {call.path}", "agent": agent.id}
+            try:
+                await self.store.void(agent.owner_id, ref, "agent", data, self.clock())
+            except StoreUnavailable as exc:
+                log.error("cancelled at the provider, spend not yet released: %s", exc.message)
+        return Outcome(reply.status, reply.body, reply.headers)
+
+    async def _owned(self, agent: Agent, ref: str) -> AuthorizationRecord | None:
+        """The record of the provider object ``ref`` as PaySentry knows it, refusing an object another agent
+        of the owner made (agents never act on each other's objects)."""
+        earlier = await self.store.find_by_provider_ref(agent.owner_id, ref)
+        if earlier is not None and earlier.agent_id != agent.id:
+            raise Forbidden(
+                f"{ref} was made by another agent of this owner; an agent acts only on its own objects",
+                param="id",
+            )
+        return earlier
 
     # -- a payment ------------------------------------------------------------------------------------------
     async def authorize(self, call: PaymentCall, span: trace.Span) -> Outcome:
@@ -348,9 +401,11 @@ class PaymentService:
 
     async def _resolve(self, payment: Payment, agent: Agent, connection: Connection) -> Payment:
         """Fill in the amount of a call on an earlier object (confirm, capture, refund without amount)."""
-        if not payment.refers_to or (payment.amount and payment.currency):
+        if not payment.refers_to:
             return payment
-        earlier = await self.store.find_by_provider_ref(agent.owner_id, payment.refers_to)
+        earlier = await self._owned(agent, payment.refers_to)
+        if payment.amount and payment.currency:
+            return payment
         if earlier is not None and payment.operation.startswith("payment_intent."):
             amount = payment.amount or earlier.amount
             return replace(payment, amount=amount, currency=earlier.currency, already_counted=True)
@@ -414,7 +469,16 @@ class PaymentService:
             await asyncio.shield(self.store.fail(auth.id, reason, None, None, self.clock()))
             raise
         with self._stage("settle", span):
-            await self._settle(auth, adapter, reply)
+            try:
+                await self._settle(auth, adapter, reply)
+            except StoreUnavailable as exc:  # the provider answered: the agent hears it all the same
+                self.metrics.inc("paysentry_store_errors_total", where="settle")
+                log.error(
+                    "the provider answered %s but the store could not record it (%s); the authorization "
+                    "stays reserved and is resolved from the provider",
+                    reply.status,
+                    exc.message,
+                )
         span.set_attribute("paysentry.upstream_status", reply.status)
         headers = dict(reply.headers)
         headers["PaySentry-Authorization"] = auth.id

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from proxy.connections import Connection
 from proxy.model import Agent, ApprovalSpec, Charge, SpendTotal
 from proxy.store import (
     APPROVED,
@@ -15,6 +16,7 @@ from proxy.store import (
     HELD,
     SETTLED,
     VOIDED,
+    AgentRecord,
     AuthorizationRecord,
     DuplicateKey,
     LimitExceeded,
@@ -175,3 +177,21 @@ class FakeHolds:
 class AllowAll:
     async def allow(self, key: str) -> bool:
         return True
+
+
+class FakeAgents:
+    """Every token is the one agent's."""
+
+    def __init__(self, agent: AgentRecord) -> None:
+        self.agent = agent
+
+    async def authenticate(self, token: str | None, client: str | None = None) -> AgentRecord:
+        return self.agent
+
+
+class FakeConnections:
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    async def get(self, connection_id: str) -> Connection:
+        return self.connection
