@@ -173,8 +173,65 @@ class Event:
     at: float = 0.0
 
 
-class DuplicateKey(Exception):
-    """Another call with the same agent and Idempotency-Key was recorded first."""
+class Refused(Exception):
+    """The store did not apply a write, and why, as data: which object, in which state. The store never
+    words it; a caller that faces a person does (``proxy.owners.refusal``).
+
+        Refused
+        ├── DuplicateKey        another call with the same agent and Idempotency-Key was recorded first
+        ├── AgentNameTaken      the owner already has an active agent of that name
+        └── VoteRefused         a vote the hold cannot take
+            ├── ApprovalNotFound    no such approval for this owner
+            ├── ApprovalClosed      already approved, denied or expired
+            ├── ApprovalExpired     pending, but past its deadline
+            ├── NotAnApprover       the voter is not named among the approvers
+            └── LinkUnusable        the approval link is unknown, used or expired
+    """
+
+    def __str__(self) -> str:
+        return repr(self)
+
+
+@dataclass(eq=False)
+class DuplicateKey(Refused):
+    idempotency_key: str
+
+
+@dataclass(eq=False)
+class AgentNameTaken(Refused):
+    name: str
+
+
+class VoteRefused(Refused):
+    """A vote the hold cannot take; nothing was counted."""
+
+
+@dataclass(eq=False)
+class ApprovalNotFound(VoteRefused):
+    approval_id: str
+
+
+@dataclass(eq=False)
+class ApprovalClosed(VoteRefused):
+    approval_id: str
+    state: str  # approved, denied or expired
+
+
+@dataclass(eq=False)
+class ApprovalExpired(VoteRefused):
+    approval_id: str
+
+
+@dataclass(eq=False)
+class NotAnApprover(VoteRefused):
+    approval_id: str
+    voter: str
+    approvers: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class LinkUnusable(VoteRefused):
+    """No unused, unexpired link has this token."""
 
 
 class IdentityStore(Protocol):
@@ -189,7 +246,9 @@ class IdentityStore(Protocol):
     async def add_connection(self, connection: ConnectionRecord) -> None: ...
     async def get_connection(self, connection_id: str) -> ConnectionRecord | None: ...
     async def find_connection(self, owner_id: str, name: str) -> ConnectionRecord | None: ...
-    async def create_agent(self, agent: AgentRecord) -> None: ...
+    async def create_agent(self, agent: AgentRecord) -> None:
+        """Raises ``AgentNameTaken`` when the owner has an active agent of that name."""
+        ...
 
     async def get_agent(self, agent_id: str) -> AgentRecord | None: ...
     async def list_agents(self, owner_id: str) -> list[AgentRecord]: ...
@@ -249,7 +308,7 @@ class AuthorizationStore(Protocol):
 
 class HoldStore(Protocol):
     """Holds waiting for approvers: their votes (counted by ``proxy.approvals.tally``), one-time approval
-    links, and the approvals themselves."""
+    links, and the approvals themselves. A vote the hold cannot take raises a ``VoteRefused``."""
 
     async def vote(
         self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str, now: float

@@ -21,7 +21,6 @@ from proxy.approvals import DENIED as DENIED_HOLD
 from proxy.approvals import EXPIRED as EXPIRED_HOLD
 from proxy.approvals import PENDING, may_vote, tally
 from proxy.decide import limit_exceeded_message
-from proxy.errors import Conflict, Forbidden, NotFound
 from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
 from proxy.store import (
     APPROVED,
@@ -33,14 +32,20 @@ from proxy.store import (
     REJECTED,
     SETTLED,
     VOIDED,
+    AgentNameTaken,
     AgentRecord,
+    ApprovalClosed,
+    ApprovalExpired,
+    ApprovalNotFound,
     ApprovalRecord,
     AuthorizationRecord,
     ConnectionRecord,
     DuplicateKey,
     Event,
     LimitExceeded,
+    LinkUnusable,
     NewAuthorization,
+    NotAnApprover,
     OwnerRecord,
     Recorded,
     Vote,
@@ -237,7 +242,7 @@ class SqlStore(ABC):
                 ),
             )
             if not inserted:
-                raise Conflict(f"an active agent named {a.name!r} already exists")
+                raise AgentNameTaken(a.name)
             yield from _event(
                 a.owner_id,
                 a.id,
@@ -461,7 +466,7 @@ class SqlStore(ABC):
                 (now, token_hash, now),
             )
             if link is None:
-                raise NotFound("this approval link is unknown, used or expired")
+                raise LinkUnusable()
             owner_id = (yield one("SELECT owner_id FROM approvals WHERE id=?", (link[0],)))[0]
             return (yield from _vote(owner_id, link[0], link[1], approve, reason, "link", now))
 
@@ -494,7 +499,7 @@ class SqlStore(ABC):
             )
             for approval_id, owner_id in rows:
                 yield from _close_hold(
-                    owner_id, approval_id, "expired", EXPIRED, "paysentry", "the hold expired", now
+                    owner_id, approval_id, EXPIRED_HOLD, EXPIRED, "paysentry", "the hold expired", now
                 )
             return len(rows)
 
@@ -770,19 +775,14 @@ def _vote(
 ) -> Tx[VoteResult]:
     row = yield one("SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id))
     if row is None:
-        raise NotFound(f"no approval {approval_id!r}")
+        raise ApprovalNotFound(approval_id)
     approval = yield from _approval(row)
     if approval.state != PENDING:
-        raise Conflict(f"approval {approval_id} is already {approval.state}")
-    if approval.expires_at <= now:
-        yield from _close_hold(
-            owner_id, approval_id, EXPIRED_HOLD, EXPIRED, "paysentry", "the hold expired", now
-        )
-        raise Conflict(f"approval {approval_id} has expired")
+        raise ApprovalClosed(approval_id, approval.state)
+    if approval.expires_at <= now:  # the sweep expires it and releases its spend
+        raise ApprovalExpired(approval_id)
     if not may_vote(approval.approvers, voter):
-        raise Forbidden(
-            f"{voter!r} is not an approver of {approval_id} (approvers: {', '.join(approval.approvers)})"
-        )
+        raise NotAnApprover(approval_id, voter, approval.approvers)
     vote = "approve" if approve else "deny"
     counted = yield execute(
         "INSERT INTO votes VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",

@@ -10,13 +10,19 @@ import time
 
 import pytest
 
-from proxy.errors import Conflict, StoreUnavailable
+from proxy.errors import StoreUnavailable
 from proxy.model import Charge
 from proxy.store import (
+    AgentNameTaken,
     AgentRecord,
+    ApprovalClosed,
+    ApprovalExpired,
+    ApprovalNotFound,
     ConnectionRecord,
     DuplicateKey,
+    LinkUnusable,
     NewAuthorization,
+    NotAnApprover,
     OwnerRecord,
     Store,
     open_store,
@@ -149,6 +155,15 @@ async def test_settle_keeps_and_fail_releases(backend: Backend) -> None:
     await store.close()
 
 
+async def test_an_active_agent_name_is_taken_once(backend: Backend) -> None:
+    store = await seeded(backend)
+    with pytest.raises(AgentNameTaken) as taken:
+        await store.create_agent(AgentRecord("agt_2", "own_1", "conn_1", "bot", {}, "hash", 2.0))
+    assert taken.value.name == "bot"
+    assert [a.id for a in await store.list_agents("own_1")] == ["agt_1"]  # nothing written
+    await store.close()
+
+
 async def test_same_key_twice_is_a_duplicate(backend: Backend) -> None:
     store = await seeded(backend)
     await store.record_decision(new("same"), time.time())
@@ -170,8 +185,14 @@ async def test_holds_reserve_and_release_on_deny_or_expiry(backend: Backend) -> 
     assert await spent(store) == (1000, 1)
     approved = (await store.vote("own_1", "apr_3", "alice", True, "fine", "cli", now)).approval
     assert approved.state == "approved" and approved.authorization.state == "approved"
-    with pytest.raises(Conflict):
+    with pytest.raises(ApprovalClosed) as closed:
         await store.vote("own_1", "apr_3", "bob", True, "again", "cli", now)
+    assert (closed.value.approval_id, closed.value.state) == ("apr_3", "approved")
+    with pytest.raises(ApprovalClosed) as closed:
+        await store.vote("own_1", "apr_2", "bob", True, "too late", "cli", now + 2)
+    assert closed.value.state == "expired"
+    with pytest.raises(ApprovalNotFound):
+        await store.vote("own_2", "apr_3", "bob", True, "not mine", "cli", now)
     assert await store.start_forwarding("auth_h3", now + 60, now)
     assert not await store.start_forwarding("auth_h3", now + 60, now)  # forwarded exactly once
     assert await store.get_approval("own_2", "apr_3") is None  # another owner does not see it
@@ -234,7 +255,6 @@ async def test_a_database_not_yet_migrated_is_refused_until_db_migrate(postgres_
 
 
 async def test_quorum_votes(backend: Backend) -> None:
-    from proxy.errors import Forbidden, NotFound
     from proxy.model import ApprovalSpec
 
     store = await seeded(backend)
@@ -248,8 +268,11 @@ async def test_quorum_votes(backend: Backend) -> None:
     assert first.counted and first.approval.state == "pending"
     again = await store.vote("own_1", "apr_q1", "alice", True, "ok again", "cli", now)
     assert not again.counted and again.approval.state == "pending"  # the same approver counts once
-    with pytest.raises(Forbidden):
+    with pytest.raises(NotAnApprover) as refused:
         await store.vote("own_1", "apr_q1", "mallory", True, "me too", "cli", now)
+    assert (refused.value.voter, refused.value.approvers) == ("mallory", ("alice", "bob", "reviewer:risk"))
+    with pytest.raises(ApprovalExpired):
+        await store.vote("own_1", "apr_q1", "bob", True, "late", "cli", now + 61)
     done = await store.vote("own_1", "apr_q1", "reviewer:risk", True, "low risk", "reviewer", now)
     assert done.approval.state == "approved"
     assert [(v.voter, v.vote, v.via) for v in done.approval.votes] == [
@@ -273,6 +296,6 @@ async def test_quorum_votes(backend: Backend) -> None:
     assert (approval.id, approver, used) == ("apr_q3", "bob", None)
     result = await store.use_link(digest, True, "via link", now)
     assert result.approval.votes[0].voter == "bob" and result.approval.votes[0].via == "link"
-    with pytest.raises(NotFound):
+    with pytest.raises(LinkUnusable):
         await store.use_link(digest, True, "replayed", now)  # one time only
     await store.close()
