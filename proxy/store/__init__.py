@@ -9,11 +9,12 @@ of ``proxy.store.sql``; ``open_store`` picks one from a URL.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
+from proxy.refusals import limit_exceeded_message
 
 # Authorization states.
 DENIED, HELD, APPROVED, REJECTED, EXPIRED = "denied", "held", "approved", "rejected", "expired"
@@ -58,7 +59,9 @@ class AgentRecord:
 
 @dataclass(frozen=True, slots=True)
 class NewAuthorization:
-    """A decided call, as the pipeline hands it to ``record_decision``."""
+    """A decided call, as the pipeline hands it to ``record_decision``. ``explain`` is the core's wording of
+    a refusal the store finds while reserving (this charge would pass its limit, this much is already
+    counted); the store records the words in the same transaction and never composes them."""
 
     id: str
     owner_id: str
@@ -82,6 +85,7 @@ class NewAuthorization:
     lease_expires_at: float | None = None
     shadow: Sequence[Mapping[str, str]] = ()  # what shadow rules would have decided
     approval: ApprovalSpec | None = None  # holds: who decides
+    explain: Callable[[Charge, SpendTotal], str] = limit_exceeded_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +271,7 @@ class AuthorizationStore(Protocol):
         self, new: NewAuthorization, now: float, retry_of: str | None = None
     ) -> Recorded:
         """Record ``new`` and reserve its charges in one transaction. A charge that would pass its limit
-        turns the decision into a denial; ``Recorded.exceeded`` says which.
+        turns the decision into a denial worded by ``new.explain``; ``Recorded.exceeded`` says which.
         Raises ``DuplicateKey`` when the agent's Idempotency-Key was recorded first by another call."""
         ...
 

@@ -20,7 +20,6 @@ from proxy.approvals import APPROVED as APPROVED_HOLD
 from proxy.approvals import DENIED as DENIED_HOLD
 from proxy.approvals import EXPIRED as EXPIRED_HOLD
 from proxy.approvals import PENDING, may_vote, tally
-from proxy.decide import limit_exceeded_message
 from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
 from proxy.store import (
     APPROVED,
@@ -600,7 +599,7 @@ def record_decision_tx(
         exceeded = yield from _reserve(new.agent_id, new.charges)
     if exceeded:
         decision, rule = "deny", exceeded.charge.limit
-        message = limit_exceeded_message(exceeded.charge, exceeded.total, exceeded.charge.message)
+        message = new.explain(exceeded.charge, exceeded.total)
     state = {"allow": FORWARDING, "hold": HELD, "deny": DENIED}[decision]
     charges = [] if state == DENIED else new.charges
     values = (

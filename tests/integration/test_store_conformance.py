@@ -11,7 +11,7 @@ import time
 import pytest
 
 from proxy.errors import StoreUnavailable
-from proxy.model import Charge
+from proxy.model import Charge, SpendTotal
 from proxy.store import (
     AgentNameTaken,
     AgentRecord,
@@ -82,6 +82,20 @@ async def test_concurrent_reservations_stop_exactly_at_the_limit(backend: Backen
     denied = next(r for r in results if r.exceeded)
     assert denied.record.rule == "daily" and "100.00 USD" in denied.record.message
     assert await spent(store) == (10000, 10)
+    await store.close()
+
+
+async def test_a_refusal_found_while_reserving_is_worded_by_the_core(backend: Backend) -> None:
+    store = await seeded(backend)
+    for i in range(10):
+        await store.record_decision(new(f"e{i}"), time.time())
+
+    def explain(charge: Charge, total: SpendTotal) -> str:
+        return f"{charge.limit} is full: {total.amount} of {charge.max_amount}"
+
+    refused = await store.record_decision(new("e10", explain=explain), time.time())
+    assert refused.record.message == "daily is full: 10000 of 10000"
+    assert (await store.get_authorization("own_1", refused.record.id)).message == refused.record.message
     await store.close()
 
 
