@@ -223,6 +223,48 @@ async def test_stale_reservations_are_reclaimed(backend: Backend) -> None:
     await store.close()
 
 
+async def test_two_replicas_sweeping_at_once_reclaim_each_lease_once(backend: Backend) -> None:
+    """Two sweeps (two replicas, one database) on the same expired leases: each authorization is reclaimed
+    by exactly one of them, so its spend is released once and the totals end at zero, never below."""
+    small = Charge("daily", "day:2026-11-22", "usd", 100, 10000, None)  # 40 payments fit the limit
+    first, second = await seeded(backend), backend.store()
+    await second.open()
+    now = time.time()
+    for i in range(40):
+        await first.record_decision(new(f"lease{i:02d}", charges=(small,), lease_expires_at=now - 1), now)
+    _, before = await first.lookup("agt_1", "-", [("daily", small.period)])
+    assert before["daily"] == SpendTotal(4000, 40)
+    counts = await asyncio.gather(first.reclaim_leases(now), second.reclaim_leases(now))
+    assert sum(counts) == 40
+    _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
+    assert after["daily"] == SpendTotal(0, 0)  # what the gate reads (Redis, or the spend table)
+    assert await spent(first) == (0, 0)
+    events = await first.list_events("own_1", 0, 1000)
+    reclaimed = sorted(e.authorization_id for e in events if e.type == "authorization.reclaimed")
+    assert reclaimed == [f"auth_lease{i:02d}" for i in range(40)]
+    assert {a.state for a in await first.list_authorizations("own_1", None, 100)} == {"failed"}
+    await first.close()
+    await second.close()
+
+
+async def test_two_replicas_expiring_holds_at_once_release_each_once(backend: Backend) -> None:
+    small = Charge("daily", "day:2026-11-22", "usd", 100, 10000, None)
+    first, second = await seeded(backend), backend.store()
+    await second.open()
+    now = time.time()
+    for i in range(20):
+        hold = new(f"held{i:02d}", "hold", (small,), approval_id=f"apr_{i:02d}", hold_expires_at=now + 1)
+        await first.record_decision(hold, now)
+    counts = await asyncio.gather(first.expire_holds(now + 2), second.expire_holds(now + 2))
+    assert sum(counts) == 20
+    _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
+    assert after["daily"] == SpendTotal(0, 0)
+    events = await first.list_events("own_1", 0, 1000)
+    assert sum(e.type == "approval.expired" for e in events) == 20
+    await first.close()
+    await second.close()
+
+
 async def raw_sql(url: str, sql: str) -> None:
     """Run SQL straight on the database, as an intruder or an older/newer PaySentry would."""
     if url.startswith("sqlite:///"):
