@@ -49,6 +49,25 @@ async def test_a_reservation_never_recorded_in_postgres_is_released_by_reconcili
     await store.close()
 
 
+async def test_two_replicas_reconciling_at_once_release_a_lost_reservation_once(
+    fleet_backend: Backend, redis_server: Redis
+) -> None:
+    first = await seeded(fleet_backend)
+    second = fleet_backend.store()
+    await second.open()
+    assert isinstance(first, PostgresRedisStore) and isinstance(second, PostgresRedisStore)
+    for i in range(5):  # reserved in Redis by sidecars that died before their PostgreSQL transaction
+        assert await first.gate(f"auth_lost{i}", "agt_1", [LIMIT]) is None
+    assert counter(redis_server) == (5000, 5)
+    later = time.time() + 120
+    assert sum(await asyncio.gather(first.reconcile(later), second.reconcile(later))) == 5
+    assert counter(redis_server) == (0, 0)  # each released once, by one replica or the other
+    await second.release("agt_1", [LIMIT], "auth_lost0")  # a replica late by a whole round trip
+    assert counter(redis_server) == (0, 0)
+    await first.close()
+    await second.close()
+
+
 async def test_a_redis_that_lost_its_data_is_rebuilt_from_postgres(
     fleet_backend: Backend, redis_server: Redis
 ) -> None:

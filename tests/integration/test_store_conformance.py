@@ -10,13 +10,19 @@ import time
 
 import pytest
 
-from proxy.errors import Conflict, StoreUnavailable
-from proxy.model import Charge
+from proxy.errors import StoreUnavailable
+from proxy.model import Charge, SpendTotal
 from proxy.store import (
+    AgentNameTaken,
     AgentRecord,
+    ApprovalClosed,
+    ApprovalExpired,
+    ApprovalNotFound,
     ConnectionRecord,
     DuplicateKey,
+    LinkUnusable,
     NewAuthorization,
+    NotAnApprover,
     OwnerRecord,
     Store,
     open_store,
@@ -76,6 +82,20 @@ async def test_concurrent_reservations_stop_exactly_at_the_limit(backend: Backen
     denied = next(r for r in results if r.exceeded)
     assert denied.record.rule == "daily" and "100.00 USD" in denied.record.message
     assert await spent(store) == (10000, 10)
+    await store.close()
+
+
+async def test_a_refusal_found_while_reserving_is_worded_by_the_core(backend: Backend) -> None:
+    store = await seeded(backend)
+    for i in range(10):
+        await store.record_decision(new(f"e{i}"), time.time())
+
+    def explain(charge: Charge, total: SpendTotal) -> str:
+        return f"{charge.limit} is full: {total.amount} of {charge.max_amount}"
+
+    refused = await store.record_decision(new("e10", explain=explain), time.time())
+    assert refused.record.message == "daily is full: 10000 of 10000"
+    assert (await store.get_authorization("own_1", refused.record.id)).message == refused.record.message
     await store.close()
 
 
@@ -149,6 +169,15 @@ async def test_settle_keeps_and_fail_releases(backend: Backend) -> None:
     await store.close()
 
 
+async def test_an_active_agent_name_is_taken_once(backend: Backend) -> None:
+    store = await seeded(backend)
+    with pytest.raises(AgentNameTaken) as taken:
+        await store.create_agent(AgentRecord("agt_2", "own_1", "conn_1", "bot", {}, "hash", 2.0))
+    assert taken.value.name == "bot"
+    assert [a.id for a in await store.list_agents("own_1")] == ["agt_1"]  # nothing written
+    await store.close()
+
+
 async def test_same_key_twice_is_a_duplicate(backend: Backend) -> None:
     store = await seeded(backend)
     await store.record_decision(new("same"), time.time())
@@ -170,8 +199,14 @@ async def test_holds_reserve_and_release_on_deny_or_expiry(backend: Backend) -> 
     assert await spent(store) == (1000, 1)
     approved = (await store.vote("own_1", "apr_3", "alice", True, "fine", "cli", now)).approval
     assert approved.state == "approved" and approved.authorization.state == "approved"
-    with pytest.raises(Conflict):
+    with pytest.raises(ApprovalClosed) as closed:
         await store.vote("own_1", "apr_3", "bob", True, "again", "cli", now)
+    assert (closed.value.approval_id, closed.value.state) == ("apr_3", "approved")
+    with pytest.raises(ApprovalClosed) as closed:
+        await store.vote("own_1", "apr_2", "bob", True, "too late", "cli", now + 2)
+    assert closed.value.state == "expired"
+    with pytest.raises(ApprovalNotFound):
+        await store.vote("own_2", "apr_3", "bob", True, "not mine", "cli", now)
     assert await store.start_forwarding("auth_h3", now + 60, now)
     assert not await store.start_forwarding("auth_h3", now + 60, now)  # forwarded exactly once
     assert await store.get_approval("own_2", "apr_3") is None  # another owner does not see it
@@ -186,6 +221,48 @@ async def test_stale_reservations_are_reclaimed(backend: Backend) -> None:
     assert await store.reclaim_leases(now) == 1
     assert await spent(store) == (1000, 1)
     await store.close()
+
+
+async def test_two_replicas_sweeping_at_once_reclaim_each_lease_once(backend: Backend) -> None:
+    """Two sweeps (two replicas, one database) on the same expired leases: each authorization is reclaimed
+    by exactly one of them, so its spend is released once and the totals end at zero, never below."""
+    small = Charge("daily", "day:2026-11-22", "usd", 100, 10000, None)  # 40 payments fit the limit
+    first, second = await seeded(backend), backend.store()
+    await second.open()
+    now = time.time()
+    for i in range(40):
+        await first.record_decision(new(f"lease{i:02d}", charges=(small,), lease_expires_at=now - 1), now)
+    _, before = await first.lookup("agt_1", "-", [("daily", small.period)])
+    assert before["daily"] == SpendTotal(4000, 40)
+    counts = await asyncio.gather(first.reclaim_leases(now), second.reclaim_leases(now))
+    assert sum(counts) == 40
+    _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
+    assert after["daily"] == SpendTotal(0, 0)  # what the gate reads (Redis, or the spend table)
+    assert await spent(first) == (0, 0)
+    events = await first.list_events("own_1", 0, 1000)
+    reclaimed = sorted(e.authorization_id for e in events if e.type == "authorization.reclaimed")
+    assert reclaimed == [f"auth_lease{i:02d}" for i in range(40)]
+    assert {a.state for a in await first.list_authorizations("own_1", None, 100)} == {"failed"}
+    await first.close()
+    await second.close()
+
+
+async def test_two_replicas_expiring_holds_at_once_release_each_once(backend: Backend) -> None:
+    small = Charge("daily", "day:2026-11-22", "usd", 100, 10000, None)
+    first, second = await seeded(backend), backend.store()
+    await second.open()
+    now = time.time()
+    for i in range(20):
+        hold = new(f"held{i:02d}", "hold", (small,), approval_id=f"apr_{i:02d}", hold_expires_at=now + 1)
+        await first.record_decision(hold, now)
+    counts = await asyncio.gather(first.expire_holds(now + 2), second.expire_holds(now + 2))
+    assert sum(counts) == 20
+    _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
+    assert after["daily"] == SpendTotal(0, 0)
+    events = await first.list_events("own_1", 0, 1000)
+    assert sum(e.type == "approval.expired" for e in events) == 20
+    await first.close()
+    await second.close()
 
 
 async def raw_sql(url: str, sql: str) -> None:
@@ -234,7 +311,6 @@ async def test_a_database_not_yet_migrated_is_refused_until_db_migrate(postgres_
 
 
 async def test_quorum_votes(backend: Backend) -> None:
-    from proxy.errors import Forbidden, NotFound
     from proxy.model import ApprovalSpec
 
     store = await seeded(backend)
@@ -248,8 +324,11 @@ async def test_quorum_votes(backend: Backend) -> None:
     assert first.counted and first.approval.state == "pending"
     again = await store.vote("own_1", "apr_q1", "alice", True, "ok again", "cli", now)
     assert not again.counted and again.approval.state == "pending"  # the same approver counts once
-    with pytest.raises(Forbidden):
+    with pytest.raises(NotAnApprover) as refused:
         await store.vote("own_1", "apr_q1", "mallory", True, "me too", "cli", now)
+    assert (refused.value.voter, refused.value.approvers) == ("mallory", ("alice", "bob", "reviewer:risk"))
+    with pytest.raises(ApprovalExpired):
+        await store.vote("own_1", "apr_q1", "bob", True, "late", "cli", now + 61)
     done = await store.vote("own_1", "apr_q1", "reviewer:risk", True, "low risk", "reviewer", now)
     assert done.approval.state == "approved"
     assert [(v.voter, v.vote, v.via) for v in done.approval.votes] == [
@@ -273,6 +352,6 @@ async def test_quorum_votes(backend: Backend) -> None:
     assert (approval.id, approver, used) == ("apr_q3", "bob", None)
     result = await store.use_link(digest, True, "via link", now)
     assert result.approval.votes[0].voter == "bob" and result.approval.votes[0].via == "link"
-    with pytest.raises(NotFound):
+    with pytest.raises(LinkUnusable):
         await store.use_link(digest, True, "replayed", now)  # one time only
     await store.close()
