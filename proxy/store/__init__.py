@@ -20,7 +20,11 @@ from proxy.refusals import limit_exceeded_message
 DENIED, HELD, APPROVED, REJECTED, EXPIRED = "denied", "held", "approved", "rejected", "expired"
 FORWARDING, SETTLED, FAILED = "forwarding", "settled", "failed"
 VOIDED = "voided"  # settled, then the provider reported the money will not move (spend released)
-RESERVING_STATES = (HELD, APPROVED, FORWARDING)  # states whose charges count against limits
+# Forwarded, and whether the provider moved the money is unknown (a timeout, a 5xx, a lost connection, a
+# sidecar stopped mid-call): the spend stays counted until the provider's answer is learned.
+IN_DOUBT = "in_doubt"
+RESERVING_STATES = (HELD, APPROVED, FORWARDING, IN_DOUBT)  # states whose charges count against limits
+UNRESOLVED_STATES = (FORWARDING, IN_DOUBT)  # forwarded, no answer recorded yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,7 @@ class NewAuthorization:
     shadow: Sequence[Mapping[str, str]] = ()  # what shadow rules would have decided
     approval: ApprovalSpec | None = None  # holds: who decides
     explain: Callable[[Charge, SpendTotal], str] = limit_exceeded_message
+    request: bytes | None = None  # the call as forwarded, sealed: re-sent to resolve an unknown outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +313,29 @@ class AuthorizationStore(Protocol):
         ...
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
+    async def set_in_doubt(self, authorization_id: str, reason: str, retry_at: float, now: float) -> bool:
+        """A forwarded call whose outcome is unknown: it keeps its spend, and may be claimed again for
+        resolution from ``retry_at``. False when it was not forwarding (another answer came first)."""
+        ...
+
+    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
+        """Take an unresolved call (in doubt, at once; or forwarding past its lease: its sidecar stopped)
+        to re-send it; exactly one claimant wins however many race."""
+        ...
+
+    async def claim_unresolved(self, lease_expires_at: float, now: float, limit: int) -> list[Unresolved]:
+        """Claim up to ``limit`` unresolved calls due for resolution (as ``claim``, each exactly once)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """A forwarded call claimed for resolution: its record, the call as forwarded (sealed) and how many
+    times it was re-sent before."""
+
+    record: AuthorizationRecord
+    request: bytes | None
+    attempts: int
 
 
 class HoldStore(Protocol):
@@ -367,7 +395,12 @@ class Housekeeping(Protocol):
         ...
 
     async def expire_holds(self, now: float) -> int: ...
-    async def reclaim_leases(self, now: float) -> int: ...
+    async def release_unrecorded(self, now: float) -> int:
+        """Release what a spend gate outside the database reserved for decisions never recorded (a sidecar
+        stopped in between); 0 for a store that reserves in the same transaction as it records."""
+        ...
+
+    async def count_unresolved(self) -> int: ...
     async def count_pending_holds(self) -> int: ...
     async def current_spend(
         self, keys: Sequence[tuple[str, str]], limit: int
@@ -385,7 +418,8 @@ class Store(IdentityStore, AuthorizationStore, HoldStore, AuditStore, Housekeepi
     that plays one role takes that role's protocol."""
 
 
-SEALED_KINDS = ("connection", "response")  # credentials of connections; stored provider answers
+# credentials of connections; stored provider answers; forwarded calls kept for resolution
+SEALED_KINDS = ("connection", "response", "request")
 
 
 def open_store(url: str, synchronous: str = "NORMAL", timeout: float = 5.0, redis_url: str = "") -> Store:

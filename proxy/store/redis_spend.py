@@ -136,12 +136,16 @@ class PostgresRedisStore(PostgresStore):
     ) -> Recorded:
         if new.decision == DENIED or not new.charges:
             return await self.write(record_decision_tx(new, now, retry_of, gated=True))
-        exceeded = await self.gate(new.id, new.agent_id, new.charges)
+        # The reservation is named after the row that will record it: a same-key retry re-decides the
+        # row it retries, so the pending entry must carry that id, or the sweep would find it "never
+        # recorded" and release spend PostgreSQL still counts.
+        reservation = retry_of or new.id
+        exceeded = await self.gate(reservation, new.agent_id, new.charges)
         try:
             return await self.write(record_decision_tx(new, now, retry_of, gated=True, exceeded=exceeded))
         except BaseException:
             if exceeded is None:  # not recorded: give the reservation back at once
-                await asyncio.shield(self.release(new.agent_id, new.charges, new.id))
+                await asyncio.shield(self.release(new.agent_id, new.charges, reservation))
             raise
 
     async def gate(self, reservation: str, agent_id: str, charges: Sequence[Charge]) -> LimitExceeded | None:
@@ -245,10 +249,7 @@ class PostgresRedisStore(PostgresStore):
         return [tuple(r) for r in rows]
 
     # -- reconciliation -------------------------------------------------------------------------------------
-    async def reclaim_leases(self, now: float) -> int:
-        return await super().reclaim_leases(now) + await self.reconcile(now)
-
-    async def reconcile(self, now: float) -> int:
+    async def release_unrecorded(self, now: float) -> int:
         """Settle pending Redis reservations past their deadline: forget those PostgreSQL recorded, release
         those it never did (their sidecar died in between)."""
         stale = [
@@ -288,7 +289,7 @@ HELD_SPEND = (
     "SELECT c->>'limit' AS limit_name, c->>'period' AS period, c->>'currency' AS currency, "
     "a.agent_id AS agent_id, SUM((c->>'amount')::bigint) AS amount, COUNT(*) AS count "
     "FROM authorizations a CROSS JOIN LATERAL jsonb_array_elements(a.charges::jsonb) c "
-    "WHERE a.state IN ('held', 'approved', 'forwarding', 'settled')"
+    "WHERE a.state IN ('held', 'approved', 'forwarding', 'in_doubt', 'settled')"
 )
 GROUPED = "GROUP BY 1, 2, 3, 4"
 

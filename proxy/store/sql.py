@@ -28,6 +28,7 @@ from proxy.store import (
     FAILED,
     FORWARDING,
     HELD,
+    IN_DOUBT,
     REJECTED,
     SETTLED,
     VOIDED,
@@ -47,11 +48,14 @@ from proxy.store import (
     NotAnApprover,
     OwnerRecord,
     Recorded,
+    Unresolved,
     Vote,
     VoteResult,
 )
 
 T = TypeVar("T")
+# An unresolved call due for resolution: in doubt and past its retry time, or forwarding past its lease.
+_DUE = "(state=? OR state=?) AND lease_expires_at<=?"
 AUTH_COLUMNS = (
     "id, owner_id, agent_id, idempotency_key, request_hash, provider, operation, amount, currency, "
     "destination, payment, decision, rule, policy, message, revision, state, charges, approval_id, "
@@ -131,7 +135,11 @@ class SqlStore(ABC):
         return [tuple(r) for r in await self.fetch_all(sql, args)]
 
     # -- key rotation ---------------------------------------------------------------------------------
-    _SEALED = {"connection": ("connections", "credentials"), "response": ("authorizations", "response_body")}
+    _SEALED = {
+        "connection": ("connections", "credentials"),
+        "response": ("authorizations", "response_body"),
+        "request": ("authorizations", "request"),
+    }
 
     async def sealed_values(self, kind: str, after: str, limit: int) -> list[tuple[str, bytes]]:
         table, column = self._SEALED[kind]
@@ -500,35 +508,83 @@ class SqlStore(ABC):
 
         return await self.write(tx())
 
-    async def reclaim_leases(self, now: float) -> int:
-        def tx() -> Tx[int]:
-            # One conditional transition for every expired lease: a row another replica's sweep (or the
-            # provider's late answer) ended first no longer matches, so this sweep releases only the rows
-            # it changed. Every row is changed before any spend is released: no lock order to cross.
-            rows = yield many(
-                "UPDATE authorizations SET state=?, lease_expires_at=NULL, updated_at=? "
-                "WHERE state=? AND lease_expires_at<=? RETURNING id, owner_id, agent_id, charges",
-                (FAILED, now, FORWARDING, now),
+    async def set_in_doubt(self, authorization_id: str, reason: str, retry_at: float, now: float) -> bool:
+        def tx() -> Tx[bool]:
+            changed = yield execute(
+                "UPDATE authorizations SET state=?, lease_expires_at=?, updated_at=? WHERE id=? AND state=?",
+                (IN_DOUBT, retry_at, now, authorization_id, FORWARDING),
             )
-            for auth_id, owner, agent, charges in rows:
-                yield from _release(agent, _charges(charges))
-                yield from _event(
-                    owner,
-                    agent,
-                    auth_id,
-                    "authorization.reclaimed",
-                    "paysentry",
-                    {
-                        "reason": "the reservation's lease expired before the provider's answer was recorded "
-                        "(the sidecar stopped mid-call); released. A retry with the same "
-                        "Idempotency-Key re-reserves and the provider replays its answer.",
-                        "released": True,
-                    },
-                    now,
+            if changed:
+                data = {"reason": reason, "released": False, "retry_at": retry_at}
+                yield from _authorization_event(
+                    authorization_id, "authorization.in_doubt", "paysentry", data, now
                 )
-            return len(rows)
+            return bool(changed)
 
         return await self.write(tx())
+
+    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
+        def tx() -> Tx[bool]:
+            row = yield one(
+                "UPDATE authorizations SET state=?, lease_expires_at=?, attempts=attempts+1, updated_at=? "
+                "WHERE id=? AND (state=? OR (state=? AND lease_expires_at<=?)) RETURNING attempts",
+                (FORWARDING, lease_expires_at, now, authorization_id, IN_DOUBT, FORWARDING, now),
+            )
+            if row is not None:
+                data = {"attempt": row[0], "how": "re-sent with the same idempotency key"}
+                yield from _authorization_event(
+                    authorization_id, "authorization.resolving", "paysentry", data, now
+                )
+            return row is not None
+
+        return await self.write(tx())
+
+    async def claim_unresolved(self, lease_expires_at: float, now: float, limit: int) -> list[Unresolved]:
+        def tx() -> Tx[list[Unresolved]]:
+            # The same condition in the subquery and on each row: a row another replica claimed first
+            # (PostgreSQL re-checks it on the row's latest version; SQLite runs one writer) is not taken.
+            rows = yield many(
+                f"UPDATE authorizations SET state=?, lease_expires_at=?, attempts=attempts+1, updated_at=? "
+                f"WHERE id IN (SELECT id FROM authorizations WHERE {_DUE} ORDER BY lease_expires_at LIMIT ?) "
+                f"AND {_DUE} RETURNING {AUTH_COLUMNS}, request, attempts",
+                (
+                    FORWARDING,
+                    lease_expires_at,
+                    now,
+                    IN_DOUBT,
+                    FORWARDING,
+                    now,
+                    limit,
+                    IN_DOUBT,
+                    FORWARDING,
+                    now,
+                ),
+            )
+            claimed = []
+            for row in rows:
+                record = authorization_record(row[:-2])
+                data = {"attempt": row[-1], "how": "re-sent with the same idempotency key"}
+                yield from _event(
+                    record.owner_id,
+                    record.agent_id,
+                    record.id,
+                    "authorization.resolving",
+                    "paysentry",
+                    data,
+                    now,
+                )
+                request = bytes(row[-2]) if row[-2] is not None else None
+                claimed.append(Unresolved(record, request, row[-1] - 1))
+            return claimed
+
+        return await self.write(tx())
+
+    async def release_unrecorded(self, now: float) -> int:
+        return 0  # reserved in the same transaction as recorded: nothing can be left unrecorded
+
+    async def count_unresolved(self) -> int:
+        row = await self.fetch_one("SELECT COUNT(*) FROM authorizations WHERE state=?", (IN_DOUBT,))
+        return int(row[0])
 
     # -- records --------------------------------------------------------------------------------------
     async def get_authorization(self, owner_id: str, authorization_id: str) -> AuthorizationRecord | None:
@@ -622,17 +678,17 @@ def record_decision_tx(
             "UPDATE authorizations SET owner_id=?, agent_id=?, idempotency_key=?, request_hash=?, provider=?, "
             "operation=?, amount=?, currency=?, destination=?, payment=?, decision=?, rule=?, policy=?, message=?, "
             "revision=?, state=?, charges=?, approval_id=?, lease_expires_at=?, updated_at=?, provider_ref=NULL, "
-            "response_status=NULL, response_body=NULL WHERE id=? AND state=? AND response_status IS NULL",
-            (*values, retry_of, FAILED),
+            "response_status=NULL, response_body=NULL, request=? WHERE id=? AND state=? AND response_status IS NULL",
+            (*values, new.request, retry_of, FAILED),
         )
         if not changed:
             raise DuplicateKey(new.idempotency_key)
         auth_id = retry_of
     else:
         inserted = yield execute(
-            f"INSERT INTO authorizations ({AUTH_COLUMNS}) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?) ON CONFLICT DO NOTHING",
-            (new.id, *values[:-1], now, now),
+            f"INSERT INTO authorizations ({AUTH_COLUMNS}, request) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?,?) ON CONFLICT DO NOTHING",
+            (new.id, *values[:-1], now, now, new.request),
         )
         if not inserted:
             raise DuplicateKey(new.idempotency_key)

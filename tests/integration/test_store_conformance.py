@@ -213,36 +213,58 @@ async def test_holds_reserve_and_release_on_deny_or_expiry(backend: Backend) -> 
     await store.close()
 
 
-async def test_stale_reservations_are_reclaimed(backend: Backend) -> None:
+async def test_a_call_in_doubt_keeps_its_spend_until_the_provider_says(backend: Backend) -> None:
+    """A forwarded call whose outcome is unknown is never released for lack of an answer: stale leases
+    and calls in doubt are claimed for resolution (spend still counted), then settled or failed."""
     store = await seeded(backend)
     now = time.time()
-    await store.record_decision(new("stale", lease_expires_at=now - 1), now)
+    await store.record_decision(new("stale", lease_expires_at=now - 1, request=b"sealed"), now)
     await store.record_decision(new("live", lease_expires_at=now + 60), now)
-    assert await store.reclaim_leases(now) == 1
-    assert await spent(store) == (1000, 1)
+    await store.record_decision(new("doubt", lease_expires_at=now + 60), now)
+    assert await store.set_in_doubt("auth_doubt", "timed out", now + 30, now)
+    assert not await store.set_in_doubt("auth_doubt", "again", now + 30, now)  # no longer forwarding
+    assert await spent(store) == (3000, 3) and await store.count_unresolved() == 1
+    claimed = await store.claim_unresolved(now + 60, now, 10)  # the in-doubt one is not due before +30
+    assert [(c.record.id, c.request, c.attempts) for c in claimed] == [("auth_stale", b"sealed", 0)]
+    assert await store.claim_unresolved(now + 60, now, 10) == []  # claimed: leased again
+    due = await store.claim_unresolved(now + 200, now + 100, 10)
+    assert sorted(c.record.id for c in due) == ["auth_doubt", "auth_live", "auth_stale"]
+    assert await store.claim("auth_doubt", now + 300, now + 100) is False  # forwarding, leased
+    assert await store.set_in_doubt("auth_doubt", "5xx", now + 500, now + 100)
+    assert await store.claim("auth_doubt", now + 300, now + 100)  # an agent's retry: at once
+    assert await spent(store) == (3000, 3)
+    await store.settle("auth_stale", "pi_1", 200, b"{}", now)
+    await store.fail("auth_doubt", "the provider refused", 402, b"{}", now)
+    assert await spent(store) == (2000, 2)
     await store.close()
 
 
-async def test_two_replicas_sweeping_at_once_reclaim_each_lease_once(backend: Backend) -> None:
-    """Two sweeps (two replicas, one database) on the same expired leases: each authorization is reclaimed
-    by exactly one of them, so its spend is released once and the totals end at zero, never below."""
-    small = Charge("daily", "day:2026-11-22", "usd", 100, 10000, None)  # 40 payments fit the limit
+async def test_two_replicas_resolving_at_once_claim_each_call_once(backend: Backend) -> None:
+    """Two resolution jobs (two replicas, one database) on the same unresolved calls: each call is
+    claimed by exactly one of them, so it is re-sent and concluded once."""
+    small = Charge("daily", "day:2026-11-22", "usd", 100, 10000, None)
     first, second = await seeded(backend), backend.store()
     await second.open()
     now = time.time()
     for i in range(40):
         await first.record_decision(new(f"lease{i:02d}", charges=(small,), lease_expires_at=now - 1), now)
-    _, before = await first.lookup("agt_1", "-", [("daily", small.period)])
-    assert before["daily"] == SpendTotal(4000, 40)
-    counts = await asyncio.gather(first.reclaim_leases(now), second.reclaim_leases(now))
-    assert sum(counts) == 40
+    for i in range(0, 40, 2):
+        assert await first.set_in_doubt(f"auth_lease{i:02d}", "timed out", now - 1, now - 2)
+    claims = await asyncio.gather(
+        *(store.claim_unresolved(now + 60, now, 7) for store in (first, second) for _ in range(4)),
+        *(store.claim(f"auth_lease{i:02d}", now + 60, now) for store in (first, second) for i in range(40)),
+    )
+    ids = [c.record.id for batch in claims[:8] for c in batch] + [
+        f"auth_lease{i % 40:02d}" for i, won in enumerate(claims[8:]) if won
+    ]
+    assert sorted(ids) == [f"auth_lease{i:02d}" for i in range(40)]  # each exactly once
     _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
-    assert after["daily"] == SpendTotal(0, 0)  # what the gate reads (Redis, or the spend table)
-    assert await spent(first) == (0, 0)
-    events = await first.list_events("own_1", 0, 1000)
-    reclaimed = sorted(e.authorization_id for e in events if e.type == "authorization.reclaimed")
-    assert reclaimed == [f"auth_lease{i:02d}" for i in range(40)]
-    assert {a.state for a in await first.list_authorizations("own_1", None, 100)} == {"failed"}
+    assert after["daily"] == SpendTotal(4000, 40)  # nothing released by claiming
+    for i in range(40):
+        await (first if i % 2 else second).fail(f"auth_lease{i:02d}", "refused", 402, b"{}", now)
+        await (second if i % 2 else first).fail(f"auth_lease{i:02d}", "refused", 402, b"{}", now)
+    _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
+    assert after["daily"] == SpendTotal(0, 0)  # released once each, never below
     await first.close()
     await second.close()
 

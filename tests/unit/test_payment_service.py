@@ -3,6 +3,7 @@ function, the payment path of the store in memory."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import textwrap
@@ -25,9 +26,16 @@ from proxy.payments.service import PaymentService, Policies
 from proxy.policy.engine import make_engine
 from proxy.policy.reload import PolicyHolder
 from proxy.secrets import Sealer
-from proxy.store import FAILED, FORWARDING, HELD, SETTLED, AgentRecord
+from proxy.store import FAILED, FORWARDING, HELD, IN_DOUBT, SETTLED, AgentRecord
 from proxy.upstream import FakeUpstream, UpstreamReply, UpstreamRequest, provider_request
-from tests.unit.fakes import AllowAll, FakeAgents, FakeAuthorizations, FakeConnections, FakeHolds
+from tests.unit.fakes import (
+    AllowAll,
+    FakeAgents,
+    FakeAuthorizations,
+    FakeConnections,
+    FakeHolds,
+    FakeProvider,
+)
 
 ADAPTER = StripeAdapter()
 NOW = 1_790_000_000.0
@@ -68,10 +76,18 @@ def raising(maybe_sent: bool) -> Handler:
 
 
 class World:
-    def __init__(self, tmp_path: Path, handler: Handler, holds: FakeHolds | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        handler: Handler,
+        holds: FakeHolds | None = None,
+        clock: list[float] | None = None,
+    ) -> None:
+        self.now = clock or [NOW]
         (tmp_path / "p.yaml").write_text(textwrap.dedent(POLICY))
         engine = make_engine("cel-expr-python")
         self.store = FakeAuthorizations()
+        self.store.agents[AGENT.id] = AGENT_RECORD
         self.upstream = FakeUpstream(handler)
         self.holds = holds or FakeHolds()
         self.service = PaymentService(
@@ -87,7 +103,7 @@ class World:
             tracer=trace.get_tracer("test"),
             default_adapter=ADAPTER,
             reservation_lease=30.0,
-            clock=lambda: NOW,
+            clock=lambda: self.now[0],
         )
 
     async def pay(self, body: bytes, key: str = "k1") -> Outcome:
@@ -194,6 +210,68 @@ async def test_a_provider_never_reached_releases_the_spend(tmp_path: Path) -> No
     with pytest.raises(UpstreamUnavailable):
         await world.pay(b"amount=1000&currency=usd")
     assert world.only_row().state == FAILED and world.store.spent(AGENT.id, "daily_budget") == 0
+
+
+async def test_a_timeout_keeps_the_spend_and_a_same_key_retry_learns_the_outcome(tmp_path: Path) -> None:
+    provider = FakeProvider(["timeout"])
+    world = World(tmp_path, provider)
+    with pytest.raises(UpstreamUnavailable) as lost:
+        await world.pay(b"amount=1000&currency=usd")
+    assert "not known" in lost.value.message and lost.value.maybe_sent
+    assert world.only_row().state == IN_DOUBT and world.store.spent(AGENT.id, "daily_budget") == 1000
+    again = await world.pay(b"amount=1000&currency=usd")  # re-sent with the same key: replayed
+    assert again.status == 200 and provider.moved == [1000]
+    assert world.only_row().state == SETTLED and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+@pytest.mark.parametrize("fault", ["error", "timeout"])
+async def test_an_unknown_outcome_is_never_decided_again(tmp_path: Path, fault: str) -> None:
+    """A retry of a call in doubt is re-sent, never decided anew: even a policy that would now refuse it
+    (the budget spent meanwhile) does not turn money that moved into "denied"."""
+    provider = FakeProvider([fault])
+    world = World(tmp_path, provider)
+    first = await world.pay(b"amount=4000&currency=usd", key="a") if fault == "error" else None
+    if fault == "timeout":
+        with pytest.raises(UpstreamUnavailable):
+            await world.pay(b"amount=4000&currency=usd", key="a")
+    assert first is None or first.status == 500
+    assert (await world.pay(b"amount=4000&currency=usd", key="b")).status == 200
+    again = await world.pay(b"amount=4000&currency=usd", key="a")
+    assert again.status == 200 and sum(provider.moved) == world.store.spent(AGENT.id, "daily_budget")
+
+
+async def test_the_resolution_job_settles_what_a_stopped_sidecar_left(tmp_path: Path) -> None:
+    provider = FakeProvider(["timeout", "unreachable"])
+    clock = [NOW]
+    world = World(tmp_path, provider, clock=clock)
+    with pytest.raises(UpstreamUnavailable):
+        await world.pay(b"amount=1000&currency=usd")
+    assert await world.service.resolve_unresolved() == {}  # not due yet (backoff)
+    clock[0] += 10
+    assert await world.service.resolve_unresolved() == {IN_DOUBT: 1}  # unreachable: kept, not released
+    assert world.store.spent(AGENT.id, "daily_budget") == 1000
+    clock[0] += 3600
+    assert await world.service.resolve_unresolved() == {SETTLED: 1}
+    row = world.only_row()
+    assert (row.state, row.provider_ref) == (SETTLED, "pi_1") and provider.moved == [1000]
+    assert world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_a_call_cut_off_mid_flight_stays_counted(tmp_path: Path) -> None:
+    started = asyncio.Event()
+
+    async def slow(request: UpstreamRequest) -> UpstreamReply:
+        started.set()
+        await asyncio.sleep(30)
+        raise AssertionError("never answered")
+
+    world = World(tmp_path, slow)
+    task = asyncio.create_task(world.pay(b"amount=1000&currency=usd"))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert world.only_row().state == IN_DOUBT and world.store.spent(AGENT.id, "daily_budget") == 1000
 
 
 async def test_a_provider_refusal_releases_the_spend_and_is_replayed(tmp_path: Path) -> None:
