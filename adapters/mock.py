@@ -3,8 +3,11 @@
 It lets the quick start and the tests pay with no account and no network. It speaks Stripe's wire format
 (form bodies, bearer auth, ``Idempotency-Key`` replay, Stripe-shaped errors), keeps every object it
 creates and every request it received, and follows Stripe's test conventions for failures:
-``payment_method=pm_card_chargeDeclined`` or ``source=tok_chargeDeclined`` decline with a 402, and
-``metadata[mock_delay_ms]=N`` delays the answer (to exercise timeouts).
+``payment_method=pm_card_chargeDeclined`` or ``source=tok_chargeDeclined`` decline with a 402 (a declined
+intent still exists, carried in ``error.payment_intent``, and can be confirmed later with another method),
+and ``metadata[mock_delay_ms]=N`` answers N ms *after* the work is done (a client that times out has still
+moved the money, as with a real provider). A succeeded intent cannot be cancelled, and no capture exceeds
+the intent's amount.
 
 Introspection (not part of Stripe): ``GET /_mock/requests``, ``GET /_mock/objects``, ``POST /_mock/reset``.
 MercadoPago's payments API is served beside it (``adapters/mock_mercadopago.py``): ``/v1/payments...``.
@@ -152,9 +155,9 @@ class MockProvider:
         try:
             metadata = params.get("metadata")
             delay = metadata.get("mock_delay_ms") if isinstance(metadata, dict) else None
-            if delay and str(delay).isdigit():
-                await asyncio.sleep(int(delay) / 1000)
             response = self._route(request.method, request.path, params)
+            if delay and str(delay).isdigit():  # like a slow provider: done, then answered late
+                await asyncio.sleep(int(delay) / 1000)
         finally:
             self._in_flight.discard(key or "")
         record["status"] = response.status
@@ -215,7 +218,8 @@ class MockProvider:
             prefix, kind = COLLECTIONS[collection], collection.rstrip("s")
         else:
             return _error(404, "invalid_request_error", f"Unrecognized request URL (POST: /v1/{collection}).")
-        if params.get("payment_method") in DECLINING or params.get("source") in DECLINING:
+        declined = params.get("payment_method") in DECLINING or params.get("source") in DECLINING
+        if declined and collection != "payment_intents":
             return _error(402, "card_error", "Your card was declined.", "card_declined")
         obj: dict[str, Any] = {
             "id": _new_id(prefix),
@@ -228,10 +232,14 @@ class MockProvider:
         if "amount" in params:
             obj["amount"] = _int(params, "amount")
         if collection == "payment_intents":
-            confirmed = params.get("confirm") == "true"
+            confirmed = params.get("confirm") == "true" and not declined
             obj["status"] = "succeeded" if confirmed else "requires_confirmation"
             obj["amount_received"] = obj["amount"] if confirmed else 0
             obj["client_secret"] = f"{obj['id']}_secret_{secrets.token_hex(8)}"
+            if declined:  # as Stripe: the intent exists, and the decline carries it
+                obj["status"] = "requires_payment_method"
+                self.objects[obj["id"]] = obj
+                return _declined(obj)
         elif collection == "charges":
             obj.update(status="succeeded", paid=True, amount_refunded=0)
         elif collection == "refunds":
@@ -261,7 +269,12 @@ class MockProvider:
         action = rest[1] if len(rest) > 1 else "update"
         if collection == "payment_intents" and action in ("confirm", "capture", "cancel"):
             if params.get("payment_method") in DECLINING:
-                return _error(402, "card_error", "Your card was declined.", "card_declined")
+                obj["status"] = "requires_payment_method"
+                return _declined(obj)
+            if action == "cancel" and obj.get("status") == "succeeded":
+                return _error(400, "invalid_request_error", "This PaymentIntent has already succeeded.")
+            if action == "capture" and _int_or(params, "amount_to_capture", 0) > obj.get("amount", 0):
+                return _error(400, "invalid_request_error", "amount_to_capture exceeds the amount capturable.")
             if action == "cancel":
                 obj["status"] = "canceled"
             else:
@@ -274,6 +287,20 @@ class MockProvider:
         else:
             obj.setdefault("actions", []).append(action)
         return web.json_response(_public(obj))
+
+
+def _declined(intent: dict[str, Any]) -> web.Response:
+    error = {
+        "type": "card_error",
+        "code": "card_declined",
+        "message": "Your card was declined.",
+        "payment_intent": _public(intent),
+    }
+    return web.json_response({"error": error}, status=402)
+
+
+def _int_or(params: dict[str, Any], key: str, default: int) -> int:
+    return _int(params, key) if key in params else default
 
 
 def _int(params: dict[str, Any], key: str) -> int:

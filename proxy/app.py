@@ -76,18 +76,22 @@ class Sidecar:
         self._runners[name] = runner
 
     async def _sweep(self) -> None:
-        """Expire holds and reclaim reservations whose sidecar stopped mid-call, releasing their spend."""
+        """Expire holds (releasing their spend), release what the Redis gate reserved for decisions never
+        recorded, and resolve calls whose outcome is unknown by asking the provider."""
         while True:
             try:
                 now = time.time()
                 expired = await self.store.expire_holds(now)
-                reclaimed = await self.store.reclaim_leases(now)
+                unrecorded = await self.store.release_unrecorded(now)
+                resolved = await self.gateway.payments.resolve_unresolved()
                 await self._refresh_gauges()
-                if expired or reclaimed:
-                    log.info(
-                        "released spend",
-                        extra={"fields": {"expired_holds": expired, "reclaimed_reservations": reclaimed}},
-                    )
+                if expired or unrecorded or resolved:
+                    fields = {
+                        "expired_holds": expired,
+                        "unrecorded_released": unrecorded,
+                        "resolved": resolved,
+                    }
+                    log.info("sweep", extra={"fields": fields})
             except Exception:  # the sweep must outlive a passing store failure
                 self.gateway.metrics.inc("paysentry_store_errors_total", where="sweep")
                 log.exception("sweep failed")
@@ -117,6 +121,7 @@ class Sidecar:
         metrics.set_all("paysentry_spend_amount", amounts)
         metrics.set_all("paysentry_spend_limit_ratio", ratios)
         metrics.set_all("paysentry_holds_pending", [({}, await self.store.count_pending_holds())])
+        metrics.set_all("paysentry_authorizations_in_doubt", [({}, await self.store.count_unresolved())])
 
     async def stop(self) -> None:
         """Drain: /readyz fails at once, the agent listener stops accepting, and calls in flight get up to

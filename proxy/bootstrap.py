@@ -2,8 +2,8 @@
 
 ``bootstrap(settings)`` builds the real parts from the settings; a test passes its own (``store=``,
 ``upstream=``, ``clock=``, ``tracer_provider=``, ``adapters=``) and gets the same graph around them.
-Each part is built on first use, so the CLI, which needs only the store and the owner service, does not
-load policies or open listeners. ``serve`` runs the graph with ``proxy.app.Sidecar``.
+Each part is built (and its module imported) on first use, so the CLI, which needs only the store and the
+owner service, neither loads policies nor imports the serving parts. ``serve`` runs the graph with ``proxy.app.Sidecar``.
 
     settings ─► store (SQLite | PostgreSQL | PostgreSQL + Redis gate)      RedisServices (once, or none)
              ─► sealer, policies (engine + holder), token authenticators, connections (+ adapters)
@@ -29,25 +29,21 @@ from proxy import __version__
 from proxy.auth import TokenAuthenticator
 from proxy.config import Settings
 from proxy.connections import ConnectionCache
-from proxy.holds import HoldCoordinator
-from proxy.listeners.agents import AgentListener
-from proxy.listeners.links import LinkPages
-from proxy.listeners.owner_api import OwnerApi
-from proxy.listeners.webhooks import WebhookListener
 from proxy.metrics import Metrics
 from proxy.owners import OwnerService
-from proxy.payments.cards import CardAuthorizer
-from proxy.payments.events import ProviderEvents
-from proxy.payments.service import PaymentService, Policies
-from proxy.policy.engine import make_engine
-from proxy.policy.reload import PolicyHolder
 from proxy.ratelimit import Limiter, RateLimiter
 from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, load_keys
 from proxy.store import AgentRecord, OwnerRecord, Store
 from proxy.telemetry import TRACER_NAME
 from proxy.upstream import AiohttpUpstream, Upstream
 
-if TYPE_CHECKING:  # Redis's client is imported only by a process configured to use it
+if TYPE_CHECKING:  # imported where built: the CLI's store commands load none of the serving parts
+    from proxy.holds import HoldCoordinator
+    from proxy.listeners.agents import AgentListener
+    from proxy.listeners.owner_api import OwnerApi
+    from proxy.payments.cards import CardAuthorizer
+    from proxy.payments.events import ProviderEvents
+    from proxy.payments.service import PaymentService, Policies
     from proxy.store.redis_spend import ApprovalBus, RedisRateLimiter
 
 
@@ -122,6 +118,10 @@ class Gateway:
 
     @cached_property
     def policies(self) -> Policies:
+        from proxy.payments.service import Policies
+        from proxy.policy.engine import make_engine
+        from proxy.policy.reload import PolicyHolder
+
         engine = make_engine(self.settings.engine)
         return Policies(PolicyHolder(self.settings.policies, engine, self.metrics), engine)
 
@@ -167,6 +167,8 @@ class Gateway:
 
     @cached_property
     def holds(self) -> HoldCoordinator:
+        from proxy.holds import HoldCoordinator
+
         s = self.settings
         return HoldCoordinator(
             self.store,
@@ -184,6 +186,8 @@ class Gateway:
 
     @cached_property
     def payments(self) -> PaymentService:
+        from proxy.payments.service import PaymentService
+
         return PaymentService(
             store=self.store,
             policies=self.policies,
@@ -202,6 +206,8 @@ class Gateway:
 
     @cached_property
     def cards(self) -> CardAuthorizer:
+        from proxy.payments.cards import CardAuthorizer
+
         return CardAuthorizer(
             self.payments,
             self.store,
@@ -213,6 +219,8 @@ class Gateway:
 
     @cached_property
     def events(self) -> ProviderEvents:
+        from proxy.payments.events import ProviderEvents
+
         return ProviderEvents(
             self.store,
             self.connections,
@@ -224,11 +232,17 @@ class Gateway:
 
     @cached_property
     def agent_listener(self) -> AgentListener:
+        from proxy.listeners.agents import AgentListener
+
         s = self.settings
         return AgentListener(self.payments, self.upstream, s.max_body_bytes, s.body_timeout)
 
     @cached_property
     def owner_api(self) -> OwnerApi:
+        from proxy.listeners.links import LinkPages
+        from proxy.listeners.owner_api import OwnerApi
+        from proxy.listeners.webhooks import WebhookListener
+
         return OwnerApi(
             self.store,
             self.owner_service,

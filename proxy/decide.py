@@ -32,6 +32,7 @@ from proxy.model import (
 )
 from proxy.policy.engine import MERCHANT_FIELDS, Engine, EvaluationError
 from proxy.policy.model import MASK_BITS, Limit, Policy, PolicySet, Rule
+from proxy.refusals import limit_exceeded_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +272,7 @@ def simulate_reservation(decision: Decision, spend: Mapping[str, SpendTotal]) ->
                 outcome=DENY,
                 rule=charge.limit,
                 charges=(),
-                message=limit_exceeded_message(charge, total, charge.message),
+                message=limit_exceeded_message(charge, total),
             )
     return decision
 
@@ -279,7 +280,9 @@ def simulate_reservation(decision: Decision, spend: Mapping[str, SpendTotal]) ->
 def _limit_applies(lim: Limit, payment: Payment, activation: Any) -> bool:
     if payment.operation == UNRECOGNIZED or payment.currency != lim.currency:
         return False
-    if lim.operations is not None and payment.operation not in lim.operations:
+    if lim.operations is not None and not (
+        payment.operation in lim.operations or payment.operation.split(".")[0] in lim.operations
+    ):  # a limit on payment_intent also counts its confirm and capture: the money of that object
         return False
     if lim.when is None:
         return True
@@ -295,16 +298,3 @@ def per_payment_message(lim: Limit, amount: int) -> str:
         lim.message
         or f"a single payment may be at most {cap}; this one is {format_minor(amount, lim.currency)}"
     )
-
-
-def limit_exceeded_message(charge: Charge, total: SpendTotal, message: str = "") -> str:
-    window = charge.period.split(":", 1)[0]
-    if charge.max_count is not None and total.count + 1 > charge.max_count:
-        why = f"at most {charge.max_count} payments per {window}; {total.count} already made or reserved"
-    else:
-        why = (
-            f"budget of {format_minor(charge.max_amount or 0, charge.currency)} per {window}; "
-            f"{format_minor(total.amount, charge.currency)} already spent or reserved, this payment is "
-            f"{format_minor(charge.amount, charge.currency)}"
-        )
-    return f"{message} ({why})" if message else why

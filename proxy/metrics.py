@@ -37,6 +37,14 @@ INSTRUMENTS = {
         "Real-time card authorizations answered, by decision (approved, declined) and rule.",
     ),
     "paysentry_holds_pending": (GAUGE, "Held payments waiting for approval."),
+    "paysentry_authorizations_in_doubt": (
+        GAUGE,
+        "Forwarded calls whose outcome is not known yet (spend kept counted until the provider says).",
+    ),
+    "paysentry_resolutions_total": (
+        COUNTER,
+        "Unresolved calls re-sent to the provider, by what its answer said (settled, failed, in_doubt).",
+    ),
     "paysentry_spend_amount": (
         GAUGE,
         "Spend counted in the current window, minor units, per agent and limit.",

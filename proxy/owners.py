@@ -9,16 +9,24 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from adapters import get_adapter
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, PaySentryError
 from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, issue_token, new_id, sealed_context
 from proxy.store import (
     SEALED_KINDS,
+    AgentNameTaken,
     AgentRecord,
+    ApprovalClosed,
+    ApprovalExpired,
+    ApprovalNotFound,
     ApprovalRecord,
     AuthorizationRecord,
     ConnectionRecord,
+    LinkUnusable,
+    NotAnApprover,
     OwnerRecord,
+    Refused,
     Store,
+    VoteRefused,
     VoteResult,
 )
 
@@ -108,13 +116,19 @@ class OwnerService:
         agent_id = new_id("agt")
         token, digest = await self._issue(AGENT_PREFIX, agent_id)
         agent = AgentRecord(agent_id, owner_id, connection.id, name, dict(labels), digest, self.clock())
-        await self.store.create_agent(agent)
+        try:
+            await self.store.create_agent(agent)
+        except AgentNameTaken as fact:
+            raise refusal(fact) from fact
         return agent, token
 
     async def vote(
         self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str
     ) -> VoteResult:
-        return await self.store.vote(owner_id, approval_id, voter, approve, reason, via, self.clock())
+        try:
+            return await self.store.vote(owner_id, approval_id, voter, approve, reason, via, self.clock())
+        except VoteRefused as fact:
+            raise refusal(fact) from fact
 
     async def rotate_keys(self, batch: int = 500) -> dict[str, dict[str, int]]:
         """Re-seal every value not sealed under the newest key; safe to run while sidecars serve.
@@ -138,6 +152,27 @@ class OwnerService:
                     counts["resealed" if changed else "changed_meanwhile"] += 1
                 after = page[-1][0]
         return report
+
+
+def refusal(fact: Refused) -> PaySentryError:
+    """What an owner (or an approver on a link page) is told when the store refused their write: the
+    error's status and its wording, for the owner API, the CLI and the link pages alike."""
+    match fact:
+        case AgentNameTaken(name=name):
+            return Conflict(f"an active agent named {name!r} already exists")
+        case ApprovalNotFound(approval_id=approval_id):
+            return NotFound(f"no approval {approval_id!r}")
+        case ApprovalClosed(approval_id=approval_id, state=state):
+            return Conflict(f"approval {approval_id} is already {state}")
+        case ApprovalExpired(approval_id=approval_id):
+            return Conflict(f"approval {approval_id} has expired")
+        case NotAnApprover(approval_id=approval_id, voter=voter, approvers=approvers):
+            return Forbidden(
+                f"{voter!r} is not an approver of {approval_id} (approvers: {', '.join(approvers)})"
+            )
+        case LinkUnusable():
+            return NotFound("this approval link is unknown, used or expired")
+    raise TypeError(f"no owner-facing wording for {fact!r}")
 
 
 def agent_json(agent: AgentRecord) -> dict[str, Any]:

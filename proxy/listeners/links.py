@@ -12,7 +12,8 @@ from aiohttp import web
 from proxy.approvals import PENDING, link_hash
 from proxy.currency import format_minor
 from proxy.errors import PaySentryError
-from proxy.store import ApprovalRecord, Store, VoteResult
+from proxy.owners import refusal
+from proxy.store import ApprovalRecord, HoldStore, VoteRefused, VoteResult
 
 STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}"
@@ -47,7 +48,10 @@ def _gone(text: str) -> web.Response:
 
 class LinkPages:
     def __init__(
-        self, store: Store, on_vote: Callable[[ApprovalRecord], None], clock: Callable[[], float] = time.time
+        self,
+        store: HoldStore,
+        on_vote: Callable[[ApprovalRecord], None],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.on_vote, self.clock = store, on_vote, clock
 
@@ -116,7 +120,9 @@ class LinkPages:
                 str(form.get("reason", ""))[:2000],
                 self.clock(),
             )
-        except PaySentryError as exc:
+        except VoteRefused as fact:
+            return _gone(refusal(fact).message)
+        except PaySentryError as exc:  # the store is unavailable
             return _gone(exc.message)
         self.on_vote(result.approval)
         return _page(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -63,3 +64,10 @@ class PaymentCall:
     idempotency_key: str
     request_hash: str
     forward: UpstreamRequest | None = None
+
+
+def provider_idempotency_key(agent_id: str, key: str) -> str:
+    """The key PaySentry sends the provider for an agent's key: namespaced by the agent, so that no agent
+    can reach another's stored answer at the provider (where every agent of an owner shares one key
+    space), and the same for every retry of the same call."""
+    return "psk-" + hashlib.sha256(f"{agent_id}\0{key}".encode()).hexdigest()[:48]

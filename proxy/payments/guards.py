@@ -17,13 +17,20 @@ def check_call(call: AgentCall, connection: Connection) -> None:
         raise MethodNotAllowed(f"PaySentry does not forward {call.method} requests to {adapter.name}")
     if not call.raw_path.startswith("/"):  # the request target as sent: absolute-form or authority-form
         raise BadRequest("PaySentry is not a forward proxy: send the path only (origin-form), not a full URL")
-    guarded = [h for h in call.headers if h.lower() in adapter.guarded_headers]
+    names = {name: _normalized(name) for name in call.headers}
+    guarded = [name for name, norm in names.items() if norm in adapter.guarded_headers]
     if guarded:
         raise BadRequest(
             f"PaySentry does not forward the {guarded[0]} header: it would change whose money moves",
             param=guarded[0],
         )
     if adapter.account_header:
+        account = _normalized(adapter.account_header)
+        spelled = [name for name, norm in names.items() if norm == account and name.lower() != account]
+        if spelled:  # Stripe_Account: some servers read it as Stripe-Account, the guard would not
+            raise BadRequest(
+                f"send the {adapter.account_header} header spelled so, not {spelled[0]}", param=spelled[0]
+            )
         accounts = call.headers.getall(adapter.account_header, [])
         if len(accounts) > 1 or (accounts and accounts[0] not in connection.allowed_accounts):
             raise Forbidden(
@@ -34,6 +41,11 @@ def check_call(call: AgentCall, connection: Connection) -> None:
     lowered = raw.lower()
     if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered or "/../" in raw + "/" or "//" in raw:
         raise BadRequest("the request path contains an encoded or relative segment")
+
+
+def _normalized(name: str) -> str:
+    """A header name as a lenient server may read it: case-folded, underscores as dashes."""
+    return name.strip().lower().replace("_", "-")
 
 
 def bearer_token(headers: Headers) -> str | None:

@@ -3,7 +3,10 @@ payment, the span attributes and the optional decision log line."""
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -23,11 +26,14 @@ def authorization_for(
     request_hash: str,
     now: float,
     lease: float,
+    auth_id: str | None = None,
+    request: bytes | None = None,
 ) -> NewAuthorization:
-    """The record of one decision, as the store reserves and keeps it."""
+    """The record of one decision, as the store reserves and keeps it (``request``: the call to forward,
+    sealed to the record ``auth_id``)."""
     hold = decision.outcome == HOLD
     return NewAuthorization(
-        id=new_id("auth"),
+        id=auth_id or new_id("auth"),
         owner_id=agent.owner_id,
         agent_id=agent.id,
         idempotency_key=key,
@@ -47,6 +53,7 @@ def authorization_for(
         approval_id=new_id("apr") if hold else None,
         hold_expires_at=now + (decision.hold_expires_in or 0) if hold else None,
         lease_expires_at=now + lease,
+        request=request,
         approval=decision.approval,
         shadow=[
             {"policy": h.policy, "rule": h.rule, "effect": h.effect, "message": h.message}
@@ -109,3 +116,23 @@ def log_decision(agent: Agent, auth: AuthorizationRecord) -> None:
             }
         },
     )
+
+
+# Headers never kept with a forwarded call: the credentials (injected again when it is re-sent) and the
+# trace context of the call that sent it.
+_NOT_KEPT = frozenset({"authorization", "traceparent", "tracestate", "accept-encoding"})
+
+
+def pack_request(method: str, target: str, headers: Mapping[str, str], body: bytes) -> bytes:
+    """A forwarded call as kept (sealed) to re-send it when its outcome is unknown: the method, the path
+    and query, the headers that shape it (the account acted for, the API version, the content type;
+    never the credentials) and the body."""
+    kept = [[k, v] for k, v in headers.items() if k.lower() not in _NOT_KEPT]
+    data = {"method": method, "target": target, "headers": kept, "body": base64.b64encode(body).decode()}
+    return json.dumps(data).encode()
+
+
+def unpack_request(packed: bytes) -> tuple[str, str, list[tuple[str, str]], bytes]:
+    data = json.loads(packed)
+    headers = [(k, v) for k, v in data["headers"]]
+    return data["method"], data["target"], headers, base64.b64decode(data["body"])

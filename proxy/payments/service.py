@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from multidict import CIMultiDict
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -39,6 +40,7 @@ from proxy.decide import decide, spend_keys
 from proxy.errors import (
     AuthenticationFailed,
     BadRequest,
+    Forbidden,
     IdempotencyMismatch,
     PaySentryError,
     RateLimited,
@@ -49,9 +51,9 @@ from proxy.errors import (
 from proxy.holds import HoldCoordinator
 from proxy.metrics import Metrics, Series
 from proxy.model import DENY, HOLD, Agent, Decision, Payment
-from proxy.payments.calls import AgentCall, Outcome, PaymentCall
+from proxy.payments.calls import AgentCall, Outcome, PaymentCall, provider_idempotency_key
 from proxy.payments.guards import bearer_token, check_call
-from proxy.payments.records import annotate, authorization_for, log_decision
+from proxy.payments.records import annotate, authorization_for, log_decision, pack_request, unpack_request
 from proxy.policy.engine import Engine
 from proxy.policy.reload import PolicyHolder
 from proxy.ratelimit import Limiter
@@ -63,8 +65,11 @@ from proxy.store import (
     FAILED,
     FORWARDING,
     HELD,
+    IN_DOUBT,
     REJECTED,
     SETTLED,
+    UNRESOLVED_STATES,
+    VOIDED,
     AgentRecord,
     AuthorizationRecord,
     DuplicateKey,
@@ -222,43 +227,95 @@ class PaymentService:
         body = await call.read_body()
         classified = adapter.classify(call.method, call.path, call.content_type if body else "", body)
         url = connection.upstream + call.target
-        if classified.kind == PASSTHROUGH:
-            span.set_attribute("paysentry.decision", "passthrough")
-            request = provider_request(adapter, connection.credentials, call.method, url, call.headers, body)
-            if classified.voids is None:
-                unreachable = adapter.error(
-                    502, "api", UpstreamUnavailable.code, "the provider could not be reached", retry=True
-                )
-                return replace(Outcome.of(unreachable), stream=request)
-            reply = await self.upstream.send(request)
-            if 200 <= reply.status < 300:
-                await self._void(agent, classified.voids, call)
-            return Outcome(reply.status, reply.body, reply.headers)
-        assert classified.payment is not None
         key = call.headers.get(adapter.idempotency_header) or ""
         if len(key) > MAX_IDEMPOTENCY_KEY:
             raise BadRequest(f"{adapter.idempotency_header} is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        if classified.kind == PASSTHROUGH and classified.voids is None:
+            span.set_attribute("paysentry.decision", "passthrough")
+            request = provider_request(
+                adapter,
+                connection.credentials,
+                call.method,
+                url,
+                call.headers,
+                body,
+                provider_idempotency_key(agent.id, key) if key else None,
+            )
+            unreachable = adapter.error(
+                502, "api", UpstreamUnavailable.code, "the provider could not be reached", retry=True
+            )
+            return replace(Outcome.of(unreachable), stream=request)
+        if call.query:  # a call on money is decided on its body; the provider may read the query too
+            name = next(iter(call.query))
+            raise BadRequest(
+                f"PaySentry does not forward query parameters on calls that move money ({name!r}): "
+                "send every parameter in the body, where it is decided",
+                param=name,
+            )
         key = key or new_id("psidem")
+        if classified.voids is not None:
+            return await self._cancel(call, agent, connection, classified.voids, url, body, key)
+        assert classified.payment is not None
         request_hash = hashlib.sha256(
             b"\0".join([call.method.encode(), call.target.encode(), body])
         ).hexdigest()
         # What is forwarded if allowed: where the provider can enforce the approval, the body says it.
         outgoing = adapter.prepare(classified.payment, body)
         forward = provider_request(
-            adapter, connection.credentials, call.method, url, call.headers, outgoing, key
+            adapter,
+            connection.credentials,
+            call.method,
+            url,
+            call.headers,
+            outgoing,
+            provider_idempotency_key(agent.id, key),
         )
         payment_call = PaymentCall(agent, connection, classified.payment, key, request_hash, forward)
         return await self.authorize(payment_call, span)
 
-    async def _void(self, agent: Agent, ref: str, call: AgentCall) -> None:
-        """The provider cancelled ``ref`` at the agent's request: release what it counted. The provider's
-        answer goes back regardless; if the store fails, the spend stays counted (the provider's
-        cancellation webhook releases it later)."""
-        data = {"call": f"{call.method} {call.path}", "agent": agent.id}
-        try:
-            await self.store.void(agent.owner_id, ref, "agent", data, self.clock())
-        except StoreUnavailable as exc:
-            log.error("cancelled at the provider, spend not yet released: %s", exc.message)
+    async def _cancel(
+        self,
+        call: AgentCall,
+        agent: Agent,
+        connection: Connection,
+        ref: str,
+        url: str,
+        body: bytes,
+        key: str,
+    ) -> Outcome:
+        """Cancel an object: only its owner may (another agent's object is refused before anything is
+        sent); once the provider accepts, the spend it counted is released. The provider's answer goes
+        back regardless; if the store fails, the spend stays counted (the provider's cancellation event
+        releases it later)."""
+        await self._owned(agent, ref)
+        request = provider_request(
+            connection.adapter,
+            connection.credentials,
+            call.method,
+            url,
+            call.headers,
+            body,
+            provider_idempotency_key(agent.id, key),
+        )
+        reply = await self.upstream.send(request)
+        if 200 <= reply.status < 300:
+            data = {"call": f"{call.method} {call.path}", "agent": agent.id}
+            try:
+                await self.store.void(agent.owner_id, ref, "agent", data, self.clock())
+            except StoreUnavailable as exc:
+                log.error("cancelled at the provider, spend not yet released: %s", exc.message)
+        return Outcome(reply.status, reply.body, reply.headers)
+
+    async def _owned(self, agent: Agent, ref: str) -> AuthorizationRecord | None:
+        """The record of the provider object ``ref`` as PaySentry knows it, refusing an object another agent
+        of the owner made (agents never act on each other's objects)."""
+        earlier = await self.store.find_by_provider_ref(agent.owner_id, ref)
+        if earlier is not None and earlier.agent_id != agent.id:
+            raise Forbidden(
+                f"{ref} was made by another agent of this owner; an agent acts only on its own objects",
+                param="id",
+            )
+        return earlier
 
     # -- a payment ------------------------------------------------------------------------------------------
     async def authorize(self, call: PaymentCall, span: trace.Span) -> Outcome:
@@ -305,8 +362,17 @@ class PaymentService:
                 message=f"a card authorization cannot wait for approval: {decision.message}",
             )
         annotate(span, payment, decision)
+        auth_id = existing.id if existing else new_id("auth")
         new = authorization_for(
-            agent, payment, decision, call.idempotency_key, call.request_hash, self.clock(), self.lease
+            agent,
+            payment,
+            decision,
+            call.idempotency_key,
+            call.request_hash,
+            self.clock(),
+            self.lease,
+            auth_id,
+            self._sealed_request(call, auth_id) if decision.outcome != DENY else None,
         )
         try:
             with self._stage("reserve", span):
@@ -348,9 +414,11 @@ class PaymentService:
 
     async def _resolve(self, payment: Payment, agent: Agent, connection: Connection) -> Payment:
         """Fill in the amount of a call on an earlier object (confirm, capture, refund without amount)."""
-        if not payment.refers_to or (payment.amount and payment.currency):
+        if not payment.refers_to:
             return payment
-        earlier = await self.store.find_by_provider_ref(agent.owner_id, payment.refers_to)
+        earlier = await self._owned(agent, payment.refers_to)
+        if payment.amount and payment.currency:
+            return payment
         if earlier is not None and payment.operation.startswith("payment_intent."):
             amount = payment.amount or earlier.amount
             return replace(payment, amount=amount, currency=earlier.currency, already_counted=True)
@@ -373,16 +441,19 @@ class PaymentService:
     async def _replay(self, auth: AuthorizationRecord, call: PaymentCall, span: trace.Span) -> Outcome:
         span.set_attribute("paysentry.replay", True)
         span.set_attribute("paysentry.authorization", auth.id)
+        now = self.clock()
         if auth.state == APPROVED:
-            if not await self.store.start_forwarding(auth.id, self.clock() + self.lease, self.clock()):
+            if not await self.store.start_forwarding(auth.id, now + self.lease, now):
                 raise RequestInFlight(IN_FLIGHT)
             span.set_attribute("paysentry.decision", "allow")
             span.set_attribute("paysentry.hold_id", auth.approval_id or "")
             return await self._forward(auth, call, span)
-        if auth.state == FORWARDING:
-            raise RequestInFlight(IN_FLIGHT)
+        if auth.state in UNRESOLVED_STATES:  # its outcome is unknown: ask the provider, never decide anew
+            if not await self.store.claim(auth.id, now + self.lease, now):
+                raise RequestInFlight(IN_FLIGHT)
+            return await self._forward(auth, call, span, first=False)
         if (
-            auth.state in (SETTLED, FAILED)
+            auth.state in (SETTLED, FAILED, VOIDED)
             and auth.response_status is not None
             and auth.response_body is not None
         ):
@@ -398,7 +469,13 @@ class PaymentService:
             )
         return self._refusal(auth, call.connection.adapter)
 
-    async def _forward(self, auth: AuthorizationRecord, call: PaymentCall, span: trace.Span) -> Outcome:
+    async def _forward(
+        self, auth: AuthorizationRecord, call: PaymentCall, span: trace.Span, first: bool = True
+    ) -> Outcome:
+        """Send the call and record what the provider answered. When no answer tells what happened (a
+        timeout, a lost connection, a 5xx, the call cut off), the spend stays reserved and the call is
+        *in doubt* until the provider's answer is learned by re-sending it with the same key (a same-key
+        retry of the agent, or the resolution job). Only a first send that never connected is released."""
         adapter = call.connection.adapter
         assert call.forward is not None, "a call the provider asked for is not forwarded"
         try:
@@ -407,35 +484,111 @@ class PaymentService:
                 reply = await self.upstream.send(call.forward)
                 up.set_attribute("http.response.status_code", reply.status)
         except UpstreamUnavailable as exc:
-            await self.store.fail(auth.id, exc.message, None, None, self.clock())
-            raise
+            if first and not exc.maybe_sent:
+                await self.store.fail(auth.id, exc.message, None, None, self.clock())
+                raise
+            await self._in_doubt(auth.id, exc.message, 0)
+            raise UpstreamUnavailable(
+                f"{exc.message}; whether the payment was made is not known yet, so its spend stays counted "
+                "until the provider says: retry with the same Idempotency-Key to learn the outcome"
+            ) from exc
         except asyncio.CancelledError:  # shutdown grace ran out (or the client went away) mid-call
             reason = "the call was cut off before the provider answered (shutdown or disconnect)"
-            await asyncio.shield(self.store.fail(auth.id, reason, None, None, self.clock()))
+            await asyncio.shield(self._in_doubt(auth.id, reason, 0))
             raise
         with self._stage("settle", span):
-            await self._settle(auth, adapter, reply)
+            try:
+                await self._conclude(auth, adapter, reply, 0)
+            except StoreUnavailable as exc:  # the provider answered: the agent hears it all the same
+                self.metrics.inc("paysentry_store_errors_total", where="settle")
+                log.error(
+                    "the provider answered %s but the store could not record it (%s); the authorization "
+                    "stays reserved and is resolved from the provider",
+                    reply.status,
+                    exc.message,
+                )
         span.set_attribute("paysentry.upstream_status", reply.status)
         headers = dict(reply.headers)
         headers["PaySentry-Authorization"] = auth.id
         return Outcome(reply.status, reply.body, headers)
 
-    async def _settle(self, auth: AuthorizationRecord, adapter: Adapter, reply: UpstreamReply) -> None:
+    async def _conclude(
+        self, auth: AuthorizationRecord, adapter: Adapter, reply: UpstreamReply, attempts: int
+    ) -> str:
+        """Record what an answer of the provider says: settled (money moved), failed (it refused: the
+        spend is released and the answer replayed) or in doubt (a 5xx or 409 tells nothing)."""
+        now = self.clock()
+        if reply.status >= 500 or reply.status in (409, 429):
+            await self._in_doubt(auth.id, f"the provider answered {reply.status}", attempts)
+            return IN_DOUBT
         sealed = self.sealer.seal(reply.body, sealed_context("response", auth.id))
         declined = adapter.declined_in(reply.body) if 200 <= reply.status < 300 else None
         if declined:  # the provider answered, but no money moved: release, and replay this answer
-            await self.store.fail(auth.id, declined, reply.status, sealed, self.clock())
-        elif 200 <= reply.status < 300:
-            await self.store.settle(
-                auth.id, adapter.provider_ref(reply.body), reply.status, sealed, self.clock()
-            )
-        elif reply.status >= 500 or reply.status == 409:
-            # The provider did not finish: nothing is replayed, the agent may retry with the same key.
-            await self.store.fail(auth.id, f"the provider answered {reply.status}", None, None, self.clock())
-        else:
-            await self.store.fail(
-                auth.id, f"the provider refused ({reply.status})", reply.status, sealed, self.clock()
-            )
+            await self.store.fail(auth.id, declined, reply.status, sealed, now)
+            return FAILED
+        if 200 <= reply.status < 300:
+            await self.store.settle(auth.id, adapter.provider_ref(reply.body), reply.status, sealed, now)
+            return SETTLED
+        await self.store.fail(auth.id, f"the provider refused ({reply.status})", reply.status, sealed, now)
+        return FAILED
+
+    async def _in_doubt(self, auth_id: str, reason: str, attempts: int) -> None:
+        now = self.clock()
+        await self.store.set_in_doubt(auth_id, reason, now + retry_delay(attempts), now)
+
+    def _sealed_request(self, call: PaymentCall, auth_id: str) -> bytes | None:
+        if call.forward is None:
+            return None
+        target = call.forward.url.removeprefix(call.connection.upstream)
+        packed = pack_request(call.forward.method, target, call.forward.headers, call.forward.body)
+        return self.sealer.seal(packed, sealed_context("request", auth_id))
+
+    # -- resolution: what the provider did with calls whose outcome is unknown ----------------------------
+    async def resolve_unresolved(self, limit: int = 100) -> dict[str, int]:
+        """Claim the unresolved calls due (in doubt, or forwarding past the lease of a sidecar that
+        stopped) and re-send each with its idempotency key: the provider replays its answer (or, if it
+        never received the call, makes it: its spend is still reserved). What the answer says is recorded;
+        what stays unknown is tried again later with backoff, never released. Runs on every replica; each
+        call is claimed by one."""
+        now = self.clock()
+        results: dict[str, int] = {}
+        for item in await self.store.claim_unresolved(now + self.lease, now, limit):
+            try:
+                result = await self._resolve_one(item.record, item.request, item.attempts)
+            except StoreUnavailable:
+                raise
+            except PaySentryError as exc:  # the connection is gone, the agent revoked...: try again later
+                log.warning("could not resolve %s: %s", item.record.id, exc.message)
+                await self._in_doubt(item.record.id, exc.message, item.attempts + 1)
+                result = IN_DOUBT
+            results[result] = results.get(result, 0) + 1
+            self.metrics.inc("paysentry_resolutions_total", result=result)
+        return results
+
+    async def _resolve_one(self, auth: AuthorizationRecord, sealed: bytes | None, attempts: int) -> str:
+        record = await self.store.get_agent(auth.agent_id)
+        if record is None or sealed is None:
+            await self._in_doubt(auth.id, "nothing to re-send: the call was not kept", attempts + 1)
+            return IN_DOUBT
+        connection = await self.connections.get(record.connection_id)
+        method, target, headers, body = unpack_request(
+            self.sealer.open(sealed, sealed_context("request", auth.id))
+        )
+        request = provider_request(
+            connection.adapter,
+            connection.credentials,
+            method,
+            connection.upstream + target,
+            CIMultiDict(headers),
+            body,
+            provider_idempotency_key(auth.agent_id, auth.idempotency_key),
+        )
+        try:
+            reply = await self.upstream.send(request)
+        except UpstreamUnavailable as exc:
+            await self._in_doubt(auth.id, exc.message, attempts + 1)
+            return IN_DOUBT
+        return await self._conclude(auth, connection.adapter, reply, attempts + 1)
 
     def _refusal(self, auth: AuthorizationRecord, adapter: Adapter) -> Outcome:
         extra = {
@@ -504,6 +657,11 @@ class Stage:
             self._span.record_exception(exc)
             self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         self._span.end()
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before an unresolved call is re-sent again: 5 s, doubling, at most an hour."""
+    return float(min(5 * 2**attempts, 3600))
 
 
 def _retryable(auth: AuthorizationRecord) -> bool:

@@ -1,24 +1,30 @@
 """The store port: what PaySentry keeps, and the atomic operations on it.
 
 Every method that changes state does it in one transaction together with the audit event that records
-it. Reserving spend is check-and-count in one atomic step. Implementations: the embedded SQLite store
+it. Reserving spend is check-and-count in one atomic step. The port is split by role (``IdentityStore``,
+``AuthorizationStore``, ``HoldStore``, ``AuditStore``, ``Housekeeping``); ``Store`` is all of them. Implementations: the embedded SQLite store
 (``proxy.store.sqlite``) and PostgreSQL (``proxy.store.postgres``), both running the transaction bodies
 of ``proxy.store.sql``; ``open_store`` picks one from a URL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
+from proxy.refusals import limit_exceeded_message
 
 # Authorization states.
 DENIED, HELD, APPROVED, REJECTED, EXPIRED = "denied", "held", "approved", "rejected", "expired"
 FORWARDING, SETTLED, FAILED = "forwarding", "settled", "failed"
 VOIDED = "voided"  # settled, then the provider reported the money will not move (spend released)
-RESERVING_STATES = (HELD, APPROVED, FORWARDING)  # states whose charges count against limits
+# Forwarded, and whether the provider moved the money is unknown (a timeout, a 5xx, a lost connection, a
+# sidecar stopped mid-call): the spend stays counted until the provider's answer is learned.
+IN_DOUBT = "in_doubt"
+RESERVING_STATES = (HELD, APPROVED, FORWARDING, IN_DOUBT)  # states whose charges count against limits
+UNRESOLVED_STATES = (FORWARDING, IN_DOUBT)  # forwarded, no answer recorded yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +63,9 @@ class AgentRecord:
 
 @dataclass(frozen=True, slots=True)
 class NewAuthorization:
-    """A decided call, as the pipeline hands it to ``record_decision``."""
+    """A decided call, as the pipeline hands it to ``record_decision``. ``explain`` is the core's wording of
+    a refusal the store finds while reserving (this charge would pass its limit, this much is already
+    counted); the store records the words in the same transaction and never composes them."""
 
     id: str
     owner_id: str
@@ -81,6 +89,8 @@ class NewAuthorization:
     lease_expires_at: float | None = None
     shadow: Sequence[Mapping[str, str]] = ()  # what shadow rules would have decided
     approval: ApprovalSpec | None = None  # holds: who decides
+    explain: Callable[[Charge, SpendTotal], str] = limit_exceeded_message
+    request: bytes | None = None  # the call as forwarded, sealed: re-sent to resolve an unknown outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,23 +182,71 @@ class Event:
     at: float = 0.0
 
 
-class DuplicateKey(Exception):
-    """Another call with the same agent and Idempotency-Key was recorded first."""
+class Refused(Exception):
+    """The store did not apply a write, and why, as data: which object, in which state. The store never
+    words it; a caller that faces a person does (``proxy.owners.refusal``).
+
+        Refused
+        ├── DuplicateKey        another call with the same agent and Idempotency-Key was recorded first
+        ├── AgentNameTaken      the owner already has an active agent of that name
+        └── VoteRefused         a vote the hold cannot take
+            ├── ApprovalNotFound    no such approval for this owner
+            ├── ApprovalClosed      already approved, denied or expired
+            ├── ApprovalExpired     pending, but past its deadline
+            ├── NotAnApprover       the voter is not named among the approvers
+            └── LinkUnusable        the approval link is unknown, used or expired
+    """
+
+    def __str__(self) -> str:
+        return repr(self)
 
 
-class Store(Protocol):
-    async def open(self, migrate: bool = False) -> None:
-        """Connect and check the schema (refusing one older or newer than this PaySentry knows), applying
-        the migrations first when ``migrate``. The embedded SQLite store always migrates itself."""
-        ...
+@dataclass(eq=False)
+class DuplicateKey(Refused):
+    idempotency_key: str
 
-    async def close(self) -> None: ...
-    async def ping(self) -> None: ...
-    async def migrate(self) -> int:
-        """Bring the schema to the version this PaySentry knows; returns it."""
-        ...
 
-    # owners, connections, agents
+@dataclass(eq=False)
+class AgentNameTaken(Refused):
+    name: str
+
+
+class VoteRefused(Refused):
+    """A vote the hold cannot take; nothing was counted."""
+
+
+@dataclass(eq=False)
+class ApprovalNotFound(VoteRefused):
+    approval_id: str
+
+
+@dataclass(eq=False)
+class ApprovalClosed(VoteRefused):
+    approval_id: str
+    state: str  # approved, denied or expired
+
+
+@dataclass(eq=False)
+class ApprovalExpired(VoteRefused):
+    approval_id: str
+
+
+@dataclass(eq=False)
+class NotAnApprover(VoteRefused):
+    approval_id: str
+    voter: str
+    approvers: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class LinkUnusable(VoteRefused):
+    """No unused, unexpired link has this token."""
+
+
+class IdentityStore(Protocol):
+    """Who may act: owners, their provider connections and their agents. Written by owners (the CLI and
+    the owner API), read on every agent call to authenticate it and find its connection."""
+
     async def create_owner(self, owner: OwnerRecord) -> None: ...
     async def get_owner(self, owner_id: str) -> OwnerRecord | None: ...
     async def find_owner(self, name: str) -> OwnerRecord | None: ...
@@ -197,18 +255,31 @@ class Store(Protocol):
     async def add_connection(self, connection: ConnectionRecord) -> None: ...
     async def get_connection(self, connection_id: str) -> ConnectionRecord | None: ...
     async def find_connection(self, owner_id: str, name: str) -> ConnectionRecord | None: ...
-    async def create_agent(self, agent: AgentRecord) -> None: ...
+    async def create_agent(self, agent: AgentRecord) -> None:
+        """Raises ``AgentNameTaken`` when the owner has an active agent of that name."""
+        ...
+
     async def get_agent(self, agent_id: str) -> AgentRecord | None: ...
     async def list_agents(self, owner_id: str) -> list[AgentRecord]: ...
     async def revoke_agent(self, owner_id: str, agent_id: str, actor: str, now: float) -> bool: ...
 
-    # the payment path
+
+class AuthorizationStore(Protocol):
+    """The payment path: one authorization from its idempotency lookup to its end. The core has decided;
+    the store records the decision and reserves its spend atomically, then moves the authorization through
+    its states (forwarding, settled, failed, voided), releasing the spend exactly once when it ends."""
+
     async def lookup(
         self, agent_id: str, idempotency_key: str, spend_keys: Sequence[tuple[str, str]]
     ) -> tuple[AuthorizationRecord | None, dict[str, SpendTotal]]: ...
     async def record_decision(
         self, new: NewAuthorization, now: float, retry_of: str | None = None
-    ) -> Recorded: ...
+    ) -> Recorded:
+        """Record ``new`` and reserve its charges in one transaction. A charge that would pass its limit
+        turns the decision into a denial worded by ``new.explain``; ``Recorded.exceeded`` says which.
+        Raises ``DuplicateKey`` when the agent's Idempotency-Key was recorded first by another call."""
+        ...
+
     async def start_forwarding(self, authorization_id: str, lease_expires_at: float, now: float) -> bool: ...
     async def settle(
         self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
@@ -242,6 +313,49 @@ class Store(Protocol):
         ...
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
+    async def set_in_doubt(self, authorization_id: str, reason: str, retry_at: float, now: float) -> bool:
+        """A forwarded call whose outcome is unknown: it keeps its spend, and may be claimed again for
+        resolution from ``retry_at``. False when it was not forwarding (another answer came first)."""
+        ...
+
+    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
+        """Take an unresolved call (in doubt, at once; or forwarding past its lease: its sidecar stopped)
+        to re-send it; exactly one claimant wins however many race."""
+        ...
+
+    async def claim_unresolved(self, lease_expires_at: float, now: float, limit: int) -> list[Unresolved]:
+        """Claim up to ``limit`` unresolved calls due for resolution (as ``claim``, each exactly once)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """A forwarded call claimed for resolution: its record, the call as forwarded (sealed) and how many
+    times it was re-sent before."""
+
+    record: AuthorizationRecord
+    request: bytes | None
+    attempts: int
+
+
+class HoldStore(Protocol):
+    """Holds waiting for approvers: their votes (counted by ``proxy.approvals.tally``), one-time approval
+    links, and the approvals themselves. A vote the hold cannot take raises a ``VoteRefused``."""
+
+    async def vote(
+        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str, now: float
+    ) -> VoteResult: ...
+    async def add_links(self, approval_id: str, links: Sequence[tuple[str, str, float]]) -> None: ...
+    async def find_link(self, token_hash: str) -> tuple[ApprovalRecord, str, float | None, float] | None: ...
+    async def use_link(self, token_hash: str, approve: bool, reason: str, now: float) -> VoteResult: ...
+    async def get_approval(self, owner_id: str, approval_id: str) -> ApprovalRecord | None: ...
+    async def list_approvals(self, owner_id: str, state: str | None) -> list[ApprovalRecord]: ...
+
+
+class AuditStore(Protocol):
+    """The record: the audit log and what was authorized and spent, read by the owner API, the CLI,
+    policy replay and reports."""
+
     async def record_event(
         self,
         owner_id: str,
@@ -255,28 +369,38 @@ class Store(Protocol):
         """Append one audit event that is not part of another operation's transaction."""
         ...
 
-    # holds and housekeeping
-    async def vote(
-        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str, now: float
-    ) -> VoteResult: ...
-    async def add_links(self, approval_id: str, links: Sequence[tuple[str, str, float]]) -> None: ...
-    async def find_link(self, token_hash: str) -> tuple[ApprovalRecord, str, float | None, float] | None: ...
-    async def use_link(self, token_hash: str, approve: bool, reason: str, now: float) -> VoteResult: ...
-    async def get_approval(self, owner_id: str, approval_id: str) -> ApprovalRecord | None: ...
-    async def list_approvals(self, owner_id: str, state: str | None) -> list[ApprovalRecord]: ...
-    async def expire_holds(self, now: float) -> int: ...
-    async def reclaim_leases(self, now: float) -> int: ...
-
-    # records
+    async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]: ...
     async def get_authorization(self, owner_id: str, authorization_id: str) -> AuthorizationRecord | None: ...
     async def list_authorizations(
         self, owner_id: str, agent_id: str | None, limit: int
     ) -> list[AuthorizationRecord]: ...
     async def history(self, since: float, owner_id: str | None) -> list[AuthorizationRecord]: ...
-    async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]: ...
     async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]: ...
 
-    # gauges: what is held and spent now
+
+class Housekeeping(Protocol):
+    """Running the store: connecting and the schema; the sweep (expired holds, expired forwarding leases,
+    each released once even with every replica sweeping); gauges of what is held and spent now; key
+    rotation (sealed values a page at a time, and a compare-and-swap to reseal one)."""
+
+    async def open(self, migrate: bool = False) -> None:
+        """Connect and check the schema (refusing one older or newer than this PaySentry knows), applying
+        the migrations first when ``migrate``. The embedded SQLite store always migrates itself."""
+        ...
+
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def migrate(self) -> int:
+        """Bring the schema to the version this PaySentry knows; returns it."""
+        ...
+
+    async def expire_holds(self, now: float) -> int: ...
+    async def release_unrecorded(self, now: float) -> int:
+        """Release what a spend gate outside the database reserved for decisions never recorded (a sidecar
+        stopped in between); 0 for a store that reserves in the same transaction as it records."""
+        ...
+
+    async def count_unresolved(self) -> int: ...
     async def count_pending_holds(self) -> int: ...
     async def current_spend(
         self, keys: Sequence[tuple[str, str]], limit: int
@@ -285,12 +409,17 @@ class Store(Protocol):
         largest amounts first."""
         ...
 
-    # key rotation: sealed values, a page at a time, and a compare-and-swap to reseal one
     async def sealed_values(self, kind: str, after: str, limit: int) -> list[tuple[str, bytes]]: ...
     async def reseal(self, kind: str, row_id: str, old: bytes, new: bytes) -> bool: ...
 
 
-SEALED_KINDS = ("connection", "response")  # credentials of connections; stored provider answers
+class Store(IdentityStore, AuthorizationStore, HoldStore, AuditStore, Housekeeping, Protocol):
+    """Every role at once: what a backend implements and what the composition root opens. A component
+    that plays one role takes that role's protocol."""
+
+
+# credentials of connections; stored provider answers; forwarded calls kept for resolution
+SEALED_KINDS = ("connection", "response", "request")
 
 
 def open_store(url: str, synchronous: str = "NORMAL", timeout: float = 5.0, redis_url: str = "") -> Store:

@@ -9,9 +9,10 @@ second check. How the two stay consistent:
   PostgreSQL commit then removes it from pending. If the transaction fails, the reservation is released
   in Redis at once.
 * A sidecar killed between the two leaves a pending entry: the sweep on any replica finds it past its
-  deadline, sees that PostgreSQL never recorded that authorization, and releases it in Redis.
+  deadline, sees that PostgreSQL never recorded that authorization, and releases it in Redis. Removing
+  it from pending and releasing it are one script, so of several replicas sweeping, one releases it.
 * Releases (a refusal, a failure, an expired hold, a reclaimed lease, a voided payment) are committed in
-  PostgreSQL and then applied to Redis.
+  PostgreSQL and then applied to Redis; each follows a state transition PostgreSQL made once.
 * A window missing from Redis (first use, expiry, or Redis lost its data) is rebuilt from PostgreSQL's
   spend row before the script runs again. If Redis loses its data while reservations are in flight, the
   ones not yet committed in PostgreSQL at that instant are missed once: run Redis with persistence
@@ -68,15 +69,15 @@ return {'ok'}
 """
 RELEASE = """
 local n = tonumber(ARGV[2])
+if ARGV[1] ~= '' then
+  if redis.call('ZREM', KEYS[n + 1], ARGV[1]) == 0 then return 0 end
+  redis.call('HDEL', KEYS[n + 2], ARGV[1])
+end
 for i = 1, n do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     redis.call('HINCRBY', KEYS[i], 'amount', -tonumber(ARGV[2 + i]))
     redis.call('HINCRBY', KEYS[i], 'count', -1)
   end
-end
-if ARGV[1] ~= '' then
-  redis.call('ZREM', KEYS[n + 1], ARGV[1])
-  redis.call('HDEL', KEYS[n + 2], ARGV[1])
 end
 return 1
 """
@@ -135,12 +136,16 @@ class PostgresRedisStore(PostgresStore):
     ) -> Recorded:
         if new.decision == DENIED or not new.charges:
             return await self.write(record_decision_tx(new, now, retry_of, gated=True))
-        exceeded = await self.gate(new.id, new.agent_id, new.charges)
+        # The reservation is named after the row that will record it: a same-key retry re-decides the
+        # row it retries, so the pending entry must carry that id, or the sweep would find it "never
+        # recorded" and release spend PostgreSQL still counts.
+        reservation = retry_of or new.id
+        exceeded = await self.gate(reservation, new.agent_id, new.charges)
         try:
             return await self.write(record_decision_tx(new, now, retry_of, gated=True, exceeded=exceeded))
         except BaseException:
             if exceeded is None:  # not recorded: give the reservation back at once
-                await asyncio.shield(self.release(new.agent_id, new.charges, new.id))
+                await asyncio.shield(self.release(new.agent_id, new.charges, reservation))
             raise
 
     async def gate(self, reservation: str, agent_id: str, charges: Sequence[Charge]) -> LimitExceeded | None:
@@ -182,10 +187,15 @@ class PostgresRedisStore(PostgresStore):
             *_, current = await self._redis(pipe.execute())
         return SpendTotal(int(current[0]), int(current[1]))
 
-    async def release(self, agent_id: str, charges: Sequence[Charge], reservation: str = "") -> None:
+    async def release(self, agent_id: str, charges: Sequence[Charge], reservation: str = "") -> bool:
+        """Give back charges in Redis. A ``reservation`` still pending is released once, whoever asks (the
+        sidecar whose transaction failed, any replica's sweep); False when it was not pending any more.
+        Without one: spend a committed PostgreSQL transaction released (it changed state only once)."""
         keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
-        await self._redis(
-            self._release(keys=keys, args=[reservation, len(charges), *(c.amount for c in charges)])
+        return bool(
+            await self._redis(
+                self._release(keys=keys, args=[reservation, len(charges), *(c.amount for c in charges)])
+            )
         )
 
     async def after_release(self, notes: list[tuple[str, tuple[Charge, ...]]]) -> None:
@@ -239,10 +249,7 @@ class PostgresRedisStore(PostgresStore):
         return [tuple(r) for r in rows]
 
     # -- reconciliation -------------------------------------------------------------------------------------
-    async def reclaim_leases(self, now: float) -> int:
-        return await super().reclaim_leases(now) + await self.reconcile(now)
-
-    async def reconcile(self, now: float) -> int:
+    async def release_unrecorded(self, now: float) -> int:
         """Settle pending Redis reservations past their deadline: forget those PostgreSQL recorded, release
         those it never did (their sidecar died in between)."""
         stale = [
@@ -266,7 +273,8 @@ class PostgresRedisStore(PostgresStore):
             charges = [
                 Charge(limit, period, "", amount, None, None) for limit, period, amount in pending["charges"]
             ]
-            await self.release(pending["agent"], charges, reservation)
+            if not await self.release(pending["agent"], charges, reservation):
+                continue  # another replica's sweep released it first
             log.warning(
                 "released a Redis reservation never recorded in PostgreSQL",
                 extra={"fields": {"reservation": reservation, "agent": pending["agent"]}},
@@ -281,7 +289,7 @@ HELD_SPEND = (
     "SELECT c->>'limit' AS limit_name, c->>'period' AS period, c->>'currency' AS currency, "
     "a.agent_id AS agent_id, SUM((c->>'amount')::bigint) AS amount, COUNT(*) AS count "
     "FROM authorizations a CROSS JOIN LATERAL jsonb_array_elements(a.charges::jsonb) c "
-    "WHERE a.state IN ('held', 'approved', 'forwarding', 'settled')"
+    "WHERE a.state IN ('held', 'approved', 'forwarding', 'in_doubt', 'settled')"
 )
 GROUPED = "GROUP BY 1, 2, 3, 4"
 

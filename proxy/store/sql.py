@@ -20,8 +20,6 @@ from proxy.approvals import APPROVED as APPROVED_HOLD
 from proxy.approvals import DENIED as DENIED_HOLD
 from proxy.approvals import EXPIRED as EXPIRED_HOLD
 from proxy.approvals import PENDING, may_vote, tally
-from proxy.decide import limit_exceeded_message
-from proxy.errors import Conflict, Forbidden, NotFound
 from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
 from proxy.store import (
     APPROVED,
@@ -30,24 +28,34 @@ from proxy.store import (
     FAILED,
     FORWARDING,
     HELD,
+    IN_DOUBT,
     REJECTED,
     SETTLED,
     VOIDED,
+    AgentNameTaken,
     AgentRecord,
+    ApprovalClosed,
+    ApprovalExpired,
+    ApprovalNotFound,
     ApprovalRecord,
     AuthorizationRecord,
     ConnectionRecord,
     DuplicateKey,
     Event,
     LimitExceeded,
+    LinkUnusable,
     NewAuthorization,
+    NotAnApprover,
     OwnerRecord,
     Recorded,
+    Unresolved,
     Vote,
     VoteResult,
 )
 
 T = TypeVar("T")
+# An unresolved call due for resolution: in doubt and past its retry time, or forwarding past its lease.
+_DUE = "(state=? OR state=?) AND lease_expires_at<=?"
 AUTH_COLUMNS = (
     "id, owner_id, agent_id, idempotency_key, request_hash, provider, operation, amount, currency, "
     "destination, payment, decision, rule, policy, message, revision, state, charges, approval_id, "
@@ -127,7 +135,11 @@ class SqlStore(ABC):
         return [tuple(r) for r in await self.fetch_all(sql, args)]
 
     # -- key rotation ---------------------------------------------------------------------------------
-    _SEALED = {"connection": ("connections", "credentials"), "response": ("authorizations", "response_body")}
+    _SEALED = {
+        "connection": ("connections", "credentials"),
+        "response": ("authorizations", "response_body"),
+        "request": ("authorizations", "request"),
+    }
 
     async def sealed_values(self, kind: str, after: str, limit: int) -> list[tuple[str, bytes]]:
         table, column = self._SEALED[kind]
@@ -237,7 +249,7 @@ class SqlStore(ABC):
                 ),
             )
             if not inserted:
-                raise Conflict(f"an active agent named {a.name!r} already exists")
+                raise AgentNameTaken(a.name)
             yield from _event(
                 a.owner_id,
                 a.id,
@@ -335,21 +347,12 @@ class SqlStore(ABC):
         self, authorization_id: str, reason: str, status: int | None, body: bytes | None, now: float
     ) -> None:
         def tx() -> Tx[None]:
-            row = yield one(
-                "SELECT owner_id, agent_id, charges FROM authorizations WHERE id=? AND state=?",
-                (authorization_id, FORWARDING),
+            ended = yield from _end(
+                authorization_id, FORWARDING, FAILED, now, response_status=status, response_body=body
             )
-            if row is None:
+            if ended is None:
                 return  # already settled, failed or reclaimed: nothing to release twice
-            owner, agent, charges = row
-            yield from _release(agent, _charges(charges))
-            (
-                yield execute(
-                    "UPDATE authorizations SET state=?, response_status=?, response_body=?, "
-                    "lease_expires_at=NULL, updated_at=? WHERE id=?",
-                    (FAILED, status, body, now, authorization_id),
-                )
-            )
+            owner, agent = ended
             yield from _event(
                 owner,
                 agent,
@@ -461,7 +464,7 @@ class SqlStore(ABC):
                 (now, token_hash, now),
             )
             if link is None:
-                raise NotFound("this approval link is unknown, used or expired")
+                raise LinkUnusable()
             owner_id = (yield one("SELECT owner_id FROM approvals WHERE id=?", (link[0],)))[0]
             return (yield from _vote(owner_id, link[0], link[1], approve, reason, "link", now))
 
@@ -489,49 +492,99 @@ class SqlStore(ABC):
 
     async def expire_holds(self, now: float) -> int:
         def tx() -> Tx[int]:
+            # As reclaim_leases: one conditional transition of every expired hold still pending (a vote
+            # that closed one first wins), then each one's authorization ended and its spend released.
+            reason = "the hold expired"
             rows = yield many(
-                "SELECT id, owner_id FROM approvals WHERE state='pending' AND expires_at<=?", (now,)
+                "UPDATE approvals SET state=?, decided_by=?, reason=?, decided_at=? "
+                "WHERE state=? AND expires_at<=? RETURNING id, owner_id, authorization_id",
+                (EXPIRED_HOLD, "paysentry", reason, now, PENDING, now),
             )
-            for approval_id, owner_id in rows:
-                yield from _close_hold(
-                    owner_id, approval_id, "expired", EXPIRED, "paysentry", "the hold expired", now
+            for approval_id, owner_id, auth_id in rows:
+                yield from _end_hold(
+                    owner_id, approval_id, auth_id, EXPIRED_HOLD, EXPIRED, "paysentry", reason, now
                 )
             return len(rows)
 
         return await self.write(tx())
 
-    async def reclaim_leases(self, now: float) -> int:
-        def tx() -> Tx[int]:
-            rows = yield many(
-                "SELECT id, owner_id, agent_id, charges FROM authorizations "
-                "WHERE state=? AND lease_expires_at<=?",
-                (FORWARDING, now),
+    async def set_in_doubt(self, authorization_id: str, reason: str, retry_at: float, now: float) -> bool:
+        def tx() -> Tx[bool]:
+            changed = yield execute(
+                "UPDATE authorizations SET state=?, lease_expires_at=?, updated_at=? WHERE id=? AND state=?",
+                (IN_DOUBT, retry_at, now, authorization_id, FORWARDING),
             )
-            for auth_id, owner, agent, charges in rows:
-                yield from _release(agent, _charges(charges))
-                (
-                    yield execute(
-                        "UPDATE authorizations SET state=?, lease_expires_at=NULL, updated_at=? WHERE id=?",
-                        (FAILED, now, auth_id),
-                    )
+            if changed:
+                data = {"reason": reason, "released": False, "retry_at": retry_at}
+                yield from _authorization_event(
+                    authorization_id, "authorization.in_doubt", "paysentry", data, now
                 )
+            return bool(changed)
+
+        return await self.write(tx())
+
+    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
+        def tx() -> Tx[bool]:
+            row = yield one(
+                "UPDATE authorizations SET state=?, lease_expires_at=?, attempts=attempts+1, updated_at=? "
+                "WHERE id=? AND (state=? OR (state=? AND lease_expires_at<=?)) RETURNING attempts",
+                (FORWARDING, lease_expires_at, now, authorization_id, IN_DOUBT, FORWARDING, now),
+            )
+            if row is not None:
+                data = {"attempt": row[0], "how": "re-sent with the same idempotency key"}
+                yield from _authorization_event(
+                    authorization_id, "authorization.resolving", "paysentry", data, now
+                )
+            return row is not None
+
+        return await self.write(tx())
+
+    async def claim_unresolved(self, lease_expires_at: float, now: float, limit: int) -> list[Unresolved]:
+        def tx() -> Tx[list[Unresolved]]:
+            # The same condition in the subquery and on each row: a row another replica claimed first
+            # (PostgreSQL re-checks it on the row's latest version; SQLite runs one writer) is not taken.
+            rows = yield many(
+                f"UPDATE authorizations SET state=?, lease_expires_at=?, attempts=attempts+1, updated_at=? "
+                f"WHERE id IN (SELECT id FROM authorizations WHERE {_DUE} ORDER BY lease_expires_at LIMIT ?) "
+                f"AND {_DUE} RETURNING {AUTH_COLUMNS}, request, attempts",
+                (
+                    FORWARDING,
+                    lease_expires_at,
+                    now,
+                    IN_DOUBT,
+                    FORWARDING,
+                    now,
+                    limit,
+                    IN_DOUBT,
+                    FORWARDING,
+                    now,
+                ),
+            )
+            claimed = []
+            for row in rows:
+                record = authorization_record(row[:-2])
+                data = {"attempt": row[-1], "how": "re-sent with the same idempotency key"}
                 yield from _event(
-                    owner,
-                    agent,
-                    auth_id,
-                    "authorization.reclaimed",
+                    record.owner_id,
+                    record.agent_id,
+                    record.id,
+                    "authorization.resolving",
                     "paysentry",
-                    {
-                        "reason": "the reservation's lease expired before the provider's answer was recorded "
-                        "(the sidecar stopped mid-call); released. A retry with the same "
-                        "Idempotency-Key re-reserves and the provider replays its answer.",
-                        "released": True,
-                    },
+                    data,
                     now,
                 )
-            return len(rows)
+                request = bytes(row[-2]) if row[-2] is not None else None
+                claimed.append(Unresolved(record, request, row[-1] - 1))
+            return claimed
 
         return await self.write(tx())
+
+    async def release_unrecorded(self, now: float) -> int:
+        return 0  # reserved in the same transaction as recorded: nothing can be left unrecorded
+
+    async def count_unresolved(self) -> int:
+        row = await self.fetch_one("SELECT COUNT(*) FROM authorizations WHERE state=?", (IN_DOUBT,))
+        return int(row[0])
 
     # -- records --------------------------------------------------------------------------------------
     async def get_authorization(self, owner_id: str, authorization_id: str) -> AuthorizationRecord | None:
@@ -595,7 +648,7 @@ def record_decision_tx(
         exceeded = yield from _reserve(new.agent_id, new.charges)
     if exceeded:
         decision, rule = "deny", exceeded.charge.limit
-        message = limit_exceeded_message(exceeded.charge, exceeded.total, exceeded.charge.message)
+        message = new.explain(exceeded.charge, exceeded.total)
     state = {"allow": FORWARDING, "hold": HELD, "deny": DENIED}[decision]
     charges = [] if state == DENIED else new.charges
     values = (
@@ -625,17 +678,17 @@ def record_decision_tx(
             "UPDATE authorizations SET owner_id=?, agent_id=?, idempotency_key=?, request_hash=?, provider=?, "
             "operation=?, amount=?, currency=?, destination=?, payment=?, decision=?, rule=?, policy=?, message=?, "
             "revision=?, state=?, charges=?, approval_id=?, lease_expires_at=?, updated_at=?, provider_ref=NULL, "
-            "response_status=NULL, response_body=NULL WHERE id=? AND state=? AND response_status IS NULL",
-            (*values, retry_of, FAILED),
+            "response_status=NULL, response_body=NULL, request=? WHERE id=? AND state=? AND response_status IS NULL",
+            (*values, new.request, retry_of, FAILED),
         )
         if not changed:
             raise DuplicateKey(new.idempotency_key)
         auth_id = retry_of
     else:
         inserted = yield execute(
-            f"INSERT INTO authorizations ({AUTH_COLUMNS}) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?) ON CONFLICT DO NOTHING",
-            (new.id, *values[:-1], now, now),
+            f"INSERT INTO authorizations ({AUTH_COLUMNS}, request) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?,?) ON CONFLICT DO NOTHING",
+            (new.id, *values[:-1], now, now, new.request),
         )
         if not inserted:
             raise DuplicateKey(new.idempotency_key)
@@ -743,6 +796,24 @@ def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | Non
     return None
 
 
+def _end(auth_id: str, expected: str, state: str, now: float, **columns: Any) -> Tx[tuple[str, str] | None]:
+    """Move an authorization from ``expected`` to ``state`` (setting ``columns`` too) and release the spend
+    it reserved, only if it is still ``expected``: of writers racing on one row (the provider's late answer
+    and a sweep, two webhooks about one object) exactly one changes it and releases. Returns the (owner,
+    agent) it ended, or None when another writer came first."""
+    also = "".join(f", {column}=?" for column in columns)
+    row = yield one(
+        f"UPDATE authorizations SET state=?, lease_expires_at=NULL, updated_at=?{also} WHERE id=? AND state=? "
+        "RETURNING owner_id, agent_id, charges",
+        (state, now, *columns.values(), auth_id, expected),
+    )
+    if row is None:
+        return None
+    owner, agent, charges = row
+    yield from _release(agent, _charges(charges))
+    return owner, agent
+
+
 def _release(agent_id: str, charges: Sequence[Charge]) -> Tx[None]:
     yield released(agent_id, charges)  # for a store that mirrors spend elsewhere (Redis), after commit
     yield from _uncount(agent_id, charges)
@@ -770,19 +841,14 @@ def _vote(
 ) -> Tx[VoteResult]:
     row = yield one("SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id))
     if row is None:
-        raise NotFound(f"no approval {approval_id!r}")
+        raise ApprovalNotFound(approval_id)
     approval = yield from _approval(row)
     if approval.state != PENDING:
-        raise Conflict(f"approval {approval_id} is already {approval.state}")
-    if approval.expires_at <= now:
-        yield from _close_hold(
-            owner_id, approval_id, EXPIRED_HOLD, EXPIRED, "paysentry", "the hold expired", now
-        )
-        raise Conflict(f"approval {approval_id} has expired")
+        raise ApprovalClosed(approval_id, approval.state)
+    if approval.expires_at <= now:  # the sweep expires it and releases its spend
+        raise ApprovalExpired(approval_id)
     if not may_vote(approval.approvers, voter):
-        raise Forbidden(
-            f"{voter!r} is not an approver of {approval_id} (approvers: {', '.join(approval.approvers)})"
-        )
+        raise NotAnApprover(approval_id, voter, approval.approvers)
     vote = "approve" if approve else "deny"
     counted = yield execute(
         "INSERT INTO votes VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
@@ -805,16 +871,16 @@ def _vote(
     outcome = tally(approval.approvers, approval.quorum, approval.veto, votes)
     if outcome == APPROVED_HOLD:
         deciders = ",".join(v for v, choice in votes if choice == "approve")
-        (
-            yield execute(
-                "UPDATE approvals SET state='approved', decided_by=?, reason=?, decided_at=? WHERE id=?",
-                (deciders, reason, now, approval_id),
-            )
+        approved = yield execute(
+            "UPDATE approvals SET state=?, decided_by=?, reason=?, decided_at=? WHERE id=? AND state=?",
+            (APPROVED_HOLD, deciders, reason, now, approval_id, PENDING),
         )
+        if not approved:  # closed meanwhile (denied, or expired by a sweep): this vote does not count
+            yield from _closed_meanwhile(approval_id)
         (
             yield execute(
-                "UPDATE authorizations SET state=?, updated_at=? WHERE id=?",
-                (APPROVED, now, approval.authorization_id),
+                "UPDATE authorizations SET state=?, updated_at=? WHERE id=? AND state=?",
+                (APPROVED, now, approval.authorization_id, HELD),
             )
         )
         yield from _event(
@@ -827,40 +893,53 @@ def _vote(
             now,
         )
     elif outcome == DENIED_HOLD:
-        yield from _close_hold(owner_id, approval_id, DENIED_HOLD, REJECTED, voter, reason, now)
+        denied = yield from _deny_hold(owner_id, approval_id, voter, reason, now)
+        if not denied:
+            yield from _closed_meanwhile(approval_id)
     row = yield one("SELECT * FROM approvals WHERE id=?", (approval_id,))
     return VoteResult((yield from _approval(row)), counted=True)
 
 
-def _close_hold(
+def _deny_hold(owner_id: str, approval_id: str, voter: str, reason: str, now: float) -> Tx[bool]:
+    """Deny a hold still pending and release what it reserved; False when it was closed already (of a
+    vote and a sweep racing, one closes it and releases)."""
+    closed = yield one(
+        "UPDATE approvals SET state=?, decided_by=?, reason=?, decided_at=? WHERE id=? AND state=? "
+        "RETURNING authorization_id",
+        (DENIED_HOLD, voter, reason, now, approval_id, PENDING),
+    )
+    if closed is not None:
+        yield from _end_hold(owner_id, approval_id, closed[0], DENIED_HOLD, REJECTED, voter, reason, now)
+    return closed is not None
+
+
+def _end_hold(
     owner_id: str,
     approval_id: str,
+    auth_id: str,
     approval_state: str,
     auth_state: str,
     actor: str,
     reason: str,
     now: float,
 ) -> Tx[None]:
-    """Deny or expire a pending hold and release what it reserved."""
-    auth_id = (yield one("SELECT authorization_id FROM approvals WHERE id=?", (approval_id,)))[0]
-    agent, charges = yield one("SELECT agent_id, charges FROM authorizations WHERE id=?", (auth_id,))
-    yield from _release(agent, _charges(charges))
-    (
-        yield execute(
-            "UPDATE approvals SET state=?, decided_by=?, reason=?, decided_at=? WHERE id=?",
-            (approval_state, actor, reason, now, approval_id),
-        )
-    )
-    (yield execute("UPDATE authorizations SET state=?, updated_at=? WHERE id=?", (auth_state, now, auth_id)))
+    """The authorization of a hold just closed (denied or expired): ended, its spend released."""
+    ended = yield from _end(auth_id, HELD, auth_state, now)
     yield from _event(
         owner_id,
-        agent,
+        ended[1] if ended else None,
         auth_id,
         f"approval.{approval_state}",
         actor,
-        {"approval_id": approval_id, "reason": reason, "released": True},
+        {"approval_id": approval_id, "reason": reason, "released": ended is not None},
         now,
     )
+
+
+def _closed_meanwhile(approval_id: str) -> Tx[None]:
+    """Refuse a vote on a hold closed while it was being counted (the transaction rolls back)."""
+    state = (yield one("SELECT state FROM approvals WHERE id=?", (approval_id,)))[0]
+    raise ApprovalClosed(approval_id, state)
 
 
 # -- row helpers ----------------------------------------------------------------------------------------
@@ -889,22 +968,16 @@ def _settle_ref(
     authorizations that created or changed it (state voided); otherwise it is recorded. Returns voided,
     recorded or unmatched."""
     rows = yield many(
-        "SELECT id, agent_id, state, charges FROM authorizations WHERE owner_id=? AND provider_ref=? "
-        "ORDER BY created_at",
+        "SELECT id, agent_id, state FROM authorizations WHERE owner_id=? AND provider_ref=? "
+        "ORDER BY created_at, id",
         (owner_id, provider_ref),
     )
     if not rows:
         return "unmatched"
     result = "recorded"
-    for auth_id, agent_id, state, charges in rows:
+    for auth_id, agent_id, state in rows:
         kind, details = "recorded", dict(data)
-        if outcome == "void" and state == SETTLED:
-            yield from _release(agent_id, _charges(charges))
-            (
-                yield execute(
-                    "UPDATE authorizations SET state=?, updated_at=? WHERE id=?", (VOIDED, now, auth_id)
-                )
-            )
+        if outcome == "void" and state == SETTLED and (yield from _end(auth_id, SETTLED, VOIDED, now)):
             kind = result = "voided"
             details["released"] = True
         yield from _event(owner_id, agent_id, auth_id, f"authorization.{kind}", actor, details, now)

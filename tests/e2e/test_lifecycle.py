@@ -1,5 +1,6 @@
 """SIGTERM: readiness fails at once, the agent listener stops accepting, a call in flight finishes within
-the grace period and its spend is committed; one still running at the deadline is cut and released."""
+the grace period and its spend is committed; one still running at the deadline is cut, stays counted (its
+outcome is unknown) and is resolved from the provider once a sidecar runs again."""
 
 from __future__ import annotations
 
@@ -83,12 +84,19 @@ def test_sigterm_lets_a_call_in_flight_finish_and_commit(tmp_path: Path) -> None
 
 
 @pytest.mark.e2e
-def test_a_call_still_running_when_the_grace_ends_is_cut_and_released(tmp_path: Path) -> None:
-    dep = make_deployment(tmp_path, extra_config="shutdown_grace: 500ms\nupstream_timeout: 20s\n")
+def test_a_call_still_running_when_the_grace_ends_is_cut_and_resolved_later(tmp_path: Path) -> None:
+    extra = "shutdown_grace: 500ms\nupstream_timeout: 20s\nsweep_interval: 1s\n"
+    dep = make_deployment(tmp_path, extra_config=extra)
     dep.start()
     caller, out = start_slow_call_then_sigterm(dep, 5000)
     caller.join(timeout=20)
     assert "status" not in out or out["status"] >= 500
     assert dep.process is not None and dep.process.wait(timeout=20) == 0
-    assert rows(dep) == (["failed"], [("daily_budget", 0, 0)])  # cut off and released
+    assert rows(dep) == (["in_doubt"], [("daily_budget", 1500, 1)])  # cut off: unknown, still counted
     assert '"draining"' in dep.logs()
+    dep.start()  # the next sidecar's resolution job asks the provider (re-sends with the same key)
+    try:
+        wait_until(lambda: rows(dep)[0] == ["settled"], timeout=30, interval=0.2)
+        assert rows(dep) == (["settled"], [("daily_budget", 1500, 1)])
+    finally:
+        dep.stop()

@@ -17,6 +17,7 @@ from mercadopago.config import RequestOptions
 from mercadopago.errors.exceptions import MPPaymentError
 from mercadopago.http import HttpClient
 
+from proxy.payments.calls import provider_idempotency_key
 from tests.e2e.conftest import Deployment, make_deployment
 
 API = "https://api.mercadopago.com"
@@ -102,7 +103,7 @@ def test_an_allowed_payment_is_forwarded_with_the_owners_token_and_counted(mp: D
 
     seen = mp_requests(mp)
     assert len(seen) == 1 and seen[0]["authorized"]  # the owner's access token, not the agent's
-    assert seen[0]["idempotency_key"] == "order-1"
+    assert seen[0]["idempotency_key"] == provider_idempotency_key(mp.agent_id, "order-1")  # per agent
     auth = mp.owner_api("GET", "/v1/authorizations")[1]["data"][0]
     assert auth["operation"] == "payment" and auth["state"] == "settled"
     assert auth["provider_ref"] == str(payment["id"])

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import stripe
 
+from proxy.payments.calls import provider_idempotency_key
 from tests.e2e.conftest import MOCK_SECRET, WEBHOOK_SECRET, Deployment, make_deployment
 from tests.e2e.otlp import OtlpReceiver
 from tests.e2e.test_adversarial import request
@@ -149,7 +150,8 @@ def test_rotating_the_encryption_key_reseals_everything_and_the_old_key_can_go(t
         assert fresh.amount == 1300  # the provider credentials opened under the new key
         # The built-in mock provider restarted with the sidecar: only the fresh call reached it; the
         # same-key retry was answered from the stored (resealed) answer.
-        assert [p["idempotency_key"] for p in dep.mock_payments()] == ["rot-2"]
+        sent = [p["idempotency_key"] for p in dep.mock_payments()]
+        assert sent == [provider_idempotency_key(dep.agent_id, "rot-2")]
     finally:
         dep.stop()
 

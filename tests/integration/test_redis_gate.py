@@ -42,11 +42,30 @@ async def test_a_reservation_never_recorded_in_postgres_is_released_by_reconcili
     assert await store.gate("auth_lost", "agt_1", [LIMIT]) is None
     await store.record_decision(new("kept", lease_expires_at=time.time() + 600), time.time())
     assert counter(redis_server) == (2000, 2) and await spent(store) == (1000, 1)
-    assert await store.reconcile(time.time()) == 0  # not past its deadline yet: it may still commit
-    assert await store.reclaim_leases(time.time() + 120) == 1  # the sweep, later
+    assert await store.release_unrecorded(time.time()) == 0  # not past its deadline: it may still commit
+    assert await store.release_unrecorded(time.time() + 120) == 1  # the sweep, later
     assert counter(redis_server) == (1000, 1) and await spent(store) == (1000, 1)
     assert await store.redis.zcard(PENDING_KEY) == 0  # the committed one left pending at commit
     await store.close()
+
+
+async def test_two_replicas_reconciling_at_once_release_a_lost_reservation_once(
+    fleet_backend: Backend, redis_server: Redis
+) -> None:
+    first = await seeded(fleet_backend)
+    second = fleet_backend.store()
+    await second.open()
+    assert isinstance(first, PostgresRedisStore) and isinstance(second, PostgresRedisStore)
+    for i in range(5):  # reserved in Redis by sidecars that died before their PostgreSQL transaction
+        assert await first.gate(f"auth_lost{i}", "agt_1", [LIMIT]) is None
+    assert counter(redis_server) == (5000, 5)
+    later = time.time() + 120
+    assert sum(await asyncio.gather(first.release_unrecorded(later), second.release_unrecorded(later))) == 5
+    assert counter(redis_server) == (0, 0)  # each released once, by one replica or the other
+    await second.release("agt_1", [LIMIT], "auth_lost0")  # a replica late by a whole round trip
+    assert counter(redis_server) == (0, 0)
+    await first.close()
+    await second.close()
 
 
 async def test_a_redis_that_lost_its_data_is_rebuilt_from_postgres(

@@ -10,13 +10,19 @@ import time
 
 import pytest
 
-from proxy.errors import Conflict, StoreUnavailable
-from proxy.model import Charge
+from proxy.errors import StoreUnavailable
+from proxy.model import Charge, SpendTotal
 from proxy.store import (
+    AgentNameTaken,
     AgentRecord,
+    ApprovalClosed,
+    ApprovalExpired,
+    ApprovalNotFound,
     ConnectionRecord,
     DuplicateKey,
+    LinkUnusable,
     NewAuthorization,
+    NotAnApprover,
     OwnerRecord,
     Store,
     open_store,
@@ -76,6 +82,20 @@ async def test_concurrent_reservations_stop_exactly_at_the_limit(backend: Backen
     denied = next(r for r in results if r.exceeded)
     assert denied.record.rule == "daily" and "100.00 USD" in denied.record.message
     assert await spent(store) == (10000, 10)
+    await store.close()
+
+
+async def test_a_refusal_found_while_reserving_is_worded_by_the_core(backend: Backend) -> None:
+    store = await seeded(backend)
+    for i in range(10):
+        await store.record_decision(new(f"e{i}"), time.time())
+
+    def explain(charge: Charge, total: SpendTotal) -> str:
+        return f"{charge.limit} is full: {total.amount} of {charge.max_amount}"
+
+    refused = await store.record_decision(new("e10", explain=explain), time.time())
+    assert refused.record.message == "daily is full: 10000 of 10000"
+    assert (await store.get_authorization("own_1", refused.record.id)).message == refused.record.message
     await store.close()
 
 
@@ -149,6 +169,15 @@ async def test_settle_keeps_and_fail_releases(backend: Backend) -> None:
     await store.close()
 
 
+async def test_an_active_agent_name_is_taken_once(backend: Backend) -> None:
+    store = await seeded(backend)
+    with pytest.raises(AgentNameTaken) as taken:
+        await store.create_agent(AgentRecord("agt_2", "own_1", "conn_1", "bot", {}, "hash", 2.0))
+    assert taken.value.name == "bot"
+    assert [a.id for a in await store.list_agents("own_1")] == ["agt_1"]  # nothing written
+    await store.close()
+
+
 async def test_same_key_twice_is_a_duplicate(backend: Backend) -> None:
     store = await seeded(backend)
     await store.record_decision(new("same"), time.time())
@@ -170,22 +199,92 @@ async def test_holds_reserve_and_release_on_deny_or_expiry(backend: Backend) -> 
     assert await spent(store) == (1000, 1)
     approved = (await store.vote("own_1", "apr_3", "alice", True, "fine", "cli", now)).approval
     assert approved.state == "approved" and approved.authorization.state == "approved"
-    with pytest.raises(Conflict):
+    with pytest.raises(ApprovalClosed) as closed:
         await store.vote("own_1", "apr_3", "bob", True, "again", "cli", now)
+    assert (closed.value.approval_id, closed.value.state) == ("apr_3", "approved")
+    with pytest.raises(ApprovalClosed) as closed:
+        await store.vote("own_1", "apr_2", "bob", True, "too late", "cli", now + 2)
+    assert closed.value.state == "expired"
+    with pytest.raises(ApprovalNotFound):
+        await store.vote("own_2", "apr_3", "bob", True, "not mine", "cli", now)
     assert await store.start_forwarding("auth_h3", now + 60, now)
     assert not await store.start_forwarding("auth_h3", now + 60, now)  # forwarded exactly once
     assert await store.get_approval("own_2", "apr_3") is None  # another owner does not see it
     await store.close()
 
 
-async def test_stale_reservations_are_reclaimed(backend: Backend) -> None:
+async def test_a_call_in_doubt_keeps_its_spend_until_the_provider_says(backend: Backend) -> None:
+    """A forwarded call whose outcome is unknown is never released for lack of an answer: stale leases
+    and calls in doubt are claimed for resolution (spend still counted), then settled or failed."""
     store = await seeded(backend)
     now = time.time()
-    await store.record_decision(new("stale", lease_expires_at=now - 1), now)
+    await store.record_decision(new("stale", lease_expires_at=now - 1, request=b"sealed"), now)
     await store.record_decision(new("live", lease_expires_at=now + 60), now)
-    assert await store.reclaim_leases(now) == 1
-    assert await spent(store) == (1000, 1)
+    await store.record_decision(new("doubt", lease_expires_at=now + 60), now)
+    assert await store.set_in_doubt("auth_doubt", "timed out", now + 30, now)
+    assert not await store.set_in_doubt("auth_doubt", "again", now + 30, now)  # no longer forwarding
+    assert await spent(store) == (3000, 3) and await store.count_unresolved() == 1
+    claimed = await store.claim_unresolved(now + 60, now, 10)  # the in-doubt one is not due before +30
+    assert [(c.record.id, c.request, c.attempts) for c in claimed] == [("auth_stale", b"sealed", 0)]
+    assert await store.claim_unresolved(now + 60, now, 10) == []  # claimed: leased again
+    due = await store.claim_unresolved(now + 200, now + 100, 10)
+    assert sorted(c.record.id for c in due) == ["auth_doubt", "auth_live", "auth_stale"]
+    assert await store.claim("auth_doubt", now + 300, now + 100) is False  # forwarding, leased
+    assert await store.set_in_doubt("auth_doubt", "5xx", now + 500, now + 100)
+    assert await store.claim("auth_doubt", now + 300, now + 100)  # an agent's retry: at once
+    assert await spent(store) == (3000, 3)
+    await store.settle("auth_stale", "pi_1", 200, b"{}", now)
+    await store.fail("auth_doubt", "the provider refused", 402, b"{}", now)
+    assert await spent(store) == (2000, 2)
     await store.close()
+
+
+async def test_two_replicas_resolving_at_once_claim_each_call_once(backend: Backend) -> None:
+    """Two resolution jobs (two replicas, one database) on the same unresolved calls: each call is
+    claimed by exactly one of them, so it is re-sent and concluded once."""
+    small = Charge("daily", "day:2026-11-22", "usd", 100, 10000, None)
+    first, second = await seeded(backend), backend.store()
+    await second.open()
+    now = time.time()
+    for i in range(40):
+        await first.record_decision(new(f"lease{i:02d}", charges=(small,), lease_expires_at=now - 1), now)
+    for i in range(0, 40, 2):
+        assert await first.set_in_doubt(f"auth_lease{i:02d}", "timed out", now - 1, now - 2)
+    claims = await asyncio.gather(
+        *(store.claim_unresolved(now + 60, now, 7) for store in (first, second) for _ in range(4)),
+        *(store.claim(f"auth_lease{i:02d}", now + 60, now) for store in (first, second) for i in range(40)),
+    )
+    ids = [c.record.id for batch in claims[:8] for c in batch] + [
+        f"auth_lease{i % 40:02d}" for i, won in enumerate(claims[8:]) if won
+    ]
+    assert sorted(ids) == [f"auth_lease{i:02d}" for i in range(40)]  # each exactly once
+    _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
+    assert after["daily"] == SpendTotal(4000, 40)  # nothing released by claiming
+    for i in range(40):
+        await (first if i % 2 else second).fail(f"auth_lease{i:02d}", "refused", 402, b"{}", now)
+        await (second if i % 2 else first).fail(f"auth_lease{i:02d}", "refused", 402, b"{}", now)
+    _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
+    assert after["daily"] == SpendTotal(0, 0)  # released once each, never below
+    await first.close()
+    await second.close()
+
+
+async def test_two_replicas_expiring_holds_at_once_release_each_once(backend: Backend) -> None:
+    small = Charge("daily", "day:2026-11-22", "usd", 100, 10000, None)
+    first, second = await seeded(backend), backend.store()
+    await second.open()
+    now = time.time()
+    for i in range(20):
+        hold = new(f"held{i:02d}", "hold", (small,), approval_id=f"apr_{i:02d}", hold_expires_at=now + 1)
+        await first.record_decision(hold, now)
+    counts = await asyncio.gather(first.expire_holds(now + 2), second.expire_holds(now + 2))
+    assert sum(counts) == 20
+    _, after = await second.lookup("agt_1", "-", [("daily", small.period)])
+    assert after["daily"] == SpendTotal(0, 0)
+    events = await first.list_events("own_1", 0, 1000)
+    assert sum(e.type == "approval.expired" for e in events) == 20
+    await first.close()
+    await second.close()
 
 
 async def raw_sql(url: str, sql: str) -> None:
@@ -234,7 +333,6 @@ async def test_a_database_not_yet_migrated_is_refused_until_db_migrate(postgres_
 
 
 async def test_quorum_votes(backend: Backend) -> None:
-    from proxy.errors import Forbidden, NotFound
     from proxy.model import ApprovalSpec
 
     store = await seeded(backend)
@@ -248,8 +346,11 @@ async def test_quorum_votes(backend: Backend) -> None:
     assert first.counted and first.approval.state == "pending"
     again = await store.vote("own_1", "apr_q1", "alice", True, "ok again", "cli", now)
     assert not again.counted and again.approval.state == "pending"  # the same approver counts once
-    with pytest.raises(Forbidden):
+    with pytest.raises(NotAnApprover) as refused:
         await store.vote("own_1", "apr_q1", "mallory", True, "me too", "cli", now)
+    assert (refused.value.voter, refused.value.approvers) == ("mallory", ("alice", "bob", "reviewer:risk"))
+    with pytest.raises(ApprovalExpired):
+        await store.vote("own_1", "apr_q1", "bob", True, "late", "cli", now + 61)
     done = await store.vote("own_1", "apr_q1", "reviewer:risk", True, "low risk", "reviewer", now)
     assert done.approval.state == "approved"
     assert [(v.voter, v.vote, v.via) for v in done.approval.votes] == [
@@ -273,6 +374,6 @@ async def test_quorum_votes(backend: Backend) -> None:
     assert (approval.id, approver, used) == ("apr_q3", "bob", None)
     result = await store.use_link(digest, True, "via link", now)
     assert result.approval.votes[0].voter == "bob" and result.approval.votes[0].via == "link"
-    with pytest.raises(NotFound):
+    with pytest.raises(LinkUnusable):
         await store.use_link(digest, True, "replayed", now)  # one time only
     await store.close()

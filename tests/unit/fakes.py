@@ -3,9 +3,15 @@ kept in dictionaries, holds that record what they were told, a limiter that alwa
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
+from multidict import CIMultiDict
+
+from adapters.formencode import parse_form
+from proxy.connections import Connection
+from proxy.errors import UpstreamUnavailable
 from proxy.model import Agent, ApprovalSpec, Charge, SpendTotal
 from proxy.store import (
     APPROVED,
@@ -13,14 +19,18 @@ from proxy.store import (
     FAILED,
     FORWARDING,
     HELD,
+    IN_DOUBT,
     SETTLED,
     VOIDED,
+    AgentRecord,
     AuthorizationRecord,
     DuplicateKey,
     LimitExceeded,
     NewAuthorization,
     Recorded,
+    Unresolved,
 )
+from proxy.upstream import UpstreamReply, UpstreamRequest
 
 
 class FakeAuthorizations:
@@ -30,6 +40,9 @@ class FakeAuthorizations:
         self.rows: dict[str, AuthorizationRecord] = {}
         self.spend: dict[tuple[str, str, str], SpendTotal] = {}  # (agent, limit, period)
         self.events: list[tuple[str, str]] = []  # (authorization id, event type)
+        self.requests: dict[str, bytes | None] = {}  # the forwarded call kept with each record
+        self.attempts: dict[str, int] = {}
+        self.agents: dict[str, AgentRecord] = {}
 
     def _by_key(self, agent_id: str, key: str) -> AuthorizationRecord | None:
         return next(
@@ -100,6 +113,7 @@ class FakeAuthorizations:
             now,
         )
         self.rows[record.id] = record
+        self.requests[record.id] = new.request
         self.events.append((record.id, f"authorization.{state}"))
         return Recorded(record, exceeded)
 
@@ -154,6 +168,33 @@ class FakeAuthorizations:
         row = self.rows.get(authorization_id)
         return row if row is not None and row.owner_id == owner_id else None
 
+    async def set_in_doubt(self, authorization_id: str, reason: str, retry_at: float, now: float) -> bool:
+        return self._move(authorization_id, FORWARDING, state=IN_DOUBT, lease_expires_at=retry_at) is not None
+
+    def _claimable(self, row: AuthorizationRecord, now: float, at_once: bool) -> bool:
+        due = row.lease_expires_at is not None and row.lease_expires_at <= now
+        return (row.state == IN_DOUBT and (at_once or due)) or (row.state == FORWARDING and due)
+
+    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
+        row = self.rows.get(authorization_id)
+        if row is None or not self._claimable(row, now, at_once=True):
+            return False
+        self._move(row.id, row.state, state=FORWARDING, lease_expires_at=lease_expires_at)
+        self.attempts[row.id] = self.attempts.get(row.id, 0) + 1
+        return True
+
+    async def claim_unresolved(self, lease_expires_at: float, now: float, limit: int) -> list[Unresolved]:
+        due = [r for r in self.rows.values() if self._claimable(r, now, at_once=False)][:limit]
+        claimed = []
+        for row in due:
+            attempts = self.attempts.get(row.id, 0)
+            await self.claim(row.id, lease_expires_at, now)
+            claimed.append(Unresolved(self.rows[row.id], self.requests.get(row.id), attempts))
+        return claimed
+
+    async def get_agent(self, agent_id: str) -> AgentRecord | None:
+        return self.agents.get(agent_id)
+
     def spent(self, agent_id: str, limit: str) -> int:
         return sum(t.amount for (a, name, _), t in self.spend.items() if a == agent_id and name == limit)
 
@@ -175,3 +216,65 @@ class FakeHolds:
 class AllowAll:
     async def allow(self, key: str) -> bool:
         return True
+
+
+class FakeAgents:
+    """Every token is the one agent's."""
+
+    def __init__(self, agent: AgentRecord) -> None:
+        self.agent = agent
+
+    async def authenticate(self, token: str | None, client: str | None = None) -> AgentRecord:
+        return self.agent
+
+
+class FakeConnections:
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    async def get(self, connection_id: str) -> Connection:
+        return self.connection
+
+
+class FakeProvider:
+    """A Stripe-like provider for the fake upstream: creates payment intents, replays its stored answer
+    for a key it has seen, and misbehaves on demand. ``faults`` is consumed one per call: ``ok``,
+    ``refuse`` (402, moves nothing), ``unreachable`` (never connected: nothing sent), ``timeout`` (the
+    intent is made, then the answer is lost), ``error`` (a 500 before anything is made, not stored),
+    ``kill`` (the intent is made, then the sidecar dies before it hears the answer)."""
+
+    def __init__(self, faults: list[str] | None = None) -> None:
+        self.faults = faults or []
+        self.answers: dict[str, UpstreamReply] = {}
+        self.moved: list[int] = []  # the amount of every intent made
+        self.made: dict[str, int] = {}  # idempotency key -> the amount it moved
+        self.calls = 0
+
+    async def __call__(self, request: UpstreamRequest) -> UpstreamReply:
+        self.calls += 1
+        fault = self.faults.pop(0) if self.faults else "ok"
+        if fault == "unreachable":
+            raise UpstreamUnavailable("connection refused", maybe_sent=False)
+        key = request.headers.get("Idempotency-Key", "")
+        if key in self.answers:
+            return self.answers[key]
+        if fault == "error":
+            return UpstreamReply(500, CIMultiDict(), b'{"error": {"type": "api_error"}}')
+        if fault == "refuse":
+            reply = UpstreamReply(402, CIMultiDict(), b'{"error": {"type": "card_error"}}')
+        else:
+            amount = int(parse_form(request.body)["amount"])
+            self.moved.append(amount)
+            self.made[key] = amount
+            body = json.dumps({"id": f"pi_{len(self.moved)}", "amount": amount}).encode()
+            reply = UpstreamReply(200, CIMultiDict({"Content-Type": "application/json"}), body)
+        self.answers[key] = reply
+        if fault == "timeout":
+            raise UpstreamUnavailable("the provider did not answer in time")
+        if fault == "kill":  # the sidecar dies the instant the provider has answered: nothing after runs
+            raise Killed()
+        return reply
+
+
+class Killed(BaseException):
+    """A process killed mid-call (kill -9): no handler of the payment service runs."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.decide import decide, limit_exceeded_message, period_of
+from proxy.decide import decide, period_of
 from proxy.model import Agent, Charge, Payment, SpendTotal
 from proxy.policy.engine import CelExprEngine
 from proxy.policy.loader import load_policy_set
@@ -179,16 +179,6 @@ def test_already_counted_calls_reserve_nothing(tmp_path: Path) -> None:
 )
 def test_periods_follow_the_policy_time_zone(window: str, tz: str, expected: str) -> None:
     assert period_of(window, NOW, tz) == expected
-
-
-def test_limit_messages_say_what_was_spent() -> None:
-    charge = Charge("daily", "day:2026-11-22", "usd", 1000, 10000, None)
-    text = limit_exceeded_message(charge, SpendTotal(9500, 9))
-    assert text == (
-        "budget of 100.00 USD per day; 95.00 USD already spent or reserved, this payment is 10.00 USD"
-    )
-    counted = Charge("daily", "day:2026-11-22", "usd", 1, None, 3)
-    assert "at most 3 payments per day" in limit_exceeded_message(counted, SpendTotal(3, 3))
 
 
 def test_shadow_rules_and_policies_are_recorded_not_enforced(tmp_path: Path) -> None:

@@ -3,10 +3,12 @@ function, the payment path of the store in memory."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import textwrap
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +18,24 @@ from opentelemetry import trace
 
 from adapters.stripe import StripeAdapter
 from proxy.connections import Connection
-from proxy.errors import IdempotencyMismatch, UpstreamUnavailable
+from proxy.errors import IdempotencyMismatch, StoreUnavailable, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.model import Agent
-from proxy.payments.calls import Outcome, PaymentCall
+from proxy.payments.calls import AgentCall, Outcome, PaymentCall, provider_idempotency_key
 from proxy.payments.service import PaymentService, Policies
 from proxy.policy.engine import make_engine
 from proxy.policy.reload import PolicyHolder
 from proxy.secrets import Sealer
-from proxy.store import FAILED, HELD, SETTLED
+from proxy.store import FAILED, FORWARDING, HELD, IN_DOUBT, SETTLED, AgentRecord
 from proxy.upstream import FakeUpstream, UpstreamReply, UpstreamRequest, provider_request
-from tests.unit.fakes import AllowAll, FakeAuthorizations, FakeHolds
+from tests.unit.fakes import (
+    AllowAll,
+    FakeAgents,
+    FakeAuthorizations,
+    FakeConnections,
+    FakeHolds,
+    FakeProvider,
+)
 
 ADAPTER = StripeAdapter()
 NOW = 1_790_000_000.0
@@ -39,6 +48,7 @@ POLICY = """
       - {name: large_payment, effect: hold, when: payment.amount > 5000, message: needs a human}
 """
 AGENT = Agent("agt_1", "own_1", "bot", "conn_1")
+AGENT_RECORD = AgentRecord("agt_1", "own_1", "conn_1", "bot", {}, "hash", NOW)
 CONNECTION = Connection("conn_1", "own_1", ADAPTER, "http://provider.test", {"secret_key": "sk_owner"})
 Handler = Callable[[UpstreamRequest], Awaitable[UpstreamReply]]
 
@@ -66,17 +76,25 @@ def raising(maybe_sent: bool) -> Handler:
 
 
 class World:
-    def __init__(self, tmp_path: Path, handler: Handler, holds: FakeHolds | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        handler: Handler,
+        holds: FakeHolds | None = None,
+        clock: list[float] | None = None,
+    ) -> None:
+        self.now = clock or [NOW]
         (tmp_path / "p.yaml").write_text(textwrap.dedent(POLICY))
         engine = make_engine("cel-expr-python")
         self.store = FakeAuthorizations()
+        self.store.agents[AGENT.id] = AGENT_RECORD
         self.upstream = FakeUpstream(handler)
         self.holds = holds or FakeHolds()
         self.service = PaymentService(
             store=self.store,  # type: ignore[arg-type]
             policies=Policies(PolicyHolder(str(tmp_path), engine), engine),
-            agents=None,  # type: ignore[arg-type]  # authorize() is given the agent
-            connections=None,  # type: ignore[arg-type]
+            agents=FakeAgents(AGENT_RECORD),  # type: ignore[arg-type]
+            connections=FakeConnections(CONNECTION),  # type: ignore[arg-type]
             upstream=self.upstream,
             sealer=Sealer([("k1", os.urandom(32))]),
             holds=self.holds,  # type: ignore[arg-type]
@@ -85,7 +103,7 @@ class World:
             tracer=trace.get_tracer("test"),
             default_adapter=ADAPTER,
             reservation_lease=30.0,
-            clock=lambda: NOW,
+            clock=lambda: self.now[0],
         )
 
     async def pay(self, body: bytes, key: str = "k1") -> Outcome:
@@ -100,10 +118,32 @@ class World:
             CONNECTION.upstream + "/v1/payment_intents",
             {"Authorization": "Bearer agent-token", "Content-Type": "application/x-www-form-urlencoded"},
             body,
-            key,
+            provider_idempotency_key(AGENT.id, key),
         )
         call = PaymentCall(AGENT, CONNECTION, classified.payment, key, f"hash:{body!r}", forward)
         return await self.service.authorize(call, trace.INVALID_SPAN)
+
+    async def agent_call(
+        self, target: str, body: bytes = b"", headers: dict[str, str] | None = None, method: str = "POST"
+    ) -> Outcome:
+        path = target.split("?", 1)[0]
+        query = dict(p.split("=", 1) for p in target.split("?", 1)[1].split("&")) if "?" in target else {}
+
+        async def read() -> bytes:
+            return body
+
+        call = AgentCall(
+            method,
+            path,
+            path,
+            target,
+            query,
+            CIMultiDict({"Authorization": "Bearer psk_x_y", **(headers or {})}),
+            "application/x-www-form-urlencoded",
+            "127.0.0.1",
+            read,
+        )
+        return await self.service.agent_call(call)
 
     def only_row(self) -> Any:
         (row,) = self.store.rows.values()
@@ -115,7 +155,8 @@ async def test_allowed_payment_is_forwarded_with_the_owners_key_and_committed(tm
     outcome = await world.pay(b"amount=1000&currency=usd")
     assert outcome.status == 200 and json.loads(outcome.body)["id"] == "pi_1"
     (sent,) = world.upstream.sent
-    assert sent.headers["Authorization"] == "Bearer sk_owner" and sent.headers["Idempotency-Key"] == "k1"
+    assert sent.headers["Authorization"] == "Bearer sk_owner"
+    assert sent.headers["Idempotency-Key"] == provider_idempotency_key(AGENT.id, "k1")
     row = world.only_row()
     assert (row.state, row.provider_ref) == (SETTLED, "pi_1")
     assert world.store.spent(AGENT.id, "daily_budget") == 1000
@@ -171,6 +212,68 @@ async def test_a_provider_never_reached_releases_the_spend(tmp_path: Path) -> No
     assert world.only_row().state == FAILED and world.store.spent(AGENT.id, "daily_budget") == 0
 
 
+async def test_a_timeout_keeps_the_spend_and_a_same_key_retry_learns_the_outcome(tmp_path: Path) -> None:
+    provider = FakeProvider(["timeout"])
+    world = World(tmp_path, provider)
+    with pytest.raises(UpstreamUnavailable) as lost:
+        await world.pay(b"amount=1000&currency=usd")
+    assert "not known" in lost.value.message and lost.value.maybe_sent
+    assert world.only_row().state == IN_DOUBT and world.store.spent(AGENT.id, "daily_budget") == 1000
+    again = await world.pay(b"amount=1000&currency=usd")  # re-sent with the same key: replayed
+    assert again.status == 200 and provider.moved == [1000]
+    assert world.only_row().state == SETTLED and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+@pytest.mark.parametrize("fault", ["error", "timeout"])
+async def test_an_unknown_outcome_is_never_decided_again(tmp_path: Path, fault: str) -> None:
+    """A retry of a call in doubt is re-sent, never decided anew: even a policy that would now refuse it
+    (the budget spent meanwhile) does not turn money that moved into "denied"."""
+    provider = FakeProvider([fault])
+    world = World(tmp_path, provider)
+    first = await world.pay(b"amount=4000&currency=usd", key="a") if fault == "error" else None
+    if fault == "timeout":
+        with pytest.raises(UpstreamUnavailable):
+            await world.pay(b"amount=4000&currency=usd", key="a")
+    assert first is None or first.status == 500
+    assert (await world.pay(b"amount=4000&currency=usd", key="b")).status == 200
+    again = await world.pay(b"amount=4000&currency=usd", key="a")
+    assert again.status == 200 and sum(provider.moved) == world.store.spent(AGENT.id, "daily_budget")
+
+
+async def test_the_resolution_job_settles_what_a_stopped_sidecar_left(tmp_path: Path) -> None:
+    provider = FakeProvider(["timeout", "unreachable"])
+    clock = [NOW]
+    world = World(tmp_path, provider, clock=clock)
+    with pytest.raises(UpstreamUnavailable):
+        await world.pay(b"amount=1000&currency=usd")
+    assert await world.service.resolve_unresolved() == {}  # not due yet (backoff)
+    clock[0] += 10
+    assert await world.service.resolve_unresolved() == {IN_DOUBT: 1}  # unreachable: kept, not released
+    assert world.store.spent(AGENT.id, "daily_budget") == 1000
+    clock[0] += 3600
+    assert await world.service.resolve_unresolved() == {SETTLED: 1}
+    row = world.only_row()
+    assert (row.state, row.provider_ref) == (SETTLED, "pi_1") and provider.moved == [1000]
+    assert world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_a_call_cut_off_mid_flight_stays_counted(tmp_path: Path) -> None:
+    started = asyncio.Event()
+
+    async def slow(request: UpstreamRequest) -> UpstreamReply:
+        started.set()
+        await asyncio.sleep(30)
+        raise AssertionError("never answered")
+
+    world = World(tmp_path, slow)
+    task = asyncio.create_task(world.pay(b"amount=1000&currency=usd"))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert world.only_row().state == IN_DOUBT and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
 async def test_a_provider_refusal_releases_the_spend_and_is_replayed(tmp_path: Path) -> None:
     world = World(tmp_path, answering(402))
     first = await world.pay(b"amount=1000&currency=usd")
@@ -178,3 +281,53 @@ async def test_a_provider_refusal_releases_the_spend_and_is_replayed(tmp_path: P
     again = await world.pay(b"amount=1000&currency=usd")
     assert again.status == 402 and again.headers["Idempotent-Replayed"] == "true"
     assert len(world.upstream.sent) == 1
+
+
+async def test_the_provider_gets_a_key_of_this_agent_never_the_agents_own(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+    await world.agent_call("/v1/payment_intents", b"amount=1000&currency=usd", {"Idempotency-Key": "shared"})
+    relayed = await world.agent_call("/v1/customers", b"email=a@b.c", {"Idempotency-Key": "shared"})
+    assert relayed.stream is not None  # moves no money: the listener relays it
+    keys = [world.upstream.sent[0].headers["Idempotency-Key"], relayed.stream.headers["Idempotency-Key"]]
+    assert keys == [provider_idempotency_key(AGENT.id, "shared")] * 2
+    assert provider_idempotency_key("agt_2", "shared") != keys[0]
+
+
+@pytest.mark.parametrize("target", ["/v1/payouts?method=instant", "/v1/payment_intents?destination=acct_x"])
+async def test_query_parameters_on_a_money_call_are_refused(tmp_path: Path, target: str) -> None:
+    world = World(tmp_path, intent())
+    outcome = await world.agent_call(target, b"amount=1000&currency=usd")
+    error = json.loads(outcome.body)["error"]
+    assert outcome.status == 400 and error["param"] in ("method", "destination")
+    assert world.upstream.sent == [] and world.store.rows == {}
+
+
+@pytest.mark.parametrize("header", ["Stripe_Account", "stripe_context", "Stripe-Context"])
+async def test_header_spellings_cannot_pass_the_guards(tmp_path: Path, header: str) -> None:
+    world = World(tmp_path, intent())
+    outcome = await world.agent_call("/v1/payment_intents", b"amount=1000&currency=usd", {header: "acct_x"})
+    assert outcome.status == 400 and json.loads(outcome.body)["error"]["param"] == header
+    assert world.upstream.sent == []
+
+
+async def test_an_agent_cannot_act_on_another_agents_object(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+    await world.pay(b"amount=1000&currency=usd")
+    row = world.only_row()
+    world.store.rows[row.id] = replace(row, agent_id="agt_other")  # the intent is another agent's
+    for target in ("/v1/payment_intents/pi_1/cancel", "/v1/payment_intents/pi_1/capture"):
+        outcome = await world.agent_call(target)
+        assert outcome.status == 403, target
+    assert len(world.upstream.sent) == 1 and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_a_settle_the_store_cannot_record_still_answers_and_stays_reserved(tmp_path: Path) -> None:
+    world = World(tmp_path, intent())
+
+    async def broken(*args: Any) -> None:
+        raise StoreUnavailable("the store is down")
+
+    world.store.settle = broken  # type: ignore[method-assign]
+    outcome = await world.pay(b"amount=1000&currency=usd")
+    assert outcome.status == 200 and json.loads(outcome.body)["id"] == "pi_1"
+    assert world.only_row().state == FORWARDING and world.store.spent(AGENT.id, "daily_budget") == 1000
