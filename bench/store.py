@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from proxy.bootstrap import open_store
 from proxy.model import Charge
-from proxy.store import AgentRecord, ConnectionRecord, NewAuthorization, OwnerRecord, Store, open_store
+from proxy.store import AgentRecord, ConnectionRecord, NewAuthorization, OwnerRecord, Store
 from tests.servers import Postgres, Redis, free_port
 
 LIMITS = (("daily_budget", "day:2026-11-22", 10**15), ("monthly_budget", "month:2026-11", 10**15))

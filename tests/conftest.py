@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from proxy.store import Store, open_store
+from proxy.bootstrap import open_store
+from proxy.store import Store
 from tests.servers import Postgres, Redis, free_port
 
 _databases = itertools.count(1)

@@ -4,7 +4,7 @@ Every method that changes state does it in one transaction together with the aud
 it. Reserving spend is check-and-count in one atomic step. The port is split by role (``IdentityStore``,
 ``AuthorizationStore``, ``HoldStore``, ``AuditStore``, ``Housekeeping``); ``Store`` is all of them. Implementations: the embedded SQLite store
 (``proxy.store.sqlite``) and PostgreSQL (``proxy.store.postgres``), both running the transaction bodies
-of ``proxy.store.sql``; ``open_store`` picks one from a URL.
+of ``proxy.store.sql``; the composition root (``proxy.bootstrap.open_store``) picks one from a URL.
 """
 
 from __future__ import annotations
@@ -420,21 +420,3 @@ class Store(IdentityStore, AuthorizationStore, HoldStore, AuditStore, Housekeepi
 
 # credentials of connections; stored provider answers; forwarded calls kept for resolution
 SEALED_KINDS = ("connection", "response", "request")
-
-
-def open_store(url: str, synchronous: str = "NORMAL", timeout: float = 5.0, redis_url: str = "") -> Store:
-    if url.startswith("sqlite:///"):
-        from proxy.store.sqlite import SqliteStore
-
-        return SqliteStore(url.removeprefix("sqlite:///"), synchronous=synchronous)
-    if url.startswith(("postgresql://", "postgres://")):
-        if redis_url:
-            from proxy.store.redis_spend import PostgresRedisStore
-
-            return PostgresRedisStore(url, redis_url, timeout=timeout)
-        from proxy.store.postgres import PostgresStore
-
-        return PostgresStore(url, timeout=timeout)
-    raise ValueError(
-        f"unsupported store URL {url!r}: use sqlite:///path/to/file.db or postgresql://user@host:port/db"
-    )

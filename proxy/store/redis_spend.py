@@ -11,7 +11,7 @@ second check. How the two stay consistent:
 * A sidecar killed between the two leaves a pending entry: the sweep on any replica finds it past its
   deadline, sees that PostgreSQL never recorded that authorization, and releases it in Redis. Removing
   it from pending and releasing it are one script, so of several replicas sweeping, one releases it.
-* Releases (a refusal, a failure, an expired hold, a reclaimed lease, a voided payment) are committed in
+* Releases (a refusal, a failure, an expired hold, a voided payment) are committed in
   PostgreSQL and then applied to Redis; each follows a state transition PostgreSQL made once.
 * A window missing from Redis (first use, expiry, or Redis lost its data) is rebuilt from PostgreSQL's
   spend row before the script runs again. If Redis loses its data while reservations are in flight, the

@@ -351,7 +351,7 @@ class SqlStore(ABC):
                 authorization_id, FORWARDING, FAILED, now, response_status=status, response_body=body
             )
             if ended is None:
-                return  # already settled, failed or reclaimed: nothing to release twice
+                return  # already settled, failed or in doubt: nothing to release twice
             owner, agent = ended
             yield from _event(
                 owner,
@@ -492,7 +492,7 @@ class SqlStore(ABC):
 
     async def expire_holds(self, now: float) -> int:
         def tx() -> Tx[int]:
-            # As reclaim_leases: one conditional transition of every expired hold still pending (a vote
+            # One conditional transition of every expired hold still pending (a vote
             # that closed one first wins), then each one's authorization ended and its spend released.
             reason = "the hold expired"
             rows = yield many(

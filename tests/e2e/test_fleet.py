@@ -104,7 +104,9 @@ def test_three_sidecars_on_one_postgres_stop_at_exactly_the_limit(
 
 
 @pytest.mark.e2e
-def test_a_sidecar_killed_mid_payment_stays_counted_until_the_provider_says(tmp_path: Path, postgres_url: str) -> None:
+def test_a_sidecar_killed_mid_payment_stays_counted_until_the_provider_says(
+    tmp_path: Path, postgres_url: str
+) -> None:
     with mock_provider_process() as upstream:
         victim, survivor = fleet(tmp_path, postgres_url, upstream, size=2)
         config = victim.config.read_text() + "reservation_lease: 1s\n"
@@ -123,6 +125,7 @@ def test_a_sidecar_killed_mid_payment_stays_counted_until_the_provider_says(tmp_
                 assert pending.result(timeout=10) == 0
             reserved = rows(postgres_url, "SELECT amount, count FROM spend")
             assert [tuple(r) for r in reserved] == [(1000, 1)]  # still counted: the outcome is unknown
+
             # Never released for lack of an answer: the survivor (its resolution job, or the agent's
             # same-key retry) re-sends the call with the same key until the provider's answer is learned.
             def retry() -> int:
@@ -131,7 +134,9 @@ def test_a_sidecar_killed_mid_payment_stays_counted_until_the_provider_says(tmp_
             wait_until(lambda: retry() == 200, timeout=30, interval=0.5)
             assert rows(postgres_url, "SELECT amount, count FROM spend") == [(1000, 1)]  # never released
             assert [r[0] for r in rows(postgres_url, "SELECT state FROM authorizations")] == ["settled"]
-            released = rows(postgres_url, "SELECT count(*) FROM events WHERE data LIKE '%\"released\": true%'")
+            released = rows(
+                postgres_url, "SELECT count(*) FROM events WHERE data LIKE '%\"released\": true%'"
+            )
             assert released[0][0] == 0
             assert len([r for r in survivor.mock() if r["status"] == 200 and not r.get("replayed")]) == 1
             assert rows(postgres_url, "SELECT amount, count FROM spend") == [(1000, 1)]

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from proxy.bootstrap import open_store
 from proxy.errors import StoreUnavailable
 from proxy.model import Charge, SpendTotal
 from proxy.store import (
@@ -25,7 +26,6 @@ from proxy.store import (
     NotAnApprover,
     OwnerRecord,
     Store,
-    open_store,
 )
 from tests.conftest import Backend
 
