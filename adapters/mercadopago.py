@@ -327,7 +327,7 @@ class MercadoPagoAdapter:
         timestamp, signatures = "", []
         for item in headers.get("x-signature", "").split(","):
             name, _, value = item.strip().partition("=")
-            if name == "ts" and value.isdigit():
+            if name == "ts" and value.isascii() and value.isdigit():
                 timestamp = value
             elif name == "v1":
                 signatures.append(value)

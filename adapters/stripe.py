@@ -79,7 +79,7 @@ def _amount(params: Mapping[str, Any], key: str, required: bool) -> int | None:
         if required:
             raise BadRequest(f"Missing required param: {key}.", param=key)
         return None
-    if not isinstance(raw, str) or not raw.isdigit() or len(raw) > 15:
+    if not isinstance(raw, str) or not (raw.isascii() and raw.isdigit()) or len(raw) > 15:
         raise BadRequest(
             f"Invalid integer: {raw!r}; {key} is a whole number of the currency's minor unit (cents)",
             param=key,
@@ -396,7 +396,7 @@ class StripeAdapter:
         timestamp, signatures = None, []
         for item in header.split(","):
             name, _, value = item.strip().partition("=")
-            if name == "t" and value.isdigit():
+            if name == "t" and value.isascii() and value.isdigit():
                 timestamp = int(value)
             elif name == "v1":
                 signatures.append(value)

@@ -169,3 +169,8 @@ def test_notifications_are_verified() -> None:
     ]:
         with pytest.raises(WebhookRejected, match=says):
             ARS.verify_webhook(bad, note, "mp_secret", now, 300)
+
+
+def test_a_signature_timestamp_in_other_digits_is_rejected_not_a_crash() -> None:
+    with pytest.raises(WebhookRejected, match="no ts= and v1= parts"):
+        ARS.verify_webhook({"x-signature": "ts=²,v1=ab"}, b"{}", "secret", 0, 300)

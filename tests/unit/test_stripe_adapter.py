@@ -9,7 +9,7 @@ import pytest
 
 from adapters.formencode import parse_form
 from adapters.stripe import StripeAdapter
-from proxy.errors import BadRequest, RouteNotFound
+from proxy.errors import BadRequest, RouteNotFound, WebhookRejected
 
 FORM = "application/x-www-form-urlencoded"
 STRIPE = StripeAdapter()
@@ -32,6 +32,7 @@ def test_bracketed_keys_become_nested_values() -> None:
         "expand": ["x", "y"],
         "transfer_data": {"destination": "acct_1"},
     }
+    assert parse_form("items[²]=a&items[٣]=b".encode()) == {"items": {"²": "a", "٣": "b"}}  # not indexes
 
 
 @pytest.mark.parametrize(
@@ -143,6 +144,7 @@ def test_unknown_writes_are_unrecognized_not_forwarded() -> None:
         ({"currency": "usd"}, "amount"),
         ({"amount": "10.5", "currency": "usd"}, "amount"),
         ({"amount": "-5", "currency": "usd"}, "amount"),
+        ({"amount": "²", "currency": "usd"}, "amount"),  # a digit to str.isdigit, not a number
         ({"amount": "100"}, "currency"),
         ({"amount": "100", "currency": "dollars"}, "currency"),
         ({"amount": "100", "currency": "usd", "metadata": "x"}, "metadata"),
@@ -206,3 +208,8 @@ def test_a_card_is_forwarded_with_exactly_the_approved_controls() -> None:
     assert other is not None and adapter.prepare(other, intent) == intent
     nested = {"a": "1", "b": {"c": ["x", "y"], "d": {"e": "ü &="}}}
     assert parse_form(encode_form(nested)) == nested
+
+
+def test_a_signature_timestamp_in_other_digits_is_rejected_not_a_crash() -> None:
+    with pytest.raises(WebhookRejected, match="no t= and v1= parts"):
+        STRIPE.verify_webhook({"Stripe-Signature": "t=²,v1=ab"}, b"{}", "whsec", 0, 300)
