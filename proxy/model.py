@@ -58,6 +58,16 @@ class Payment:
 
 
 @dataclass(frozen=True, slots=True)
+class OperationExample:
+    """A provider's request that its adapter normalizes into ``operation``: what a policy test case's
+    payment is given unless it names its own provider and path."""
+
+    operation: str
+    provider: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class Agent:
     id: str
     owner_id: str

@@ -227,7 +227,7 @@ def test_amounts_land_in_each_currencys_minor_units(mp: Deployment) -> None:
         stdin=json.dumps({"secret_key": "APP_USR-x"}),
         check=False,
     )
-    assert refused.returncode != 0 and "--currency" in refused.stderr
+    assert refused.returncode != 0 and "needs the setting currency" in refused.stderr
 
 
 @pytest.mark.e2e
