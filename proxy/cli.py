@@ -9,6 +9,7 @@
     paysentry policy check DIR...                  load and type-check (exit 3 when invalid)
     paysentry policy test DIR... [--coverage]      run *_test.yaml beside the policies (exit 4 on failure)
     paysentry policy replay DIR --since 7d         which recorded decisions a candidate set would change
+    paysentry policy schema                        the JSON schema of a policy file, with the adapters' operations
     paysentry approvals list [--state S] | show ID | approve ID | deny ID [--as APPROVER] [--reason R]
     paysentry mock-provider [--listen HOST:PORT]
 
@@ -31,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from adapters import REGISTRY
 from proxy.config import Settings, load_settings
 from proxy.errors import ConfigError, PaySentryError, PolicyError
 
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--since", default="7d", help="how far back, e.g. 24h or 7d")
     rerun.add_argument("--owner")
     rerun.add_argument("--engine", default=None)
+    policy.add_parser("schema", help="print the JSON schema of a policy file, with the adapters' operations")
 
     approvals = sub.add_parser("approvals").add_subparsers(dest="action", required=True)
     listing = approvals.add_parser("list")
@@ -130,8 +133,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(hoist_config(sys.argv[1:] if argv is None else argv))
     try:
-        if args.command == "policy" and args.action in ("check", "test"):
-            return _policy_check(args) if args.action == "check" else _policy_test(args)
+        if args.command == "policy" and args.action in _POLICY_COMMANDS:
+            return _POLICY_COMMANDS[args.action](args)
         if args.command == "keygen":
             return _keygen(Path(args.file))
         if args.command == "mock-provider":
@@ -288,7 +291,7 @@ def _policy_check(args: argparse.Namespace) -> int:
 
     for engine in _engines(args):
         for directory in args.dirs:
-            ps = load_policy_set(directory, engine)
+            ps = load_policy_set(directory, engine, operations=REGISTRY.operations)
             rules = sum(len(p.rules) for p in ps.policies)
             limits = sum(len(p.limits) for p in ps.policies)
             print(
@@ -306,7 +309,7 @@ def _policy_test(args: argparse.Namespace) -> int:
     for engine in _engines(args):
         for directory in args.dirs:
             try:
-                report = run_directory(directory, engine)
+                report = run_directory(directory, engine, REGISTRY.examples)
             except PolicyError as exc:
                 print(f"INVALID {directory} ({engine.name}):\n  " + "\n  ".join(exc.problems))
                 invalid = True
@@ -325,6 +328,20 @@ def _policy_test(args: argparse.Namespace) -> int:
                 )
     print(f"{passed} passed, {failed} failed")
     return 3 if invalid else 4 if failed else 0
+
+
+def _policy_schema(args: argparse.Namespace) -> int:
+    from proxy.policy.loader import policy_schema
+
+    print(json.dumps(policy_schema(REGISTRY.operations), indent=2))
+    return 0
+
+
+_POLICY_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": _policy_check,
+    "test": _policy_test,
+    "schema": _policy_schema,
+}
 
 
 # -- commands on the store ----------------------------------------------------------------------------------
@@ -475,7 +492,7 @@ async def _policy_replay(ctx: _Context, args: argparse.Namespace) -> int:
     from proxy.policy.replay import replay
 
     engine = _engines(args)[0]
-    candidate = load_policy_set(args.dir, engine)
+    candidate = load_policy_set(args.dir, engine, operations=REGISTRY.operations)
     owner_id = (await ctx.service.owner_named(args.owner)).id if args.owner else None
     history = await ctx.store.history(time.time() - parse_duration(args.since), owner_id)
     agents = {a.id: a for o in await ctx.store.list_owners() for a in await ctx.store.list_agents(o.id)}
