@@ -1,14 +1,22 @@
-"""The registry of adapters: what the providers declare, taken together."""
+"""The registry of adapters: what the providers declare, taken together, and handed to what needs them."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
 from adapters import REGISTRY
 from adapters.base import Adapter, Adapters, Setting, check_setting_names
+from proxy.connections import ConnectionCache
+from proxy.errors import BadRequest
 from proxy.model import OperationExample
+from proxy.owners import OwnerService
+from proxy.secrets import Sealer, sealed_context
+from proxy.store import ConnectionRecord
 
 
 class FakeAdapter(Adapter):
@@ -60,3 +68,45 @@ def test_setting_names_are_checked_against_what_the_adapter_describes() -> None:
         check_setting_names("fake", described, {"region": "eu", "colour": "red"})
     with pytest.raises(ValueError, match="a fake connection needs the setting region"):
         check_setting_names("fake", described, {"tier": "gold"})
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.connections: dict[str, ConnectionRecord] = {}
+
+    async def add_connection(self, record: ConnectionRecord) -> None:
+        self.connections[record.id] = record
+
+    async def get_connection(self, connection_id: str) -> ConnectionRecord | None:
+        return self.connections.get(connection_id)
+
+
+async def test_connections_are_added_and_opened_through_the_registry_given() -> None:
+    store, sealer = FakeStore(), Sealer([("k", os.urandom(32))])
+    service = OwnerService(store, sealer, 4, adapters=FAKES)  # type: ignore[arg-type]
+    record = await service.add_connection(
+        "own_1", "second", "main", None, {"secret_key": "s"}, (), {"region": "eu"}
+    )
+    assert record.upstream == "https://api.fake.test" and record.settings == {"region": "eu"}
+    connection = await ConnectionCache(store, sealer, adapters=FAKES).get(record.id)  # type: ignore[arg-type]
+    adapter: Any = connection.adapter
+    assert (adapter.name, adapter.region) == ("second", "eu")
+    assert json.loads(sealer.open(record.credentials, sealed_context("connection", record.id))) == {
+        "secret_key": "s"
+    }
+
+
+@pytest.mark.parametrize(
+    ("provider", "settings", "says"),
+    [
+        ("stripe", {}, "unknown provider 'stripe'; known: first, second"),
+        ("first", {}, "needs the setting region"),
+        ("first", {"region": "eu", "currency": "ars"}, "unknown setting currency"),
+    ],
+)
+async def test_a_connection_the_adapter_refuses_is_a_bad_request(
+    provider: str, settings: dict[str, str], says: str
+) -> None:
+    service = OwnerService(FakeStore(), Sealer([("k", os.urandom(32))]), 4, adapters=FAKES)  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match=says):
+        await service.add_connection("own_1", provider, "main", None, {"secret_key": "s"}, (), settings)
