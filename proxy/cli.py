@@ -3,7 +3,7 @@
     paysentry serve [--demo]                       run the sidecar (--demo: mock provider, demo owner/agent)
     paysentry keygen FILE                          write a new encryption key file (or add one for rotation)
     paysentry owner create NAME                    prints the owner's API token once
-    paysentry provider add --name N --provider P [--upstream URL] [--currency C] --credentials-file F|-
+    paysentry provider add --name N --provider P [--upstream URL] [--setting NAME=VALUE]... --credentials-file F|-
     paysentry agent create NAME [--label k=v] [--connection N]   prints the agent's token once
     paysentry agent list | agent revoke ID
     paysentry policy check DIR...                  load and type-check (exit 3 when invalid)
@@ -66,20 +66,29 @@ def _parser() -> argparse.ArgumentParser:
     owner.add_parser("list")
 
     provider = sub.add_parser("provider").add_subparsers(dest="action", required=True)
-    add = provider.add_parser("add", help="connect a provider account; credentials come from a file or stdin")
+    add = provider.add_parser(
+        "add",
+        help="connect a provider account; credentials come from a file or stdin",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add.add_argument("--owner")
     add.add_argument("--name", default="default")
-    add.add_argument("--provider", required=True)
+    add.add_argument("--provider", required=True, choices=list(REGISTRY))
     add.add_argument("--upstream")
     add.add_argument(
         "--allow-account",
         action="append",
         default=[],
         metavar="ACCT",
-        help="a connected account agents may act for (Stripe-Account); repeat for several",
+        help="a connected account agents may act for (the provider's account header); repeat for several",
     )
     add.add_argument(
-        "--currency", help="the account's currency, for providers whose requests carry none (mercadopago)"
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the connection, as its provider describes it (below); repeat for several",
     )
     add.add_argument(
         "--credentials-file", required=True, help='JSON {"secret_key": ...} or the key alone; - for stdin'
@@ -128,6 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     mock = sub.add_parser("mock-provider", help="run the built-in mock payment provider on its own")
     mock.add_argument("--listen", default="127.0.0.1:12111")
     return p
+
+
+def _settings_help() -> str:
+    lines = ["connection settings (--setting NAME=VALUE), by provider:"]
+    for name, adapter in REGISTRY.items():
+        described = [
+            f"{setting} ({'required' if s.required else 'optional'}): {s.description}"
+            for setting, s in adapter.settings.items()
+        ]
+        lines.append(f"  {name}: " + ("; ".join(described) or "none"))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,7 +427,7 @@ async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
         args.upstream,
         credentials,
         args.allow_account,
-        {"currency": args.currency.lower()} if args.currency else {},
+        _pairs("--setting", args.setting),
     )
     _print(
         {
@@ -421,13 +441,18 @@ async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _agent_create(ctx: _Context, args: argparse.Namespace) -> int:
-    labels = {}
-    for item in args.label:
+def _pairs(option: str, items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise PaySentryError(f"--label takes KEY=VALUE, got {item!r}")
-        labels[key] = value
+            raise PaySentryError(f"{option} takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+async def _agent_create(ctx: _Context, args: argparse.Namespace) -> int:
+    labels = _pairs("--label", args.label)
     owner = await ctx.service.owner_named(args.owner)
     agent, token = await ctx.service.create_agent(owner.id, args.name, labels, args.connection)
     from proxy.owners import agent_json

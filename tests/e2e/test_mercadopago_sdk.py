@@ -79,7 +79,7 @@ def mp(tmp_path: Path) -> Iterator[Deployment]:
         tmp_path,
         POLICY,
         provider="mercadopago",
-        provider_args=("--currency", "ARS"),
+        provider_args=("--setting", "currency=ARS"),
         secret_key="APP_USR-paysentry-mock-ars",
     )
     dep.start()
@@ -194,8 +194,8 @@ def test_amounts_land_in_each_currencys_minor_units(mp: Deployment) -> None:
             "mercadopago",
             "--name",
             currency,
-            "--currency",
-            currency,
+            "--setting",
+            f"currency={currency}",
             "--upstream",
             mp.mock_url,
             "--credentials-file",
