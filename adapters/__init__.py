@@ -1,26 +1,25 @@
 """Payment-provider adapters behind one port (``adapters.base.Adapter``), and their registry.
 
-Adding a provider means one module here and one entry in ``REGISTRY``: nothing else in PaySentry knows
-a provider's routes, body format, amount units, error shape, idempotency header or credential placement.
+Adding a provider means one module here, one entry in ``REGISTRY`` and its tests: nothing else in
+PaySentry knows a provider's routes, body format, amount units, error shape, idempotency header,
+credential placement, connection settings or the operations it produces. The composition root passes
+``REGISTRY`` to what needs providers; the policy loader and test runner get ``REGISTRY.operations`` and
+``REGISTRY.examples``.
 """
 
 from __future__ import annotations
 
-from adapters.base import Adapter
+from adapters.base import Adapter, Adapters
 from adapters.mercadopago import MercadoPagoAdapter
 from adapters.mock import MockAdapter
 from adapters.stripe import StripeAdapter
 
-REGISTRY: dict[str, Adapter] = {
-    adapter.name: adapter for adapter in (StripeAdapter(), MercadoPagoAdapter(), MockAdapter())
-}
+REGISTRY = Adapters(StripeAdapter(), MercadoPagoAdapter(), MockAdapter())
 
 # Whose error shape answers a call made before its connection is known (no or a bad token).
 DEFAULT_PROVIDER = "stripe"
 
 
 def get_adapter(name: str) -> Adapter:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown provider {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+    """``REGISTRY.adapter(name)``, for proxy/app.py until its composition root takes it from REGISTRY."""
+    return REGISTRY.adapter(name)

@@ -1,12 +1,13 @@
-"""The adapter port: what the sidecar asks of each payment provider's module."""
+"""The adapter port: what the sidecar asks of each payment provider's module, and the registry type that
+holds the providers PaySentry knows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.model import Payment
+from proxy.model import OperationExample, Payment
 
 PAYMENT, PASSTHROUGH = "payment", "passthrough"
 
@@ -71,8 +72,37 @@ class WebhookEvent:
     used_card: CardUse | None = None  # a captured authorization: one-time cards are then cancelled
 
 
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A per-connection setting an adapter takes (``paysentry provider add --setting NAME=VALUE``)."""
+
+    description: str
+    required: bool = False
+
+
+def check_setting_names(provider: str, described: Mapping[str, Setting], given: Mapping[str, str]) -> None:
+    """Raise ValueError naming the settings ``provider`` takes when ``given`` has an unknown one or
+    lacks a required one; each adapter's ``configured`` then checks the values."""
+    allowed = ", ".join(f"{name} ({s.description})" for name, s in described.items()) or "none"
+    unknown = sorted(set(given) - set(described))
+    if unknown:
+        raise ValueError(
+            f"unknown setting {', '.join(unknown)} for a {provider} connection; its settings: {allowed}"
+        )
+    missing = [name for name, s in described.items() if s.required and not given.get(name)]
+    if missing:
+        raise ValueError(
+            f"a {provider} connection needs the setting {', '.join(missing)}; its settings: {allowed}"
+        )
+
+
 class Adapter(Protocol):
     name: str
+    # The operations ``classify`` and ``verify_webhook`` produce, each with a request path that produces
+    # it (the default path of a policy test case).
+    operations: Mapping[str, str]
+    # The per-connection settings ``configured`` takes.
+    settings: Mapping[str, Setting]
     default_upstream: str
     idempotency_header: str
     # The HTTP methods the provider's API uses; anything else is refused before it reaches the provider.
@@ -83,8 +113,8 @@ class Adapter(Protocol):
     account_header: str | None
 
     def configured(self, settings: Mapping[str, str]) -> Adapter:
-        """This adapter for one connection's settings (e.g. the account's currency); raise ValueError
-        naming a missing or invalid setting."""
+        """This adapter for one connection's ``settings`` (as described by ``settings``); raise ValueError
+        naming a missing, unknown or invalid setting and the settings allowed."""
         ...
 
     def classify(self, method: str, path: str, content_type: str, body: bytes) -> Classified:
@@ -133,3 +163,48 @@ class Adapter(Protocol):
     ) -> WebhookEvent:
         """Check the provider's signature and freshness; raise WebhookRejected saying what is wrong."""
         ...
+
+    def webhook_ack(self, result: str, extra: Mapping[str, str]) -> Reply:
+        """The answer to a verified webhook PaySentry has handled (``result``: what it did), in the shape
+        and status the provider takes as delivered."""
+        ...
+
+    def is_one_time_card(self, payment_summary: Mapping[str, Any]) -> bool:
+        """Whether the card created by the recorded payment (its audit summary: operation, metadata, ...)
+        is to be cancelled after its first captured authorization."""
+        ...
+
+    def card_cancel_should_retry(self, status: int) -> bool:
+        """Whether cancelling a one-time card that got ``status`` (0: the provider could not be reached)
+        may succeed when the event is delivered again; False means the provider refused the change."""
+        ...
+
+
+class Adapters(Mapping[str, Adapter]):
+    """The providers PaySentry knows, by name, and what they declare taken together."""
+
+    def __init__(self, *adapters: Adapter) -> None:
+        self._adapters = {adapter.name: adapter for adapter in adapters}
+        self.examples = tuple(
+            OperationExample(operation, adapter.name, path)
+            for adapter in adapters
+            for operation, path in adapter.operations.items()
+        )
+        # Every operation some adapter produces, each once, in the order the adapters declare them.
+        self.operations = tuple(dict.fromkeys(example.operation for example in self.examples))
+
+    def __getitem__(self, name: str) -> Adapter:
+        return self._adapters[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._adapters)
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def adapter(self, name: str) -> Adapter:
+        """The adapter of provider ``name``; ValueError naming the known providers if there is none."""
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise ValueError(f"unknown provider {name!r}; known: {', '.join(sorted(self))}") from None

@@ -56,10 +56,14 @@ def _assign(root: dict[str, Any], key: str, value: str) -> None:
         node = child
     last = parts[-1]
     if last == "":
-        last = str(sum(1 for k in node if k.isdigit()))
+        last = str(sum(1 for k in node if _is_index(k)))
     if last in node:
         raise BadRequest(f"parameter {key!r} is given more than once", param=key)
     node[last] = value
+
+
+def _is_index(key: str) -> bool:
+    return key.isascii() and key.isdigit()  # not "²" or "٣", which str.isdigit also accepts
 
 
 def _listify(node: Any) -> Any:
@@ -67,7 +71,7 @@ def _listify(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     converted = {k: _listify(v) for k, v in node.items()}
-    if converted and all(k.isdigit() for k in converted):
+    if converted and all(_is_index(k) for k in converted):
         indexes = sorted(int(k) for k in converted)
         if indexes == list(range(len(indexes))):
             return [converted[str(i)] for i in indexes]

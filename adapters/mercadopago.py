@@ -2,10 +2,10 @@
 MercadoPago-shaped errors (``{"message", "error", "status", "cause"}``).
 
 A payment request carries no currency: the account's country decides it (ARS in Argentina, BRL in Brazil,
-...). So a MercadoPago connection declares its account's currency (``paysentry provider add --currency``),
-and every ``transaction_amount`` is converted to minor units with that currency's exponent; an amount with
-more decimals than the currency has is refused rather than rounded. A request that names ``currency_id``
-must name the connection's.
+...). So a MercadoPago connection declares its account's currency (``paysentry provider add --setting
+currency=ARS``), and every ``transaction_amount`` is converted to minor units with that currency's
+exponent; an amount with more decimals than the currency has is refused rather than rounded. A request
+that names ``currency_id`` must name the connection's.
 
 Payments (``POST /v1/payments``) and refunds (``POST /v1/payments/{id}/refunds``) are decided. Reads, and
 writes that move no money (customers, their cards, card tokens, capturing a payment already counted) pass
@@ -22,7 +22,15 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from adapters.base import PASSTHROUGH, PAYMENT, Classified, Reply, WebhookEvent
+from adapters.base import (
+    PASSTHROUGH,
+    PAYMENT,
+    Classified,
+    Reply,
+    Setting,
+    WebhookEvent,
+    check_setting_names,
+)
 from proxy.currency import exponent
 from proxy.errors import BadRequest, WebhookRejected
 from proxy.model import UNRECOGNIZED, Payment
@@ -156,19 +164,28 @@ class MercadoPagoAdapter:
     methods = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
     guarded_headers: frozenset[str] = frozenset()
     account_header = None
+    operations: Mapping[str, str] = {
+        "payment": "/v1/payments",
+        "refund": "/v1/payments/123456789/refunds",
+    }
+    settings: Mapping[str, Setting] = {
+        "currency": Setting(
+            "the account's currency, which MercadoPago requests do not carry: one of "
+            + ", ".join(sorted(c.upper() for c in CURRENCIES)),
+            required=True,
+        )
+    }
 
     def __init__(self, currency: str = "") -> None:
         self.currency = currency
 
     def configured(self, settings: Mapping[str, str]) -> MercadoPagoAdapter:
-        unknown = set(settings) - {"currency"}
-        if unknown:
-            raise ValueError(f"unknown MercadoPago connection settings: {', '.join(sorted(unknown))}")
-        currency = str(settings.get("currency", "")).lower()
+        check_setting_names(self.name, self.settings, settings)
+        currency = settings["currency"].lower()
         if currency not in CURRENCIES:
             raise ValueError(
-                "a MercadoPago connection needs its account's currency (--currency), one of "
-                f"{', '.join(sorted(c.upper() for c in CURRENCIES))}; got {currency.upper() or 'none'}"
+                f"currency {settings['currency']!r} is not a MercadoPago account's currency; one of "
+                + ", ".join(sorted(c.upper() for c in CURRENCIES))
             )
         return MercadoPagoAdapter(currency)
 
@@ -282,6 +299,18 @@ class MercadoPagoAdapter:
     def prepare(self, payment: Payment, body: bytes) -> bytes:
         return body
 
+    def webhook_ack(self, result: str, extra: Mapping[str, str]) -> Reply:
+        """MercadoPago takes a 200 or 201 as delivered (and retries otherwise); the body is ignored."""
+        body = json.dumps({"received": True, "result": result, **extra}).encode()
+        return Reply(200, body, {"Content-Type": "application/json"})
+
+    def is_one_time_card(self, payment_summary: Mapping[str, Any]) -> bool:
+        return False  # PaySentry creates no MercadoPago cards
+
+    def card_cancel_should_retry(self, status: int) -> bool:
+        # No card to cancel; MercadoPago's rule for any call: unreachable, too many requests, or failing.
+        return status in (0, 429) or status >= 500
+
     def declined_in(self, body: bytes) -> str | None:
         obj = self._object(body)
         status = obj.get("status") if obj else None
@@ -327,7 +356,7 @@ class MercadoPagoAdapter:
         timestamp, signatures = "", []
         for item in headers.get("x-signature", "").split(","):
             name, _, value = item.strip().partition("=")
-            if name == "ts" and value.isdigit():
+            if name == "ts" and value.isascii() and value.isdigit():
                 timestamp = value
             elif name == "v1":
                 signatures.append(value)

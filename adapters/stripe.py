@@ -23,7 +23,9 @@ from adapters.base import (
     CardUse,
     Classified,
     Reply,
+    Setting,
     WebhookEvent,
+    check_setting_names,
 )
 from adapters.formencode import encode_form, parse_form
 from proxy.errors import BadRequest, RouteNotFound, WebhookRejected
@@ -55,6 +57,9 @@ WEBHOOK_OUTCOMES = {
 # The card metadata flag an agent sets for a card that may be used once: PaySentry cancels it after its
 # first captured authorization.
 ONE_TIME = "paysentry_one_time"
+# Answers to cancelling a card after which a redelivered event may succeed: the key lacked the right or
+# was rotated (401, 403), the card was being changed (409), too many requests (429).
+CANCEL_RETRIES = frozenset({401, 403, 409, 429})
 DEFAULT_API_VERSION = "2025-10-29.clover"
 _KINDS = {  # our error kinds -> Stripe error types
     "invalid_request": "invalid_request_error",
@@ -79,7 +84,7 @@ def _amount(params: Mapping[str, Any], key: str, required: bool) -> int | None:
         if required:
             raise BadRequest(f"Missing required param: {key}.", param=key)
         return None
-    if not isinstance(raw, str) or not raw.isdigit() or len(raw) > 15:
+    if not isinstance(raw, str) or not (raw.isascii() and raw.isdigit()) or len(raw) > 15:
         raise BadRequest(
             f"Invalid integer: {raw!r}; {key} is a whole number of the currency's minor unit (cents)",
             param=key,
@@ -163,6 +168,18 @@ class StripeAdapter:
     methods = frozenset({"GET", "HEAD", "POST", "DELETE"})
     guarded_headers = frozenset({"stripe-context"})
     account_header = "Stripe-Account"
+    operations: Mapping[str, str] = {
+        "payment_intent": "/v1/payment_intents",
+        "payment_intent.confirm": "/v1/payment_intents/pi_example/confirm",
+        "payment_intent.capture": "/v1/payment_intents/pi_example/capture",
+        "charge": "/v1/charges",
+        "transfer": "/v1/transfers",
+        "payout": "/v1/payouts",
+        "refund": "/v1/refunds",
+        "issuing_card": "/v1/issuing/cards",
+        "issuing_authorization": "/v1/issuing/authorizations/iauth_example",  # a webhook's request
+    }
+    settings: Mapping[str, Setting] = {}
 
     def __init__(self) -> None:
         self._routes: list[
@@ -179,8 +196,7 @@ class StripeAdapter:
         ]
 
     def configured(self, settings: Mapping[str, str]) -> StripeAdapter:
-        if settings:
-            raise ValueError(f"the {self.name} adapter takes no settings (got {', '.join(sorted(settings))})")
+        check_setting_names(self.name, self.settings, settings)
         return self
 
     # -- classification ---------------------------------------------------------------------------------
@@ -366,6 +382,23 @@ class StripeAdapter:
             {"Content-Type": "application/json", "Stripe-Should-Retry": "true" if retry else "false"},
         )
 
+    def webhook_ack(self, result: str, extra: Mapping[str, str]) -> Reply:
+        """Stripe takes any 2xx as delivered (and redelivers otherwise); the body is for whoever reads
+        the endpoint's delivery log."""
+        body = json.dumps({"received": True, "result": result, **extra}).encode()
+        return Reply(200, body, {"Content-Type": "application/json"})
+
+    def is_one_time_card(self, payment_summary: Mapping[str, Any]) -> bool:
+        metadata = payment_summary.get("metadata")
+        return (
+            payment_summary.get("operation") == "issuing_card"
+            and isinstance(metadata, Mapping)
+            and metadata.get(ONE_TIME) == "true"
+        )
+
+    def card_cancel_should_retry(self, status: int) -> bool:
+        return status == 0 or status >= 500 or status in CANCEL_RETRIES
+
     def declined_in(self, body: bytes) -> str | None:
         return None  # Stripe refuses with a 4xx (a declined card is a 402)
 
@@ -396,7 +429,7 @@ class StripeAdapter:
         timestamp, signatures = None, []
         for item in header.split(","):
             name, _, value = item.strip().partition("=")
-            if name == "t" and value.isdigit():
+            if name == "t" and value.isascii() and value.isdigit():
                 timestamp = int(value)
             elif name == "v1":
                 signatures.append(value)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from adapters import REGISTRY
 from proxy.decide import decide
 from proxy.model import Agent, Payment, SpendTotal
 from proxy.policy.engine import ENGINES, make_engine
@@ -65,7 +66,7 @@ def measure(engine_name: str, rules: int, iterations: int) -> tuple[float, float
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "bench.yaml").write_text(policy_text(rules))
         started = time.perf_counter()
-        policy_set = load_policy_set(folder, engine)
+        policy_set = load_policy_set(folder, engine, operations=REGISTRY.operations)
         compile_ms = (time.perf_counter() - started) * 1000
     payment = Payment(
         provider="stripe",

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
+from adapters import REGISTRY
 from bench.decision import policy_text
 from proxy.decide import decide
 from proxy.model import Agent, Payment, SpendTotal
@@ -82,7 +83,7 @@ class RequiredWork:
         self.engine = make_engine("cel-expr-python")
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "bench.yaml").write_text(policy_text(10, budget=10**15))
-            self.policy_set = load_policy_set(folder, self.engine)
+            self.policy_set = load_policy_set(folder, self.engine, operations=REGISTRY.operations)
         self.agent = Agent("agt_bench", "own_bench", "bench", "conn_bench", {"team": "ads"})
         self.nothing_spent = {"daily_budget": SpendTotal(0, 0), "monthly_budget": SpendTotal(0, 0)}
         self.db = None

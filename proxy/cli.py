@@ -3,12 +3,13 @@
     paysentry serve [--demo]                       run the sidecar (--demo: mock provider, demo owner/agent)
     paysentry keygen FILE                          write a new encryption key file (or add one for rotation)
     paysentry owner create NAME                    prints the owner's API token once
-    paysentry provider add --name N --provider P [--upstream URL] [--currency C] --credentials-file F|-
+    paysentry provider add --name N --provider P [--upstream URL] [--setting NAME=VALUE]... --credentials-file F|-
     paysentry agent create NAME [--label k=v] [--connection N]   prints the agent's token once
     paysentry agent list | agent revoke ID
     paysentry policy check DIR...                  load and type-check (exit 3 when invalid)
     paysentry policy test DIR... [--coverage]      run *_test.yaml beside the policies (exit 4 on failure)
     paysentry policy replay DIR --since 7d         which recorded decisions a candidate set would change
+    paysentry policy schema                        the JSON schema of a policy file, with the adapters' operations
     paysentry approvals list [--state S] | show ID | approve ID | deny ID [--as APPROVER] [--reason R]
     paysentry mock-provider [--listen HOST:PORT]
 
@@ -31,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from adapters import REGISTRY
 from proxy.config import Settings, load_settings
 from proxy.errors import ConfigError, PaySentryError, PolicyError
 
@@ -64,20 +66,29 @@ def _parser() -> argparse.ArgumentParser:
     owner.add_parser("list")
 
     provider = sub.add_parser("provider").add_subparsers(dest="action", required=True)
-    add = provider.add_parser("add", help="connect a provider account; credentials come from a file or stdin")
+    add = provider.add_parser(
+        "add",
+        help="connect a provider account; credentials come from a file or stdin",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add.add_argument("--owner")
     add.add_argument("--name", default="default")
-    add.add_argument("--provider", required=True)
+    add.add_argument("--provider", required=True, choices=list(REGISTRY))
     add.add_argument("--upstream")
     add.add_argument(
         "--allow-account",
         action="append",
         default=[],
         metavar="ACCT",
-        help="a connected account agents may act for (Stripe-Account); repeat for several",
+        help="a connected account agents may act for (the provider's account header); repeat for several",
     )
     add.add_argument(
-        "--currency", help="the account's currency, for providers whose requests carry none (mercadopago)"
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the connection, as its provider describes it (below); repeat for several",
     )
     add.add_argument(
         "--credentials-file", required=True, help='JSON {"secret_key": ...} or the key alone; - for stdin'
@@ -107,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--since", default="7d", help="how far back, e.g. 24h or 7d")
     rerun.add_argument("--owner")
     rerun.add_argument("--engine", default=None)
+    policy.add_parser("schema", help="print the JSON schema of a policy file, with the adapters' operations")
 
     approvals = sub.add_parser("approvals").add_subparsers(dest="action", required=True)
     listing = approvals.add_parser("list")
@@ -127,11 +139,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _settings_help() -> str:
+    lines = ["connection settings (--setting NAME=VALUE), by provider:"]
+    for name, adapter in REGISTRY.items():
+        described = [
+            f"{setting} ({'required' if s.required else 'optional'}): {s.description}"
+            for setting, s in adapter.settings.items()
+        ]
+        lines.append(f"  {name}: " + ("; ".join(described) or "none"))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(hoist_config(sys.argv[1:] if argv is None else argv))
     try:
-        if args.command == "policy" and args.action in ("check", "test"):
-            return _policy_check(args) if args.action == "check" else _policy_test(args)
+        if args.command == "policy" and args.action in _POLICY_COMMANDS:
+            return _POLICY_COMMANDS[args.action](args)
         if args.command == "keygen":
             return _keygen(Path(args.file))
         if args.command == "mock-provider":
@@ -288,7 +311,7 @@ def _policy_check(args: argparse.Namespace) -> int:
 
     for engine in _engines(args):
         for directory in args.dirs:
-            ps = load_policy_set(directory, engine)
+            ps = load_policy_set(directory, engine, operations=REGISTRY.operations)
             rules = sum(len(p.rules) for p in ps.policies)
             limits = sum(len(p.limits) for p in ps.policies)
             print(
@@ -306,7 +329,7 @@ def _policy_test(args: argparse.Namespace) -> int:
     for engine in _engines(args):
         for directory in args.dirs:
             try:
-                report = run_directory(directory, engine)
+                report = run_directory(directory, engine, REGISTRY.examples)
             except PolicyError as exc:
                 print(f"INVALID {directory} ({engine.name}):\n  " + "\n  ".join(exc.problems))
                 invalid = True
@@ -325,6 +348,20 @@ def _policy_test(args: argparse.Namespace) -> int:
                 )
     print(f"{passed} passed, {failed} failed")
     return 3 if invalid else 4 if failed else 0
+
+
+def _policy_schema(args: argparse.Namespace) -> int:
+    from proxy.policy.loader import policy_schema
+
+    print(json.dumps(policy_schema(REGISTRY.operations), indent=2))
+    return 0
+
+
+_POLICY_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": _policy_check,
+    "test": _policy_test,
+    "schema": _policy_schema,
+}
 
 
 # -- commands on the store ----------------------------------------------------------------------------------
@@ -387,7 +424,7 @@ async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
         args.upstream,
         credentials,
         args.allow_account,
-        {"currency": args.currency.lower()} if args.currency else {},
+        _pairs("--setting", args.setting),
     )
     _print(
         {
@@ -401,13 +438,18 @@ async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _agent_create(ctx: _Context, args: argparse.Namespace) -> int:
-    labels = {}
-    for item in args.label:
+def _pairs(option: str, items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise PaySentryError(f"--label takes KEY=VALUE, got {item!r}")
-        labels[key] = value
+            raise PaySentryError(f"{option} takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+async def _agent_create(ctx: _Context, args: argparse.Namespace) -> int:
+    labels = _pairs("--label", args.label)
     owner = await ctx.service.owner_named(args.owner)
     agent, token = await ctx.service.create_agent(owner.id, args.name, labels, args.connection)
     from proxy.owners import agent_json
@@ -472,7 +514,7 @@ async def _policy_replay(ctx: _Context, args: argparse.Namespace) -> int:
     from proxy.policy.replay import replay
 
     engine = _engines(args)[0]
-    candidate = load_policy_set(args.dir, engine)
+    candidate = load_policy_set(args.dir, engine, operations=REGISTRY.operations)
     owner_id = (await ctx.service.owner_named(args.owner)).id if args.owner else None
     history = await ctx.store.history(time.time() - parse_duration(args.since), owner_id)
     agents = {a.id: a for o in await ctx.store.list_owners() for a in await ctx.store.list_agents(o.id)}

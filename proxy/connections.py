@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from adapters import get_adapter
-from adapters.base import Adapter
+from adapters import REGISTRY
+from adapters.base import Adapter, Adapters
 from proxy.errors import AuthenticationFailed
 from proxy.secrets import Sealer, sealed_context
 from proxy.store import Store
@@ -30,9 +30,16 @@ class Connection:
 
 class ConnectionCache:
     def __init__(
-        self, store: Store, sealer: Sealer, ttl: float = 30.0, clock: Callable[[], float] = time.monotonic
+        self,
+        store: Store,
+        sealer: Sealer,
+        ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        adapters: Adapters = REGISTRY,
     ) -> None:
         self._store, self._sealer, self._ttl, self._clock = store, sealer, ttl, clock
+        self._adapters = adapters
         self._cache: dict[str, tuple[Connection, float]] = {}
 
     async def get(self, connection_id: str) -> Connection:
@@ -50,7 +57,7 @@ class ConnectionCache:
         connection = Connection(
             record.id,
             record.owner_id,
-            get_adapter(record.provider).configured(record.settings),
+            self._adapters.adapter(record.provider).configured(record.settings),
             record.upstream.rstrip("/"),
             credentials,
             frozenset(record.allowed_accounts),

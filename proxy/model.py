@@ -10,22 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Operations the adapters recognise. "unrecognized" is a write the adapter does not know: it is refused
-# unless an allow rule of the owner's policy matches it.
-MONEY_OPERATIONS = (
-    "payment_intent",
-    "payment_intent.confirm",
-    "payment_intent.capture",
-    "charge",
-    "transfer",
-    "payout",
-    "refund",
-    "issuing_card",
-    "payment",  # a one-step payment (MercadoPago POST /v1/payments)
-    "issuing_authorization",  # a card authorization decided in real time (Stripe Issuing)
-)
+# The operations a payment can have are declared by the adapters (each adapter's ``operations``).
+# "unrecognized" is a write no adapter knows: it is refused unless an allow rule of the owner's policy
+# matches it.
 UNRECOGNIZED = "unrecognized"
-OPERATIONS = (*MONEY_OPERATIONS, UNRECOGNIZED)
 
 ALLOW, DENY, HOLD = "allow", "deny", "hold"
 
@@ -55,6 +43,16 @@ class Payment:
     categories: tuple[str, ...] = ()
     # The merchant of a card authorization: name, category, category_code, country, city.
     merchant: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OperationExample:
+    """A provider's request that its adapter normalizes into ``operation``: what a policy test case's
+    payment is given unless it names its own provider and path."""
+
+    operation: str
+    provider: str
+    path: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from adapters import get_adapter
+from adapters import REGISTRY
+from adapters.base import Adapters
 from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, PaySentryError
 from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, issue_token, new_id, sealed_context
 from proxy.store import (
@@ -33,9 +34,16 @@ from proxy.store import (
 
 class OwnerService:
     def __init__(
-        self, store: Store, sealer: Sealer, bcrypt_rounds: int, clock: Callable[[], float] = time.time
+        self,
+        store: Store,
+        sealer: Sealer,
+        bcrypt_rounds: int,
+        clock: Callable[[], float] = time.time,
+        *,
+        adapters: Adapters = REGISTRY,
     ) -> None:
         self.store, self.sealer, self.rounds, self.clock = store, sealer, bcrypt_rounds, clock
+        self.adapters = adapters
 
     async def _issue(self, prefix: str, public_id: str) -> tuple[str, str]:
         issued = await asyncio.to_thread(issue_token, prefix, public_id, self.rounds)
@@ -78,8 +86,8 @@ class OwnerService:
         allowed_accounts: Sequence[str] = (),
         settings: Mapping[str, str] | None = None,
     ) -> ConnectionRecord:
-        adapter = get_adapter(provider)
         try:
+            adapter = self.adapters.adapter(provider)
             adapter.configured(settings or {})
         except ValueError as exc:
             raise BadRequest(str(exc)) from None

@@ -3,7 +3,8 @@
 Stages, each problem naming the file, the line and the rule or limit it concerns:
 
 1. YAML: the file parses;
-2. schema: it matches ``policy.schema.json`` (known fields, types, names, enums);
+2. schema: it matches ``policy.schema.json`` (known fields, types, names, enums), with the operations
+   the adapters produce (given by the caller: the registry's) as the enum of a limit's operations;
 3. semantics: time zones, durations, limit shapes, cost bounds, unique names across the set;
 4. CEL: every expression compiles and type-checks against the declared variables.
 
@@ -18,6 +19,7 @@ import json
 import re
 import subprocess
 from collections.abc import Iterable, Sequence
+from copy import deepcopy
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,23 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 @cache
-def _validator() -> jsonschema.protocols.Validator:
-    schema = json.loads(SCHEMA_FILE.read_text())
+def _source_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+def policy_schema(operations: Sequence[str]) -> dict[str, Any]:
+    """The JSON schema of a policy file, naming ``operations`` as the ones a limit may count."""
+    schema = deepcopy(_source_schema())
+    schema["$defs"]["operation"] = {
+        "enum": list(operations),
+        "description": "An operation some adapter produces.",
+    }
+    return schema
+
+
+@cache
+def _validator(operations: tuple[str, ...]) -> jsonschema.protocols.Validator:
+    schema = policy_schema(operations)
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema)
 
@@ -72,8 +89,9 @@ def policy_files(directory: Path) -> list[Path]:
     return sorted(p for p in files if not p.stem.endswith("_test"))
 
 
-def load_policy_set(directory: str | Path, engine: Engine) -> PolicySet:
-    """Compile every policy file of ``directory``; raise PolicyError listing every problem."""
+def load_policy_set(directory: str | Path, engine: Engine, *, operations: Sequence[str]) -> PolicySet:
+    """Compile every policy file of ``directory``, whose limits may count ``operations`` (those the
+    adapters produce); raise PolicyError listing every problem."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PolicyError([f"{directory}: not a directory of policy files"])
@@ -81,7 +99,8 @@ def load_policy_set(directory: str | Path, engine: Engine) -> PolicySet:
     if not files:
         raise PolicyError([f"{directory}: no policy files (*.yaml) found"])
     problems: list[str] = []
-    policies = [p for f in files if (p := _load_file(f, engine, problems)) is not None]
+    validator = _validator(tuple(operations))
+    policies = [p for f in files if (p := _load_file(f, engine, validator, problems)) is not None]
     _check_unique(policies, problems)
     if sum(len(p.rules) for p in policies) > MAX_RULES:
         problems.append(f"{directory}: more than {MAX_RULES} rules in one policy set")
@@ -120,7 +139,9 @@ def revision_of(directory: Path, files: Iterable[Path]) -> str:
     return f"git:{head.stdout.strip()[:12]}" if head.stdout.strip() and not dirty.stdout.strip() else content
 
 
-def _load_file(path: Path, engine: Engine, problems: list[str]) -> Policy | None:
+def _load_file(
+    path: Path, engine: Engine, validator: jsonschema.protocols.Validator, problems: list[str]
+) -> Policy | None:
     try:
         doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
@@ -134,7 +155,7 @@ def _load_file(path: Path, engine: Engine, problems: list[str]) -> Policy | None
     if not isinstance(doc, _LineDict):
         problems.append(f"{path}:1: a policy file must be a mapping with rules and limits")
         return None
-    return _PolicyReader(path, engine, problems).read(doc)
+    return _PolicyReader(path, engine, validator, problems).read(doc)
 
 
 def _line_of(doc: Any, path: Sequence[Any]) -> int:
@@ -182,8 +203,10 @@ def _comprehension_depth(source: str) -> int:
 
 
 class _PolicyReader:
-    def __init__(self, path: Path, engine: Engine, problems: list[str]) -> None:
-        self.path, self.engine, self.problems = path, engine, problems
+    def __init__(
+        self, path: Path, engine: Engine, validator: jsonschema.protocols.Validator, problems: list[str]
+    ) -> None:
+        self.path, self.engine, self.validator, self.problems = path, engine, validator, problems
 
     def report(self, line: int, what: str, text: str) -> None:
         self.problems.append(f"{self.path}:{line}: {what}: {text}")
@@ -254,7 +277,7 @@ class _PolicyReader:
         """Report schema errors; return the paths (entry level) that later stages must skip."""
         invalid: set[tuple[Any, ...]] = set()
         errors = sorted(
-            _validator().iter_errors(doc), key=lambda e: (_line_of(doc, e.absolute_path), e.message)
+            self.validator.iter_errors(doc), key=lambda e: (_line_of(doc, e.absolute_path), e.message)
         )
         for error in errors:
             path = tuple(error.absolute_path)
@@ -393,7 +416,8 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         unknown = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
         return f"unknown field {', '.join(map(repr, unknown))} (allowed: {', '.join(allowed)})"
     if error.validator == "enum":
-        field = error.absolute_path[-1] if error.absolute_path else "value"
+        path = list(error.absolute_path) or ["value"]
+        field = f"{path[-2]}[{path[-1]}]" if isinstance(path[-1], int) else path[-1]
         return f"{field} must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
     if error.validator == "type" and error.validator_value == "integer":
         return f"{error.instance!r} is not a whole number: amounts are integer minor units (cents)"

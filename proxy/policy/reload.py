@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+from adapters import REGISTRY
 from proxy.errors import PolicyError
 from proxy.metrics import Metrics
 from proxy.policy.engine import Engine
@@ -24,11 +26,19 @@ log = logging.getLogger("paysentry.policy")
 
 
 class PolicyHolder:
-    def __init__(self, directory: str, engine: Engine, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        engine: Engine,
+        metrics: Metrics | None = None,
+        *,
+        operations: Sequence[str] = REGISTRY.operations,
+    ) -> None:
         self.directory = Path(directory)
         self.engine = engine
         self.metrics = metrics or Metrics()
-        self.current: PolicySet = load_policy_set(self.directory, engine)
+        self.operations = tuple(operations)
+        self.current: PolicySet = load_policy_set(self.directory, engine, operations=self.operations)
         self.last_error: str | None = None
         self._fingerprint = self._stat()
         self._publish()
@@ -73,7 +83,7 @@ class PolicyHolder:
 
     def load(self) -> PolicySet | PolicyError:
         try:
-            return load_policy_set(self.directory, self.engine)
+            return load_policy_set(self.directory, self.engine, operations=self.operations)
         except PolicyError as exc:
             return exc
 

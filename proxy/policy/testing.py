@@ -7,9 +7,13 @@ A test file::
       now: "2026-11-23T15:00:00Z"
     tests:
       - name: small payments pass
-        payment: {operation: payment_intent, amount: 1000, currency: usd, metadata: {purpose: ads}}
+        payment: {amount: 1000, currency: usd, metadata: {purpose: ads}}
         spend: {daily_budget: {amount: 9500, count: 3}}     # so far in the limit's current window
         expect: {decision: allow, rule: default}           # also: policy, message_contains, shadow
+
+A case's payment may name its ``operation`` (else the first the adapters declare), ``provider`` (else the
+first adapter producing the operation) and ``path`` (else that adapter's example path for it): the
+caller passes the adapters' examples (``adapters.REGISTRY.examples``).
 
 Each case is decided by the same core as the sidecar, and the declared limits are applied to ``spend``
 the way the store's atomic reservation applies them. Exit codes: 0 all pass, 3 a policy is invalid,
@@ -18,7 +22,7 @@ the way the store's atomic reservation applies them. Exit codes: 0 all pass, 3 a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,22 +31,12 @@ from typing import Any
 import yaml
 
 from proxy.decide import decide, simulate_reservation
-from proxy.model import OPERATIONS, Agent, Decision, Payment, SpendTotal
+from proxy.model import UNRECOGNIZED, Agent, Decision, OperationExample, Payment, SpendTotal
 from proxy.policy.engine import Engine
 from proxy.policy.loader import load_policy_set
 from proxy.policy.model import PolicySet
 
 DEFAULT_NOW = "2026-01-05T12:00:00Z"
-PATHS = {
-    "payment_intent": "/v1/payment_intents",
-    "charge": "/v1/charges",
-    "transfer": "/v1/transfers",
-    "payout": "/v1/payouts",
-    "refund": "/v1/refunds",
-    "issuing_card": "/v1/issuing/cards",
-    "payment": "/v1/payments",
-    "issuing_authorization": "/v1/issuing/authorizations",
-}
 CASE_FIELDS = {"name", "payment", "agent", "spend", "now", "expect"}
 EXPECT_FIELDS = {"decision", "rule", "policy", "message_contains", "shadow"}
 
@@ -74,10 +68,22 @@ class TestReport:
         return sorted(self.all_rules - self.exercised)
 
 
-def run_directory(directory: str | Path, engine: Engine) -> TestReport:
-    """Load the policies of ``directory`` (PolicyError if invalid) and run its ``*_test.yaml`` files."""
+@dataclass(frozen=True)
+class _Run:
+    """What the cases of one directory are decided with, and the report they go to."""
+
+    policy_set: PolicySet
+    engine: Engine
+    examples: Sequence[OperationExample]
+    report: TestReport
+
+
+def run_directory(directory: str | Path, engine: Engine, examples: Sequence[OperationExample]) -> TestReport:
+    """Load the policies of ``directory`` (PolicyError if invalid) and run its ``*_test.yaml`` files;
+    ``examples`` are the operations the adapters produce, with a provider and path for each."""
     directory = Path(directory)
-    policy_set = load_policy_set(directory, engine)
+    operations = tuple(dict.fromkeys(e.operation for e in examples))
+    policy_set = load_policy_set(directory, engine, operations=operations)
     report = TestReport(engine.name)
     report.all_rules = {f"{p.name}.{r.name}" for p in policy_set.policies for r in p.rules}
     report.all_rules |= {f"{p.name}.{lim.name}" for p in policy_set.policies for lim in p.limits}
@@ -86,12 +92,14 @@ def run_directory(directory: str | Path, engine: Engine) -> TestReport:
         report.results.append(
             CaseResult(str(directory), "(no tests)", False, "no *_test.yaml file beside the policies")
         )
+    run = _Run(policy_set, engine, examples, report)
     for path in files:
-        _run_file(path, policy_set, engine, report)
+        _run_file(path, run)
     return report
 
 
-def _run_file(path: Path, policy_set: PolicySet, engine: Engine, report: TestReport) -> None:
+def _run_file(path: Path, run: _Run) -> None:
+    report = run.report
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -107,15 +115,13 @@ def _run_file(path: Path, policy_set: PolicySet, engine: Engine, report: TestRep
     for index, case in enumerate(cases):
         name = case.get("name", f"tests[{index}]") if isinstance(case, dict) else f"tests[{index}]"
         try:
-            result = _run_case(
-                {**defaults, **case} if isinstance(case, dict) else case, policy_set, engine, report
-            )
+            result = _run_case({**defaults, **case} if isinstance(case, dict) else case, run)
         except CaseError as exc:
             result = f"malformed case: {exc}"
         report.results.append(CaseResult(str(path), str(name), result is None, result or ""))
 
 
-def _run_case(case: Any, policy_set: PolicySet, engine: Engine, report: TestReport) -> str | None:
+def _run_case(case: Any, run: _Run) -> str | None:
     if not isinstance(case, dict):
         raise CaseError("each test is a mapping")
     unknown = set(case) - CASE_FIELDS - {"defaults"}
@@ -124,9 +130,10 @@ def _run_case(case: Any, policy_set: PolicySet, engine: Engine, report: TestRepo
     expect = case.get("expect")
     if not isinstance(expect, dict) or "decision" not in expect or set(expect) - EXPECT_FIELDS:
         raise CaseError(f"expect needs decision, and may have {sorted(EXPECT_FIELDS - {'decision'})}")
-    payment, agent = _payment(case.get("payment")), _agent(case.get("agent") or {})
+    payment, agent = _payment(case.get("payment"), run.examples), _agent(case.get("agent") or {})
     spend = _spend(case.get("spend") or {})
-    decision = simulate_reservation(decide(policy_set, engine, payment, agent, spend, _time(case)), spend)
+    policy_set, report = run.policy_set, run.report
+    decision = simulate_reservation(decide(policy_set, run.engine, payment, agent, spend, _time(case)), spend)
     report.exercised |= set(decision.fired)
     report.exercised |= {f"{_policy_of(policy_set, c.limit)}.{c.limit}" for c in decision.charges}
     if decision.rule in policy_set.limit_names:
@@ -157,29 +164,38 @@ def _policy_of(policy_set: PolicySet, limit: str) -> str:
     return next((p.name for p in policy_set.policies for lim in p.limits if lim.name == limit), "?")
 
 
-def _payment(raw: Any) -> Payment:
+def _payment(raw: Any, examples: Sequence[OperationExample]) -> Payment:
     if not isinstance(raw, dict):
         raise CaseError("payment must be a mapping")
-    operation = raw.get("operation", "payment_intent")
-    if operation not in OPERATIONS:
-        raise CaseError(f"unknown operation {operation!r}")
+    operation = raw.get("operation", examples[0].operation)
+    example = _example(examples, operation, raw.get("provider"))
+    provider = str(raw.get("provider", (example or examples[0]).provider))
     amount = raw.get("amount", 0)
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise CaseError(f"payment amount must be an integer of minor units, got {amount!r}")
     text = {k: str(raw.get(k, "")) for k in ("destination", "customer", "description")}
     return Payment(
-        provider=str(raw.get("provider", "stripe")),
+        provider=provider,
         operation=operation,
         amount=amount,
         currency=str(raw.get("currency", "")).lower(),
         method=str(raw.get("method", "POST")),
-        path=str(raw.get("path", PATHS.get(operation.split(".")[0], "/v1/unknown"))),
+        path=str(raw.get("path", example.path if example else "")),
         metadata={str(k): str(v) for k, v in (raw.get("metadata") or {}).items()},
         params=dict(raw.get("params") or {}),
         categories=tuple(str(c) for c in raw.get("categories") or ()),
         merchant={str(k): str(v) for k, v in (raw.get("merchant") or {}).items()},
         **text,
     )
+
+
+def _example(examples: Sequence[OperationExample], operation: Any, provider: Any) -> OperationExample | None:
+    """The example request of ``operation``, from ``provider`` if it produces it (None: unrecognized)."""
+    producing = [e for e in examples if e.operation == operation]
+    if not producing and operation != UNRECOGNIZED:
+        known = ", ".join(dict.fromkeys(e.operation for e in examples))
+        raise CaseError(f"unknown operation {operation!r}; known: {known}, {UNRECOGNIZED}")
+    return next((e for e in producing if e.provider == provider), producing[0] if producing else None)
 
 
 def _agent(raw: Any) -> Agent:

@@ -80,7 +80,7 @@ def mp(tmp_path: Path) -> Iterator[Deployment]:
         tmp_path,
         POLICY,
         provider="mercadopago",
-        provider_args=("--currency", "ARS"),
+        provider_args=("--setting", "currency=ARS"),
         secret_key="APP_USR-paysentry-mock-ars",
     )
     dep.start()
@@ -195,8 +195,8 @@ def test_amounts_land_in_each_currencys_minor_units(mp: Deployment) -> None:
             "mercadopago",
             "--name",
             currency,
-            "--currency",
-            currency,
+            "--setting",
+            f"currency={currency}",
             "--upstream",
             mp.mock_url,
             "--credentials-file",
@@ -228,7 +228,7 @@ def test_amounts_land_in_each_currencys_minor_units(mp: Deployment) -> None:
         stdin=json.dumps({"secret_key": "APP_USR-x"}),
         check=False,
     )
-    assert refused.returncode != 0 and "--currency" in refused.stderr
+    assert refused.returncode != 0 and "needs the setting currency" in refused.stderr
 
 
 @pytest.mark.e2e

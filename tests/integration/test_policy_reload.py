@@ -53,3 +53,13 @@ def test_configmap_swaps_are_seen_and_broken_sets_never_replace_good_ones(tmp_pa
     assert holder.last_error is None
     assert holder.current.revision != first.revision
     assert metrics.value("paysentry_policy_reloads_total", result="ok") == 1
+
+
+def test_reloads_check_limits_against_the_operations_the_holder_was_given(tmp_path: Path) -> None:
+    limit = "limits:\n  - {name: d, window: day, currency: usd, max_amount: 1, operations: [%s]}\n"
+    (tmp_path / "policy.yaml").write_text(limit % "pay")
+    holder = PolicyHolder(str(tmp_path), CelExprEngine(), Metrics(), operations=("pay", "refund"))
+    (tmp_path / "policy.yaml").write_text(limit % "charge")
+    assert not holder.reload() and "must be one of pay, refund, not 'charge'" in (holder.last_error or "")
+    (tmp_path / "policy.yaml").write_text(limit % "refund")
+    assert holder.reload() and holder.last_error is None

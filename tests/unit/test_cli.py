@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from proxy.cli import _parser, hoist_config
@@ -30,3 +32,25 @@ def test_the_makefile_run_command_parses() -> None:
     argv = shlex.split(re.sub(r"^.*?/paysentry ", "", line.strip()))
     args = _parser().parse_args(hoist_config(argv))
     assert args.command == "serve" and args.demo
+
+
+def test_provider_add_takes_the_settings_its_adapters_describe() -> None:
+    argv = [
+        "provider",
+        "add",
+        "--provider",
+        "mercadopago",
+        "--setting",
+        "currency=ARS",
+        "--credentials-file",
+        "-",
+    ]
+    args = _parser().parse_args(argv)
+    assert (args.provider, args.setting) == ("mercadopago", ["currency=ARS"])
+    shown = subprocess.run(
+        [sys.executable, "-m", "proxy", "provider", "add", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "mercadopago: currency (required): the account's currency" in shown and "stripe: none" in shown

@@ -16,12 +16,13 @@ from proxy.policy.loader import load_policy_set
 NOW = datetime(2026, 11, 22, 15, 30, tzinfo=UTC)
 AGENT = Agent("agt_1", "own_1", "bot", "conn_1", {"team": "ads"})
 ENGINE = CelExprEngine()
+OPERATIONS = ("payment_intent", "charge", "refund")  # the core knows operations only as names it is given
 
 
 def policies(tmp_path: Path, *texts: str):
     for i, text in enumerate(texts):
         (tmp_path / f"p{i}.yaml").write_text(textwrap.dedent(text))
-    return load_policy_set(tmp_path, ENGINE)
+    return load_policy_set(tmp_path, ENGINE, operations=OPERATIONS)
 
 
 def pay(amount: int = 1000, currency: str = "usd", operation: str = "payment_intent", **kw) -> Payment:
@@ -116,7 +117,7 @@ def test_unrecognized_write_needs_an_explicit_allow(tmp_path: Path) -> None:
     (tmp_path / "p1.yaml").write_text(
         "name: subs\nrules:\n  - {name: subs_ok, effect: allow, when: 'request.path == \"/v1/subscriptions\"'}\n"
     )
-    allowed = decide(load_policy_set(tmp_path, ENGINE), ENGINE, odd, AGENT, {}, NOW)
+    allowed = decide(load_policy_set(tmp_path, ENGINE, operations=OPERATIONS), ENGINE, odd, AGENT, {}, NOW)
     assert (allowed.outcome, allowed.rule) == ("allow", "subs_ok")
 
 
@@ -247,7 +248,7 @@ def test_costly_or_misplaced_constructs_are_rejected_at_load(tmp_path: Path) -> 
         "name: s\nmode: shadow\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n"
     )
     with pytest.raises(PolicyError) as caught:
-        load_policy_set(tmp_path, ENGINE)
+        load_policy_set(tmp_path, ENGINE, operations=OPERATIONS)
     text = "\n".join(caught.value.problems)
     assert "comprehensions nested 3 deep are too costly" in text
     assert "is too long" in text

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from adapters import get_adapter
+from adapters import REGISTRY
 from adapters.base import PASSTHROUGH, PAYMENT
 from adapters.mercadopago import MercadoPagoAdapter, to_minor
 from proxy.errors import BadRequest, WebhookRejected
@@ -117,16 +117,43 @@ def test_malformed_payments_are_refused(content_type: str, sent: bytes, says: st
 
 
 def test_a_connection_must_name_its_accounts_currency() -> None:
-    adapter = get_adapter("mercadopago")
+    adapter = REGISTRY.adapter("mercadopago")
+    assert adapter.settings["currency"].required
     assert adapter.configured({"currency": "BRL"}).currency == "brl"  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="--currency"):
+    with pytest.raises(ValueError, match="needs the setting currency; its settings: currency .*ARS"):
         adapter.configured({})
-    with pytest.raises(ValueError, match="--currency"):
+    with pytest.raises(ValueError, match="'usd' is not a MercadoPago account's currency; one of ARS"):
         adapter.configured({"currency": "usd"})
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="unknown setting site .* its settings: currency"):
         adapter.configured({"currency": "ars", "site": "MLA"})
-    with pytest.raises(ValueError, match="no settings"):
-        get_adapter("stripe").configured({"currency": "usd"})
+
+
+def test_each_declared_operation_is_what_its_example_path_classifies_as() -> None:
+    bodies = {"payment": body(transaction_amount=10), "refund": body(amount=5)}
+    assert set(ARS.operations) == set(bodies)
+    for operation, path in ARS.operations.items():
+        classified = ARS.classify("POST", path, "application/json", bodies[operation])
+        assert classified.payment is not None and classified.payment.operation == operation
+
+
+def test_a_signature_timestamp_in_other_digits_is_rejected_not_a_crash() -> None:
+    with pytest.raises(WebhookRejected, match="no ts= and v1= parts"):
+        ARS.verify_webhook({"x-signature": "ts=²,v1=ab"}, b"{}", "secret", 0, 300)
+
+
+def test_a_handled_notification_is_acknowledged_with_a_200() -> None:
+    reply = ARS.webhook_ack("recorded", {})
+    assert reply.status == 200 and json.loads(reply.body) == {"received": True, "result": "recorded"}
+
+
+def test_mercadopago_has_no_one_time_cards_and_retries_what_may_pass_later() -> None:
+    assert not ARS.is_one_time_card({"operation": "payment", "metadata": {"paysentry_one_time": "true"}})
+    assert [s for s in (0, 200, 400, 401, 404, 409, 429, 500, 503) if ARS.card_cancel_should_retry(s)] == [
+        0,
+        429,
+        500,
+        503,
+    ]
 
 
 def test_errors_have_mercadopagos_shape() -> None:

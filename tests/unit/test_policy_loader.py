@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from adapters import REGISTRY
 from proxy.errors import PolicyError
 from proxy.policy.engine import CelExprEngine
-from proxy.policy.loader import load_policy_set
+from proxy.policy.loader import SCHEMA_FILE, load_policy_set, policy_schema
 
 ENGINE = CelExprEngine()
 
@@ -17,7 +21,7 @@ ENGINE = CelExprEngine()
 def problems_of(tmp_path: Path, text: str) -> list[str]:
     (tmp_path / "broken.yaml").write_text(textwrap.dedent(text))
     with pytest.raises(PolicyError) as caught:
-        load_policy_set(tmp_path, ENGINE)
+        load_policy_set(tmp_path, ENGINE, operations=REGISTRY.operations)
     return caught.value.problems
 
 
@@ -81,37 +85,58 @@ def test_duplicate_names_across_files(tmp_path: Path) -> None:
         "name: same\nlimits:\n  - {name: d, window: day, currency: usd, max_amount: 1}\n"
     )
     with pytest.raises(PolicyError) as caught:
-        load_policy_set(tmp_path, ENGINE)
+        load_policy_set(tmp_path, ENGINE, operations=REGISTRY.operations)
     text = "\n".join(caught.value.problems)
     assert "duplicate policy name 'same'" in text
     assert "duplicate limit name 'd'" in text
 
 
 def test_the_example_policies_load() -> None:
-    policy_set = load_policy_set(Path(__file__).parents[2] / "policies", ENGINE)
+    policy_set = load_policy_set(
+        Path(__file__).parents[2] / "policies", ENGINE, operations=REGISTRY.operations
+    )
     assert policy_set.policies and policy_set.revision
 
 
 def test_revision_is_the_git_commit_of_a_clean_checkout(tmp_path: Path) -> None:
-    import subprocess
-
     (tmp_path / "p.yaml").write_text("name: p\n")
     git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "policies"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-    assert load_policy_set(tmp_path, ENGINE).revision == f"git:{head.strip()[:12]}"
+    assert (
+        load_policy_set(tmp_path, ENGINE, operations=REGISTRY.operations).revision
+        == f"git:{head.strip()[:12]}"
+    )
     (tmp_path / "p.yaml").write_text("name: p\ndefault: deny\n")  # uncommitted: the content decides
-    assert load_policy_set(tmp_path, ENGINE).revision.startswith("sha256:")
+    assert load_policy_set(tmp_path, ENGINE, operations=REGISTRY.operations).revision.startswith("sha256:")
 
 
-def test_the_schema_names_every_operation_the_adapters_recognise() -> None:
-    import json
-    from pathlib import Path
+def test_the_schema_lists_exactly_the_operations_the_adapters_declare() -> None:
+    schema = policy_schema(REGISTRY.operations)
+    items = schema["$defs"]["limit"]["properties"]["operations"]["items"]
+    assert items == {"$ref": "#/$defs/operation"}
+    assert schema["$defs"]["operation"]["enum"] == list(REGISTRY.operations)
+    # The source names none itself: the registry is the one list.
+    assert "enum" not in json.loads(SCHEMA_FILE.read_text())["$defs"]["operation"]
 
-    from proxy.model import MONEY_OPERATIONS
 
-    schema = json.loads((Path(__file__).parents[2] / "proxy/policy/policy.schema.json").read_text())
-    operations = schema["$defs"]["limit"]["properties"]["operations"]["items"]["enum"]
-    assert sorted(operations) == sorted(MONEY_OPERATIONS)
+def test_the_printed_schema_is_the_one_the_loader_uses() -> None:
+    printed = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", "/nonexistent.yaml", "policy", "schema"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(printed.stdout) == policy_schema(REGISTRY.operations)
+
+
+def test_a_limit_counts_only_operations_it_is_given(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "limits:\n  - {name: d, window: day, currency: usd, max_amount: 1, operations: [charge, refund]}\n"
+    )
+    assert load_policy_set(tmp_path, ENGINE, operations=("charge", "refund")).limit_names == {"d"}
+    with pytest.raises(PolicyError, match=r"operations\[1\] must be one of charge, not 'refund'"):
+        load_policy_set(tmp_path, ENGINE, operations=("charge",))

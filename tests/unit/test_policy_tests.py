@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters import REGISTRY
+from proxy.model import OperationExample
 from proxy.policy.engine import make_engine
 from proxy.policy.testing import run_directory
 
@@ -19,7 +21,7 @@ EXAMPLES = [ROOT / "policies", *sorted(p for p in (ROOT / "policies" / "examples
 @pytest.mark.parametrize("engine", ["cel-expr-python", "cel-python"])
 @pytest.mark.parametrize("directory", EXAMPLES, ids=lambda p: p.name)
 def test_examples_pass_on_both_engines(directory: Path, engine: str) -> None:
-    report = run_directory(directory, make_engine(engine))
+    report = run_directory(directory, make_engine(engine), REGISTRY.examples)
     assert report.results and not report.failed, [f"{r.name}: {r.detail}" for r in report.failed]
     assert report.unexercised() == []  # every example rule and limit has a test
 
@@ -101,8 +103,42 @@ def test_malformed_test_cases_fail_with_a_reason(tmp_path: Path) -> None:
           - {name: naive time, now: "2026-01-01T00:00:00", payment: {amount: 5}, expect: {decision: allow}}
     """,
     )
-    report = run_directory(tmp_path, make_engine("cel-expr-python"))
+    report = run_directory(tmp_path, make_engine("cel-expr-python"), REGISTRY.examples)
     assert [r.passed for r in report.results] == [False, False, False]
     assert "expect needs decision" in report.results[0].detail
     assert "integer of minor units" in report.results[1].detail
     assert "time zone" in report.results[2].detail
+
+
+def test_a_case_gets_the_provider_and_path_the_adapters_declare_for_its_operation(tmp_path: Path) -> None:
+    examples = (
+        OperationExample("pay", "first", "/pay"),
+        OperationExample("refund", "first", "/first/refunds"),
+        OperationExample("refund", "second", "/second/refunds"),
+    )
+    write(
+        tmp_path,
+        "p.yaml",
+        """
+        name: p
+        rules:
+          - {name: seen, effect: deny, when: 'payment.provider + " " + request.path == "second /second/refunds"'}
+          - {name: first, effect: hold, when: 'payment.provider + " " + request.path == "first /pay"'}
+    """,
+    )
+    write(
+        tmp_path,
+        "p_test.yaml",
+        """
+        tests:
+          - {name: the first operation of the first adapter, payment: {amount: 5}, expect: {decision: hold}}
+          - {name: the named provider's path, payment: {operation: refund, provider: second}, expect: {decision: deny}}
+          - {name: the first producer, payment: {operation: refund}, expect: {decision: allow}}
+          - {name: a path given, payment: {operation: refund, provider: second, path: /x}, expect: {decision: allow}}
+          - {name: unrecognized, payment: {operation: unrecognized}, expect: {decision: deny, rule: unrecognized_write}}
+          - {name: unknown, payment: {operation: charge}, expect: {decision: allow}}
+    """,
+    )
+    report = run_directory(tmp_path, make_engine("cel-expr-python"), examples)
+    assert [r.passed for r in report.results] == [True, True, True, True, True, False], report.results
+    assert "unknown operation 'charge'; known: pay, refund, unrecognized" in report.results[-1].detail

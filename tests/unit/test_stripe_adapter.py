@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from urllib.parse import urlencode
 
 import pytest
 
 from adapters.formencode import parse_form
+from adapters.mock import MockAdapter
 from adapters.stripe import StripeAdapter
-from proxy.errors import BadRequest, RouteNotFound
+from proxy.errors import BadRequest, RouteNotFound, WebhookRejected
 
 FORM = "application/x-www-form-urlencoded"
 STRIPE = StripeAdapter()
@@ -32,6 +35,7 @@ def test_bracketed_keys_become_nested_values() -> None:
         "expand": ["x", "y"],
         "transfer_data": {"destination": "acct_1"},
     }
+    assert parse_form("items[²]=a&items[٣]=b".encode()) == {"items": {"²": "a", "٣": "b"}}  # not indexes
 
 
 @pytest.mark.parametrize(
@@ -143,6 +147,7 @@ def test_unknown_writes_are_unrecognized_not_forwarded() -> None:
         ({"currency": "usd"}, "amount"),
         ({"amount": "10.5", "currency": "usd"}, "amount"),
         ({"amount": "-5", "currency": "usd"}, "amount"),
+        ({"amount": "²", "currency": "usd"}, "amount"),  # a digit to str.isdigit, not a number
         ({"amount": "100"}, "currency"),
         ({"amount": "100", "currency": "dollars"}, "currency"),
         ({"amount": "100", "currency": "usd", "metadata": "x"}, "metadata"),
@@ -206,3 +211,84 @@ def test_a_card_is_forwarded_with_exactly_the_approved_controls() -> None:
     assert other is not None and adapter.prepare(other, intent) == intent
     nested = {"a": "1", "b": {"c": ["x", "y"], "d": {"e": "ü &="}}}
     assert parse_form(encode_form(nested)) == nested
+
+
+MONEY_BODY = {
+    "amount": "100",
+    "currency": "usd",
+    "destination": "acct_1",
+    "charge": "ch_1",
+    "spending_controls[spending_limits][0][amount]": "100",
+    "spending_controls[spending_limits][0][interval]": "daily",
+}
+
+
+def signed(event: dict[str, object], now: int = 1_800_000_000) -> tuple[dict[str, str], bytes]:
+    body = json.dumps(event).encode()
+    mac = hmac.new(b"whsec", f"{now}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"Stripe-Signature": f"t={now},v1={mac}"}, body
+
+
+def test_each_declared_operation_is_what_its_example_path_produces() -> None:
+    for operation, path in STRIPE.operations.items():
+        if operation == "issuing_authorization":  # asked for by a webhook, not by an agent's call
+            continue
+        call = classify(path, MONEY_BODY)
+        assert call.payment is not None and call.payment.operation == operation, path
+    headers, body = signed(
+        {
+            "id": "evt_1",
+            "type": "issuing_authorization.request",
+            "data": {"object": {"id": "iauth_example", "amount": 5, "currency": "usd", "card": "ic_1"}},
+        }
+    )
+    request = STRIPE.verify_webhook(headers, body, "whsec", 1_800_000_000, 300).request
+    assert request is not None
+    assert STRIPE.operations[request.payment.operation] == request.payment.path
+
+
+def test_a_signature_timestamp_in_other_digits_is_rejected_not_a_crash() -> None:
+    with pytest.raises(WebhookRejected, match="no t= and v1= parts"):
+        STRIPE.verify_webhook({"Stripe-Signature": "t=²,v1=ab"}, b"{}", "whsec", 0, 300)
+
+
+def test_stripe_takes_no_connection_settings() -> None:
+    assert STRIPE.configured({}) is STRIPE
+    with pytest.raises(
+        ValueError, match="unknown setting currency for a stripe connection; its settings: none"
+    ):
+        STRIPE.configured({"currency": "usd"})
+
+
+def test_a_handled_event_is_acknowledged_with_a_200_saying_what_was_done() -> None:
+    reply = STRIPE.webhook_ack("recorded", {"card": "cancelled"})
+    assert reply.status == 200 and reply.headers["Content-Type"] == "application/json"
+    assert json.loads(reply.body) == {"received": True, "result": "recorded", "card": "cancelled"}
+
+
+@pytest.mark.parametrize(
+    ("summary", "one_time"),
+    [
+        ({"operation": "issuing_card", "metadata": {"paysentry_one_time": "true"}}, True),
+        ({"operation": "issuing_card", "metadata": {"paysentry_one_time": "false"}}, False),
+        ({"operation": "issuing_card", "metadata": {}}, False),
+        ({"operation": "issuing_card"}, False),
+        ({"operation": "issuing_card", "metadata": "paysentry_one_time"}, False),
+        ({"operation": "payment_intent", "metadata": {"paysentry_one_time": "true"}}, False),
+    ],
+)
+def test_a_card_is_one_time_when_created_with_the_flag(summary: dict[str, object], one_time: bool) -> None:
+    assert STRIPE.is_one_time_card(summary) is one_time
+
+
+def test_cancelling_a_card_is_retried_unless_stripe_refused_the_change() -> None:
+    statuses = (0, 200, 400, 401, 402, 403, 404, 409, 429, 500, 502)
+    assert [s for s in statuses if STRIPE.card_cancel_should_retry(s)] == [0, 401, 403, 409, 429, 500, 502]
+
+
+def test_the_mock_provider_is_stripe_behind_the_port() -> None:
+    mock = MockAdapter()
+    assert mock.operations == STRIPE.operations and mock.settings == STRIPE.settings
+    assert mock.webhook_ack("voided", {}).body == STRIPE.webhook_ack("voided", {}).body
+    assert mock.is_one_time_card({"operation": "issuing_card", "metadata": {"paysentry_one_time": "true"}})
+    assert mock.card_cancel_should_retry(429) and not mock.card_cancel_should_retry(404)
