@@ -9,7 +9,7 @@ credential placement, connection settings or the operations it produces. The com
 
 from __future__ import annotations
 
-from adapters.base import Adapter, Adapters
+from adapters.base import Adapters
 from adapters.mercadopago import MercadoPagoAdapter
 from adapters.mock import MockAdapter
 from adapters.stripe import StripeAdapter
@@ -18,8 +18,3 @@ REGISTRY = Adapters(StripeAdapter(), MercadoPagoAdapter(), MockAdapter())
 
 # Whose error shape answers a call made before its connection is known (no or a bad token).
 DEFAULT_PROVIDER = "stripe"
-
-
-def get_adapter(name: str) -> Adapter:
-    """``REGISTRY.adapter(name)``, for proxy/app.py until its composition root takes it from REGISTRY."""
-    return REGISTRY.adapter(name)

@@ -274,7 +274,9 @@ class MockProvider:
             if action == "cancel" and obj.get("status") == "succeeded":
                 return _error(400, "invalid_request_error", "This PaymentIntent has already succeeded.")
             if action == "capture" and _int_or(params, "amount_to_capture", 0) > obj.get("amount", 0):
-                return _error(400, "invalid_request_error", "amount_to_capture exceeds the amount capturable.")
+                return _error(
+                    400, "invalid_request_error", "amount_to_capture exceeds the amount capturable."
+                )
             if action == "cancel":
                 obj["status"] = "canceled"
             else:

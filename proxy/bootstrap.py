@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -24,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from adapters import DEFAULT_PROVIDER, REGISTRY
-from adapters.base import Adapter
+from adapters.base import Adapters
 from proxy import __version__
 from proxy.auth import TokenAuthenticator
 from proxy.config import Settings
@@ -84,7 +84,7 @@ class Gateway:
         *,
         store: Store | None = None,
         upstream: Upstream | None = None,
-        adapters: Mapping[str, Adapter] = REGISTRY,
+        adapters: Adapters = REGISTRY,
         tracer_provider: TracerProvider | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -123,11 +123,14 @@ class Gateway:
         from proxy.policy.reload import PolicyHolder
 
         engine = make_engine(self.settings.engine)
-        return Policies(PolicyHolder(self.settings.policies, engine, self.metrics), engine)
+        holder = PolicyHolder(
+            self.settings.policies, engine, self.metrics, operations=self.adapters.operations
+        )
+        return Policies(holder, engine)
 
     @cached_property
     def owner_service(self) -> OwnerService:
-        return OwnerService(self.store, self.sealer, self.settings.bcrypt_rounds)
+        return OwnerService(self.store, self.sealer, self.settings.bcrypt_rounds, adapters=self.adapters)
 
     @cached_property
     def agent_tokens(self) -> TokenAuthenticator[AgentRecord]:
@@ -157,7 +160,7 @@ class Gateway:
 
     @cached_property
     def connections(self) -> ConnectionCache:
-        return ConnectionCache(self.store, self.sealer)
+        return ConnectionCache(self.store, self.sealer, adapters=self.adapters)
 
     @cached_property
     def limiter(self) -> Limiter:
@@ -199,7 +202,7 @@ class Gateway:
             limiter=self.limiter,
             metrics=self.metrics,
             tracer=self.tracer,
-            default_adapter=self.adapters[DEFAULT_PROVIDER],
+            default_adapter=self.adapters.adapter(DEFAULT_PROVIDER),
             reservation_lease=self.settings.reservation_lease,
             clock=self.clock,
         )

@@ -34,7 +34,6 @@ from proxy.store import FORWARDING, SETTLED, Store
 from proxy.upstream import provider_request
 
 log = logging.getLogger("paysentry.cards")
-ONE_TIME = "paysentry_one_time"
 RETRY = "cancel_failed"
 
 
@@ -120,10 +119,10 @@ class CardAuthorizer:
         was done: ``cancelled``, ``kept`` (not a one-time card), ``cancel_refused`` (the provider refused
         the change: retrying will not help, recorded for the owner) or ``RETRY`` (the provider could not
         be reached or failed: the event should be delivered again)."""
-        card = await self.store.find_by_provider_ref(connection.owner_id, use.card)
-        if card is None or card.payment.get("metadata", {}).get(ONE_TIME) != "true":
-            return "kept"
         adapter = connection.adapter
+        card = await self.store.find_by_provider_ref(connection.owner_id, use.card)
+        if card is None or not adapter.is_one_time_card(card.payment):
+            return "kept"
         request = provider_request(
             adapter,
             connection.credentials,
@@ -136,7 +135,7 @@ class CardAuthorizer:
             status = (await self.payments.upstream.send(request)).status
         except UpstreamUnavailable:
             status = 0
-        if status == 0 or status >= 500 or status in (401, 403, 409, 429):
+        if adapter.card_cancel_should_retry(status):
             result = RETRY
         else:
             result = "cancelled" if 200 <= status < 300 else "cancel_refused"

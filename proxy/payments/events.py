@@ -52,7 +52,7 @@ class ProviderEvents:
             card = None
             if event.used_card is not None:  # act first: the event is recorded once the card is handled
                 if await self.store.webhook_seen(connection.id, event.id):
-                    return self._answer(event, "duplicate", None)
+                    return self._answer(connection, event, "duplicate", None)
                 card = await self.cards.card_used(connection, event.used_card)
                 if card == RETRY:
                     raise UpstreamUnavailable(
@@ -72,9 +72,9 @@ class ProviderEvents:
             self.metrics.inc(WEBHOOKS, result=outcome)
             log.warning(f"webhook {outcome}", extra={"fields": {"reason": exc.message}})
             return _json({"error": {"code": exc.code, "message": exc.message}}, exc.status)
-        return self._answer(event, result, card)
+        return self._answer(connection, event, result, card)
 
-    def _answer(self, event: WebhookEvent, result: str, card: str | None) -> Reply:
+    def _answer(self, connection: Connection, event: WebhookEvent, result: str, card: str | None) -> Reply:
         self.metrics.inc(WEBHOOKS, result=result)
         log.info(
             "webhook",
@@ -82,10 +82,7 @@ class ProviderEvents:
                 "fields": {"event": event.id, "type": event.type, "ref": event.provider_ref, "result": result}
             },
         )
-        answer: dict[str, object] = {"received": True, "result": result}
-        if card is not None:
-            answer["card"] = card
-        return _json(answer, 200)
+        return connection.adapter.webhook_ack(result, {"card": card} if card is not None else {})
 
     async def _connection(self, connection_id: str) -> Connection:
         try:

@@ -419,7 +419,9 @@ class PaymentService:
         earlier = await self._owned(agent, payment.refers_to)
         if payment.amount and payment.currency:
             return payment
-        if earlier is not None and payment.operation.startswith("payment_intent."):
+        if earlier is not None and payment.operation.split(".")[0] == earlier.operation:
+            # A lifecycle call (confirm, capture) on an object counted when it was made: decided, and
+            # counted only for what it adds.
             amount = payment.amount or earlier.amount
             return replace(payment, amount=amount, currency=earlier.currency, already_counted=True)
         path = connection.adapter.lookup_path(payment)
