@@ -28,6 +28,7 @@ from adapters.base import (
     check_setting_names,
 )
 from adapters.formencode import encode_form, parse_form
+from proxy.currency import format_minor
 from proxy.errors import BadRequest, RouteNotFound, WebhookRejected
 from proxy.model import UNRECOGNIZED, Payment
 
@@ -406,11 +407,18 @@ class StripeAdapter:
         return {"Authorization": f"Bearer {credentials['secret_key']}"}
 
     def provider_ref(self, body: bytes) -> str | None:
+        """The object's id, also of a refusal that still made one (a declined create's intent, carried in
+        ``error.payment_intent``)."""
         try:
             obj = json.loads(body)
         except ValueError:
             return None
-        ref = obj.get("id") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict):
+            return None
+        error = obj.get("error")
+        if isinstance(error, dict):
+            obj = error.get("payment_intent") if isinstance(error.get("payment_intent"), dict) else {}
+        ref = obj.get("id")
         return ref if isinstance(ref, str) else None
 
     def lookup_path(self, payment: Payment) -> str | None:
@@ -518,9 +526,23 @@ class StripeAdapter:
         return AuthorizationRequest(ref, payment, answer)
 
     def amount_of(self, payment: Payment, body: bytes) -> tuple[int, str] | None:
+        """What the call moves: the amount it names, else the object's. A refund is bounded by what was
+        captured and not yet refunded (an intent's ``amount_received``, a charge's amount)."""
         try:
             obj = json.loads(body)
-            remaining = int(obj["amount"]) - int(obj.get("amount_refunded") or 0)
-            return payment.amount or remaining, str(obj["currency"]).lower()
-        except (ValueError, KeyError, TypeError):
+            currency = str(obj["currency"]).lower()
+            if payment.operation != "refund":
+                return payment.amount or int(obj["amount"]), currency
+            captured = obj.get("amount_received") if obj.get("object") == "payment_intent" else None
+            refunded = int(obj.get("amount_refunded") or 0)
+            remaining = int(obj["amount"] if captured is None else captured) - refunded
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
+        if remaining <= 0 or payment.amount > remaining:
+            asked = format_minor(payment.amount, currency) if payment.amount else "more"
+            raise BadRequest(
+                f"{payment.refers_to} has {format_minor(max(remaining, 0), currency)} left to refund; "
+                f"PaySentry does not forward a refund of {asked}",
+                param="amount",
+            )
+        return payment.amount or remaining, currency

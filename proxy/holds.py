@@ -27,7 +27,7 @@ import aiohttp
 from proxy.approvals import PENDING, new_link_token, sign
 from proxy.errors import PaySentryError
 from proxy.model import Agent, ApprovalSpec, Reviewer
-from proxy.store import ApprovalRecord, AuthorizationRecord, Store
+from proxy.store import ApprovalRecord, AuthorizationRecord, Store, VoteRefused
 
 if TYPE_CHECKING:
     from proxy.store.redis_spend import ApprovalBus
@@ -190,10 +190,10 @@ class HoldCoordinator:
                 "reviewer",
                 self.clock(),
             )
-        except PaySentryError as exc:
+        except (PaySentryError, VoteRefused) as exc:  # the store down, or the hold decided meanwhile
             log.warning(
                 "reviewer vote not counted: %s",
-                exc.message,
+                exc.message if isinstance(exc, PaySentryError) else type(exc).__name__,
                 extra={"fields": {"reviewer": reviewer.name, "approval_id": auth.approval_id}},
             )
             return

@@ -309,13 +309,13 @@ class PaymentService:
     async def _owned(self, agent: Agent, ref: str) -> AuthorizationRecord | None:
         """The record of the provider object ``ref`` as PaySentry knows it, refusing an object another agent
         of the owner made (agents never act on each other's objects)."""
-        earlier = await self.store.find_by_provider_ref(agent.owner_id, ref)
-        if earlier is not None and earlier.agent_id != agent.id:
+        maker = await self.store.maker_of(agent.owner_id, ref)
+        if maker is not None and maker != agent.id:
             raise Forbidden(
                 f"{ref} was made by another agent of this owner; an agent acts only on its own objects",
                 param="id",
             )
-        return earlier
+        return await self.store.find_by_provider_ref(agent.owner_id, ref) if maker is not None else None
 
     # -- a payment ------------------------------------------------------------------------------------------
     async def authorize(self, call: PaymentCall, span: trace.Span) -> Outcome:
@@ -531,7 +531,8 @@ class PaymentService:
         if 200 <= reply.status < 300:
             await self.store.settle(auth.id, adapter.provider_ref(reply.body), reply.status, sealed, now)
             return SETTLED
-        await self.store.fail(auth.id, f"the provider refused ({reply.status})", reply.status, sealed, now)
+        reason, made = f"the provider refused ({reply.status})", adapter.provider_ref(reply.body)
+        await self.store.fail(auth.id, reason, reply.status, sealed, now, made)
         return FAILED
 
     async def _in_doubt(self, auth_id: str, reason: str, attempts: int) -> None:

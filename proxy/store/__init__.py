@@ -285,8 +285,18 @@ class AuthorizationStore(Protocol):
         self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
     ) -> None: ...
     async def fail(
-        self, authorization_id: str, reason: str, status: int | None, body: bytes | None, now: float
-    ) -> None: ...
+        self,
+        authorization_id: str,
+        reason: str,
+        status: int | None,
+        body: bytes | None,
+        now: float,
+        provider_ref: str | None = None,
+    ) -> None:
+        """The provider refused (or was never reached): release the spend; ``provider_ref`` names an
+        object the refusal still made (a declined create leaves its intent)."""
+        ...
+
     async def apply_webhook(
         self,
         owner_id: str,
@@ -313,6 +323,11 @@ class AuthorizationStore(Protocol):
         ...
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
+    async def maker_of(self, owner_id: str, provider_ref: str) -> str | None:
+        """The agent whose call made the provider object ``provider_ref`` (whatever became of it: a
+        declined create still made the object), or None when PaySentry never saw it made."""
+        ...
+
     async def set_in_doubt(self, authorization_id: str, reason: str, retry_at: float, now: float) -> bool:
         """A forwarded call whose outcome is unknown: it keeps its spend, and may be claimed again for
         resolution from ``retry_at``. False when it was not forwarding (another answer came first)."""

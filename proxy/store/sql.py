@@ -344,11 +344,23 @@ class SqlStore(ABC):
         await self.write(tx())
 
     async def fail(
-        self, authorization_id: str, reason: str, status: int | None, body: bytes | None, now: float
+        self,
+        authorization_id: str,
+        reason: str,
+        status: int | None,
+        body: bytes | None,
+        now: float,
+        provider_ref: str | None = None,
     ) -> None:
         def tx() -> Tx[None]:
             ended = yield from _end(
-                authorization_id, FORWARDING, FAILED, now, response_status=status, response_body=body
+                authorization_id,
+                FORWARDING,
+                FAILED,
+                now,
+                response_status=status,
+                response_body=body,
+                provider_ref=provider_ref,
             )
             if ended is None:
                 return  # already settled, failed or in doubt: nothing to release twice
@@ -418,6 +430,13 @@ class SqlStore(ABC):
         now: float,
     ) -> None:
         await self.write(_event(owner_id, agent_id, auth_id, kind, actor, data, now))
+
+    async def maker_of(self, owner_id: str, provider_ref: str) -> str | None:
+        row = await self.fetch_one(
+            "SELECT agent_id FROM authorizations WHERE owner_id=? AND provider_ref=? ORDER BY created_at LIMIT 1",
+            (owner_id, provider_ref),
+        )
+        return row[0] if row else None
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
         row = await self.fetch_one(

@@ -141,10 +141,21 @@ class FakeAuthorizations:
         )
 
     async def fail(
-        self, authorization_id: str, reason: str, status: int | None, body: bytes | None, now: float
+        self,
+        authorization_id: str,
+        reason: str,
+        status: int | None,
+        body: bytes | None,
+        now: float,
+        provider_ref: str | None = None,
     ) -> None:
         row = self._move(
-            authorization_id, FORWARDING, state=FAILED, response_status=status, response_body=body
+            authorization_id,
+            FORWARDING,
+            state=FAILED,
+            response_status=status,
+            response_body=body,
+            provider_ref=provider_ref,
         )
         if row is not None:
             self._count(row.agent_id, row.charges, -1)
@@ -155,6 +166,10 @@ class FakeAuthorizations:
             if self._move(row.id, SETTLED, state=VOIDED) is not None:
                 self._count(row.agent_id, row.charges, -1)
         return "voided" if rows else "unmatched"
+
+    async def maker_of(self, owner_id: str, provider_ref: str) -> str | None:
+        rows = [r for r in self.rows.values() if r.owner_id == owner_id and r.provider_ref == provider_ref]
+        return min(rows, key=lambda r: r.created_at).agent_id if rows else None
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
         rows = [
