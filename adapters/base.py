@@ -21,6 +21,8 @@ class Classified:
     # A passthrough that cancels an earlier object (an intent, a payment): once the provider accepts it,
     # the spend counted for that object is released.
     voids: str | None = None
+    # A passthrough on an earlier object (a MercadoPago capture): only the agent that made it may.
+    acts_on: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,11 @@ class Adapter(Protocol):
 
     def declined_in(self, body: bytes) -> str | None:
         """Why a 2xx answer still moved no money (a payment created as rejected), or None."""
+        ...
+
+    def cancelled_in(self, body: bytes) -> bool:
+        """Whether the answer to a cancellation shows the object cancelled (only then is its spend
+        released: a 2xx alone is not trusted)."""
         ...
 
     def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]: ...

@@ -206,8 +206,8 @@ class MercadoPagoAdapter:
             return Classified(PASSTHROUGH, voids=one_payment.group(1))
         if method == "PUT" and one_payment and params.get("capture") is True and set(params) <= {"capture"}:
             # Capturing a payment authorized earlier: counted when it was created, and the capture
-            # cannot exceed it.
-            return Classified(PASSTHROUGH)
+            # cannot exceed it; only the agent that made it may.
+            return Classified(PASSTHROUGH, acts_on=one_payment.group(1))
         return Classified(
             PAYMENT,
             Payment(
@@ -317,6 +317,9 @@ class MercadoPagoAdapter:
         if status in DECLINED_STATUSES:
             return f"MercadoPago answered the payment {status} ({obj.get('status_detail') or 'no detail'})"
         return None
+
+    def cancelled_in(self, body: bytes) -> bool:
+        return (self._object(body) or {}).get("status") == "cancelled"
 
     def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]:
         return {"Authorization": f"Bearer {credentials['secret_key']}"}

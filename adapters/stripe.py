@@ -403,6 +403,13 @@ class StripeAdapter:
     def declined_in(self, body: bytes) -> str | None:
         return None  # Stripe refuses with a 4xx (a declined card is a 402)
 
+    def cancelled_in(self, body: bytes) -> bool:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return False
+        return isinstance(obj, dict) and obj.get("status") == "canceled"
+
     def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]:
         return {"Authorization": f"Bearer {credentials['secret_key']}"}
 

@@ -129,13 +129,13 @@ def decide(
                     return Decision(
                         DENY, lim.name, policy.name, per_payment_message(lim, payment.amount), **extra
                     )
-            elif not payment.already_counted:
+            elif payment.amount > payment.counted or not payment.counted:
                 charges.append(
                     Charge(
                         lim.name,
                         period_of(lim.window, now, policy.timezone),
                         lim.currency,
-                        payment.amount,
+                        payment.amount - payment.counted,
                         lim.max_amount,
                         lim.max_count,
                         lim.message,

@@ -35,9 +35,10 @@ class Payment:
     params: Mapping[str, Any] = field(default_factory=dict)
     # Set for calls on an object created earlier (confirm, capture, refund of a charge): its provider id.
     refers_to: str = ""
-    # True when the spend of this call was already counted by an earlier call (confirming an intent
-    # that was created through PaySentry): limits are checked but not charged again.
-    already_counted: bool = False
+    # What an earlier call already counted for the object this call acts on (confirming or capturing an
+    # intent created through PaySentry): limits are checked, and only what the call adds beyond it is
+    # charged (a capture above the authorized amount, where the card scheme allows over-capture).
+    counted: int = 0
     # Merchant or item categories: a card's allowed categories, the items' category ids of a MercadoPago
     # payment, the merchant category of a card authorization.
     categories: tuple[str, ...] = ()

@@ -232,6 +232,8 @@ class PaymentService:
             raise BadRequest(f"{adapter.idempotency_header} is longer than {MAX_IDEMPOTENCY_KEY} characters")
         if classified.kind == PASSTHROUGH and classified.voids is None:
             span.set_attribute("paysentry.decision", "passthrough")
+            if classified.acts_on is not None:
+                await self._owned(agent, classified.acts_on)
             request = provider_request(
                 adapter,
                 connection.credentials,
@@ -283,8 +285,8 @@ class PaymentService:
         body: bytes,
         key: str,
     ) -> Outcome:
-        """Cancel an object: only its owner may (another agent's object is refused before anything is
-        sent); once the provider accepts, the spend it counted is released. The provider's answer goes
+        """Cancel an object: only its maker may (another agent's object is refused before anything is
+        sent); once the provider's answer shows it cancelled, the spend it counted is released. The provider's answer goes
         back regardless; if the store fails, the spend stays counted (the provider's cancellation event
         releases it later)."""
         await self._owned(agent, ref)
@@ -298,7 +300,7 @@ class PaymentService:
             provider_idempotency_key(agent.id, key),
         )
         reply = await self.upstream.send(request)
-        if 200 <= reply.status < 300:
+        if 200 <= reply.status < 300 and connection.adapter.cancelled_in(reply.body):
             data = {"call": f"{call.method} {call.path}", "agent": agent.id}
             try:
                 await self.store.void(agent.owner_id, ref, "agent", data, self.clock())
@@ -423,7 +425,7 @@ class PaymentService:
             # A lifecycle call (confirm, capture) on an object counted when it was made: decided, and
             # counted only for what it adds.
             amount = payment.amount or earlier.amount
-            return replace(payment, amount=amount, currency=earlier.currency, already_counted=True)
+            return replace(payment, amount=amount, currency=earlier.currency, counted=earlier.amount)
         path = connection.adapter.lookup_path(payment)
         found = None
         if path:

@@ -164,9 +164,12 @@ def test_policies_apply_by_agent_label(tmp_path: Path) -> None:
     assert (decision.outcome, decision.rule) == ("deny", "no_policy")
 
 
-def test_already_counted_calls_reserve_nothing(tmp_path: Path) -> None:
-    confirm = pay(1000, operation="payment_intent.confirm", already_counted=True)
+def test_a_call_on_a_counted_object_charges_only_what_it_adds(tmp_path: Path) -> None:
+    confirm = pay(1000, operation="payment_intent.confirm", counted=1000)
     assert decide(policies(tmp_path, BASIC), ENGINE, confirm, AGENT, {}, NOW).charges == ()
+    over = pay(1150, operation="payment_intent.capture", counted=1000)  # an over-capture of 15%
+    charges = decide(policies(tmp_path, BASIC), ENGINE, over, AGENT, {}, NOW).charges
+    assert charges and {c.amount for c in charges} == {150}
 
 
 @pytest.mark.parametrize(

@@ -331,3 +331,18 @@ async def test_a_settle_the_store_cannot_record_still_answers_and_stays_reserved
     outcome = await world.pay(b"amount=1000&currency=usd")
     assert outcome.status == 200 and json.loads(outcome.body)["id"] == "pi_1"
     assert world.only_row().state == FORWARDING and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+@pytest.mark.parametrize(("status", "released"), [("canceled", True), ("succeeded", False)])
+async def test_a_cancel_releases_only_what_the_provider_shows_cancelled(
+    tmp_path: Path, status: str, released: bool
+) -> None:
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        state = status if request.url.endswith("/cancel") else "requires_confirmation"
+        body = json.dumps({"id": "pi_1", "object": "payment_intent", "status": state}).encode()
+        return UpstreamReply(200, CIMultiDict({"Content-Type": "application/json"}), body)
+
+    world = World(tmp_path, provider)
+    await world.pay(b"amount=1000&currency=usd")
+    assert (await world.agent_call("/v1/payment_intents/pi_1/cancel")).status == 200
+    assert world.store.spent(AGENT.id, "daily_budget") == (0 if released else 1000)
