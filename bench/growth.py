@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 from bench.store import LIMITS, authorization
+from proxy.store.sql import AUTH_COLUMNS
 from proxy.store.sqlite import SqliteStore
 
-AUTH_ROW = (
-    "INSERT INTO authorizations VALUES (?,?,?,?,'h','mock','payment_intent',1000,'usd','','{}','allow',"
-    "'default','p','m','r','settled','[]',NULL,?,200,NULL,NULL,?,?)"
+AUTH_ROW = (  # columns named: the schema grows (a migration adds columns at the end)
+    f"INSERT INTO authorizations ({AUTH_COLUMNS}) VALUES (?,?,?,?,'h','mock','payment_intent',1000,'usd','',"
+    "'{}','allow','default','p','m','r','settled','[]',NULL,?,200,NULL,NULL,?,?)"
 )
 EVENT_ROW = (
     "INSERT INTO events (owner_id, agent_id, authorization_id, type, actor, data, at) VALUES (?,?,?,?,?,?,?)"
