@@ -35,6 +35,7 @@ test: $(STAMP) services wrk
 lint: $(STAMP)
 	$(BIN)/ruff check proxy adapters tests bench
 	$(BIN)/ruff format --check proxy adapters tests bench
+	$(BIN)/mypy proxy adapters
 
 fmt: $(STAMP)
 	$(BIN)/ruff format proxy adapters tests bench

@@ -163,7 +163,7 @@ class MercadoPagoAdapter:
     idempotency_header = "X-Idempotency-Key"
     methods = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
     guarded_headers: frozenset[str] = frozenset()
-    account_header = None
+    account_header: str | None = None
     operations: Mapping[str, str] = {
         "payment": "/v1/payments",
         "refund": "/v1/payments/123456789/refunds",
@@ -314,7 +314,7 @@ class MercadoPagoAdapter:
     def declined_in(self, body: bytes) -> str | None:
         obj = self._object(body)
         status = obj.get("status") if obj else None
-        if status in DECLINED_STATUSES:
+        if obj and status in DECLINED_STATUSES:
             return f"MercadoPago answered the payment {status} ({obj.get('status_detail') or 'no detail'})"
         return None
 

@@ -21,7 +21,7 @@ import hmac
 import json
 import secrets
 import time
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -163,7 +163,7 @@ class MockProvider:
         record["status"] = response.status
         self.requests.append(record)
         if key and request.method == "POST":
-            self._idempotent[key] = (fingerprint, response.status, response.body)  # type: ignore[arg-type]
+            self._idempotent[key] = (fingerprint, response.status, cast(bytes, response.body))
         return response
 
     # -- the Stripe-compatible surface ------------------------------------------------------------------

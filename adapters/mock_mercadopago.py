@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -99,7 +99,7 @@ class MockMercadoPago:
             response = handler(request, currency, params)
             record["status"] = response.status
             if request.method == "POST" and key:
-                self._idempotent[key] = (fingerprint, response.status, response.body)  # type: ignore[arg-type]
+                self._idempotent[key] = (fingerprint, response.status, cast(bytes, response.body))
             return response
 
         return handle
@@ -118,7 +118,8 @@ class MockMercadoPago:
             return _error(400, "bad_request", exc.message, 4)
         if not params.get("payment_method_id"):
             return _error(400, "bad_request", "payment_method_id is required", 4020)
-        payer = params.get("payer") if isinstance(params.get("payer"), dict) else {}
+        payer = params.get("payer")
+        payer = payer if isinstance(payer, dict) else {}
         rejected = params.get("token") in REJECTING or payer.get("first_name") == "REJECTED"
         payment_id = next(self._ids)
         payment = {

@@ -168,7 +168,7 @@ class StripeAdapter:
     idempotency_header = "Idempotency-Key"
     methods = frozenset({"GET", "HEAD", "POST", "DELETE"})
     guarded_headers = frozenset({"stripe-context"})
-    account_header = "Stripe-Account"
+    account_header: str | None = "Stripe-Account"
     operations: Mapping[str, str] = {
         "payment_intent": "/v1/payment_intents",
         "payment_intent.confirm": "/v1/payment_intents/pi_example/confirm",

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def hoist_config(argv: list[str]) -> list[str]:
     """``--config FILE`` is accepted anywhere (``paysentry serve --config x``): move it before the command."""
-    rest, hoisted = list(argv), []
+    rest, hoisted = list(argv), list[str]()
     while True:
         i = next((k for k, a in enumerate(rest) if a == "--config" or a.startswith("--config=")), None)
         if i is None:

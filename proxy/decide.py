@@ -116,7 +116,11 @@ def decide(
     for policy in policies:
         outcome.run(policy)
     verdict = _combine(outcome.verdicts, payment)
-    extra = {"revision": policy_set.revision, "shadow": tuple(outcome.shadow), "fired": tuple(outcome.fired)}
+    extra: dict[str, Any] = {
+        "revision": policy_set.revision,
+        "shadow": tuple(outcome.shadow),
+        "fired": tuple(outcome.fired),
+    }
     if verdict.outcome == DENY:
         return _decision(verdict, (), **extra)
     charges: list[Charge] = []
@@ -208,7 +212,7 @@ class _Evaluation:
             if not matched:
                 continue
             self.fired.append(f"{policy.name}.{rule.name}")
-            verdict = _Verdict(
+            rule_verdict = _Verdict(
                 rule.effect,
                 rule.name,
                 policy.name,
@@ -217,7 +221,7 @@ class _Evaluation:
                 (rule.approval or ApprovalSpec()) if rule.effect == HOLD else None,
             )
             target = shadow if rule.shadow else fired
-            target.setdefault(rule.effect, verdict)
+            target.setdefault(rule.effect, rule_verdict)
         self.shadow.extend(ShadowHit(v.policy, v.rule, v.outcome, v.message) for v in shadow.values())
         verdict = self.policy_verdict(policy, fired)
         if verdict is not None and policy.shadow:

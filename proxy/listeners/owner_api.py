@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from aiohttp import web
@@ -40,7 +40,7 @@ from proxy.policy.reload import PolicyHolder
 from proxy.store import OwnerRecord, Store
 
 log = logging.getLogger("paysentry.owner_api")
-OWNER = web.AppKey("owner", OwnerRecord)
+OWNER = web.RequestKey("owner", OwnerRecord)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 APPROVAL_STATES = (PENDING, APPROVED, DENIED, EXPIRED)
 PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/openapi.json"})
@@ -245,7 +245,7 @@ class OwnerApi:
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The owner API's OpenAPI document (proxy/openapi.yaml), served at /openapi.json."""
-    return yaml.safe_load((Path(__file__).parents[1] / "openapi.yaml").read_text())
+    return cast(dict[str, Any], yaml.safe_load((Path(__file__).parents[1] / "openapi.yaml").read_text()))
 
 
 def _int_query(request: web.Request, name: str, default: int, maximum: int) -> int:

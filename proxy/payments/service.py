@@ -23,6 +23,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from contextvars import Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -596,7 +597,7 @@ class PaymentService:
         return await self._conclude(auth, connection.adapter, reply, attempts + 1)
 
     def _refusal(self, auth: AuthorizationRecord, adapter: Adapter) -> Outcome:
-        extra = {
+        extra: dict[str, str | None] = {
             "decision": auth.decision,
             "rule": auth.rule,
             "policy": auth.policy,
@@ -642,7 +643,7 @@ class Stage:
         self, tracer: trace.Tracer, series: Series, name: str, call: trace.Span, kind: SpanKind
     ) -> None:
         self._tracer, self._series, self._name, self._call, self._kind = tracer, series, name, call, kind
-        self._token: object = None
+        self._token: Token[otel_context.Context] | None = None
 
     def __enter__(self) -> trace.Span:
         if self._call.is_recording():

@@ -172,7 +172,7 @@ class CelPyEngine:
             program = self._env.program(self._env.compile(source))
         except Exception as exc:  # celpy raises its own parse and compile errors
             raise CompileError(f"cel-python cannot compile it: {exc}") from None
-        return _CelPyProgram(program, self._celpy.CELEvalError)
+        return _CelPyProgram(program, self._celpy.evaluation.CELEvalError)
 
     def activation(self, variables: Mapping[str, Any]) -> Any:
         nested: dict[str, Any] = {}
@@ -183,7 +183,7 @@ class CelPyEngine:
             else:
                 nested[head] = value
         now = nested.pop("now")
-        activation = {k: self._celpy.json_to_cel(v) for k, v in nested.items()}
+        activation = {k: self._celpy.adapter.json_to_cel(v) for k, v in nested.items()}
         activation["now"] = self._celtypes.TimestampType(now)
         return activation
 
@@ -191,7 +191,7 @@ class CelPyEngine:
 class _CelPyProgram:
     __slots__ = ("_program", "_error")
 
-    def __init__(self, program: Any, error: type) -> None:
+    def __init__(self, program: Any, error: type[Exception]) -> None:
         self._program, self._error = program, error
 
     def evaluate(self, activation: Any) -> Any:

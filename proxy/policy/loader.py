@@ -18,11 +18,11 @@ import hashlib
 import json
 import re
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from copy import deepcopy
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jsonschema
@@ -41,7 +41,7 @@ MAX_RULES = 1000
 _MACRO = re.compile(r"\.(exists_one|exists|all|map|filter)\s*\($")
 
 
-class _LineDict(dict):
+class _LineDict(dict[Any, Any]):
     """A mapping that remembers its own line and the line of each key (1-based)."""
 
     line = 0
@@ -64,7 +64,7 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 @cache
 def _source_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_FILE.read_text())
+    return cast(dict[str, Any], json.loads(SCHEMA_FILE.read_text()))
 
 
 def policy_schema(operations: Sequence[str]) -> dict[str, Any]:
@@ -412,13 +412,14 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "anyOf":
         return "needs max_amount (minor units), max_count, or both"
     if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
+        allowed = sorted(cast(Mapping[str, Any], error.schema).get("properties", {}))
         unknown = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
         return f"unknown field {', '.join(map(repr, unknown))} (allowed: {', '.join(allowed)})"
     if error.validator == "enum":
         path = list(error.absolute_path) or ["value"]
         field = f"{path[-2]}[{path[-1]}]" if isinstance(path[-1], int) else path[-1]
-        return f"{field} must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
+        values = cast(list[Any], error.validator_value)  # an enum's validator value is its list of values
+        return f"{field} must be one of {', '.join(map(str, values))}, not {error.instance!r}"
     if error.validator == "type" and error.validator_value == "integer":
         return f"{error.instance!r} is not a whole number: amounts are integer minor units (cents)"
     if (

@@ -173,7 +173,6 @@ def _payment(raw: Any, examples: Sequence[OperationExample]) -> Payment:
     amount = raw.get("amount", 0)
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise CaseError(f"payment amount must be an integer of minor units, got {amount!r}")
-    text = {k: str(raw.get(k, "")) for k in ("destination", "customer", "description")}
     return Payment(
         provider=provider,
         operation=operation,
@@ -185,7 +184,9 @@ def _payment(raw: Any, examples: Sequence[OperationExample]) -> Payment:
         params=dict(raw.get("params") or {}),
         categories=tuple(str(c) for c in raw.get("categories") or ()),
         merchant={str(k): str(v) for k, v in (raw.get("merchant") or {}).items()},
-        **text,
+        destination=str(raw.get("destination", "")),
+        customer=str(raw.get("customer", "")),
+        description=str(raw.get("description", "")),
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -90,7 +90,7 @@ class PostgresStore(SqlStore):
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION)"
             )
-            current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            current: int = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
             self._refuse_newer(current)
             for version, sql in schema_migrations():
                 if version > current:
@@ -181,7 +181,7 @@ async def _drive(
                 result = int(status.rsplit(" ", 1)[-1]) if status[-1:].isdigit() else 0
             query = body.send(result)
     except StopIteration as done:
-        return done.value
+        return cast(T, done.value)
 
 
 def _describe(exc: BaseException) -> str:

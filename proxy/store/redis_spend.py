@@ -182,7 +182,8 @@ class PostgresRedisStore(PostgresStore):
         amount, count = (int(rows[0][4]), int(rows[0][5])) if rows else (0, 0)
         key = f"paysentry:spend:{agent_id}:{limit}:{period}"
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, "amount", amount).hsetnx(key, "count", count).expire(key, WINDOW_TTL)
+            # redis-py types a pipeline's commands as Awaitable; they return the pipeline, for chaining.
+            pipe.hsetnx(key, "amount", amount).hsetnx(key, "count", count).expire(key, WINDOW_TTL)  # type: ignore[attr-defined]
             pipe.hmget(key, "amount", "count")
             *_, current = await self._redis(pipe.execute())
         return SpendTotal(int(current[0]), int(current[1]))
@@ -266,7 +267,7 @@ class PostgresRedisStore(PostgresStore):
             data = await self._redis(self.redis.hget(PENDING_DATA, reservation))
             if reservation in recorded or data is None:
                 async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.zrem(PENDING_KEY, reservation).hdel(PENDING_DATA, reservation)
+                    pipe.zrem(PENDING_KEY, reservation).hdel(PENDING_DATA, reservation)  # type: ignore[attr-defined]
                     await self._redis(pipe.execute())
                 continue
             pending = json.loads(data)

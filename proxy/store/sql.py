@@ -149,7 +149,8 @@ class SqlStore(ABC):
     async def reseal(self, kind: str, row_id: str, old: bytes, new: bytes) -> bool:
         table, column = self._SEALED[kind]
         sql = f"UPDATE {table} SET {column}=? WHERE id=? AND {column}=?"
-        return await self.write(single(execute(sql, (new, row_id, old)))) == 1
+        changed: int = await self.write(single(execute(sql, (new, row_id, old))))
+        return changed == 1
 
     # -- owners, connections, agents ------------------------------------------------------------------
     async def create_owner(self, owner: OwnerRecord) -> None:
@@ -627,6 +628,7 @@ class SqlStore(ABC):
 
     async def history(self, since: float, owner_id: str | None) -> list[AuthorizationRecord]:
         def tx() -> Tx[list[AuthorizationRecord]]:
+            args: list[float | str]
             sql, args = f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE created_at >= ?", [since]
             if owner_id:
                 sql, args = sql + " AND owner_id = ?", [*args, owner_id]
@@ -1030,7 +1032,18 @@ def _charges(text: str) -> list[Charge]:
 
 
 def _connection(row: Sequence[Any]) -> ConnectionRecord:
-    return ConnectionRecord(*row[:8], allowed_accounts=tuple(json.loads(row[8])), settings=json.loads(row[9]))
+    return ConnectionRecord(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        allowed_accounts=tuple(json.loads(row[8])),
+        settings=json.loads(row[9]),
+    )
 
 
 def _agent(row: Sequence[Any]) -> AgentRecord:
@@ -1051,7 +1064,15 @@ def _approval(row: Sequence[Any]) -> Tx[ApprovalRecord]:
     )
     reviewers = tuple(Reviewer(**r) for r in json.loads(row[12]))
     return ApprovalRecord(
-        *row[:9],
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
         approvers=tuple(json.loads(row[9])),
         quorum=row[10],
         veto=bool(row[11]),

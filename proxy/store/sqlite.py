@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from proxy.errors import StoreUnavailable
 from proxy.store.sql import MANY, ONE, RELEASED, SqlStore, T, Tx
@@ -266,7 +266,7 @@ def _drive(db: sqlite3.Connection | None, body: Tx[T]) -> T:
                 result = cursor.rowcount
             query = body.send(result)
     except StopIteration as done:
-        return done.value
+        return cast(T, done.value)
 
 
 def _statements(sql: str) -> list[str]:
