@@ -259,8 +259,11 @@ class PaymentService:
         if classified.voids is not None:
             return await self._cancel(call, agent, connection, classified.voids, url, body, key)
         assert classified.payment is not None
+        # The key is tied to everything that decides where the money goes: a retry naming another
+        # connected account is another request (Stripe scopes its keys per account).
+        account = ",".join(call.headers.getall(adapter.account_header, [])) if adapter.account_header else ""
         request_hash = hashlib.sha256(
-            b"\0".join([call.method.encode(), call.target.encode(), body])
+            b"\0".join([call.method.encode(), call.target.encode(), body, account.encode()])
         ).hexdigest()
         # What is forwarded if allowed: where the provider can enforce the approval, the body says it.
         outgoing = adapter.prepare(classified.payment, body)
@@ -503,7 +506,7 @@ class PaymentService:
             raise
         with self._stage("settle", span):
             try:
-                await self._conclude(auth, adapter, reply, 0)
+                await self._conclude(auth, adapter, reply, 0, resent=not first)
             except StoreUnavailable as exc:  # the provider answered: the agent hears it all the same
                 self.metrics.inc("paysentry_store_errors_total", where="settle")
                 log.error(
@@ -518,12 +521,19 @@ class PaymentService:
         return Outcome(reply.status, reply.body, headers)
 
     async def _conclude(
-        self, auth: AuthorizationRecord, adapter: Adapter, reply: UpstreamReply, attempts: int
+        self,
+        auth: AuthorizationRecord,
+        adapter: Adapter,
+        reply: UpstreamReply,
+        attempts: int,
+        resent: bool = False,
     ) -> str:
         """Record what an answer of the provider says: settled (money moved), failed (it refused: the
         spend is released and the answer replayed) or in doubt (a 5xx or 409 tells nothing)."""
         now = self.clock()
-        if reply.status >= 500 or reply.status in (409, 429):
+        # A re-sent call refused for being this request (the key rolled: 401, 403) says nothing of the
+        # first send, which may have moved the money: still in doubt.
+        if reply.status >= 500 or reply.status in (409, 429) or (resent and reply.status in (401, 403)):
             await self._in_doubt(auth.id, f"the provider answered {reply.status}", attempts)
             return IN_DOUBT
         sealed = self.sealer.seal(reply.body, sealed_context("response", auth.id))
@@ -594,7 +604,7 @@ class PaymentService:
         except UpstreamUnavailable as exc:
             await self._in_doubt(auth.id, exc.message, attempts + 1)
             return IN_DOUBT
-        return await self._conclude(auth, connection.adapter, reply, attempts + 1)
+        return await self._conclude(auth, connection.adapter, reply, attempts + 1, resent=True)
 
     def _refusal(self, auth: AuthorizationRecord, adapter: Adapter) -> Outcome:
         extra: dict[str, str | None] = {

@@ -346,3 +346,31 @@ async def test_a_cancel_releases_only_what_the_provider_shows_cancelled(
     await world.pay(b"amount=1000&currency=usd")
     assert (await world.agent_call("/v1/payment_intents/pi_1/cancel")).status == 200
     assert world.store.spent(AGENT.id, "daily_budget") == (0 if released else 1000)
+
+
+async def test_a_retry_naming_another_account_is_another_request(tmp_path: Path) -> None:
+    world = World(tmp_path, FakeProvider(["timeout"]))
+    connection = replace(CONNECTION, allowed_accounts=frozenset({"acct_a", "acct_b"}))
+    world.service.connections = FakeConnections(connection)  # type: ignore[assignment]
+    body, headers = b"amount=1000&currency=usd", {"Idempotency-Key": "k"}
+    first = await world.agent_call("/v1/payment_intents", body, {**headers, "Stripe-Account": "acct_a"})
+    assert first.status == 502 and world.only_row().state == IN_DOUBT
+    other = await world.agent_call("/v1/payment_intents", body, {**headers, "Stripe-Account": "acct_b"})
+    assert other.status == 400 and json.loads(other.body)["error"]["type"] == "idempotency_error"
+    assert len(world.upstream.sent) == 1  # never re-sent to another account under the same key
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_resent_call_refused_for_its_credentials_stays_in_doubt(tmp_path: Path, status: int) -> None:
+    answers = iter([None, status])
+
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        if next(answers) is None:
+            raise UpstreamUnavailable("timed out")  # the first send may have moved the money
+        return UpstreamReply(status, CIMultiDict(), b'{"error": {"type": "invalid_request_error"}}')
+
+    world = World(tmp_path, provider)
+    with pytest.raises(UpstreamUnavailable):
+        await world.pay(b"amount=1000&currency=usd")
+    await world.pay(b"amount=1000&currency=usd")  # the key was rolled meanwhile
+    assert world.only_row().state == IN_DOUBT and world.store.spent(AGENT.id, "daily_budget") == 1000
