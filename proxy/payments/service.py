@@ -74,7 +74,6 @@ from proxy.store import (
     AgentRecord,
     AuthorizationRecord,
     DuplicateKey,
-    Recorded,
     Store,
 )
 from proxy.upstream import Upstream, UpstreamReply, provider_request
@@ -108,7 +107,6 @@ class Decided:
     record: AuthorizationRecord
     replay: bool
     decision: Decision | None = None
-    recorded: Recorded | None = None
 
 
 class PaymentService:
@@ -393,7 +391,7 @@ class PaymentService:
             span.set_attribute("paysentry.rule", auth.rule)
         log_decision(agent, auth)
         self.metrics.inc("paysentry_decisions_total", decision=auth.decision, rule=auth.rule)
-        return Decided(auth, replay=False, decision=decision, recorded=recorded)
+        return Decided(auth, replay=False, decision=decision)
 
     async def _held(
         self, auth: AuthorizationRecord, decision: Decision, call: PaymentCall, span: trace.Span
