@@ -18,6 +18,7 @@ from proxy import __version__
 from proxy.bootstrap import bootstrap
 from proxy.config import Settings, split_address
 from proxy.decide import period_of
+from proxy.payments.service import RESOLVE_BATCH
 from proxy.policy.model import Limit
 from proxy.upstream import AiohttpUpstream
 
@@ -48,6 +49,7 @@ class Sidecar:
         await self._listen("owner", g.owner_api.app(), self.settings.admin_listen)
         self._tasks = [
             asyncio.create_task(self._sweep()),
+            asyncio.create_task(self._resolve()),
             asyncio.create_task(g.policies.holder.watch(self.settings.policy_poll_interval)),
         ]
         log.info(
@@ -76,26 +78,38 @@ class Sidecar:
         self._runners[name] = runner
 
     async def _sweep(self) -> None:
-        """Expire holds (releasing their spend), release what the Redis gate reserved for decisions never
-        recorded, and resolve calls whose outcome is unknown by asking the provider."""
+        """Expire holds (releasing their spend) and release what the Redis gate reserved for decisions
+        never recorded; refresh the gauges."""
         while True:
             try:
                 now = time.time()
                 expired = await self.store.expire_holds(now)
                 unrecorded = await self.store.release_unrecorded(now)
-                resolved = await self.gateway.payments.resolve_unresolved()
                 await self._refresh_gauges()
-                if expired or unrecorded or resolved:
-                    fields = {
-                        "expired_holds": expired,
-                        "unrecorded_released": unrecorded,
-                        "resolved": resolved,
-                    }
+                if expired or unrecorded:
+                    fields = {"expired_holds": expired, "unrecorded_released": unrecorded}
                     log.info("sweep", extra={"fields": fields})
             except Exception:  # the sweep must outlive a passing store failure
                 self.gateway.metrics.inc("paysentry_store_errors_total", where="sweep")
                 log.exception("sweep failed")
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _resolve(self) -> None:
+        """Resolve calls whose outcome is unknown by asking the provider, a small batch at a time, in a
+        task of its own: a slow provider delays neither the sweep nor other replicas' claims. A full
+        batch is followed at once by the next; otherwise it waits a sweep interval."""
+        while True:
+            batch = RESOLVE_BATCH
+            try:
+                resolved = await self.gateway.payments.resolve_unresolved(batch)
+                if resolved:
+                    log.info("resolution", extra={"fields": {"resolved": resolved}})
+            except Exception:  # outlive a passing store failure: what was claimed is claimed again later
+                self.gateway.metrics.inc("paysentry_store_errors_total", where="resolution")
+                log.exception("resolution failed")
+                resolved = {}
+            if sum(resolved.values()) < batch:
+                await asyncio.sleep(self.settings.sweep_interval)
 
     async def _refresh_gauges(self) -> None:
         """Pending holds, and each agent's spend in the current window of every limit against its maximum
@@ -121,7 +135,9 @@ class Sidecar:
         metrics.set_all("paysentry_spend_amount", amounts)
         metrics.set_all("paysentry_spend_limit_ratio", ratios)
         metrics.set_all("paysentry_holds_pending", [({}, await self.store.count_pending_holds())])
-        metrics.set_all("paysentry_authorizations_in_doubt", [({}, await self.store.count_unresolved())])
+        metrics.set_all(
+            "paysentry_authorizations_in_doubt", [({}, await self.store.count_unresolved(time.time()))]
+        )
 
     async def stop(self) -> None:
         """Drain: /readyz fails at once, the agent listener stops accepting, and calls in flight get up to

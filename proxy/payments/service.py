@@ -75,6 +75,7 @@ from proxy.store import (
     AuthorizationRecord,
     DuplicateKey,
     Store,
+    Unresolved,
 )
 from proxy.upstream import Upstream, UpstreamReply, provider_request
 
@@ -82,6 +83,7 @@ log = logging.getLogger("paysentry.payments")
 W3C = TraceContextTextMapPropagator()
 MAX_IDEMPOTENCY_KEY = 255
 STAGES = ("authenticate", "lookup", "policy", "reserve", "upstream", "settle", "total")
+RESOLVE_BATCH = 16  # unresolved calls one replica claims and re-sends at once
 IN_FLIGHT = "A request with this Idempotency-Key is being processed; retry shortly."
 _KIND_OF: dict[type, str] = {
     BadRequest: "invalid_request",
@@ -455,9 +457,10 @@ class PaymentService:
             span.set_attribute("paysentry.hold_id", auth.approval_id or "")
             return await self._forward(auth, call, span)
         if auth.state in UNRESOLVED_STATES:  # its outcome is unknown: ask the provider, never decide anew
-            if not await self.store.claim(auth.id, now + self.lease, now):
+            attempts = await self.store.claim(auth.id, now + self.lease, now)
+            if attempts is None:
                 raise RequestInFlight(IN_FLIGHT)
-            return await self._forward(auth, call, span, first=False)
+            return await self._forward(auth, call, span, resends=attempts)
         if (
             auth.state in (SETTLED, FAILED, VOIDED)
             and auth.response_status is not None
@@ -476,12 +479,13 @@ class PaymentService:
         return self._refusal(auth, call.connection.adapter)
 
     async def _forward(
-        self, auth: AuthorizationRecord, call: PaymentCall, span: trace.Span, first: bool = True
+        self, auth: AuthorizationRecord, call: PaymentCall, span: trace.Span, resends: int = 0
     ) -> Outcome:
         """Send the call and record what the provider answered. When no answer tells what happened (a
         timeout, a lost connection, a 5xx, the call cut off), the spend stays reserved and the call is
         *in doubt* until the provider's answer is learned by re-sending it with the same key (a same-key
-        retry of the agent, or the resolution job). Only a first send that never connected is released."""
+        retry of the agent, or the resolution job). Only a first send that never connected is released.
+        ``resends``: how many times the call was sent before (the backoff of a re-send that learns nothing)."""
         adapter = call.connection.adapter
         assert call.forward is not None, "a call the provider asked for is not forwarded"
         try:
@@ -490,21 +494,21 @@ class PaymentService:
                 reply = await self.upstream.send(call.forward)
                 up.set_attribute("http.response.status_code", reply.status)
         except UpstreamUnavailable as exc:
-            if first and not exc.maybe_sent:
+            if not resends and not exc.maybe_sent:
                 await self.store.fail(auth.id, exc.message, None, None, self.clock())
                 raise
-            await self._in_doubt(auth.id, exc.message, 0)
+            await self._in_doubt(auth.id, exc.message, resends)
             raise UpstreamUnavailable(
                 f"{exc.message}; whether the payment was made is not known yet, so its spend stays counted "
                 "until the provider says: retry with the same Idempotency-Key to learn the outcome"
             ) from exc
         except asyncio.CancelledError:  # shutdown grace ran out (or the client went away) mid-call
             reason = "the call was cut off before the provider answered (shutdown or disconnect)"
-            await asyncio.shield(self._in_doubt(auth.id, reason, 0))
+            await asyncio.shield(self._in_doubt(auth.id, reason, resends))
             raise
         with self._stage("settle", span):
             try:
-                await self._conclude(auth, adapter, reply, 0, resent=not first)
+                await self._conclude(auth, adapter, reply, resends)
             except StoreUnavailable as exc:  # the provider answered: the agent hears it all the same
                 self.metrics.inc("paysentry_store_errors_total", where="settle")
                 log.error(
@@ -519,20 +523,16 @@ class PaymentService:
         return Outcome(reply.status, reply.body, headers)
 
     async def _conclude(
-        self,
-        auth: AuthorizationRecord,
-        adapter: Adapter,
-        reply: UpstreamReply,
-        attempts: int,
-        resent: bool = False,
+        self, auth: AuthorizationRecord, adapter: Adapter, reply: UpstreamReply, resends: int
     ) -> str:
         """Record what an answer of the provider says: settled (money moved), failed (it refused: the
-        spend is released and the answer replayed) or in doubt (a 5xx or 409 tells nothing)."""
+        spend is released and the answer replayed) or in doubt (a 5xx or 409 tells nothing). ``resends``:
+        how many times the call had been sent before this answer."""
         now = self.clock()
         # A re-sent call refused for being this request (the key rolled: 401, 403) says nothing of the
         # first send, which may have moved the money: still in doubt.
-        if reply.status >= 500 or reply.status in (409, 429) or (resent and reply.status in (401, 403)):
-            await self._in_doubt(auth.id, f"the provider answered {reply.status}", attempts)
+        if reply.status >= 500 or reply.status in (409, 429) or (resends and reply.status in (401, 403)):
+            await self._in_doubt(auth.id, f"the provider answered {reply.status}", resends)
             return IN_DOUBT
         sealed = self.sealer.seal(reply.body, sealed_context("response", auth.id))
         declined = adapter.declined_in(reply.body) if 200 <= reply.status < 300 else None
@@ -558,26 +558,30 @@ class PaymentService:
         return self.sealer.seal(packed, sealed_context("request", auth_id))
 
     # -- resolution: what the provider did with calls whose outcome is unknown ----------------------------
-    async def resolve_unresolved(self, limit: int = 100) -> dict[str, int]:
-        """Claim the unresolved calls due (in doubt, or forwarding past the lease of a sidecar that
-        stopped) and re-send each with its idempotency key: the provider replays its answer (or, if it
-        never received the call, makes it: its spend is still reserved). What the answer says is recorded;
-        what stays unknown is tried again later with backoff, never released. Runs on every replica; each
-        call is claimed by one."""
+    async def resolve_unresolved(self, limit: int = RESOLVE_BATCH) -> dict[str, int]:
+        """Claim up to ``limit`` unresolved calls due (in doubt, or forwarding past the lease of a sidecar
+        that stopped) and re-send them at once, each with its idempotency key: the provider replays its
+        answer (or, if it never received the call, makes it: its spend is still reserved). What the answer
+        says is recorded; what stays unknown is tried again later with backoff, never released. Runs on
+        every replica; each call is claimed by one. A batch is small and sent concurrently, so that every
+        claimed call is re-sent well within its lease (one slow provider never holds the others)."""
         now = self.clock()
+        claimed = await self.store.claim_unresolved(now + self.lease, now, limit)
+        outcomes = await asyncio.gather(*(self._resolve_claimed(item) for item in claimed))
         results: dict[str, int] = {}
-        for item in await self.store.claim_unresolved(now + self.lease, now, limit):
-            try:
-                result = await self._resolve_one(item.record, item.request, item.attempts)
-            except StoreUnavailable:
-                raise
-            except PaySentryError as exc:  # the connection is gone, the agent revoked...: try again later
-                log.warning("could not resolve %s: %s", item.record.id, exc.message)
-                await self._in_doubt(item.record.id, exc.message, item.attempts + 1)
-                result = IN_DOUBT
+        for result in outcomes:
             results[result] = results.get(result, 0) + 1
             self.metrics.inc("paysentry_resolutions_total", result=result)
         return results
+
+    async def _resolve_claimed(self, item: Unresolved) -> str:
+        try:
+            return await self._resolve_one(item.record, item.request, item.attempts)
+        except PaySentryError as exc:  # the store, the connection gone, the agent revoked: try again later
+            log.warning("could not resolve %s: %s", item.record.id, exc.message)
+            with contextlib.suppress(PaySentryError):  # the store away: its lease lapses, claimed again
+                await self._in_doubt(item.record.id, exc.message, item.attempts + 1)
+            return IN_DOUBT
 
     async def _resolve_one(self, auth: AuthorizationRecord, sealed: bytes | None, attempts: int) -> str:
         record = await self.store.get_agent(auth.agent_id)
@@ -602,7 +606,7 @@ class PaymentService:
         except UpstreamUnavailable as exc:
             await self._in_doubt(auth.id, exc.message, attempts + 1)
             return IN_DOUBT
-        return await self._conclude(auth, connection.adapter, reply, attempts + 1, resent=True)
+        return await self._conclude(auth, connection.adapter, reply, attempts + 1)
 
     def _refusal(self, auth: AuthorizationRecord, adapter: Adapter) -> Outcome:
         extra: dict[str, str | None] = {

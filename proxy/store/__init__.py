@@ -333,9 +333,10 @@ class AuthorizationStore(Protocol):
         resolution from ``retry_at``. False when it was not forwarding (another answer came first)."""
         ...
 
-    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
+    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> int | None:
         """Take an unresolved call (in doubt, at once; or forwarding past its lease: its sidecar stopped)
-        to re-send it; exactly one claimant wins however many race."""
+        to re-send it; exactly one claimant wins however many race. Returns how many times the call was
+        sent before this claim (None: not claimed)."""
         ...
 
     async def claim_unresolved(self, lease_expires_at: float, now: float, limit: int) -> list[Unresolved]:
@@ -415,7 +416,11 @@ class Housekeeping(Protocol):
         stopped in between); 0 for a store that reserves in the same transaction as it records."""
         ...
 
-    async def count_unresolved(self) -> int: ...
+    async def count_unresolved(self, now: float) -> int:
+        """Calls whose outcome is unknown: in doubt, or forwarding past the lease of a sidecar that
+        stopped (what the resolution job has yet to learn from the provider)."""
+        ...
+
     async def count_pending_holds(self) -> int: ...
     async def current_spend(
         self, keys: Sequence[tuple[str, str]], limit: int

@@ -543,8 +543,8 @@ class SqlStore(ABC):
 
         return await self.write(tx())
 
-    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
-        def tx() -> Tx[bool]:
+    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> int | None:
+        def tx() -> Tx[int | None]:
             row = yield one(
                 "UPDATE authorizations SET state=?, lease_expires_at=?, attempts=attempts+1, updated_at=? "
                 "WHERE id=? AND (state=? OR (state=? AND lease_expires_at<=?)) RETURNING attempts",
@@ -555,7 +555,7 @@ class SqlStore(ABC):
                 yield from _authorization_event(
                     authorization_id, "authorization.resolving", "paysentry", data, now
                 )
-            return row is not None
+            return None if row is None else int(row[0])
 
         return await self.write(tx())
 
@@ -602,8 +602,11 @@ class SqlStore(ABC):
     async def release_unrecorded(self, now: float) -> int:
         return 0  # reserved in the same transaction as recorded: nothing can be left unrecorded
 
-    async def count_unresolved(self) -> int:
-        row = await self.fetch_one("SELECT COUNT(*) FROM authorizations WHERE state=?", (IN_DOUBT,))
+    async def count_unresolved(self, now: float) -> int:
+        row = await self.fetch_one(
+            "SELECT COUNT(*) FROM authorizations WHERE state=? OR (state=? AND lease_expires_at<=?)",
+            (IN_DOUBT, FORWARDING, now),
+        )
         return int(row[0])
 
     # -- records --------------------------------------------------------------------------------------

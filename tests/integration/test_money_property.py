@@ -79,9 +79,9 @@ async def run(backend: Backend, steps: list[tuple[int, int, bool, str]]) -> None
     for _ in range(20):  # resolution: the provider now answers every call
         clock[0] += 4000
         await service.resolve_unresolved()
-        if await store.count_unresolved() == 0 and not await forwarding(store, owner):
+        if await store.count_unresolved(clock[0]) == 0 and not await forwarding(store, owner):
             break
-    assert await store.count_unresolved() == 0 and not await forwarding(store, owner)
+    assert await store.count_unresolved(clock[0]) == 0 and not await forwarding(store, owner)
     for agent in agents:
         moved = sum(a for k, a in provider.made.items() if k.startswith(keys_of(agent, len(steps))))
         counted = sum(

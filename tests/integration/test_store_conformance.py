@@ -223,15 +223,16 @@ async def test_a_call_in_doubt_keeps_its_spend_until_the_provider_says(backend: 
     await store.record_decision(new("doubt", lease_expires_at=now + 60), now)
     assert await store.set_in_doubt("auth_doubt", "timed out", now + 30, now)
     assert not await store.set_in_doubt("auth_doubt", "again", now + 30, now)  # no longer forwarding
-    assert await spent(store) == (3000, 3) and await store.count_unresolved() == 1
+    assert await spent(store) == (3000, 3) and await store.count_unresolved(now) == 2  # stale, doubt
     claimed = await store.claim_unresolved(now + 60, now, 10)  # the in-doubt one is not due before +30
     assert [(c.record.id, c.request, c.attempts) for c in claimed] == [("auth_stale", b"sealed", 0)]
     assert await store.claim_unresolved(now + 60, now, 10) == []  # claimed: leased again
     due = await store.claim_unresolved(now + 200, now + 100, 10)
     assert sorted(c.record.id for c in due) == ["auth_doubt", "auth_live", "auth_stale"]
-    assert await store.claim("auth_doubt", now + 300, now + 100) is False  # forwarding, leased
+    assert await store.claim("auth_doubt", now + 300, now + 100) is None  # forwarding, leased
     assert await store.set_in_doubt("auth_doubt", "5xx", now + 500, now + 100)
-    assert await store.claim("auth_doubt", now + 300, now + 100)  # an agent's retry: at once
+    # an agent's retry claims it at once; it was sent twice before (the first send, one re-send)
+    assert await store.claim("auth_doubt", now + 300, now + 100) == 2
     assert await spent(store) == (3000, 3)
     await store.settle("auth_stale", "pi_1", 200, b"{}", now)
     await store.fail("auth_doubt", "the provider refused", 402, b"{}", now)
@@ -255,7 +256,7 @@ async def test_two_replicas_resolving_at_once_claim_each_call_once(backend: Back
         *(store.claim(f"auth_lease{i:02d}", now + 60, now) for store in (first, second) for i in range(40)),
     )
     ids = [c.record.id for batch in claims[:8] for c in batch] + [
-        f"auth_lease{i % 40:02d}" for i, won in enumerate(claims[8:]) if won
+        f"auth_lease{i % 40:02d}" for i, won in enumerate(claims[8:]) if won is not None
     ]
     assert sorted(ids) == [f"auth_lease{i:02d}" for i in range(40)]  # each exactly once
     _, after = await second.lookup("agt_1", "-", [("daily", small.period)])

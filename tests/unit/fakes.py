@@ -190,13 +190,13 @@ class FakeAuthorizations:
         due = row.lease_expires_at is not None and row.lease_expires_at <= now
         return (row.state == IN_DOUBT and (at_once or due)) or (row.state == FORWARDING and due)
 
-    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> bool:
+    async def claim(self, authorization_id: str, lease_expires_at: float, now: float) -> int | None:
         row = self.rows.get(authorization_id)
         if row is None or not self._claimable(row, now, at_once=True):
-            return False
+            return None
         self._move(row.id, row.state, state=FORWARDING, lease_expires_at=lease_expires_at)
         self.attempts[row.id] = self.attempts.get(row.id, 0) + 1
-        return True
+        return self.attempts[row.id]
 
     async def claim_unresolved(self, lease_expires_at: float, now: float, limit: int) -> list[Unresolved]:
         due = [r for r in self.rows.values() if self._claimable(r, now, at_once=False)][:limit]
