@@ -145,6 +145,11 @@ class Adapter(Protocol):
         """Why a 2xx answer still moved no money (a payment created as rejected), or None."""
         ...
 
+    def undecided_in(self, body: bytes) -> bool:
+        """Whether an object read to learn an outcome shows the provider has not decided it yet (a card
+        authorization still waiting for its answer): the outcome stays unknown."""
+        ...
+
     def cancelled_in(self, body: bytes) -> bool:
         """Whether the answer to a cancellation shows the object cancelled (only then is its spend
         released: a 2xx alone is not trusted)."""

@@ -318,6 +318,9 @@ class MercadoPagoAdapter:
             return f"MercadoPago answered the payment {status} ({obj.get('status_detail') or 'no detail'})"
         return None
 
+    def undecided_in(self, body: bytes) -> bool:
+        return False  # a payment read back is decided, even "in_process" (its outcome arrives by event)
+
     def cancelled_in(self, body: bytes) -> bool:
         return (self._object(body) or {}).get("status") == "cancelled"
 

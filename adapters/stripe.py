@@ -162,6 +162,14 @@ def _ref(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 class StripeAdapter:
     name = "stripe"
     default_upstream = "https://api.stripe.com"
@@ -401,7 +409,21 @@ class StripeAdapter:
         return status == 0 or status >= 500 or status in CANCEL_RETRIES
 
     def declined_in(self, body: bytes) -> str | None:
-        return None  # Stripe refuses with a 4xx (a declined card is a 402)
+        """Stripe refuses a call with a 4xx (a declined card is a 402). A card authorization read back
+        (resolving one whose answer was not recorded) is declined when it is decided and not approved,
+        or was reversed."""
+        obj = _json_object(body)
+        if obj.get("object") != "issuing.authorization":
+            return None
+        if obj.get("status") == "reversed":
+            return "the card authorization was reversed"
+        if obj.get("approved") is not True and not obj.get("pending_request"):
+            return "the card authorization was declined"
+        return None
+
+    def undecided_in(self, body: bytes) -> bool:
+        obj = _json_object(body)
+        return obj.get("object") == "issuing.authorization" and bool(obj.get("pending_request"))
 
     def cancelled_in(self, body: bytes) -> bool:
         try:

@@ -56,7 +56,9 @@ class PaymentCall:
     """One decision to make: who pays, through which connection, what, under which idempotency key.
 
     ``forward`` is what is sent to the provider once allowed (None when the provider itself asked for the
-    decision: a card authorization); the request hash ties the key to one request."""
+    decision: a card authorization); the request hash ties the key to one request. ``learn`` reads the
+    outcome of a call PaySentry does not send itself (the card authorization the provider asked about),
+    should its answer not be recorded: kept with the decision, as ``forward`` is, for resolution."""
 
     agent: Agent
     connection: Connection
@@ -64,6 +66,7 @@ class PaymentCall:
     idempotency_key: str
     request_hash: str
     forward: UpstreamRequest | None = None
+    learn: UpstreamRequest | None = None
 
 
 def provider_idempotency_key(agent_id: str, key: str) -> str:

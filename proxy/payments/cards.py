@@ -102,7 +102,17 @@ class CardAuthorizer:
             return False, {"paysentry_rule": "agent_revoked"}
         agent = Agent(record.id, record.owner_id, record.name, record.connection_id, record.labels)
         digest = hashlib.sha256(f"{request.id}:{payment.amount}:{payment.currency}".encode()).hexdigest()
-        call = PaymentCall(agent, connection, payment, request.id, digest)
+        # Should the answer go unrecorded (the store failing, the deadline, a crash), resolution reads the
+        # authorization back from the provider: what it was told, approved or not, settles the spend.
+        learn = provider_request(
+            connection.adapter,
+            connection.credentials,
+            "GET",
+            connection.upstream + payment.path,
+            {},
+            b"",
+        )
+        call = PaymentCall(agent, connection, payment, request.id, digest, learn=learn)
         decided = await self.payments.decide_and_record(call, span, holds=False)
         auth = decided.record
         if decided.replay:  # the provider asked again: the same answer

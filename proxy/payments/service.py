@@ -534,6 +534,9 @@ class PaymentService:
         if reply.status >= 500 or reply.status in (409, 429) or (resends and reply.status in (401, 403)):
             await self._in_doubt(auth.id, f"the provider answered {reply.status}", resends)
             return IN_DOUBT
+        if 200 <= reply.status < 300 and adapter.undecided_in(reply.body):
+            await self._in_doubt(auth.id, "the provider has not decided yet", resends)
+            return IN_DOUBT
         sealed = self.sealer.seal(reply.body, sealed_context("response", auth.id))
         declined = adapter.declined_in(reply.body) if 200 <= reply.status < 300 else None
         if declined:  # the provider answered, but no money moved: release, and replay this answer
@@ -551,10 +554,12 @@ class PaymentService:
         await self.store.set_in_doubt(auth_id, reason, now + retry_delay(attempts), now)
 
     def _sealed_request(self, call: PaymentCall, auth_id: str) -> bytes | None:
-        if call.forward is None:
+        """What resolution sends if the outcome is not recorded: the call itself, or what reads it."""
+        request = call.forward or call.learn
+        if request is None:
             return None
-        target = call.forward.url.removeprefix(call.connection.upstream)
-        packed = pack_request(call.forward.method, target, call.forward.headers, call.forward.body)
+        target = request.url.removeprefix(call.connection.upstream)
+        packed = pack_request(request.method, target, request.headers, request.body)
         return self.sealer.seal(packed, sealed_context("request", auth_id))
 
     # -- resolution: what the provider did with calls whose outcome is unknown ----------------------------
