@@ -145,6 +145,11 @@ class Adapter(Protocol):
         """Why a 2xx answer still moved no money (a payment created as rejected), or None."""
         ...
 
+    def holds_in(self, operation: str, body: bytes) -> int | None:
+        """What the object an accepted lifecycle call (``operation``) acted on now moves, when the answer
+        shows it moves less than it was authorized for (a partial capture); None when unchanged."""
+        ...
+
     def undecided_in(self, body: bytes) -> bool:
         """Whether an object read to learn an outcome shows the provider has not decided it yet (a card
         authorization still waiting for its answer): the outcome stays unknown."""

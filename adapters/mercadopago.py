@@ -318,6 +318,9 @@ class MercadoPagoAdapter:
             return f"MercadoPago answered the payment {status} ({obj.get('status_detail') or 'no detail'})"
         return None
 
+    def holds_in(self, operation: str, body: bytes) -> int | None:
+        return None  # a MercadoPago capture is whole (PaySentry forwards no partial one)
+
     def undecided_in(self, body: bytes) -> bool:
         return False  # a payment read back is decided, even "in_process" (its outcome arrives by event)
 

@@ -6,8 +6,9 @@ creates and every request it received, and follows Stripe's test conventions for
 ``payment_method=pm_card_chargeDeclined`` or ``source=tok_chargeDeclined`` decline with a 402 (a declined
 intent still exists, carried in ``error.payment_intent``, and can be confirmed later with another method),
 and ``metadata[mock_delay_ms]=N`` answers N ms *after* the work is done (a client that times out has still
-moved the money, as with a real provider). A succeeded intent cannot be cancelled, and no capture exceeds
-the intent's amount.
+moved the money, as with a real provider). An intent with ``capture_method=manual`` is authorized when
+confirmed and captured later, wholly or in part (the rest goes back); a succeeded intent cannot be
+cancelled, and no capture exceeds what is capturable.
 
 Introspection (not part of Stripe): ``GET /_mock/requests``, ``GET /_mock/objects``, ``POST /_mock/reset``.
 MercadoPago's payments API is served beside it (``adapters/mock_mercadopago.py``): ``/v1/payments...``.
@@ -232,9 +233,9 @@ class MockProvider:
         if "amount" in params:
             obj["amount"] = _int(params, "amount")
         if collection == "payment_intents":
-            confirmed = params.get("confirm") == "true" and not declined
-            obj["status"] = "succeeded" if confirmed else "requires_confirmation"
-            obj["amount_received"] = obj["amount"] if confirmed else 0
+            obj["status"], obj["amount_received"] = "requires_confirmation", 0
+            if params.get("confirm") == "true" and not declined:
+                _confirm(obj)
             obj["client_secret"] = f"{obj['id']}_secret_{secrets.token_hex(8)}"
             if declined:  # as Stripe: the intent exists, and the decline carries it
                 obj["status"] = "requires_payment_method"
@@ -271,24 +272,53 @@ class MockProvider:
             if params.get("payment_method") in DECLINING:
                 obj["status"] = "requires_payment_method"
                 return _declined(obj)
-            if action == "cancel" and obj.get("status") == "succeeded":
-                return _error(400, "invalid_request_error", "This PaymentIntent has already succeeded.")
-            if action == "capture" and _int_or(params, "amount_to_capture", 0) > obj.get("amount", 0):
+            status = obj.get("status")
+            if action == "cancel" and status in ("succeeded", "canceled"):
+                return _error(
+                    400,
+                    "invalid_request_error",
+                    f"This PaymentIntent's status is {status}; it cannot be canceled.",
+                )
+            if action == "capture" and status != "requires_capture":
+                return _error(
+                    400,
+                    "invalid_request_error",
+                    f"This PaymentIntent could not be captured because it has a status of {status}.",
+                )
+            if action == "capture" and _int_or(params, "amount_to_capture", 0) > obj["amount_capturable"]:
                 return _error(
                     400, "invalid_request_error", "amount_to_capture exceeds the amount capturable."
                 )
+            if action == "confirm" and status not in ("requires_confirmation", "requires_payment_method"):
+                return _error(
+                    400,
+                    "invalid_request_error",
+                    f"This PaymentIntent's status is {status}; it cannot be confirmed.",
+                )
             if action == "cancel":
-                obj["status"] = "canceled"
-            else:
-                obj["status"] = "succeeded"
-                obj["amount_received"] = (
-                    _int(params, "amount_to_capture") if "amount_to_capture" in params else obj["amount"]
+                obj.update(status="canceled", amount_capturable=0)
+            elif action == "confirm":
+                _confirm(obj)
+            else:  # a partial capture gives the rest back to the cardholder
+                captured = _int(params, "amount_to_capture") if "amount_to_capture" in params else None
+                obj.update(
+                    status="succeeded",
+                    amount_received=obj["amount_capturable"] if captured is None else captured,
+                    amount_capturable=0,
                 )
         elif action == "update":
             obj.update(_plain(params))
         else:
             obj.setdefault("actions", []).append(action)
         return web.json_response(_public(obj))
+
+
+def _confirm(intent: dict[str, Any]) -> None:
+    """As Stripe: a manual-capture intent is authorized (its amount capturable), any other is paid."""
+    if intent.get("capture_method") == "manual":
+        intent.update(status="requires_capture", amount_capturable=intent["amount"])
+    else:
+        intent.update(status="succeeded", amount_received=intent["amount"])
 
 
 def _declined(intent: dict[str, Any]) -> web.Response:

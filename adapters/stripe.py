@@ -421,6 +421,16 @@ class StripeAdapter:
             return "the card authorization was declined"
         return None
 
+    def holds_in(self, operation: str, body: bytes) -> int | None:
+        """A captured intent moves what it received: a partial capture gives the rest back."""
+        obj = _json_object(body)
+        received = obj.get("amount_received")
+        if operation != "payment_intent.capture" or obj.get("object") != "payment_intent":
+            return None
+        if obj.get("status") != "succeeded" or not isinstance(received, int) or isinstance(received, bool):
+            return None
+        return received
+
     def undecided_in(self, body: bytes) -> bool:
         obj = _json_object(body)
         return obj.get("object") == "issuing.authorization" and bool(obj.get("pending_request"))

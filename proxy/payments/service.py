@@ -543,7 +543,9 @@ class PaymentService:
             await self.store.fail(auth.id, declined, reply.status, sealed, now)
             return FAILED
         if 200 <= reply.status < 300:
-            await self.store.settle(auth.id, adapter.provider_ref(reply.body), reply.status, sealed, now)
+            holds = adapter.holds_in(auth.operation, reply.body)
+            ref = adapter.provider_ref(reply.body)
+            await self.store.settle(auth.id, ref, reply.status, sealed, now, holds)
             return SETTLED
         reason, made = f"the provider refused ({reply.status})", adapter.provider_ref(reply.body)
         await self.store.fail(auth.id, reason, reply.status, sealed, now, made)

@@ -282,8 +282,18 @@ class AuthorizationStore(Protocol):
 
     async def start_forwarding(self, authorization_id: str, lease_expires_at: float, now: float) -> bool: ...
     async def settle(
-        self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
-    ) -> None: ...
+        self,
+        authorization_id: str,
+        provider_ref: str | None,
+        status: int,
+        body: bytes | None,
+        now: float,
+        holds: int | None = None,
+    ) -> None:
+        """The provider accepted the call: commit its spend. ``holds``: the object ``provider_ref`` now
+        moves only this much (a partial capture), so what was counted for it beyond is given back."""
+        ...
+
     async def fail(
         self,
         authorization_id: str,

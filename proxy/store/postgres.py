@@ -21,9 +21,8 @@ from typing import Any, cast
 import asyncpg
 
 from proxy.errors import StoreUnavailable
-from proxy.model import Charge
 from proxy.store import FORWARDING, SETTLED
-from proxy.store.sql import MANY, ONE, RELEASED, SqlStore, T, Tx, execute, single
+from proxy.store.sql import MANY, ONE, RELEASED, Release, SqlStore, T, Tx, execute, single
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema" / "postgres"
 MIGRATION_LOCK = 0x5053_4D49  # advisory lock id: one migrator at a time
@@ -129,7 +128,7 @@ class PostgresStore(SqlStore):
         return self._pool.acquire(timeout=self.timeout)
 
     async def write(self, body: Tx[T]) -> T:
-        notes: list[tuple[str, tuple[Charge, ...]]] = []
+        notes: list[Release] = []
         try:
             async with self._connection() as conn, conn.transaction():
                 result = await _drive(conn, body, notes)
@@ -139,14 +138,24 @@ class PostgresStore(SqlStore):
             await self.after_release(notes)
         return result
 
-    async def after_release(self, notes: list[tuple[str, tuple[Charge, ...]]]) -> None:
-        """Spend released by a committed transaction: (agent id, charges). PostgreSQL alone: nothing to do."""
+    async def after_release(self, notes: list[Release]) -> None:
+        """Spend released by a committed transaction: (agent id, charges, counts). PostgreSQL alone:
+        nothing to do."""
 
     async def settle(
-        self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
+        self,
+        authorization_id: str,
+        provider_ref: str | None,
+        status: int,
+        body: bytes | None,
+        now: float,
+        holds: int | None = None,
     ) -> None:
         """The shared body's effect in one round trip instead of four (BEGIN, UPDATE, INSERT, COMMIT): a
-        payment's last step, paid on every allowed payment."""
+        payment's last step, paid on every allowed payment. A call that shrank its object (``holds``)
+        takes the shared body."""
+        if holds is not None:
+            return await super().settle(authorization_id, provider_ref, status, body, now, holds)
         data = json.dumps({"status": status, "provider_ref": provider_ref})
         args = (SETTLED, provider_ref, status, body, now, authorization_id, FORWARDING, data, now)
         await self.read(single(execute(SETTLE, args)))  # one statement: atomic without BEGIN
@@ -160,9 +169,7 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
 
 
-async def _drive(
-    conn: asyncpg.Connection, body: Tx[T], notes: list[tuple[str, tuple[Charge, ...]]] | None = None
-) -> T:
+async def _drive(conn: asyncpg.Connection, body: Tx[T], notes: list[Release] | None = None) -> T:
     try:
         query = next(body)
         while True:

@@ -39,7 +39,7 @@ from proxy.errors import StoreUnavailable
 from proxy.model import Charge, SpendTotal
 from proxy.store import DENIED, AuthorizationRecord, LimitExceeded, NewAuthorization, Recorded
 from proxy.store.postgres import PostgresStore
-from proxy.store.sql import AUTH_COLUMNS, authorization_record, record_decision_tx
+from proxy.store.sql import AUTH_COLUMNS, Release, authorization_record, record_decision_tx
 
 log = logging.getLogger("paysentry.redis")
 PENDING_KEY, PENDING_DATA = "paysentry:pending", "paysentry:pending:charges"
@@ -75,8 +75,8 @@ if ARGV[1] ~= '' then
 end
 for i = 1, n do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[i], 'amount', -tonumber(ARGV[2 + i]))
-    redis.call('HINCRBY', KEYS[i], 'count', -1)
+    redis.call('HINCRBY', KEYS[i], 'amount', 0 - tonumber(ARGV[2 + i]))
+    redis.call('HINCRBY', KEYS[i], 'count', 0 - tonumber(ARGV[3 + n]))
   end
 end
 return 1
@@ -188,20 +188,21 @@ class PostgresRedisStore(PostgresStore):
             *_, current = await self._redis(pipe.execute())
         return SpendTotal(int(current[0]), int(current[1]))
 
-    async def release(self, agent_id: str, charges: Sequence[Charge], reservation: str = "") -> bool:
-        """Give back charges in Redis. A ``reservation`` still pending is released once, whoever asks (the
-        sidecar whose transaction failed, any replica's sweep); False when it was not pending any more.
-        Without one: spend a committed PostgreSQL transaction released (it changed state only once)."""
+    async def release(
+        self, agent_id: str, charges: Sequence[Charge], reservation: str = "", counts: bool = True
+    ) -> bool:
+        """Give back charges in Redis (their amounts, and one payment each when ``counts``). A
+        ``reservation`` still pending is released once, whoever asks (the sidecar whose transaction
+        failed, any replica's sweep); False when it was not pending any more. Without one: spend a
+        committed PostgreSQL transaction released (it changed state only once)."""
         keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
-        return bool(
-            await self._redis(
-                self._release(keys=keys, args=[reservation, len(charges), *(c.amount for c in charges)])
-            )
-        )
+        amounts = [c.amount for c in charges]
+        args = [reservation, len(charges), *amounts, 1 if counts else 0]
+        return bool(await self._redis(self._release(keys=keys, args=args)))
 
-    async def after_release(self, notes: list[tuple[str, tuple[Charge, ...]]]) -> None:
-        for agent_id, charges in notes:
-            await self.release(agent_id, charges)
+    async def after_release(self, notes: list[Release]) -> None:
+        for agent_id, charges, counts in notes:
+            await self.release(agent_id, charges, counts=counts)
 
     # -- reads of spend: Redis for the running totals, PostgreSQL's authorizations for reports -----------------
     async def lookup(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from proxy.approvals import APPROVED as APPROVED_HOLD
@@ -67,7 +67,9 @@ ONE, MANY, EXECUTE, RELEASED = "one", "many", "execute", "released"
 @dataclass(frozen=True, slots=True)
 class Query:
     kind: str  # ONE: the first row or None; MANY: every row; EXECUTE: the number of rows changed;
-    # RELEASED: no SQL, a note that ``args`` = (agent id, charges) were released (the driver answers None)
+    # RELEASED: no SQL, a note that ``args`` = (agent id, charges, counts) were released: the charges'
+    # amounts, and one payment each when ``counts`` (not for what a partial capture gives back). The
+    # driver answers None.
     sql: str
     args: Sequence[Any] = ()
 
@@ -87,8 +89,11 @@ def execute(sql: str, args: Sequence[Any] = ()) -> Query:
     return Query(EXECUTE, sql, args)
 
 
-def released(agent_id: str, charges: Sequence[Charge]) -> Query:
-    return Query(RELEASED, "", (agent_id, tuple(charges)))
+Release = tuple[str, tuple[Charge, ...], bool]  # what a RELEASED note says: agent, charges, counts
+
+
+def released(agent_id: str, charges: Sequence[Charge], counts: bool = True) -> Query:
+    return Query(RELEASED, "", (agent_id, tuple(charges), counts))
 
 
 def single(query: Query) -> Tx[Any]:
@@ -325,22 +330,28 @@ class SqlStore(ABC):
         return await self.write(tx())
 
     async def settle(
-        self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
+        self,
+        authorization_id: str,
+        provider_ref: str | None,
+        status: int,
+        body: bytes | None,
+        now: float,
+        holds: int | None = None,
     ) -> None:
         def tx() -> Tx[None]:
-            changed = yield execute(
+            row = yield one(
                 "UPDATE authorizations SET state=?, provider_ref=?, response_status=?, "
-                "response_body=?, lease_expires_at=NULL, updated_at=? WHERE id=? AND state=?",
+                "response_body=?, lease_expires_at=NULL, updated_at=? WHERE id=? AND state=? "
+                "RETURNING owner_id, agent_id",
                 (SETTLED, provider_ref, status, body, now, authorization_id, FORWARDING),
             )
-            if changed:
-                yield from _authorization_event(
-                    authorization_id,
-                    "authorization.settled",
-                    "provider",
-                    {"status": status, "provider_ref": provider_ref},
-                    now,
-                )
+            if row is None:
+                return
+            owner, agent = row
+            data = {"status": status, "provider_ref": provider_ref}
+            yield from _event(owner, agent, authorization_id, "authorization.settled", "provider", data, now)
+            if holds is not None and provider_ref:
+                yield from _shrink(owner, provider_ref, holds, now)
 
         await self.write(tx())
 
@@ -838,6 +849,53 @@ def _end(auth_id: str, expected: str, state: str, now: float, **columns: Any) ->
     return owner, agent
 
 
+def _shrink(owner_id: str, provider_ref: str, holds: int, now: float) -> Tx[None]:
+    """The provider's object ``provider_ref`` now moves only ``holds`` (a partial capture): under each
+    limit, what its settled authorizations counted beyond that is given back, from the latest call back
+    (the payments stay counted). Runs in the transaction that settled the call that shrank it, once."""
+    rows = yield many(
+        "SELECT id, agent_id, charges FROM authorizations WHERE owner_id=? AND provider_ref=? AND state=? "
+        "ORDER BY created_at DESC, id DESC",
+        (owner_id, provider_ref, SETTLED),
+    )
+    parsed = [(auth_id, agent_id, _charges(text)) for auth_id, agent_id, text in rows]
+    excess: dict[tuple[str, str], int] = {}
+    for _, _, charges in parsed:
+        for c in charges:
+            excess[(c.limit, c.period)] = excess.get((c.limit, c.period), -holds) + c.amount
+    for auth_id, agent_id, charges in parsed:
+        kept, given = [], []
+        for c in charges:
+            cut = min(c.amount, max(excess[(c.limit, c.period)], 0))
+            excess[(c.limit, c.period)] -= cut
+            kept.append(replace(c, amount=c.amount - cut))
+            if cut:
+                given.append(replace(c, amount=cut))
+        if not given:
+            continue
+        (
+            yield execute(
+                "UPDATE authorizations SET charges=?, updated_at=? WHERE id=?",
+                (json.dumps([_charge_json(c) for c in kept]), now, auth_id),
+            )
+        )
+        yield released(agent_id, given, counts=False)
+        for c in given:
+            (
+                yield execute(
+                    "UPDATE spend SET amount = amount - ? WHERE agent_id=? AND limit_name=? AND period=?",
+                    (c.amount, agent_id, c.limit, c.period),
+                )
+            )
+        data = {
+            "provider_ref": provider_ref,
+            "holds": holds,
+            "released": [_charge_json(c) for c in given],
+            "why": "the provider moves less than was counted (a partial capture)",
+        }
+        yield from _event(owner_id, agent_id, auth_id, "authorization.reduced", "provider", data, now)
+
+
 def _release(agent_id: str, charges: Sequence[Charge]) -> Tx[None]:
     yield released(agent_id, charges)  # for a store that mirrors spend elsewhere (Redis), after commit
     yield from _uncount(agent_id, charges)
@@ -992,16 +1050,22 @@ def _settle_ref(
     authorizations that created or changed it (state voided); otherwise it is recorded. Returns voided,
     recorded or unmatched."""
     rows = yield many(
-        "SELECT id, agent_id, state FROM authorizations WHERE owner_id=? AND provider_ref=? "
+        "SELECT id, agent_id, state, operation FROM authorizations WHERE owner_id=? AND provider_ref=? "
         "ORDER BY created_at, id",
         (owner_id, provider_ref),
     )
     if not rows:
         return "unmatched"
     result = "recorded"
-    for auth_id, agent_id, state in rows:
+    # Once PaySentry has seen the object captured, its money moved: a cancellation said of it (an event,
+    # an answer) releases nothing (what a partial capture gave back was released when it settled).
+    captured = any(state == SETTLED and operation.endswith(".capture") for _, _, state, operation in rows)
+    for auth_id, agent_id, state, _ in rows:
         kind, details = "recorded", dict(data)
-        if outcome == "void" and state == SETTLED and (yield from _end(auth_id, SETTLED, VOIDED, now)):
+        if captured:
+            details["released"] = False
+            details["why"] = "the object was captured: its money moved"
+        elif outcome == "void" and state == SETTLED and (yield from _end(auth_id, SETTLED, VOIDED, now)):
             kind = result = "voided"
             details["released"] = True
         yield from _event(owner_id, agent_id, auth_id, f"authorization.{kind}", actor, details, now)

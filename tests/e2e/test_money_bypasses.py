@@ -95,3 +95,31 @@ def test_a_refund_is_bounded_by_what_was_captured(dep: Deployment) -> None:
     sdk.v1.refunds.create(params={"payment_intent": intent.id})  # the rest: 2000
     with pytest.raises(stripe.InvalidRequestError):  # nothing left: no negative refund reserved
         sdk.v1.refunds.create(params={"payment_intent": intent.id})
+
+
+def test_a_partial_capture_gives_the_rest_back_and_a_captured_intent_releases_nothing(
+    dep: Deployment,
+) -> None:
+    sdk = client(dep, dep.agent_token)
+    intent = sdk.v1.payment_intents.create(
+        params={
+            "amount": 4000,
+            "currency": "usd",
+            "capture_method": "manual",
+            "confirm": True,
+            "payment_method": GOOD,
+        }
+    )
+    assert intent.status == "requires_capture" and dep.spend() == (4000, 1)
+    captured = sdk.v1.payment_intents.capture(intent.id, params={"amount_to_capture": 1500})
+    assert captured.amount_received == 1500 and dep.spend() == (1500, 1)  # the 2500 given back
+    with pytest.raises(stripe.InvalidRequestError):  # the provider refuses: it succeeded
+        sdk.v1.payment_intents.cancel(intent.id)
+    assert dep.spend() == (1500, 1)
+    for amount in (4500, 4000):  # the room given back is spendable again
+        sdk.v1.payment_intents.create(params={"amount": amount, "currency": "usd", "confirm": True})
+    with pytest.raises(stripe.CardError) as full:  # the budget of $100 is exactly spent
+        sdk.v1.payment_intents.create(params={"amount": 1, "currency": "usd", "confirm": True})
+    assert full.value.code == "daily_budget"
+    received = sum(o.get("amount_received", 0) for o in dep.mock("objects"))
+    assert received == 10000 and dep.spend() == (10000, 3)

@@ -378,3 +378,32 @@ async def test_quorum_votes(backend: Backend) -> None:
     with pytest.raises(LinkUnusable):
         await store.use_link(digest, True, "replayed", now)  # one time only
     await store.close()
+
+
+async def test_a_partial_capture_gives_back_the_rest_once_and_a_captured_object_is_never_voided(
+    backend: Backend,
+) -> None:
+    """An intent authorized for 1000 and captured for 600: the 400 the provider gives back is released
+    (the payment stays counted) in the transaction that settles the capture, on every store (Redis
+    included); a cancellation said of it afterwards releases nothing, since its money moved."""
+    store = await seeded(backend)
+    now = time.time()
+    await store.record_decision(new("create"), now)
+    await store.settle("auth_create", "pi_1", 200, b"{}", now)
+    await store.record_decision(new("capture", operation="payment_intent.capture", charges=()), now)
+    await store.settle("auth_capture", "pi_1", 200, b"{}", now, holds=600)
+    await store.settle("auth_capture", "pi_1", 200, b"{}", now, holds=0)  # settled already: nothing more
+    assert await spent(store) == (600, 1)
+    assert await store.void("own_1", "pi_1", "provider", {}, now) == "recorded"
+    assert await spent(store) == (600, 1)
+    create = await store.get_authorization("own_1", "auth_create")
+    assert create is not None and [c.amount for c in create.charges] == [600]
+    kinds = [e.type for e in await store.list_events("own_1", 0, 100)]
+    assert kinds.count("authorization.reduced") == 1
+    if backend.redis_url:  # the counter a fresh replica reads is rebuilt from the same charges
+        reopened = backend.store()
+        await reopened.open()
+        _, totals = await reopened.lookup("agt_1", "-", [("daily", LIMIT.period)])
+        assert totals["daily"] == SpendTotal(600, 1)
+        await reopened.close()
+    await store.close()

@@ -129,9 +129,15 @@ class FakeAuthorizations:
         return self._move(authorization_id, APPROVED, state=FORWARDING) is not None
 
     async def settle(
-        self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
+        self,
+        authorization_id: str,
+        provider_ref: str | None,
+        status: int,
+        body: bytes | None,
+        now: float,
+        holds: int | None = None,
     ) -> None:
-        self._move(
+        settled = self._move(
             authorization_id,
             FORWARDING,
             state=SETTLED,
@@ -139,6 +145,27 @@ class FakeAuthorizations:
             response_status=status,
             response_body=body,
         )
+        if settled is None or holds is None:
+            return
+        made = sorted(
+            (r for r in self.rows.values() if r.provider_ref == provider_ref and r.state == SETTLED),
+            key=lambda r: r.created_at,
+            reverse=True,
+        )
+        excess: dict[tuple[str, str], int] = {}
+        for row in made:
+            for c in row.charges:
+                excess[(c.limit, c.period)] = excess.get((c.limit, c.period), -holds) + c.amount
+        for row in made:
+            kept = []
+            for c in row.charges:
+                cut = min(c.amount, max(excess[(c.limit, c.period)], 0))
+                excess[(c.limit, c.period)] -= cut
+                kept.append(replace(c, amount=c.amount - cut))
+                key = (row.agent_id, c.limit, c.period)
+                total = self.spend.get(key, SpendTotal())
+                self.spend[key] = SpendTotal(total.amount - cut, total.count)
+            self.rows[row.id] = replace(row, charges=kept)
 
     async def fail(
         self,
@@ -162,6 +189,8 @@ class FakeAuthorizations:
 
     async def void(self, owner_id: str, provider_ref: str, actor: str, data: Any, now: float) -> str:
         rows = [r for r in self.rows.values() if r.owner_id == owner_id and r.provider_ref == provider_ref]
+        if any(r.state == SETTLED and r.operation.endswith(".capture") for r in rows):
+            return "recorded"  # captured: its money moved
         for row in rows:
             if self._move(row.id, SETTLED, state=VOIDED) is not None:
                 self._count(row.agent_id, row.charges, -1)
