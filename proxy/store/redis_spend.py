@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.model import Charge, SpendTotal
+from proxy.secrets import new_id
 from proxy.store import DENIED, AuthorizationRecord, LimitExceeded, NewAuthorization, Recorded
 from proxy.store.postgres import PostgresStore
 from proxy.store.sql import AUTH_COLUMNS, Release, authorization_record, record_decision_tx
@@ -136,19 +137,24 @@ class PostgresRedisStore(PostgresStore):
     ) -> Recorded:
         if new.decision == DENIED or not new.charges:
             return await self.write(record_decision_tx(new, now, retry_of, gated=True))
-        # The reservation is named after the row that will record it: a same-key retry re-decides the
-        # row it retries, so the pending entry must carry that id, or the sweep would find it "never
-        # recorded" and release spend PostgreSQL still counts.
-        reservation = retry_of or new.id
-        exceeded = await self.gate(reservation, new.agent_id, new.charges)
+        # Every decision reserves under a name of its own, which the row that records it lists in the
+        # same transaction (a same-key retry re-decides an existing row and adds its own): the sweep
+        # knows a reservation recorded only if its row lists it.
+        row = retry_of or new.id
+        reservation = new.id if retry_of is None else new_id("rsv")
+        exceeded = await self.gate(reservation, new.agent_id, new.charges, row)
         try:
-            return await self.write(record_decision_tx(new, now, retry_of, gated=True, exceeded=exceeded))
+            return await self.write(
+                record_decision_tx(new, now, retry_of, gated=True, exceeded=exceeded, reservation=reservation)
+            )
         except BaseException:
             if exceeded is None:  # not recorded: give the reservation back at once
                 await asyncio.shield(self.release(new.agent_id, new.charges, reservation))
             raise
 
-    async def gate(self, reservation: str, agent_id: str, charges: Sequence[Charge]) -> LimitExceeded | None:
+    async def gate(
+        self, reservation: str, agent_id: str, charges: Sequence[Charge], row: str
+    ) -> LimitExceeded | None:
         """Check and reserve every charge at once in Redis; the refusal names the first limit exceeded. The
         reservation stays *pending* until the sweep sees it recorded in PostgreSQL (or releases it)."""
         keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
@@ -160,7 +166,9 @@ class PostgresRedisStore(PostgresStore):
                 -1 if c.max_count is None else c.max_count,
             ]
         args.append(
-            json.dumps({"agent": agent_id, "charges": [[c.limit, c.period, c.amount] for c in charges]})
+            json.dumps(
+                {"agent": agent_id, "row": row, "charges": [[c.limit, c.period, c.amount] for c in charges]}
+            )
         )
         for _ in range(3):
             answer = await self._redis(self._reserve(keys=keys, args=args))
@@ -259,27 +267,37 @@ class PostgresRedisStore(PostgresStore):
         ]
         if not stale:
             return 0
-        marks = ",".join("?" for _ in stale)
-        recorded = {
-            r[0] for r in await self.fetch_all(f"SELECT id FROM authorizations WHERE id IN ({marks})", stale)
+        pending = {
+            reservation: json.loads(data) if data is not None else None
+            for reservation, data in zip(
+                stale, await self._redis(self.redis.hmget(PENDING_DATA, stale)), strict=True
+            )
         }
+        rows = [data.get("row", reservation) for reservation, data in pending.items() if data is not None]
+        marks = ",".join("?" for _ in rows)
+        found = (
+            await self.fetch_all(f"SELECT id, reservation FROM authorizations WHERE id IN ({marks})", rows)
+            if rows
+            else []
+        )
+        # recorded: the row lists this reservation among those its decisions committed (before version 4
+        # of the schema, a reservation was named after its row, and the row alone tells)
+        recorded = {name for row_id, names in found for name in (names or row_id).split(",")}
         released = 0
-        for reservation in stale:
-            data = await self._redis(self.redis.hget(PENDING_DATA, reservation))
+        for reservation, data in pending.items():
             if reservation in recorded or data is None:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.zrem(PENDING_KEY, reservation).hdel(PENDING_DATA, reservation)  # type: ignore[attr-defined]
                     await self._redis(pipe.execute())
                 continue
-            pending = json.loads(data)
             charges = [
-                Charge(limit, period, "", amount, None, None) for limit, period, amount in pending["charges"]
+                Charge(limit, period, "", amount, None, None) for limit, period, amount in data["charges"]
             ]
-            if not await self.release(pending["agent"], charges, reservation):
+            if not await self.release(data["agent"], charges, reservation):
                 continue  # another replica's sweep released it first
             log.warning(
                 "released a Redis reservation never recorded in PostgreSQL",
-                extra={"fields": {"reservation": reservation, "agent": pending["agent"]}},
+                extra={"fields": {"reservation": reservation, "agent": data["agent"]}},
             )
             released += 1
         return released

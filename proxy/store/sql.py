@@ -674,10 +674,11 @@ def record_decision_tx(
     retry_of: str | None,
     gated: bool = False,
     exceeded: LimitExceeded | None = None,
+    reservation: str | None = None,
 ) -> Tx[Recorded]:
     """Record a decision and reserve its spend in the ``spend`` table. ``gated``: the limits were checked
-    and counted by a gate outside (Redis), whose refusal is ``exceeded``; the record is then the
-    authorization row and its charges alone."""
+    and counted by a gate outside (Redis), whose refusal is ``exceeded``, under ``reservation``; the
+    record is then the authorization row, its charges, and the reservation's name."""
     decision, rule, message = new.decision, new.rule, new.message
     if decision != DENIED and new.charges and exceeded is None and not gated:
         exceeded = yield from _reserve(new.agent_id, new.charges)
@@ -713,17 +714,19 @@ def record_decision_tx(
             "UPDATE authorizations SET owner_id=?, agent_id=?, idempotency_key=?, request_hash=?, provider=?, "
             "operation=?, amount=?, currency=?, destination=?, payment=?, decision=?, rule=?, policy=?, message=?, "
             "revision=?, state=?, charges=?, approval_id=?, lease_expires_at=?, updated_at=?, provider_ref=NULL, "
-            "response_status=NULL, response_body=NULL, request=? WHERE id=? AND state=? AND response_status IS NULL",
-            (*values, new.request, retry_of, FAILED),
+            "response_status=NULL, response_body=NULL, request=?, reservation=COALESCE(reservation || ',', '') || ? "
+            "WHERE id=? AND state=? "
+            "AND response_status IS NULL",
+            (*values, new.request, reservation, retry_of, FAILED),
         )
         if not changed:
             raise DuplicateKey(new.idempotency_key)
         auth_id = retry_of
     else:
         inserted = yield execute(
-            f"INSERT INTO authorizations ({AUTH_COLUMNS}, request) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?,?) ON CONFLICT DO NOTHING",
-            (new.id, *values[:-1], now, now, new.request),
+            f"INSERT INTO authorizations ({AUTH_COLUMNS}, request, reservation) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            (new.id, *values[:-1], now, now, new.request, reservation),
         )
         if not inserted:
             raise DuplicateKey(new.idempotency_key)

@@ -39,13 +39,36 @@ async def test_a_reservation_never_recorded_in_postgres_is_released_by_reconcili
     store = await seeded(fleet_backend)
     assert isinstance(store, PostgresRedisStore)
     # A sidecar reserved in Redis and died before its PostgreSQL transaction.
-    assert await store.gate("auth_lost", "agt_1", [LIMIT]) is None
+    assert await store.gate("auth_lost", "agt_1", [LIMIT], "auth_lost") is None
     await store.record_decision(new("kept", lease_expires_at=time.time() + 600), time.time())
     assert counter(redis_server) == (2000, 2) and await spent(store) == (1000, 1)
     assert await store.release_unrecorded(time.time()) == 0  # not past its deadline: it may still commit
     assert await store.release_unrecorded(time.time() + 120) == 1  # the sweep, later
     assert counter(redis_server) == (1000, 1) and await spent(store) == (1000, 1)
     assert await store.redis.zcard(PENDING_KEY) == 0  # the committed one left pending at commit
+    await store.close()
+
+
+async def test_a_same_key_retry_lost_before_postgres_is_released_though_its_row_exists(
+    fleet_backend: Backend, redis_server: Redis
+) -> None:
+    """A same-key retry decides an existing row again (its first send never reached the provider): a
+    sidecar that dies between Redis and PostgreSQL leaves a reservation whose row exists, from the
+    earlier decision. It is still released, since the row does not carry that reservation; a retry that
+    committed is kept."""
+    store = await seeded(fleet_backend)
+    assert isinstance(store, PostgresRedisStore)
+    now = time.time()
+    await store.record_decision(new("retried"), now)
+    await store.fail("auth_retried", "the provider could not be reached", None, None, now)
+    assert counter(redis_server) == (0, 0)
+    assert await store.gate("rsv_lost", "agt_1", [LIMIT], "auth_retried") is None  # then the crash
+    assert counter(redis_server) == (1000, 1)
+    retried = await store.record_decision(new("retried", id="auth_again"), now, retry_of="auth_retried")
+    assert retried.record.id == "auth_retried" and counter(redis_server) == (2000, 2)
+    assert await store.release_unrecorded(time.time() + 120) == 1  # the lost one only
+    assert counter(redis_server) == (1000, 1) and await spent(store) == (1000, 1)
+    assert await store.redis.zcard(PENDING_KEY) == 0
     await store.close()
 
 
@@ -57,7 +80,7 @@ async def test_two_replicas_reconciling_at_once_release_a_lost_reservation_once(
     await second.open()
     assert isinstance(first, PostgresRedisStore) and isinstance(second, PostgresRedisStore)
     for i in range(5):  # reserved in Redis by sidecars that died before their PostgreSQL transaction
-        assert await first.gate(f"auth_lost{i}", "agt_1", [LIMIT]) is None
+        assert await first.gate(f"auth_lost{i}", "agt_1", [LIMIT], f"auth_lost{i}") is None
     assert counter(redis_server) == (5000, 5)
     later = time.time() + 120
     assert sum(await asyncio.gather(first.release_unrecorded(later), second.release_unrecorded(later))) == 5
@@ -96,7 +119,7 @@ async def test_payments_fail_closed_when_redis_is_down(postgres_url: str) -> Non
     await store.open(migrate=True)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="Redis"):
-        await store.gate("auth_x", "agt_1", [LIMIT])
+        await store.gate("auth_x", "agt_1", [LIMIT], "auth_x")
     assert time.monotonic() - started < 5
     with pytest.raises(StoreUnavailable):
         await store.ping()  # readiness says so too
