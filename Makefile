@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint fmt clean bench profile services wrk
+.PHONY: run test lint fmt clean bench chaos profile services wrk
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: $(STAMP) services wrk
 	$(BIN)/python -m bench.store
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.cards
+
+# The money invariant under kill -9 and a database crash, across a fleet (about 4 minutes).
+chaos: $(STAMP) services
+	$(BIN)/python -m bench.chaos
 
 # Where an allowed payment's time goes (py-spy samples the sidecar under wrk; needs root or CAP_SYS_PTRACE).
 profile: $(STAMP) wrk
