@@ -27,9 +27,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,16 +158,18 @@ def run(
                     postgres.start()
                     restarted, report.restarts = True, report.restarts + 1
                     continue
-                victim = rng.choice(fleet)
-                if victim.process is None:
-                    continue
-                victim.process.send_signal(signal.SIGKILL)
-                victim.process.wait()
-                victim.process = None
-                report.kills += 1
+                victim = rng.choice([r for r in fleet if r.process is not None] or fleet)
+                if victim.process is not None:
+                    victim.process.send_signal(signal.SIGKILL)
+                    victim.process.wait()
+                    victim.process = None
+                    report.kills += 1
                 time.sleep(rng.uniform(0.2, 1.0))
-                with suppress_start_failure():
-                    victim.start()
+                for replica in fleet:
+                    if replica.process is None:
+                        # one restarted while the database is away may not come up: the next round retries
+                        with suppress(AssertionError):
+                            replica.start()
 
         killer = threading.Thread(target=chaos, daemon=True)
         try:
@@ -201,15 +202,6 @@ def run(
             for replica in fleet:
                 replica.stop()
     return report
-
-
-@contextmanager
-def suppress_start_failure() -> Iterator[None]:
-    """A replica restarted while the database is away may not come up at once: the next round retries."""
-    try:
-        yield
-    except AssertionError:
-        pass
 
 
 def main() -> None:
