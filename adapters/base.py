@@ -10,6 +10,8 @@ from typing import Any, Protocol
 from proxy.model import OperationExample, Payment
 
 PAYMENT, PASSTHROUGH = "payment", "passthrough"
+# The metadata key PaySentry sets on every object a call it forwards creates: the authorization's id.
+ATTRIBUTION = "paysentry_authorization"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,13 @@ class Adapter(Protocol):
     def prepare(self, payment: Payment, body: bytes) -> bytes:
         """The body to forward once ``payment`` is allowed: where the provider can enforce what was
         approved (a card's spending controls), the body says exactly that; otherwise it is unchanged."""
+        ...
+
+    def attribute(self, payment: Payment, body: bytes, authorization_id: str) -> bytes:
+        """The body to forward, tagged with the authorization that allowed it (``ATTRIBUTION`` in the
+        object's metadata) when the call creates an object, so the provider's own records name it;
+        unchanged for calls on existing objects. The same inputs give the same bytes: a re-send with the
+        same idempotency key must be the same request."""
         ...
 
     def declined_in(self, body: bytes) -> str | None:

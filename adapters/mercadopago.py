@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from adapters.base import (
+    ATTRIBUTION,
     PASSTHROUGH,
     PAYMENT,
     Classified,
@@ -140,6 +141,12 @@ def _metadata(params: Mapping[str, Any]) -> dict[str, str]:
         return {}
     if not isinstance(meta, dict):
         raise BadRequest("metadata must be an object", param="metadata")
+    if ATTRIBUTION in meta:
+        raise BadRequest(
+            f"metadata.{ATTRIBUTION} is set by PaySentry (the authorization that allowed the payment); "
+            "leave it out",
+            param=f"metadata.{ATTRIBUTION}",
+        )
     scalars = {
         k: v for k, v in meta.items() if isinstance(v, (str, int, Decimal)) and not isinstance(v, bool)
     }
@@ -298,6 +305,16 @@ class MercadoPagoAdapter:
 
     def prepare(self, payment: Payment, body: bytes) -> bytes:
         return body
+
+    def attribute(self, payment: Payment, body: bytes, authorization_id: str) -> bytes:
+        """``metadata.paysentry_authorization`` in the payment's JSON (its other metadata kept). Refunds
+        are not tagged: MercadoPago lists payments, and a refund is found in its payment."""
+        if payment.operation != "payment":
+            return body
+        params = json.loads(body)
+        metadata = params.get("metadata") or {}
+        params["metadata"] = {**metadata, ATTRIBUTION: authorization_id}
+        return json.dumps(params, separators=(",", ":")).encode()
 
     def webhook_ack(self, result: str, extra: Mapping[str, str]) -> Reply:
         """MercadoPago takes a 200 or 201 as delivered (and retries otherwise); the body is ignored."""

@@ -13,8 +13,10 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 from adapters.base import (
+    ATTRIBUTION,
     CONFIRM,
     PASSTHROUGH,
     PAYMENT,
@@ -62,6 +64,8 @@ ONE_TIME = "paysentry_one_time"
 # was rotated (401, 403), the card was being changed (409), too many requests (429).
 CANCEL_RETRIES = frozenset({401, 403, 409, 429})
 DEFAULT_API_VERSION = "2025-10-29.clover"
+# Operations whose call creates an object (tagged with the authorization); the rest act on one.
+CREATES = frozenset({"payment_intent", "charge", "transfer", "payout", "refund", "issuing_card"})
 _KINDS = {  # our error kinds -> Stripe error types
     "invalid_request": "invalid_request_error",
     "authentication": "invalid_request_error",
@@ -119,6 +123,12 @@ def _metadata(params: Mapping[str, Any]) -> dict[str, str]:
         return {}
     if not isinstance(meta, Mapping) or not all(isinstance(v, str) for v in meta.values()):
         raise BadRequest("metadata must be a set of key-value strings", param="metadata")
+    if ATTRIBUTION in meta:
+        raise BadRequest(
+            f"metadata[{ATTRIBUTION}] is set by PaySentry (the authorization that allowed the call); "
+            "leave it out",
+            param=f"metadata[{ATTRIBUTION}]",
+        )
     return dict(meta)
 
 
@@ -359,6 +369,18 @@ class StripeAdapter:
             controls["spending_limits_currency"] = sent["spending_limits_currency"]
         params["spending_controls"] = controls
         return encode_form(params)
+
+    def attribute(self, payment: Payment, body: bytes, authorization_id: str) -> bytes:
+        """``metadata[paysentry_authorization]=<id>`` after the agent's own parameters (its metadata
+        kept); ``metadata=`` (clearing it) cannot take a key beside it, so it is replaced."""
+        if payment.operation not in CREATES:
+            return body
+        tag = urlencode([(f"metadata[{ATTRIBUTION}]", authorization_id)]).encode()
+        if payment.params.get("metadata") == "":
+            params = parse_form(body)
+            params["metadata"] = {ATTRIBUTION: authorization_id}
+            return encode_form(params)
+        return body + b"&" + tag if body else tag
 
     # -- the rest of the port -----------------------------------------------------------------------------
     def error(
