@@ -3,7 +3,7 @@ holds the providers PaySentry knows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -74,6 +74,39 @@ class WebhookEvent:
     outcome: str | None  # VOID: the money will not move, release its spend; CONFIRM: it moved
     request: AuthorizationRequest | None = None
     used_card: CardUse | None = None  # a captured authorization: one-time cards are then cancelled
+    # A notification that says only which object changed: read it here (GET) to learn what it became.
+    read: str | None = None
+
+
+# What a provider's object says became of the money: it moved, it may still move, it will not.
+MOVED, PENDING, NOT_MOVED = "moved", "pending", "not_moved"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderObject:
+    """An object as the provider's own records show it (a list page, or one read), reduced to what
+    reconciliation compares: what made it (``operation``), what it moved (``amount`` in minor units,
+    ``currency``), whether it moved (``outcome``: MOVED, PENDING or NOT_MOVED; ``status`` the provider's
+    own word), when, and the authorization PaySentry tagged it with (None: not made through PaySentry).
+    ``body`` is the object's JSON, kept as the answer to replay when reconciliation settles its call."""
+
+    ref: str
+    operation: str
+    amount: int
+    currency: str
+    outcome: str
+    status: str
+    created: float
+    authorization: str | None
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderPage:
+    """One page of a provider's list: its objects, and the request target of the next page (None: last)."""
+
+    objects: tuple[ProviderObject, ...]
+    next: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +205,21 @@ class Adapter(Protocol):
     def amount_of(self, payment: Payment, body: bytes) -> tuple[int, str] | None:
         """(amount, currency) that ``payment`` moves, given the object ``lookup_path`` returned: the
         amount the call names (in that object's currency), else what is left of the object."""
+        ...
+
+    def listings(self, since: float, until: float) -> Sequence[str]:
+        """The request targets (GET path and query) of the first page of each list of objects created
+        between ``since`` and ``until`` (unix seconds) that calls PaySentry decides can make."""
+        ...
+
+    def page(self, target: str, body: bytes) -> ProviderPage:
+        """One list page the provider answered to ``target``: its objects (those PaySentry counts) and the
+        next page's target. Raises ValueError when the answer is not a list page."""
+        ...
+
+    def object_of(self, body: bytes) -> ProviderObject | None:
+        """One object the provider answered to a read (``WebhookEvent.read``), or None if it is not one
+        PaySentry counts."""
         ...
 
     def verify_webhook(

@@ -23,7 +23,7 @@ import asyncpg
 from proxy.errors import StoreUnavailable
 from proxy.model import Charge
 from proxy.store import FORWARDING, SETTLED
-from proxy.store.sql import MANY, ONE, RELEASED, SqlStore, T, Tx, execute, single
+from proxy.store.sql import COUNTED, MANY, NOTES, ONE, RELEASED, SqlStore, T, Tx, execute, single
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema" / "postgres"
 MIGRATION_LOCK = 0x5053_4D49  # advisory lock id: one migrator at a time
@@ -129,18 +129,25 @@ class PostgresStore(SqlStore):
         return self._pool.acquire(timeout=self.timeout)
 
     async def write(self, body: Tx[T]) -> T:
-        notes: list[tuple[str, tuple[Charge, ...]]] = []
+        notes: list[tuple[str, str, tuple[Charge, ...]]] = []
         try:
             async with self._connection() as conn, conn.transaction():
                 result = await _drive(conn, body, notes)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
-        if notes:
-            await self.after_release(notes)
+        released = [(agent, charges) for kind, agent, charges in notes if kind == RELEASED]
+        recounted = [(agent, charges) for kind, agent, charges in notes if kind == COUNTED]
+        if released:
+            await self.after_release(released)
+        if recounted:
+            await self.after_count(recounted)
         return result
 
     async def after_release(self, notes: list[tuple[str, tuple[Charge, ...]]]) -> None:
         """Spend released by a committed transaction: (agent id, charges). PostgreSQL alone: nothing to do."""
+
+    async def after_count(self, notes: list[tuple[str, tuple[Charge, ...]]]) -> None:
+        """Spend a committed transaction counted again (reconciliation: the provider moved it)."""
 
     async def settle(
         self, authorization_id: str, provider_ref: str | None, status: int, body: bytes | None, now: float
@@ -161,14 +168,14 @@ class PostgresStore(SqlStore):
 
 
 async def _drive(
-    conn: asyncpg.Connection, body: Tx[T], notes: list[tuple[str, tuple[Charge, ...]]] | None = None
+    conn: asyncpg.Connection, body: Tx[T], notes: list[tuple[str, str, tuple[Charge, ...]]] | None = None
 ) -> T:
     try:
         query = next(body)
         while True:
-            if query.kind == RELEASED:
+            if query.kind in NOTES:
                 if notes is not None:
-                    notes.append(query.args)  # type: ignore[arg-type]
+                    notes.append((query.kind, query.args[0], query.args[1]))
                 query = body.send(None)
                 continue
             sql = numbered(query.sql)
