@@ -3,13 +3,15 @@ holds the providers PaySentry knows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.model import OperationExample, Payment
 
 PAYMENT, PASSTHROUGH = "payment", "passthrough"
+# The metadata key PaySentry sets on every object a call it forwards creates: the authorization's id.
+ATTRIBUTION = "paysentry_authorization"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,39 @@ class WebhookEvent:
     outcome: str | None  # VOID: the money will not move, release its spend; CONFIRM: it moved
     request: AuthorizationRequest | None = None
     used_card: CardUse | None = None  # a captured authorization: one-time cards are then cancelled
+    # A notification that says only which object changed: read it here (GET) to learn what it became.
+    read: str | None = None
+
+
+# What a provider's object says became of the money: it moved, it may still move, it will not.
+MOVED, PENDING, NOT_MOVED = "moved", "pending", "not_moved"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderObject:
+    """An object as the provider's own records show it (a list page, or one read), reduced to what
+    reconciliation compares: what made it (``operation``), what it moved (``amount`` in minor units,
+    ``currency``), whether it moved (``outcome``: MOVED, PENDING or NOT_MOVED; ``status`` the provider's
+    own word), when, and the authorization PaySentry tagged it with (None: not made through PaySentry).
+    ``body`` is the object's JSON, kept as the answer to replay when reconciliation settles its call."""
+
+    ref: str
+    operation: str
+    amount: int
+    currency: str
+    outcome: str
+    status: str
+    created: float
+    authorization: str | None
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderPage:
+    """One page of a provider's list: its objects, and the request target of the next page (None: last)."""
+
+    objects: tuple[ProviderObject, ...]
+    next: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +176,13 @@ class Adapter(Protocol):
         approved (a card's spending controls), the body says exactly that; otherwise it is unchanged."""
         ...
 
+    def attribute(self, payment: Payment, body: bytes, authorization_id: str) -> bytes:
+        """The body to forward, tagged with the authorization that allowed it (``ATTRIBUTION`` in the
+        object's metadata) when the call creates an object, so the provider's own records name it;
+        unchanged for calls on existing objects. The same inputs give the same bytes: a re-send with the
+        same idempotency key must be the same request."""
+        ...
+
     def declined_in(self, body: bytes) -> str | None:
         """Why a 2xx answer still moved no money (a payment created as rejected), or None."""
         ...
@@ -173,6 +215,21 @@ class Adapter(Protocol):
     def amount_of(self, payment: Payment, body: bytes) -> tuple[int, str] | None:
         """(amount, currency) that ``payment`` moves, given the object ``lookup_path`` returned: the
         amount the call names (in that object's currency), else what is left of the object."""
+        ...
+
+    def listings(self, since: float, until: float) -> Sequence[str]:
+        """The request targets (GET path and query) of the first page of each list of objects created
+        between ``since`` and ``until`` (unix seconds) that calls PaySentry decides can make."""
+        ...
+
+    def page(self, target: str, body: bytes) -> ProviderPage:
+        """One list page the provider answered to ``target``: its objects (those PaySentry counts) and the
+        next page's target. Raises ValueError when the answer is not a list page."""
+        ...
+
+    def object_of(self, body: bytes) -> ProviderObject | None:
+        """One object the provider answered to a read (``WebhookEvent.read``), or None if it is not one
+        PaySentry counts."""
         ...
 
     def verify_webhook(

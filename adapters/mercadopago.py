@@ -18,14 +18,22 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from adapters.base import (
+    ATTRIBUTION,
+    MOVED,
+    NOT_MOVED,
     PASSTHROUGH,
     PAYMENT,
+    PENDING,
     Classified,
+    ProviderObject,
+    ProviderPage,
     Reply,
     Setting,
     WebhookEvent,
@@ -62,6 +70,51 @@ _ERRORS = {  # our error kinds -> MercadoPago's "error" names
 }
 # What a 2xx payment answer can still say: the payment exists but no money moved.
 DECLINED_STATUSES = frozenset({"rejected", "cancelled"})
+# A payment's status -> whether the money moved. Refunded and charged back payments did move it: a
+# refund is its own operation, counted as such. Any other status (pending, in_process, authorized,
+# in_mediation) may still move it.
+OUTCOMES = {
+    "approved": MOVED,
+    "refunded": MOVED,
+    "charged_back": MOVED,
+    "rejected": NOT_MOVED,
+    "cancelled": NOT_MOVED,
+}
+SEARCH = "/v1/payments/search"
+PAGE_SIZE = 100
+
+
+def payment_object(obj: Any) -> ProviderObject | None:
+    """A MercadoPago payment as reconciliation compares it (None when it is not a payment)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("id"), (int, str)):
+        return None
+    currency = str(obj.get("currency_id") or "").lower()
+    try:
+        amount = to_minor(Decimal(str(obj.get("transaction_amount"))), currency, "transaction_amount")
+    except (BadRequest, InvalidOperation, KeyError, ValueError):
+        amount = 0
+    status = str(obj.get("status") or "")
+    metadata = obj.get("metadata")
+    tag = metadata.get(ATTRIBUTION) if isinstance(metadata, dict) else None
+    try:
+        created = datetime.fromisoformat(str(obj.get("date_created"))).timestamp()
+    except ValueError:
+        created = 0.0
+    return ProviderObject(
+        ref=str(obj["id"]),
+        operation="payment",
+        amount=amount,
+        currency=currency,
+        outcome=OUTCOMES.get(status, PENDING),
+        status=status,
+        created=created,
+        authorization=tag if isinstance(tag, str) and tag else None,
+        body=json.dumps(plain_numbers(obj)).encode(),
+    )
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def to_minor(value: Any, currency: str, param: str) -> int:
@@ -140,6 +193,12 @@ def _metadata(params: Mapping[str, Any]) -> dict[str, str]:
         return {}
     if not isinstance(meta, dict):
         raise BadRequest("metadata must be an object", param="metadata")
+    if ATTRIBUTION in meta:
+        raise BadRequest(
+            f"metadata.{ATTRIBUTION} is set by PaySentry (the authorization that allowed the payment); "
+            "leave it out",
+            param=f"metadata.{ATTRIBUTION}",
+        )
     scalars = {
         k: v for k, v in meta.items() if isinstance(v, (str, int, Decimal)) and not isinstance(v, bool)
     }
@@ -299,6 +358,46 @@ class MercadoPagoAdapter:
     def prepare(self, payment: Payment, body: bytes) -> bytes:
         return body
 
+    def attribute(self, payment: Payment, body: bytes, authorization_id: str) -> bytes:
+        """``metadata.paysentry_authorization`` in the payment's JSON (its other metadata kept). Refunds
+        are not tagged: MercadoPago lists payments, and a refund is found in its payment."""
+        if payment.operation != "payment":
+            return body
+        params = json.loads(body)
+        metadata = params.get("metadata") or {}
+        params["metadata"] = {**metadata, ATTRIBUTION: authorization_id}
+        return json.dumps(params, separators=(",", ":")).encode()
+
+    # -- the provider's records ------------------------------------------------------------------------
+    def listings(self, since: float, until: float) -> Sequence[str]:
+        query = {
+            "range": "date_created",
+            "begin_date": _iso(since),
+            "end_date": _iso(until),
+            "sort": "date_created",
+            "criteria": "asc",
+            "offset": 0,
+            "limit": PAGE_SIZE,
+        }
+        return [f"{SEARCH}?{urlencode(query)}"]
+
+    def page(self, target: str, body: bytes) -> ProviderPage:
+        found = self._object(body)
+        results = found.get("results") if found else None
+        paging = found.get("paging") if found else None
+        if not isinstance(results, list) or not isinstance(paging, dict):
+            raise ValueError(f"{SEARCH} did not answer a MercadoPago search (results, paging)")
+        objects = tuple(o for o in map(payment_object, results) if o is not None)
+        query = dict(parse_qsl(target.split("?", 1)[1] if "?" in target else ""))
+        offset = int(query.get("offset", "0")) + len(results)
+        total = paging.get("total")
+        if not results or not isinstance(total, int) or offset >= total:
+            return ProviderPage(objects, None)
+        return ProviderPage(objects, f"{SEARCH}?{urlencode({**query, 'offset': offset})}")
+
+    def object_of(self, body: bytes) -> ProviderObject | None:
+        return payment_object(self._object(body))
+
     def webhook_ack(self, result: str, extra: Mapping[str, str]) -> Reply:
         """MercadoPago takes a 200 or 201 as delivered (and retries otherwise); the body is ignored."""
         body = json.dumps({"received": True, "result": result, **extra}).encode()
@@ -395,5 +494,7 @@ class MercadoPagoAdapter:
         event_id = event.get("id")
         if not isinstance(kind, str) or not isinstance(event_id, (str, int)):
             raise WebhookRejected("the notification has no id or no action/type")
-        # A notification only says that something changed; it does not say what the payment became.
-        return WebhookEvent(str(event_id), kind, data_id, None)
+        # A notification only says that something changed, not what the payment became: read it.
+        about_payment = event.get("type") == "payment" or kind.startswith("payment.")
+        read = f"/v1/payments/{data_id}" if about_payment and re.fullmatch(r"[0-9a-z_-]+", data_id) else None
+        return WebhookEvent(str(event_id), kind, data_id, None, read=read)

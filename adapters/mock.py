@@ -10,7 +10,9 @@ moved the money, as with a real provider). An intent with ``capture_method=manua
 confirmed and captured later, wholly or in part (the rest goes back); a succeeded intent cannot be
 cancelled, and no capture exceeds what is capturable.
 
-Introspection (not part of Stripe): ``GET /_mock/requests``, ``GET /_mock/objects``, ``POST /_mock/reset``.
+Lists (``GET /v1/<objects>``) page as Stripe's do: newest first, ``created[gte]`` and its siblings,
+``limit``, ``starting_after``, ``has_more``. Introspection (not part of Stripe): ``GET /_mock/requests``,
+``GET /_mock/objects``, ``POST /_mock/reset``.
 MercadoPago's payments API is served beside it (``adapters/mock_mercadopago.py``): ``/v1/payments...``.
 """
 
@@ -175,7 +177,7 @@ class MockProvider:
         collection = "/".join(parts[1:3]) if parts[1] == "issuing" else parts[1]
         rest = parts[3:] if parts[1] == "issuing" else parts[2:]
         if method == "GET":
-            return self._read(collection, rest)
+            return self._read(collection, rest, params)
         if method == "DELETE" and collection == "customers" and len(rest) == 1:
             obj = self.objects.pop(rest[0], None)
             return (
@@ -194,23 +196,63 @@ class MockProvider:
         except BadRequest as exc:
             return _error(400, "invalid_request_error", exc.message, "parameter_missing", exc.param or "")
 
-    def _read(self, collection: str, rest: list[str]) -> web.Response:
+    def _read(self, collection: str, rest: list[str], params: dict[str, Any]) -> web.Response:
         if not rest:
-            data = [o for o in self.objects.values() if o.get("_collection") == collection]
-            return web.json_response(
-                {
-                    "object": "list",
-                    "data": [_public(o) for o in data],
-                    "has_more": False,
-                    "url": f"/v1/{collection}",
-                }
-            )
+            return self._list(collection, params)
         obj = self.objects.get(rest[0])
         if obj is None or obj.get("_collection") != collection:
             return _error(
                 404, "invalid_request_error", f"No such object: '{rest[0]}'", "resource_missing", "id"
             )
         return web.json_response(_public(obj))
+
+    def _list(self, collection: str, params: dict[str, Any]) -> web.Response:
+        """As Stripe lists: newest first, ``created[gte|gt|lte|lt]`` filters, ``limit`` (1-100, default 10),
+        ``starting_after`` (the page after that object), ``has_more``."""
+        try:
+            limit = int(params.get("limit", "10"))
+            bounds = {
+                op: int(params[f"created[{op}]"])
+                for op in ("gte", "gt", "lte", "lt")
+                if f"created[{op}]" in params
+            }
+        except ValueError:
+            return _error(400, "invalid_request_error", "Invalid integer in the list parameters.")
+        if not 1 <= limit <= 100:
+            return _error(400, "invalid_request_error", "limit must be between 1 and 100.", param="limit")
+        tests = {
+            "gte": lambda c, b: c >= b,
+            "gt": lambda c, b: c > b,
+            "lte": lambda c, b: c <= b,
+            "lt": lambda c, b: c < b,
+        }
+        data = [
+            o
+            for o in reversed(list(self.objects.values()))  # newest first (insertion order breaks ties)
+            if o.get("_collection") == collection
+            and all(tests[op](o["created"], bound) for op, bound in bounds.items())
+        ]
+        after = params.get("starting_after")
+        if after:
+            ids = [o["id"] for o in data]
+            if after not in ids:
+                return _error(
+                    404,
+                    "invalid_request_error",
+                    f"No such object: '{after}'",
+                    "resource_missing",
+                    "starting_after",
+                )
+            data = data[ids.index(after) + 1 :]
+        page = data[:limit]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [_public(o) for o in page],
+                "has_more": len(data) > limit,
+                "url": f"/v1/{collection}",
+            }
+        )
 
     def _create(self, collection: str, params: dict[str, Any]) -> web.Response:
         if collection == "issuing/cards":
@@ -239,6 +281,7 @@ class MockProvider:
             obj["client_secret"] = f"{obj['id']}_secret_{secrets.token_hex(8)}"
             if declined:  # as Stripe: the intent exists, and the decline carries it
                 obj["status"] = "requires_payment_method"
+                obj["last_payment_error"] = {"type": "card_error", "code": "card_declined"}
                 self.objects[obj["id"]] = obj
                 return _declined(obj)
         elif collection == "charges":
@@ -271,6 +314,7 @@ class MockProvider:
         if collection == "payment_intents" and action in ("confirm", "capture", "cancel"):
             if params.get("payment_method") in DECLINING:
                 obj["status"] = "requires_payment_method"
+                obj["last_payment_error"] = {"type": "card_error", "code": "card_declined"}
                 return _declined(obj)
             status = obj.get("status")
             if action == "cancel" and status in ("succeeded", "canceled"):
@@ -315,6 +359,7 @@ class MockProvider:
 
 def _confirm(intent: dict[str, Any]) -> None:
     """As Stripe: a manual-capture intent is authorized (its amount capturable), any other is paid."""
+    intent.pop("last_payment_error", None)
     if intent.get("capture_method") == "manual":
         intent.update(status="requires_capture", amount_capturable=intent["amount"])
     else:

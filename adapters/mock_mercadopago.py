@@ -4,7 +4,7 @@ Accounts are access tokens; each belongs to a site whose currency its payments c
 speaks MercadoPago's wire format: JSON bodies, ``transaction_amount`` in the major unit, a mandatory
 ``X-Idempotency-Key`` (a retry with the same key returns the payment already created), ``201`` with the
 payment's ``status`` (``approved``, or ``rejected`` for the test card token ``rejected`` or a payer named
-``REJECTED``), refunds, reads, and errors as ``{"message", "error", "status", "cause"}``.
+``REJECTED``), refunds, reads, the search (``GET /v1/payments/search``, by creation date, paged), and errors as ``{"message", "error", "status", "cause"}``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from proxy.errors import BadRequest
 # Test accounts by access token: the currency of each one's site.
 ACCOUNTS = {f"APP_USR-paysentry-mock-{c}": c.upper() for c in sorted(CURRENCIES)}
 REJECTING = {"rejected"}
+SITE = timezone(timedelta(hours=-4))
 
 
 def _error(status: int, error: str, message: str, code: int = 0) -> web.Response:
@@ -56,6 +58,7 @@ class MockMercadoPago:
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/payments", self._wrap(self._create))
+        app.router.add_get("/v1/payments/search", self._wrap(self._search))  # before /{id}
         app.router.add_get("/v1/payments/{id}", self._wrap(self._read))
         app.router.add_put("/v1/payments/{id}", self._wrap(self._update))
         app.router.add_post("/v1/payments/{id}/refunds", self._wrap(self._refund))
@@ -121,7 +124,7 @@ class MockMercadoPago:
         payer = params.get("payer")
         payer = payer if isinstance(payer, dict) else {}
         rejected = params.get("token") in REJECTING or payer.get("first_name") == "REJECTED"
-        payment_id = next(self._ids)
+        payment_id, now = next(self._ids), time.time()
         payment = {
             "id": payment_id,
             "status": "rejected" if rejected else "approved",
@@ -135,13 +138,41 @@ class MockMercadoPago:
             "external_reference": params.get("external_reference"),
             "payer": plain_numbers(payer),
             "additional_info": plain_numbers(params.get("additional_info") or {}),
-            "date_created": time.strftime("%Y-%m-%dT%H:%M:%S.000-04:00"),
+            "metadata": plain_numbers(params.get("metadata") or {}),
+            "date_created": _date(now),
             "refunds": [],
+            "_created": now,
             "_minor": amount,
             "_refunded": 0,
         }
         self.payments[str(payment_id)] = payment
         return web.json_response(_public(payment), status=201)
+
+    def _search(self, request: web.Request, currency: str, params: dict[str, Any]) -> web.Response:
+        """As MercadoPago's search: the account's payments, ``range=date_created`` between ``begin_date``
+        and ``end_date`` (ISO 8601), ``sort=date_created`` ``criteria=asc|desc``, ``offset``, ``limit``
+        (at most 100 here), answered as ``{paging: {total, limit, offset}, results}``."""
+        query = request.query
+        try:
+            offset, limit = int(query.get("offset", "0")), int(query.get("limit", "30"))
+            begin = datetime.fromisoformat(query["begin_date"]).timestamp() if "begin_date" in query else None
+            end = datetime.fromisoformat(query["end_date"]).timestamp() if "end_date" in query else None
+        except ValueError:
+            return _error(400, "bad_request", "invalid search parameters", 4)
+        if query.get("range", "date_created") != "date_created" or not 0 < limit <= 100 or offset < 0:
+            return _error(400, "bad_request", "invalid search parameters", 4)
+        found = [
+            p
+            for p in self.payments.values()
+            if p["currency_id"] == currency
+            and (begin is None or p["_created"] >= begin)
+            and (end is None or p["_created"] <= end)
+        ]
+        found.sort(key=lambda p: p["_created"], reverse=query.get("criteria") == "desc")
+        results = [_public(p) for p in found[offset : offset + limit]]
+        return web.json_response(
+            {"paging": {"total": len(found), "limit": limit, "offset": offset}, "results": results}
+        )
 
     def _find(self, request: web.Request) -> dict[str, Any] | None:
         return self.payments.get(request.match_info["id"])
@@ -182,10 +213,15 @@ class MockMercadoPago:
             "payment_id": payment["id"],
             "amount": _number(amount, currency),
             "status": "approved",
-            "date_created": time.strftime("%Y-%m-%dT%H:%M:%S.000-04:00"),
+            "date_created": _date(time.time()),
         }
         payment["refunds"].append(refund)
         return web.json_response(refund, status=201)
+
+
+def _date(at: float) -> str:
+    """A date as MercadoPago writes it: ISO 8601 with milliseconds, in the site's offset (-04:00)."""
+    return datetime.fromtimestamp(at, SITE).isoformat(timespec="milliseconds")
 
 
 def _public(payment: dict[str, Any]) -> dict[str, Any]:

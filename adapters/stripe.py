@@ -11,17 +11,24 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 from adapters.base import (
+    ATTRIBUTION,
     CONFIRM,
+    MOVED,
+    NOT_MOVED,
     PASSTHROUGH,
     PAYMENT,
+    PENDING,
     VOID,
     AuthorizationRequest,
     CardUse,
     Classified,
+    ProviderObject,
+    ProviderPage,
     Reply,
     Setting,
     WebhookEvent,
@@ -62,6 +69,8 @@ ONE_TIME = "paysentry_one_time"
 # was rotated (401, 403), the card was being changed (409), too many requests (429).
 CANCEL_RETRIES = frozenset({401, 403, 409, 429})
 DEFAULT_API_VERSION = "2025-10-29.clover"
+# Operations whose call creates an object (tagged with the authorization); the rest act on one.
+CREATES = frozenset({"payment_intent", "charge", "transfer", "payout", "refund", "issuing_card"})
 _KINDS = {  # our error kinds -> Stripe error types
     "invalid_request": "invalid_request_error",
     "authentication": "invalid_request_error",
@@ -70,6 +79,83 @@ _KINDS = {  # our error kinds -> Stripe error types
     "idempotency": "idempotency_error",
     "api": "api_error",
 }
+
+
+# The lists reconciliation reads (each object's "object" names the operation that makes it), 100 a page.
+LISTS = {
+    "/v1/payment_intents": "payment_intent",
+    "/v1/charges": "charge",
+    "/v1/transfers": "transfer",
+    "/v1/payouts": "payout",
+    "/v1/refunds": "refund",
+    "/v1/issuing/cards": "issuing_card",
+}
+OPERATION_OF = {
+    "payment_intent": "payment_intent",
+    "charge": "charge",
+    "transfer": "transfer",
+    "payout": "payout",
+    "refund": "refund",
+    "issuing.card": "issuing_card",
+}
+_OUTCOMES = {  # the provider's status of each kind of object -> whether the money moved
+    "payment_intent": {"succeeded": MOVED, "canceled": NOT_MOVED},
+    "charge": {"succeeded": MOVED, "failed": NOT_MOVED},
+    "payout": {"paid": MOVED, "failed": NOT_MOVED, "canceled": NOT_MOVED},
+    "refund": {"succeeded": MOVED, "failed": NOT_MOVED, "canceled": NOT_MOVED},
+}
+
+
+def stripe_object(obj: Any) -> ProviderObject | None:
+    """A Stripe object as reconciliation compares it; None for objects PaySentry does not count (a charge
+    an intent made is the intent's)."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("id"), str):
+        return None
+    operation = OPERATION_OF.get(str(obj.get("object")))
+    if operation is None or (operation == "charge" and obj.get("payment_intent")):
+        return None
+    status = str(obj.get("status") or "")
+    if operation == "transfer":
+        outcome, status = (NOT_MOVED, "reversed") if obj.get("reversed") is True else (MOVED, "paid")
+    elif operation == "issuing_card":
+        outcome = MOVED  # counted when made, whatever became of it: its use is its authorizations
+    else:
+        outcome = _OUTCOMES[operation].get(status, PENDING)
+        if status == "requires_payment_method" and obj.get("last_payment_error"):
+            outcome = NOT_MOVED  # declined: made, and nothing moved unless it is confirmed again
+    amount: Any = _card_amount(obj) if operation == "issuing_card" else obj.get("amount")
+    received = obj.get("amount_received") if operation == "payment_intent" else None
+    if outcome == MOVED and isinstance(received, int) and received:
+        amount = received  # what was captured
+    metadata = obj.get("metadata")
+    tag = metadata.get(ATTRIBUTION) if isinstance(metadata, Mapping) else None
+    created = obj.get("created")
+    try:
+        whole = int(amount)
+    except (TypeError, ValueError):
+        whole = 0
+    return ProviderObject(
+        ref=obj["id"],
+        operation=operation,
+        amount=whole,
+        currency=str(obj.get("currency") or "").lower(),
+        outcome=outcome,
+        status=status,
+        created=float(created) if isinstance(created, (int, float)) else 0.0,
+        authorization=tag if isinstance(tag, str) and tag else None,
+        body=json.dumps(obj).encode(),
+    )
+
+
+def _card_amount(card: Mapping[str, Any]) -> int:
+    controls = card.get("spending_controls")
+    limits = controls.get("spending_limits") if isinstance(controls, Mapping) else None
+    amounts = [
+        int(entry["amount"])
+        for entry in (limits if isinstance(limits, list) else [])
+        if isinstance(entry, Mapping) and str(entry.get("amount", "")).isdigit()
+    ]
+    return max(amounts, default=0)
 
 
 def _text(params: Mapping[str, Any], key: str) -> str:
@@ -119,6 +205,12 @@ def _metadata(params: Mapping[str, Any]) -> dict[str, str]:
         return {}
     if not isinstance(meta, Mapping) or not all(isinstance(v, str) for v in meta.values()):
         raise BadRequest("metadata must be a set of key-value strings", param="metadata")
+    if ATTRIBUTION in meta:
+        raise BadRequest(
+            f"metadata[{ATTRIBUTION}] is set by PaySentry (the authorization that allowed the call); "
+            "leave it out",
+            param=f"metadata[{ATTRIBUTION}]",
+        )
     return dict(meta)
 
 
@@ -367,6 +459,44 @@ class StripeAdapter:
             controls["spending_limits_currency"] = sent["spending_limits_currency"]
         params["spending_controls"] = controls
         return encode_form(params)
+
+    def attribute(self, payment: Payment, body: bytes, authorization_id: str) -> bytes:
+        """``metadata[paysentry_authorization]=<id>`` after the agent's own parameters (its metadata
+        kept); ``metadata=`` (clearing it) cannot take a key beside it, so it is replaced."""
+        if payment.operation not in CREATES:
+            return body
+        tag = urlencode([(f"metadata[{ATTRIBUTION}]", authorization_id)]).encode()
+        if payment.params.get("metadata") == "":
+            params = parse_form(body)
+            params["metadata"] = {ATTRIBUTION: authorization_id}
+            return encode_form(params)
+        return body + b"&" + tag if body else tag
+
+    # -- the provider's records ------------------------------------------------------------------------
+    def listings(self, since: float, until: float) -> Sequence[str]:
+        window = urlencode({"created[gte]": int(since), "created[lte]": int(until), "limit": 100})
+        return [f"{path}?{window}" for path in LISTS]
+
+    def page(self, target: str, body: bytes) -> ProviderPage:
+        try:
+            listed = json.loads(body)
+            data = listed["data"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{target.split('?')[0]} did not answer a Stripe list") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{target.split('?')[0]} did not answer a Stripe list")
+        objects = tuple(o for o in map(stripe_object, data) if o is not None)
+        last = data[-1].get("id") if data and isinstance(data[-1], Mapping) else None
+        if listed.get("has_more") is not True or not isinstance(last, str):
+            return ProviderPage(objects, None)
+        base = target.split("&starting_after=", 1)[0]
+        return ProviderPage(objects, f"{base}&{urlencode({'starting_after': last})}")
+
+    def object_of(self, body: bytes) -> ProviderObject | None:
+        try:
+            return stripe_object(json.loads(body))
+        except ValueError:
+            return None
 
     # -- the rest of the port -----------------------------------------------------------------------------
     def error(

@@ -1,5 +1,6 @@
 """The running sidecar: starts the listeners of the graph ``proxy.bootstrap`` builds, sweeps held and
-expired work in the background, and drains on shutdown."""
+expired work in the background, reconciles with the providers' records on its own schedule, and drains
+on shutdown."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ class Sidecar:
             asyncio.create_task(self._resolve()),
             asyncio.create_task(g.policies.holder.watch(self.settings.policy_poll_interval)),
         ]
+        if self.settings.reconcile_interval > 0:  # its own task: never delays the sweep or a payment
+            self._tasks.append(asyncio.create_task(self._reconcile()))
         log.info(
             "paysentry started",
             extra={
@@ -110,6 +113,25 @@ class Sidecar:
                 resolved = {}
             if sum(resolved.values()) < batch:
                 await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _reconcile(self) -> None:
+        """Every ``reconcile_interval``, compare each connection's last ``reconcile_window`` with the
+        provider's records and fix what they prove. Every replica may run it: each fix is a conditional
+        transition, so two runs at once never apply one twice."""
+        reconciler = self.gateway.reconciler
+        with contextlib.suppress(Exception):
+            await reconciler.refresh_gauges()  # the drift the latest runs left, before this replica's first
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval)
+            try:
+                reports = await reconciler.run(time.time() - self.settings.reconcile_window)
+                fixed = sum(len(r.fixed) for r in reports)
+                unexplained = sum(len(r.unexplained) for r in reports)
+                if fixed or unexplained:
+                    log.info("reconcile", extra={"fields": {"fixed": fixed, "unexplained": unexplained}})
+            except Exception:  # like the sweep: outlive a passing store or provider failure
+                self.gateway.metrics.inc("paysentry_store_errors_total", where="reconcile")
+                log.exception("reconciliation failed")
 
     async def _refresh_gauges(self) -> None:
         """Pending holds, and each agent's spend in the current window of every limit against its maximum

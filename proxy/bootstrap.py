@@ -7,7 +7,8 @@ owner service, neither loads policies nor imports the serving parts. ``serve`` r
 
     settings ─► store (SQLite | PostgreSQL | PostgreSQL + Redis gate)      RedisServices (once, or none)
              ─► sealer, policies (engine + holder), token authenticators, connections (+ adapters)
-             ─► upstream ─► PaymentService ─► CardAuthorizer, ProviderEvents
+             ─► upstream ─► PaymentService ─► CardAuthorizer, ProviderEvents (─► Reconciler)
+             ─► Reconciler (provider lists vs. the store: paysentry reconcile, the periodic job)
              ─► listeners: AgentListener | OwnerApi (+ WebhookListener, LinkPages on its port)
 """
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # imported where built: the CLI's store commands load none of
     from proxy.listeners.owner_api import OwnerApi
     from proxy.payments.cards import CardAuthorizer
     from proxy.payments.events import ProviderEvents
+    from proxy.payments.reconcile import Reconciler
     from proxy.payments.service import PaymentService, Policies
     from proxy.store.redis_spend import ApprovalBus, RedisRateLimiter
 
@@ -221,6 +223,12 @@ class Gateway:
         )
 
     @cached_property
+    def reconciler(self) -> Reconciler:
+        from proxy.payments.reconcile import Reconciler
+
+        return Reconciler(self.store, self.connections, self.upstream, self.sealer, self.metrics, self.clock)
+
+    @cached_property
     def events(self) -> ProviderEvents:
         from proxy.payments.events import ProviderEvents
 
@@ -231,6 +239,7 @@ class Gateway:
             self.metrics,
             self.settings.webhook_tolerance,
             self.clock,
+            reconciler=self.reconciler,
         )
 
     @cached_property

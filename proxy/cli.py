@@ -11,11 +11,14 @@
     paysentry policy replay DIR --since 7d         which recorded decisions a candidate set would change
     paysentry policy schema                        the JSON schema of a policy file, with the adapters' operations
     paysentry approvals list [--state S] | show ID | approve ID | deny ID [--as APPROVER] [--reason R]
+    paysentry reconcile [--since 24h|ISO8601] [--owner N] [--connection N] [-o json]
+                                                   compare what PaySentry counted with the providers' records
     paysentry mock-provider [--listen HOST:PORT]
 
 Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
-Exit codes: 0 done, 1 refused (not found, conflict), 2 usage or configuration error, 3 invalid policy,
-4 a policy test failed.
+Exit codes: 0 done, 1 refused (not found, conflict; for reconcile: a provider list could not be read
+whole), 2 usage or configuration error, 3 invalid policy, 4 a policy test failed, 5 reconciliation left
+unexplained drift.
 """
 
 from __future__ import annotations
@@ -134,6 +137,15 @@ def _parser() -> argparse.ArgumentParser:
                 "--as", dest="voter", default="cli", help="the approver voting (as named in the rule)"
             )
 
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="compare what PaySentry counted with each connection's provider records; fix what they prove",
+    )
+    reconcile.add_argument("--since", default="24h", help="a duration back from now (24h, 7d) or ISO 8601")
+    reconcile.add_argument("--owner")
+    reconcile.add_argument("--connection", help="one connection of the owner, by name")
+    reconcile.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
     mock = sub.add_parser("mock-provider", help="run the built-in mock payment provider on its own")
     mock.add_argument("--listen", default="127.0.0.1:12111")
     return p
@@ -167,12 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "serve":
             return _serve(settings, args.demo)
+        command = _COMMANDS[(args.command, getattr(args, "action", ""))]
         return asyncio.run(
-            _with_store(
-                settings,
-                lambda ctx: _COMMANDS[(args.command, args.action)](ctx, args),
-                migrate=args.command == "db",
-            )
+            _with_store(settings, lambda ctx: command(ctx, args), migrate=args.command == "db")
         )
     except PolicyError as exc:
         print(exc.message, file=sys.stderr)
@@ -371,7 +380,7 @@ class _Context:
     def __init__(self, settings: Settings) -> None:
         from proxy.bootstrap import bootstrap
 
-        gateway = bootstrap(settings)
+        self.gateway = gateway = bootstrap(settings)
         self.store, self.sealer, self.service = gateway.store, gateway.sealer, gateway.owner_service
 
 
@@ -528,7 +537,87 @@ async def _policy_replay(ctx: _Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_since(text: str, now: float) -> float:
+    """``24h`` / ``7d`` back from ``now``, or an ISO 8601 time (``2026-11-22T00:00:00Z``)."""
+    from datetime import UTC, datetime
+
+    from proxy.durations import parse_duration
+
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise PaySentryError(
+            f"--since takes a duration (24h, 7d) or an ISO 8601 time, got {text!r}"
+        ) from None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+async def _reconcile(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.upstream import AiohttpUpstream
+
+    since = parse_since(args.since, time.time())
+    owner_id = (await ctx.service.owner_named(args.owner)).id if args.owner or args.connection else None
+    connection_id = None
+    if args.connection:
+        assert owner_id is not None
+        found = await ctx.store.find_connection(owner_id, args.connection)
+        if found is None:
+            raise PaySentryError(f"no connection named {args.connection!r} for this owner")
+        connection_id = found.id
+    upstream = ctx.gateway.upstream
+    if isinstance(upstream, AiohttpUpstream):
+        await upstream.start()
+    try:
+        reports = await ctx.gateway.reconciler.run(since, owner_id, connection_id)
+    finally:
+        if isinstance(upstream, AiohttpUpstream):
+            await upstream.close()
+    if args.output == "json":
+        _print([r.to_json() for r in reports])
+    else:
+        for report in reports:
+            print(_report_text(report))
+    if not reports:
+        print("paysentry: no connection to reconcile", file=sys.stderr)
+    if any(r.drift for r in reports):
+        return 5
+    return 1 if any(r.errors for r in reports) else 0
+
+
+def _report_text(report: Any) -> str:
+    from datetime import UTC, datetime
+
+    from proxy.currency import format_minor
+
+    def when(at: float) -> str:
+        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    lines = [
+        f"{report.name} ({report.provider}, {report.connection})  {when(report.since)} .. {when(report.until)}"
+        f"  seen {report.seen}, matched {report.matched}, fixed {len(report.fixed)}, "
+        f"unexplained {len(report.unexplained)}"
+    ]
+    for f in report.fixed:
+        amount = format_minor(f.amount, f.currency) if f.currency else str(f.amount)
+        lines.append(
+            f"  fixed        {f.fix:<22} {f.ref:<28} {amount:>14}  {f.authorization} ({f.provider_status})"
+        )
+    for u in report.unexplained:
+        amount = format_minor(u.amount, u.currency) if u.currency else str(u.amount)
+        lines.append(f"  unexplained  {u.kind:<22} {u.ref:<28} {amount:>14}  {u.detail}")
+    for error in report.errors:
+        lines.append(f"  error: {error}")
+    drift = ", ".join(format_minor(a, c) for c, a in sorted(report.drift.items()))
+    lines.append(f"  drift: {drift or 'none'}")
+    return "\n".join(lines)
+
+
 _COMMANDS: dict[tuple[str, str], Callable[[_Context, argparse.Namespace], Awaitable[int]]] = {
+    ("reconcile", ""): _reconcile,
     ("policy", "replay"): _policy_replay,
     ("keys", "rotate"): _keys_rotate,
     ("db", "migrate"): _db_migrate,

@@ -39,6 +39,8 @@ class Settings:
     shutdown_grace: float = 30.0  # on SIGTERM, how long calls in flight may take to finish
     reservation_lease: float = 120.0
     sweep_interval: float = 5.0
+    reconcile_interval: float = 3600.0  # how often each replica reconciles with the providers (0: never)
+    reconcile_window: float = 86400.0  # how far back each periodic reconciliation reads
     policy_poll_interval: float = 2.0  # how often the policy directory is checked for changes
     max_body_bytes: int = 1024 * 1024
     max_header_bytes: int = 8190  # one header line

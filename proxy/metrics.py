@@ -45,6 +45,16 @@ INSTRUMENTS = {
         COUNTER,
         "Unresolved calls re-sent to the provider, by what its answer said (settled, failed, in_doubt).",
     ),
+    "paysentry_reconcile_drift": (
+        GAUGE,
+        "Minor units the provider's records show that reconciliation could not explain, per connection "
+        "and currency (the latest run of each connection).",
+    ),
+    "paysentry_reconcile_fixes_total": (
+        COUNTER,
+        "Authorizations reconciliation fixed from the provider's records (settled, released, counted, voided).",
+    ),
+    "paysentry_reconcile_runs_total": (COUNTER, "Reconciliations of a connection, by result (ok, error)."),
     "paysentry_spend_amount": (
         GAUGE,
         "Spend counted in the current window, minor units, per agent and limit.",

@@ -16,6 +16,7 @@ found. Routes:
                                                   (as: the approver voting; default owner:<name>)
     GET  /v1/authorizations?agent=&limit=         GET /v1/authorizations/{id}
     GET  /v1/events?after=&limit=
+    GET  /v1/reconciliation                       the latest reconciliation of each of the owner's connections
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class OwnerApi:
         r.add_get("/v1/authorizations", self.list_authorizations)
         r.add_get("/v1/authorizations/{id}", self.get_authorization)
         r.add_get("/v1/events", self.list_events)
+        r.add_get("/v1/reconciliation", self.reconciliation)
         for add_routes in self.extra_routes:
             add_routes(app)
         return app
@@ -220,6 +222,10 @@ class OwnerApi:
         if auth is None:
             raise NotFound(f"no authorization {request.match_info['id']!r}")
         return web.json_response(authorization_json(auth))
+
+    async def reconciliation(self, request: web.Request) -> web.Response:
+        reports = await self.store.reconciliations(request[OWNER].id)
+        return web.json_response({"data": reports})
 
     async def list_events(self, request: web.Request) -> web.Response:
         after, limit = _int_query(request, "after", 0, 2**62), _int_query(request, "limit", 100, 1000)

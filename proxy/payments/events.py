@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from adapters.base import Reply, WebhookEvent
 from proxy.connections import Connection, ConnectionCache
@@ -20,8 +21,20 @@ from proxy.metrics import Metrics
 from proxy.payments.cards import RETRY, CardAuthorizer
 from proxy.store import Store
 
+if TYPE_CHECKING:
+    from proxy.payments.reconcile import Reconciler
+
 log = logging.getLogger("paysentry.webhooks")
 WEBHOOKS = "paysentry_webhooks_total"
+# What reconciling a notified object found, as a webhook result (its fixes keep their names:
+# settled, released, counted, voided).
+NOTIFIED = {
+    "matched": "recorded",
+    "amount_mismatch": "recorded",
+    "untracked": "unmatched",
+    "unknown_authorization": "unmatched",
+    "not_forwarded": "unmatched",
+}
 
 
 class ProviderEvents:
@@ -33,9 +46,11 @@ class ProviderEvents:
         metrics: Metrics,
         tolerance: float,
         clock: Callable[[], float] = time.time,
+        *,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.store, self.connections, self.cards, self.metrics = store, connections, cards, metrics
-        self.tolerance, self.clock = tolerance, clock
+        self.tolerance, self.clock, self.reconciler = tolerance, clock, reconciler
 
     async def receive(self, connection_id: str, headers: Mapping[str, str], body: bytes) -> Reply:
         """One delivery: 2xx when handled (or already handled), 4xx when refused, 5xx when it could not
@@ -49,6 +64,8 @@ class ProviderEvents:
             if event.request is not None:  # the provider waits for a decision
                 self.metrics.inc(WEBHOOKS, result="authorization_request")
                 return await self.cards.authorize(connection, event.request)
+            if event.read is not None and self.reconciler is not None:
+                return await self._read_and_apply(connection, event)
             card = None
             if event.used_card is not None:  # act first: the event is recorded once the card is handled
                 if await self.store.webhook_seen(connection.id, event.id):
@@ -73,6 +90,24 @@ class ProviderEvents:
             log.warning(f"webhook {outcome}", extra={"fields": {"reason": exc.message}})
             return _json({"error": {"code": exc.code, "message": exc.message}}, exc.status)
         return self._answer(connection, event, result, card)
+
+    async def _read_and_apply(self, connection: Connection, event: WebhookEvent) -> Reply:
+        """A notification that names an object only (MercadoPago's): read the object and settle, release
+        or count what PaySentry recorded for it from what it says, as reconciliation does (each change a
+        conditional transition, so a redelivery racing this one changes nothing twice). Unreadable now:
+        502, the provider redelivers."""
+        assert self.reconciler is not None and event.read is not None
+        if await self.store.webhook_seen(connection.id, event.id):
+            return self._answer(connection, event, "duplicate", None)
+        obj = connection.adapter.object_of(await self.reconciler.read(connection, event.read))
+        result = "ignored"
+        if obj is not None:
+            applied = await self.reconciler.one_object(connection, obj, "provider")
+            result = NOTIFIED.get(applied, applied)
+        recorded = await self.store.apply_webhook(
+            connection.owner_id, connection.id, event.id, event.type, event.provider_ref, None, self.clock()
+        )
+        return self._answer(connection, event, "duplicate" if recorded == "duplicate" else result, None)
 
     def _answer(self, connection: Connection, event: WebhookEvent, result: str, card: str | None) -> Reply:
         self.metrics.inc(WEBHOOKS, result=result)

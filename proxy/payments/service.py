@@ -109,6 +109,7 @@ class Decided:
     record: AuthorizationRecord
     replay: bool
     decision: Decision | None = None
+    call: PaymentCall | None = None  # the call, its forwarded body attributed to the record
 
 
 class PaymentService:
@@ -327,6 +328,7 @@ class PaymentService:
     async def authorize(self, call: PaymentCall, span: trace.Span) -> Outcome:
         """Decide, record and carry out one payment call; the Outcome is what the agent is told."""
         decided = await self.decide_and_record(call, span)
+        call = decided.call or call
         auth = decided.record
         if decided.replay:
             return await self._replay(auth, call, span)
@@ -354,7 +356,7 @@ class PaymentService:
                 "meant to execute a different request."
             )
         if existing is not None and not _retryable(existing):
-            return Decided(existing, replay=True)
+            return Decided(existing, replay=True, call=self._attributed(call, existing.id))
         payment = await self._resolve(call.payment, agent, call.connection)
         with self._stage("policy", span):
             decision = decide(policy_set, self.policies.engine, payment, agent, totals, now)
@@ -369,6 +371,7 @@ class PaymentService:
             )
         annotate(span, payment, decision)
         auth_id = existing.id if existing else new_id("auth")
+        call = self._attributed(call, auth_id)
         new = authorization_for(
             agent,
             payment,
@@ -393,7 +396,7 @@ class PaymentService:
             span.set_attribute("paysentry.rule", auth.rule)
         log_decision(agent, auth)
         self.metrics.inc("paysentry_decisions_total", decision=auth.decision, rule=auth.rule)
-        return Decided(auth, replay=False, decision=decision)
+        return Decided(auth, replay=False, decision=decision, call=call)
 
     async def _held(
         self, auth: AuthorizationRecord, decision: Decision, call: PaymentCall, span: trace.Span
@@ -554,6 +557,15 @@ class PaymentService:
     async def _in_doubt(self, auth_id: str, reason: str, attempts: int) -> None:
         now = self.clock()
         await self.store.set_in_doubt(auth_id, reason, now + retry_delay(attempts), now)
+
+    @staticmethod
+    def _attributed(call: PaymentCall, auth_id: str) -> PaymentCall:
+        """The call with its forwarded body tagged with the authorization (for calls that create an
+        object), so the provider's records name it. The request hash stays the agent's body's."""
+        if call.forward is None:
+            return call
+        body = call.connection.adapter.attribute(call.payment, call.forward.body, auth_id)
+        return call if body is call.forward.body else replace(call, forward=replace(call.forward, body=body))
 
     def _sealed_request(self, call: PaymentCall, auth_id: str) -> bytes | None:
         """What resolution sends if the outcome is not recorded: the call itself, or what reads it."""

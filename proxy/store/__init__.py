@@ -25,6 +25,13 @@ VOIDED = "voided"  # settled, then the provider reported the money will not move
 IN_DOUBT = "in_doubt"
 RESERVING_STATES = (HELD, APPROVED, FORWARDING, IN_DOUBT)  # states whose charges count against limits
 UNRESOLVED_STATES = (FORWARDING, IN_DOUBT)  # forwarded, no answer recorded yet
+# What reconciliation may do to an authorization, from the provider's own record of its object (each a
+# conditional transition, so of replicas racing exactly one applies it):
+SETTLE_FIX = "settled"  # unresolved (in doubt, or forwarding past its lease), the money moved: settled
+RELEASE_FIX = "released"  # unresolved, the provider shows it did not move: failed, spend released
+COUNT_FIX = "counted"  # failed or voided (released) but the provider moved it: settled, counted again
+VOID_FIX = "voided"  # settled but the provider shows it did not move: voided, spend released
+FIXES = (SETTLE_FIX, RELEASE_FIX, COUNT_FIX, VOID_FIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,7 +450,60 @@ class Housekeeping(Protocol):
     async def reseal(self, kind: str, row_id: str, old: bytes, new: bytes) -> bool: ...
 
 
-class Store(IdentityStore, AuthorizationStore, HoldStore, AuditStore, Housekeeping, Protocol):
+class ReconciliationStore(Protocol):
+    """Comparing what PaySentry counted with the provider's own records: the authorizations a
+    connection's objects may belong to, the fixes the provider's records prove (each a conditional
+    transition with its audit event and spend change, in one transaction), and the latest report of each
+    connection, shared by every replica and the owner API."""
+
+    async def list_connections(self, owner_id: str | None) -> list[ConnectionRecord]:
+        """Active connections of one owner, or of every owner (None)."""
+        ...
+
+    async def reconciliation_candidates(
+        self, connection_id: str, since: float | None, refs: Sequence[str], ids: Sequence[str]
+    ) -> list[AuthorizationRecord]:
+        """The authorizations of the connection's agents made since ``since`` (None: none by time), or naming one of the
+        provider objects ``refs``, or among ``ids`` (the authorizations the objects are tagged with)."""
+        ...
+
+    async def reconcile(
+        self,
+        authorization_id: str,
+        fix: str,
+        actor: str,
+        data: Mapping[str, Any],
+        now: float,
+        provider_ref: str | None = None,
+        status: int | None = None,
+        body: bytes | None = None,
+    ) -> bool:
+        """Apply ``fix`` (one of ``FIXES``) if the authorization is still in a state it applies to: the
+        transition, its spend (kept, released, or counted again without a limit check: the money moved),
+        an ``authorization.reconciled`` event, and (``status``, ``body``) the answer a same-key retry
+        replays. False when another writer changed it first."""
+        ...
+
+    async def save_reconciliation(
+        self, owner_id: str, connection_id: str, ran_at: float, report: Mapping[str, Any]
+    ) -> None:
+        """Keep ``report`` as the connection's latest (an older run finishing later does not replace it)."""
+        ...
+
+    async def reconciliations(self, owner_id: str | None) -> list[dict[str, Any]]:
+        """The latest report of each connection of one owner (or of every owner)."""
+        ...
+
+
+class Store(
+    IdentityStore,
+    AuthorizationStore,
+    HoldStore,
+    AuditStore,
+    Housekeeping,
+    ReconciliationStore,
+    Protocol,
+):
     """Every role at once: what a backend implements and what the composition root opens. A component
     that plays one role takes that role's protocol."""
 

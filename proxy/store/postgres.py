@@ -22,7 +22,20 @@ import asyncpg
 
 from proxy.errors import StoreUnavailable
 from proxy.store import FORWARDING, SETTLED
-from proxy.store.sql import MANY, ONE, RELEASED, Release, SqlStore, T, Tx, execute, single
+from proxy.store.sql import (
+    COUNTED,
+    MANY,
+    NOTES,
+    ONE,
+    RELEASED,
+    Note,
+    Release,
+    SqlStore,
+    T,
+    Tx,
+    execute,
+    single,
+)
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema" / "postgres"
 MIGRATION_LOCK = 0x5053_4D49  # advisory lock id: one migrator at a time
@@ -128,19 +141,26 @@ class PostgresStore(SqlStore):
         return self._pool.acquire(timeout=self.timeout)
 
     async def write(self, body: Tx[T]) -> T:
-        notes: list[Release] = []
+        notes: list[Note] = []
         try:
             async with self._connection() as conn, conn.transaction():
                 result = await _drive(conn, body, notes)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
-        if notes:
-            await self.after_release(notes)
+        released = [(agent, charges, counts) for kind, agent, charges, counts in notes if kind == RELEASED]
+        recounted = [(agent, charges, counts) for kind, agent, charges, counts in notes if kind == COUNTED]
+        if released:
+            await self.after_release(released)
+        if recounted:
+            await self.after_count(recounted)
         return result
 
     async def after_release(self, notes: list[Release]) -> None:
         """Spend released by a committed transaction: (agent id, charges, counts). PostgreSQL alone:
         nothing to do."""
+
+    async def after_count(self, notes: list[Release]) -> None:
+        """Spend a committed transaction counted again (reconciliation: the provider moved it)."""
 
     async def settle(
         self,
@@ -169,13 +189,13 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
 
 
-async def _drive(conn: asyncpg.Connection, body: Tx[T], notes: list[Release] | None = None) -> T:
+async def _drive(conn: asyncpg.Connection, body: Tx[T], notes: list[Note] | None = None) -> T:
     try:
         query = next(body)
         while True:
-            if query.kind == RELEASED:
+            if query.kind in NOTES:
                 if notes is not None:
-                    notes.append(query.args)  # type: ignore[arg-type]
+                    notes.append((query.kind, *query.args))
                 query = body.send(None)
                 continue
             sql = numbered(query.sql)

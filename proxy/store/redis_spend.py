@@ -12,7 +12,8 @@ second check. How the two stay consistent:
   deadline, sees that PostgreSQL never recorded that authorization, and releases it in Redis. Removing
   it from pending and releasing it are one script, so of several replicas sweeping, one releases it.
 * Releases (a refusal, a failure, an expired hold, a voided payment) are committed in
-  PostgreSQL and then applied to Redis; each follows a state transition PostgreSQL made once.
+  PostgreSQL and then applied to Redis; each follows a state transition PostgreSQL made once. So is
+  counting again (reconciliation found money the provider moved after PaySentry released it).
 * A window missing from Redis (first use, expiry, or Redis lost its data) is rebuilt from PostgreSQL's
   spend row before the script runs again. If Redis loses its data while reservations are in flight, the
   ones not yet committed in PostgreSQL at that instant are missed once: run Redis with persistence
@@ -82,6 +83,16 @@ for i = 1, n do
 end
 return 1
 """
+COUNT = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('HINCRBY', KEYS[i], 'amount', tonumber(ARGV[1 + i]))
+    redis.call('HINCRBY', KEYS[i], 'count', 1)
+  end
+end
+return 1
+"""
 TOKEN_BUCKET = """
 local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
@@ -116,6 +127,7 @@ class PostgresRedisStore(PostgresStore):
         self.redis = connect(redis_url, timeout)
         self._reserve = self.redis.register_script(RESERVE)
         self._release = self.redis.register_script(RELEASE)
+        self._count = self.redis.register_script(COUNT)
 
     async def close(self) -> None:
         await super().close()
@@ -211,6 +223,14 @@ class PostgresRedisStore(PostgresStore):
     async def after_release(self, notes: list[Release]) -> None:
         for agent_id, charges, counts in notes:
             await self.release(agent_id, charges, counts=counts)
+
+    async def after_count(self, notes: list[Release]) -> None:
+        """The symmetric of a release: charges PostgreSQL counted again (its settled authorization now
+        holds them) are added to the windows Redis holds; a window Redis lacks is rebuilt from PostgreSQL
+        with them already in."""
+        for agent_id, charges, _ in notes:
+            keys = [window_key(agent_id, c) for c in charges]
+            await self._redis(self._count(keys=keys, args=[len(charges), *(c.amount for c in charges)]))
 
     # -- reads of spend: Redis for the running totals, PostgreSQL's authorizations for reports -----------------
     async def lookup(

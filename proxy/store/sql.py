@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from proxy.approvals import PENDING, may_vote, tally
 from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
 from proxy.store import (
     APPROVED,
+    COUNT_FIX,
     DENIED,
     EXPIRED,
     FAILED,
@@ -30,7 +31,10 @@ from proxy.store import (
     HELD,
     IN_DOUBT,
     REJECTED,
+    RELEASE_FIX,
+    SETTLE_FIX,
     SETTLED,
+    VOID_FIX,
     VOIDED,
     AgentNameTaken,
     AgentRecord,
@@ -61,15 +65,16 @@ AUTH_COLUMNS = (
     "destination, payment, decision, rule, policy, message, revision, state, charges, approval_id, "
     "provider_ref, response_status, response_body, lease_expires_at, created_at, updated_at"
 )
-ONE, MANY, EXECUTE, RELEASED = "one", "many", "execute", "released"
+ONE, MANY, EXECUTE, RELEASED, COUNTED = "one", "many", "execute", "released", "counted"
+NOTES = (RELEASED, COUNTED)  # queries with no SQL: spend changes a store mirrors elsewhere after commit
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
     kind: str  # ONE: the first row or None; MANY: every row; EXECUTE: the number of rows changed;
-    # RELEASED: no SQL, a note that ``args`` = (agent id, charges, counts) were released: the charges'
-    # amounts, and one payment each when ``counts`` (not for what a partial capture gives back). The
-    # driver answers None.
+    # RELEASED / COUNTED: no SQL, a note that ``args`` = (agent id, charges, counts) were released /
+    # counted again: the charges' amounts, and one payment each when ``counts`` (not for what a partial
+    # capture gives back). The driver answers None.
     sql: str
     args: Sequence[Any] = ()
 
@@ -89,11 +94,16 @@ def execute(sql: str, args: Sequence[Any] = ()) -> Query:
     return Query(EXECUTE, sql, args)
 
 
-Release = tuple[str, tuple[Charge, ...], bool]  # what a RELEASED note says: agent, charges, counts
+Release = tuple[str, tuple[Charge, ...], bool]  # what a note says: agent, charges, counts
+Note = tuple[str, str, tuple[Charge, ...], bool]  # a note as a driver keeps it: its kind, then the above
 
 
 def released(agent_id: str, charges: Sequence[Charge], counts: bool = True) -> Query:
     return Query(RELEASED, "", (agent_id, tuple(charges), counts))
+
+
+def counted(agent_id: str, charges: Sequence[Charge]) -> Query:
+    return Query(COUNTED, "", (agent_id, tuple(charges), True))
 
 
 def single(query: Query) -> Tx[Any]:
@@ -620,6 +630,65 @@ class SqlStore(ABC):
         )
         return int(row[0])
 
+    # -- reconciliation with the provider's records ---------------------------------------------------
+    async def list_connections(self, owner_id: str | None) -> list[ConnectionRecord]:
+        sql, args = "SELECT * FROM connections WHERE revoked_at IS NULL", []
+        if owner_id is not None:
+            sql, args = sql + " AND owner_id=?", [owner_id]
+        return [_connection(r) for r in await self.fetch_all(sql + " ORDER BY created_at, id", args)]
+
+    async def reconciliation_candidates(
+        self, connection_id: str, since: float | None, refs: Sequence[str], ids: Sequence[str]
+    ) -> list[AuthorizationRecord]:
+        def tx() -> Tx[list[AuthorizationRecord]]:
+            base = (
+                f"SELECT {AUTH_COLUMNS} FROM authorizations "
+                "WHERE agent_id IN (SELECT id FROM agents WHERE connection_id=?)"
+            )
+            rows = []
+            if since is not None:
+                rows += yield many(base + " AND created_at>=?", (connection_id, since))
+            for column, values in (("provider_ref", list(refs)), ("id", list(ids))):
+                for start in range(0, len(values), 400):  # bounded statements
+                    chunk = values[start : start + 400]
+                    marks = ",".join("?" for _ in chunk)
+                    rows += yield many(f"{base} AND {column} IN ({marks})", (connection_id, *chunk))
+            unique = {row[0]: row for row in rows}
+            return [authorization_record(r) for r in unique.values()]
+
+        return await self.read(tx())
+
+    async def reconcile(
+        self,
+        authorization_id: str,
+        fix: str,
+        actor: str,
+        data: Mapping[str, Any],
+        now: float,
+        provider_ref: str | None = None,
+        status: int | None = None,
+        body: bytes | None = None,
+    ) -> bool:
+        return await self.write(
+            reconcile_tx(authorization_id, fix, actor, data, now, provider_ref, status, body)
+        )
+
+    async def save_reconciliation(
+        self, owner_id: str, connection_id: str, ran_at: float, report: Mapping[str, Any]
+    ) -> None:
+        sql = (
+            "INSERT INTO reconciliations (connection_id, owner_id, ran_at, report) VALUES (?,?,?,?) "
+            "ON CONFLICT (connection_id) DO UPDATE SET owner_id=excluded.owner_id, ran_at=excluded.ran_at, "
+            "report=excluded.report WHERE reconciliations.ran_at <= excluded.ran_at"
+        )
+        await self.write(single(execute(sql, (connection_id, owner_id, ran_at, json.dumps(report)))))
+
+    async def reconciliations(self, owner_id: str | None) -> list[dict[str, Any]]:
+        sql, args = "SELECT report FROM reconciliations", []
+        if owner_id is not None:
+            sql, args = sql + " WHERE owner_id=?", [owner_id]
+        return [json.loads(r[0]) for r in await self.fetch_all(sql + " ORDER BY connection_id", args)]
+
     # -- records --------------------------------------------------------------------------------------
     async def get_authorization(self, owner_id: str, authorization_id: str) -> AuthorizationRecord | None:
         row = await self.fetch_one(
@@ -832,6 +901,60 @@ def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | Non
             yield from _uncount(agent_id, charges[:i])
             return LimitExceeded(c, SpendTotal(*total) if total else SpendTotal())
     return None
+
+
+# fix -> (the states it applies to, the state it leaves, what it does to the spend)
+_FIXES = {
+    SETTLE_FIX: ((IN_DOUBT, FORWARDING), SETTLED, "kept"),
+    RELEASE_FIX: ((IN_DOUBT, FORWARDING), FAILED, "released"),
+    COUNT_FIX: ((FAILED, VOIDED), SETTLED, "counted"),
+    VOID_FIX: ((SETTLED,), VOIDED, "released"),
+}
+
+
+def reconcile_tx(
+    auth_id: str,
+    fix: str,
+    actor: str,
+    data: Mapping[str, Any],
+    now: float,
+    provider_ref: str | None,
+    status: int | None,
+    body: bytes | None,
+) -> Tx[bool]:
+    """One fix reconciliation proved, as one conditional transition: a call still forwarding is taken
+    only past its lease (as the resolution job claims it: a live call is its sidecar's to settle)."""
+    states, state, spend = _FIXES[fix]
+    condition = " OR ".join(
+        "(state=? AND lease_expires_at<=?)" if s == FORWARDING else "state=?" for s in states
+    )
+    args: list[Any] = [x for s in states for x in ((s, now) if s == FORWARDING else (s,))]
+    row = yield one(
+        "UPDATE authorizations SET state=?, lease_expires_at=NULL, updated_at=?, "
+        "provider_ref=COALESCE(?, provider_ref), response_status=COALESCE(?, response_status), "
+        f"response_body=COALESCE(?, response_body) WHERE id=? AND ({condition}) "
+        "RETURNING owner_id, agent_id, charges",
+        (state, now, provider_ref, status, body, auth_id, *args),
+    )
+    if row is None:
+        return False  # another replica, the resolution job or the call itself came first
+    owner, agent, charges = row[0], row[1], _charges(row[2])
+    if spend == "released":
+        yield from _release(agent, charges)
+    elif spend == "counted":
+        yield counted(agent, charges)
+        for c in charges:  # no limit check: the provider moved this money
+            (
+                yield execute(
+                    "INSERT INTO spend (agent_id, limit_name, period, currency, amount, count) "
+                    "VALUES (?,?,?,?,?,1) ON CONFLICT (agent_id, limit_name, period) DO UPDATE SET "
+                    "amount = spend.amount + excluded.amount, count = spend.count + 1",
+                    (agent, c.limit, c.period, c.currency, c.amount),
+                )
+            )
+    details = {**data, "fix": fix, "state": state, "spend": spend}
+    yield from _event(owner, agent, auth_id, "authorization.reconciled", actor, details, now)
+    return True
 
 
 def _end(auth_id: str, expected: str, state: str, now: float, **columns: Any) -> Tx[tuple[str, str] | None]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from proxy.errors import StoreUnavailable
-from proxy.store.sql import MANY, ONE, RELEASED, SqlStore, T, Tx
+from proxy.store.sql import MANY, NOTES, ONE, SqlStore, T, Tx
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema" / "sqlite"
 
@@ -254,7 +254,7 @@ def _drive(db: sqlite3.Connection | None, body: Tx[T]) -> T:
     try:
         query = next(body)
         while True:
-            if query.kind == RELEASED:
+            if query.kind in NOTES:
                 query = body.send(None)
                 continue
             cursor = db.execute(query.sql, query.args)

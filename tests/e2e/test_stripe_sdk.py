@@ -38,7 +38,9 @@ def test_allowed_payment_is_forwarded_with_the_owner_key(deployment: Deployment,
     assert intent.amount == 1500 and intent.id.startswith("pi_")
     [seen] = deployment.mock_payments()
     assert seen["authorized"] is True  # the mock provider got its own secret key, not the agent token
-    assert seen["params"]["metadata"] == {"purpose": "ads"}
+    auth_id = deployment.owner_api("GET", "/v1/authorizations")[1]["data"][0]["id"]
+    # the agent's metadata, and the authorization that allowed the call (reconciliation matches on it)
+    assert seen["params"]["metadata"] == {"purpose": "ads", "paysentry_authorization": auth_id}
     assert seen["idempotency_key"]  # the SDK's key is passed on
     status, spend = deployment.owner_api("GET", f"/v1/agents/{_agent_id(deployment)}/spend")
     assert status == 200 and spend["data"][0]["amount"] == 1500

@@ -196,3 +196,23 @@ def test_notifications_are_verified() -> None:
     ]:
         with pytest.raises(WebhookRejected, match=says):
             ARS.verify_webhook(bad, note, "mp_secret", now, 300)
+
+
+def test_a_payment_is_tagged_with_its_authorization_keeping_the_agents_metadata() -> None:
+    body = json.dumps({"transaction_amount": 700.50, "payment_method_id": "visa", "metadata": {"o": 1}})
+    payment = ARS.classify("POST", "/v1/payments", "application/json", body.encode()).payment
+    assert payment is not None
+    tagged = ARS.attribute(payment, body.encode(), "auth_abc")
+    sent = json.loads(tagged, parse_float=Decimal)
+    assert sent["metadata"] == {"o": 1, "paysentry_authorization": "auth_abc"}
+    assert sent["transaction_amount"] == Decimal("700.5") and sent["payment_method_id"] == "visa"
+    assert ARS.attribute(payment, body.encode(), "auth_abc") == tagged
+    refund = ARS.classify("POST", "/v1/payments/1/refunds", "application/json", b'{"amount": 1}').payment
+    assert refund is not None and ARS.attribute(refund, b'{"amount": 1}', "auth_abc") == b'{"amount": 1}'
+    with pytest.raises(BadRequest, match="set by PaySentry"):
+        ARS.classify(
+            "POST",
+            "/v1/payments",
+            "application/json",
+            b'{"transaction_amount": 1, "metadata": {"paysentry_authorization": "auth_x"}}',
+        )

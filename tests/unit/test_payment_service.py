@@ -16,6 +16,7 @@ import pytest
 from multidict import CIMultiDict
 from opentelemetry import trace
 
+from adapters.formencode import parse_form
 from adapters.stripe import StripeAdapter
 from proxy.connections import Connection
 from proxy.errors import IdempotencyMismatch, StoreUnavailable, UpstreamUnavailable
@@ -374,3 +375,43 @@ async def test_a_resent_call_refused_for_its_credentials_stays_in_doubt(tmp_path
         await world.pay(b"amount=1000&currency=usd")
     await world.pay(b"amount=1000&currency=usd")  # the key was rolled meanwhile
     assert world.only_row().state == IN_DOUBT and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_the_forwarded_call_names_its_authorization_and_every_resend_is_the_same(
+    tmp_path: Path,
+) -> None:
+    """Attribution: the provider's object carries metadata[paysentry_authorization]; the call re-sent to
+    learn an unknown outcome (by the job, or the agent's same-key retry) is byte for byte the first send,
+    and the agent's key is still tied to the body the agent sent."""
+    body = b"amount=1000&currency=usd&metadata[order]=42"
+    for resend in ("job", "agent"):
+        sent: list[bytes] = []
+        provider = FakeProvider(["timeout"])
+
+        async def handler(
+            request: UpstreamRequest, provider: FakeProvider = provider, sent: list[bytes] = sent
+        ) -> UpstreamReply:
+            sent.append(request.body)
+            return await provider(request)
+
+        clock = [NOW]
+        world = World(tmp_path, handler, clock=clock)
+        with pytest.raises(UpstreamUnavailable):
+            await world.pay(body)
+        row = world.only_row()
+        assert sent[0] == body + b"&metadata%5Bpaysentry_authorization%5D=" + row.id.encode()
+        assert parse_form(sent[0])["metadata"] == {"order": "42", "paysentry_authorization": row.id}
+        if resend == "job":
+            clock[0] += 3600
+            assert await world.service.resolve_unresolved() == {SETTLED: 1}
+        else:  # the agent's same-key retry: the same request, not a mismatch
+            assert (await world.pay(body)).status == 200
+        assert sent == [sent[0], sent[0]] and provider.moved == [1000]
+        assert world.only_row().state == SETTLED
+
+
+async def test_a_lifecycle_call_is_not_tagged(tmp_path: Path) -> None:
+    payment = ADAPTER.classify(
+        "POST", "/v1/payment_intents/pi_1/confirm", "application/x-www-form-urlencoded", b"a=1"
+    ).payment
+    assert payment is not None and ADAPTER.attribute(payment, b"a=1", "auth_1") == b"a=1"

@@ -292,3 +292,38 @@ def test_the_mock_provider_is_stripe_behind_the_port() -> None:
     assert mock.webhook_ack("voided", {}).body == STRIPE.webhook_ack("voided", {}).body
     assert mock.is_one_time_card({"operation": "issuing_card", "metadata": {"paysentry_one_time": "true"}})
     assert mock.card_cancel_should_retry(429) and not mock.card_cancel_should_retry(404)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/payment_intents", "amount=1000&currency=usd&metadata[order]=42"),
+        ("/v1/payouts", "amount=500&currency=usd"),
+        ("/v1/transfers", "amount=500&currency=usd&destination=acct_1&metadata="),
+        (
+            "/v1/issuing/cards",
+            "cardholder=ich_1&currency=usd&type=virtual"
+            "&spending_controls[spending_limits][0][amount]=900&spending_controls[spending_limits][0][interval]=daily",
+        ),
+    ],
+)
+def test_calls_that_create_an_object_are_tagged_with_their_authorization(path: str, body: str) -> None:
+    payment = classify(path, body).payment
+    assert payment is not None
+    prepared = STRIPE.prepare(payment, body.encode())
+    tagged = STRIPE.attribute(payment, prepared, "auth_abc")
+    params = parse_form(tagged)
+    assert params["metadata"]["paysentry_authorization"] == "auth_abc"
+    assert {k: v for k, v in params["metadata"].items() if k != "paysentry_authorization"} == (
+        {"order": "42"} if "order" in body else {}
+    )
+    assert {k: v for k, v in params.items() if k != "metadata"} == {
+        k: v for k, v in parse_form(prepared).items() if k != "metadata"
+    }
+    assert STRIPE.attribute(payment, prepared, "auth_abc") == tagged  # a re-send is the same request
+
+
+def test_an_agent_cannot_set_the_attribution_itself() -> None:
+    with pytest.raises(BadRequest, match="set by PaySentry") as raised:
+        classify("/v1/payment_intents", "amount=1&currency=usd&metadata[paysentry_authorization]=auth_x")
+    assert raised.value.param == "metadata[paysentry_authorization]"
