@@ -131,9 +131,10 @@ def _convert(name: str, kind: Any, value: Any) -> Any:
     if kind in (float, "float"):  # every float setting is a duration: 30, "30s", "2m", "500ms"
         return parse_duration(value)
     if kind in (int, "int"):
-        if isinstance(value, bool) or not str(value).strip().isdigit():
+        text = str(value).strip()
+        if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or len(text) > 18:
             raise ValueError(f"expected a whole number, got {value!r}")
-        return int(value)
+        return int(text)
     if not isinstance(value, str | int | float):
         raise ValueError(f"expected a string, got {value!r}")
     return str(value)
@@ -172,7 +173,7 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
 
 def _is_address(text: str) -> bool:
     host, _, port = text.rpartition(":")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+    return bool(host) and port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536
 
 
 def split_address(text: str) -> tuple[str, int]:

@@ -21,7 +21,6 @@ found. Routes:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, cast
 import yaml
 from aiohttp import web
 
+from proxy import safejson
 from proxy.approvals import APPROVED, DENIED, EXPIRED, PENDING
 from proxy.auth import TokenAuthenticator
 from proxy.errors import BadRequest, NotFound, PaySentryError
@@ -140,8 +140,8 @@ class OwnerApi:
         if not request.can_read_body:
             return {}
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = safejson.loads(await request.read())
+        except ValueError:
             raise BadRequest("the request body must be a JSON object") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
@@ -252,6 +252,6 @@ def _int_query(request: web.Request, name: str, default: int, maximum: int) -> i
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(maximum)) or int(raw) > maximum:
         raise BadRequest(f"{name} must be a whole number up to {maximum}", param=name)
     return int(raw)
