@@ -18,6 +18,7 @@ from proxy import __version__
 from proxy.bootstrap import bootstrap
 from proxy.config import Settings, split_address
 from proxy.decide import period_of
+from proxy.listeners.server import ConnectionGuard, GuardedRunner, quiet_aiohttp_errors
 from proxy.policy.model import Limit
 from proxy.upstream import AiohttpUpstream
 
@@ -34,10 +35,12 @@ class Sidecar:
         self.gateway = bootstrap(settings, tracer_provider=tracer_provider, **parts)
         self.store = self.gateway.store
         self._runners: dict[str, web.AppRunner] = {}
+        self.guards: dict[str, ConnectionGuard] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         g = self.gateway
+        quiet_aiohttp_errors()
         await self.store.open()
         if isinstance(g.upstream, AiohttpUpstream):
             await g.upstream.start()
@@ -62,9 +65,12 @@ class Sidecar:
         )
 
     async def _listen(self, name: str, app: web.Application, address: str) -> None:
-        runner = web.AppRunner(
+        guard = ConnectionGuard(self.settings.header_timeout, self.settings.max_connections_per_client)
+        runner = GuardedRunner(
             app,
+            guard,
             access_log=None,
+            keepalive_timeout=self.settings.keepalive_timeout,
             shutdown_timeout=self.settings.shutdown_grace,
             max_line_size=self.settings.max_header_bytes,
             max_field_size=self.settings.max_header_bytes,
@@ -74,6 +80,7 @@ class Sidecar:
         host, port = split_address(address)
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         self._runners[name] = runner
+        self.guards[name] = guard
 
     async def _sweep(self) -> None:
         """Expire holds (releasing their spend), release what the Redis gate reserved for decisions never

@@ -44,6 +44,9 @@ class Settings:
     max_header_bytes: int = 8190  # one header line
     max_headers: int = 64
     body_timeout: float = 10.0  # a client that sends its body slower than this is cut off
+    header_timeout: float = 10.0  # a request head (line and headers) must arrive within this
+    keepalive_timeout: float = 60.0  # an idle kept-alive connection is closed after this
+    max_connections_per_client: int = 256  # per address; past it the oldest idle one is closed
     agent_rate_limit: int = 100  # requests per second per agent (0: off); each replica counts its own
     agent_rate_burst: int = 200
     webhook_tolerance: float = 300.0  # seconds an inbound webhook's signed timestamp may be off by
@@ -149,6 +152,10 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"engine: unknown CEL engine {values.get('engine')!r}; choose {', '.join(ENGINES)}")
     if values.get("sqlite_synchronous", "NORMAL") not in ("NORMAL", "FULL"):
         problems.append("sqlite_synchronous: NORMAL or FULL")
+    if values.get("max_connections_per_client", 1) < 1:
+        problems.append("max_connections_per_client: at least 1")
+    if values.get("header_timeout", 1.0) <= 0:
+        problems.append("header_timeout: more than 0")
     rounds = values.get("bcrypt_rounds", DEFAULTS.bcrypt_rounds)
     if not 4 <= rounds <= 16:
         problems.append(f"bcrypt_rounds: between 4 and 16, got {rounds}")

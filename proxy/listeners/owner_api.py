@@ -34,6 +34,7 @@ from proxy.approvals import APPROVED, DENIED, EXPIRED, PENDING
 from proxy.auth import TokenAuthenticator
 from proxy.errors import BadRequest, NotFound, PaySentryError
 from proxy.holds import HoldCoordinator
+from proxy.listeners.server import refuse_encoded_body
 from proxy.metrics import Metrics
 from proxy.owners import OwnerService, agent_json, approval_json, authorization_json
 from proxy.policy.reload import PolicyHolder
@@ -94,6 +95,7 @@ class OwnerApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            refuse_encoded_body(request.headers)
             if request.path not in PUBLIC_PATHS and not request.path.startswith(
                 ("/approvals/link/", "/v1/webhooks/")  # authenticated by one-time link / signature
             ):

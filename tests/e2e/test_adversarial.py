@@ -30,9 +30,10 @@ def target(tmp_path: Path) -> Iterator[Deployment]:
     dep.stop()
 
 
-def raw_http(dep: Deployment, request: bytes) -> tuple[int, bytes]:
-    """Send bytes as they are (no client library tidying them up) and read the answer."""
-    host, port = urlsplit(dep.agent_url).hostname, urlsplit(dep.agent_url).port
+def raw_http(dep: Deployment, request: bytes, base: str | None = None) -> tuple[int, bytes]:
+    """Send bytes as they are (no client library tidying them up) to the agents' listener (or ``base``)
+    and read the answer."""
+    host, port = urlsplit(base or dep.agent_url).hostname, urlsplit(base or dep.agent_url).port
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(request)
         data = b""
@@ -194,3 +195,216 @@ def test_owners_are_isolated(target: Deployment) -> None:
     assert target.owner_api("POST", f"/v1/agents/{agent_id}/revoke", {}, token=other)[0] == 404
     assert target.owner_api("GET", f"/v1/agents/{agent_id}/spend", token=other)[0] == 404
     assert target.owner_api("GET", f"/v1/approvals/{approval_id}")[1]["state"] == "pending"
+
+
+# -- hostile input: a 4xx in the listener's own shape, never a 500 or a traceback --------------------------
+def _head(method: str, target: str, headers: dict[str, bytes], body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close"]
+    lines += [name.encode() + b": " + value for name, value in headers.items()]
+    lines.append(f"Content-Length: {len(body)}".encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _signed(body: bytes) -> bytes:
+    from tests.e2e.test_webhooks import signature
+
+    return signature(body).encode()
+
+
+FORM = b"application/x-www-form-urlencoded"
+JSON = b"application/json"
+DEEP = b"[" * 100_000 + b"]" * 100_000
+GZIPPED = __import__("gzip").compress(PAY)
+# (listener, method, target, headers, body); "{agent}" and "{owner}" are the tokens, "{id}" the agent's id
+# and "{conn}" the connection's
+HOSTILE: dict[str, tuple[str, str, str, dict[str, bytes], bytes]] = {
+    "unicode digit amount": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM},
+        "amount=²&currency=usd".encode(),
+    ),
+    "arabic digit amount": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM},
+        "amount=٣&currency=usd".encode(),
+    ),
+    "huge amount": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM},
+        b"amount=" + b"9" * 5000 + b"&currency=usd",
+    ),
+    "0xff in the token": ("agent", "GET", "/v1/customers", {"Authorization": b"Bearer {agent}\xff"}, b""),
+    "0xff in the Idempotency-Key": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM, "Idempotency-Key": b"k\xffk"},
+        PAY,
+    ),
+    "control character in the Idempotency-Key": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM, "Idempotency-Key": b"k\x7fk"},
+        PAY,
+    ),
+    "secret over 72 bytes": (
+        "agent",
+        "GET",
+        "/v1/customers",
+        {"Authorization": b"Bearer psk_{id}_" + "é".encode() * 40},
+        b"",
+    ),
+    "long secret": (
+        "agent",
+        "GET",
+        "/v1/customers",
+        {"Authorization": b"Bearer psk_{id}_" + b"x" * 200},
+        b"",
+    ),
+    "basic auth with 0xff": ("agent", "GET", "/v1/customers", {"Authorization": b"Basic /w=="}, b""),
+    "gzip body": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM, "Content-Encoding": b"gzip"},
+        GZIPPED,
+    ),
+    "broken deflate body": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM, "Content-Encoding": b"deflate"},
+        b"not deflate",
+    ),
+    "gzip on a passthrough": (
+        "agent",
+        "POST",
+        "/v1/customers",
+        {"Content-Type": FORM, "Content-Encoding": b"gzip"},
+        GZIPPED,
+    ),
+    "deep form key": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM},
+        b"metadata" + b"[a]" * 500 + b"=1",
+    ),
+    "signature t=unicode digit": (
+        "owner",
+        "POST",
+        "/v1/webhooks/{conn}",
+        {"Content-Type": JSON, "Stripe-Signature": "t=²,v1=ab".encode()},
+        b"{}",
+    ),
+    "signature with a 5000-digit t": (
+        "owner",
+        "POST",
+        "/v1/webhooks/{conn}",
+        {"Content-Type": JSON, "Stripe-Signature": b"t=" + b"1" * 5000 + b",v1=ab"},
+        b"{}",
+    ),
+    "signed deeply nested event": (
+        "owner",
+        "POST",
+        "/v1/webhooks/{conn}",
+        {"Content-Type": JSON, "Stripe-Signature": b"{signed}"},
+        DEEP,
+    ),
+    "gzip webhook": (
+        "owner",
+        "POST",
+        "/v1/webhooks/{conn}",
+        {"Content-Type": JSON, "Content-Encoding": b"gzip", "Stripe-Signature": b"t=1,v1=ab"},
+        __import__("gzip").compress(b"{}"),
+    ),
+    "deeply nested owner body": (
+        "owner",
+        "POST",
+        "/v1/agents",
+        {"Authorization": b"Bearer {owner}", "Content-Type": JSON},
+        b"[" * 30_000,
+    ),
+    "nested owner vote": (
+        "owner",
+        "POST",
+        "/v1/approvals/apr_x/approve",
+        {"Authorization": b"Bearer {owner}", "Content-Type": JSON},
+        b'{"reason":' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ),
+    "limit=unicode digit": (
+        "owner",
+        "GET",
+        "/v1/authorizations?limit=%C2%B2",
+        {"Authorization": b"Bearer {owner}"},
+        b"",
+    ),
+    "after with 5000 digits": (
+        "owner",
+        "GET",
+        "/v1/events?after=" + "7" * 5000,
+        {"Authorization": b"Bearer {owner}"},
+        b"",
+    ),
+    "0xff in the owner token": ("owner", "GET", "/v1/agents", {"Authorization": b"Bearer {owner}\xff"}, b""),
+    "owner secret over 72 bytes": (
+        "owner",
+        "GET",
+        "/v1/agents",
+        {"Authorization": b"Bearer pso_0123456789abcdef_" + "ü".encode() * 50},
+        b"",
+    ),
+    "gzip owner body": (
+        "owner",
+        "POST",
+        "/v1/agents",
+        {"Authorization": b"Bearer {owner}", "Content-Type": JSON, "Content-Encoding": b"gzip"},
+        __import__("gzip").compress(b'{"name":"x"}'),
+    ),
+    "link token with 0xff": ("owner", "GET", "/approvals/link/%FF%FE", {}, b""),
+    "link post of junk": (
+        "owner",
+        "POST",
+        "/approvals/link/x",
+        {"Content-Type": FORM},
+        b"decision=%FF&reason=" + b"[" * 1000,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_hostile_input_gets_a_4xx_in_the_listeners_shape_and_no_traceback(
+    target: Deployment, case: str
+) -> None:
+    listener, method, path, headers, body = HOSTILE[case]
+    fill = {
+        b"{agent}": target.agent_token.encode(),
+        b"{owner}": target.owner_token.encode(),
+        b"{id}": target.agent_id.removeprefix("agt_").encode(),
+        b"{signed}": _signed(body),
+    }
+    for name, value in list(headers.items()):
+        for marker, real in fill.items():
+            value = value.replace(marker, real)
+        headers[name] = value
+    headers.setdefault("Authorization", b"Bearer " + target.agent_token.encode())
+    path = path.replace("{conn}", target.connection_id)
+    base = target.agent_url if listener == "agent" else target.admin_url
+    before = len(target.output)
+    status, answer = raw_http(target, _head(method, path, headers, body), base)
+    assert 400 <= status < 500, (status, answer[:300])
+    if answer.startswith(b"{"):
+        error = json.loads(answer)
+        message = error["error"]["message"] if "error" in error else error["message"]
+        assert message and "4242424242424242" not in message
+    logs = "".join(target.output[before:])
+    assert "Traceback" not in logs and "Error handling request" not in logs, logs
+    assert target.agent_token not in logs and target.owner_token not in logs
+    assert [c for c in upstream_calls(target) if c["method"] == "POST"] == []
