@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -408,3 +411,93 @@ def test_hostile_input_gets_a_4xx_in_the_listeners_shape_and_no_traceback(
     assert "Traceback" not in logs and "Error handling request" not in logs, logs
     assert target.agent_token not in logs and target.owner_token not in logs
     assert [c for c in upstream_calls(target) if c["method"] == "POST"] == []
+
+
+# -- slow heads and connection floods ----------------------------------------------------------------------
+def _open_fds(dep: Deployment) -> int:
+    assert dep.process is not None
+    return len(os.listdir(f"/proc/{dep.process.pid}/fd"))
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Deployment]:
+    dep = make_deployment(tmp_path, extra_config="header_timeout: 2s\nmax_connections_per_client: 200\n")
+    dep.start()
+    yield dep
+    dep.stop()
+
+
+def test_probes_answer_under_a_slowloris_and_slow_heads_are_dropped(guarded: Deployment) -> None:
+    """1,500 connections from the agents' own address that never finish their heads: the probes and the
+    agent still get answers, the sidecar holds no more of them than the cap, and none outlives the
+    header timeout."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096 and hard >= 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    elif soft < 4096:
+        pytest.skip(f"1,500 connections need more file descriptors than ulimit -n {hard} allows")
+    baseline = _open_fds(guarded)
+    attackers = []
+    for i in range(1500):
+        base = guarded.admin_url if i % 2 else guarded.agent_url
+        sock = socket.create_connection((urlsplit(base).hostname, urlsplit(base).port), timeout=10)
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+        attackers.append(sock)
+    started = time.monotonic()
+    with urllib.request.urlopen(f"{guarded.admin_url}/readyz", timeout=5) as resp:
+        assert resp.status == 200
+    assert request(guarded, "GET", "/v1/customers")[0] == 200
+    assert time.monotonic() - started < 3
+    held = _open_fds(guarded) - baseline
+    assert held <= 2 * 200 + 20, f"the sidecar holds {held} attacker connections"
+    time.sleep(2.5)  # past the header timeout
+    still_open = 0
+    for sock in attackers:
+        sock.settimeout(0.01)
+        try:
+            data = sock.recv(4096)
+            still_open += 0 if data == b"" or data.startswith(b"HTTP/1.1 408") else 1
+        except TimeoutError:
+            still_open += 1
+        except OSError:
+            pass
+        sock.close()
+    assert still_open == 0
+    assert _open_fds(guarded) - baseline < 20
+    assert "Traceback" not in guarded.logs()
+
+
+def test_a_slow_head_after_a_kept_alive_request_is_dropped_too(guarded: Deployment) -> None:
+    sock = socket.create_connection((urlsplit(guarded.admin_url).hostname, urlsplit(guarded.admin_url).port))
+    sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /livez HTTP/1.1\r\n")  # the next head starts and stalls
+    sock.settimeout(5)
+    started = time.monotonic()
+    assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+    assert 1.5 < time.monotonic() - started < 4
+    sock.close()
+
+
+# -- lockout cannot be aimed at someone else ---------------------------------------------------------------
+def test_wrong_secrets_for_a_known_id_do_not_lock_its_agent_out(tmp_path: Path) -> None:
+    dep = make_deployment(tmp_path, extra_config="token_cache_ttl: 1s\n")
+    second = json.loads(dep.cli("agent", "create", "other").stdout)
+    dep.start()
+    try:
+        assert request(dep, "GET", "/v1/customers")[0] == 200  # the agent, before the attack
+        public = dep.agent_id.removeprefix("agt_")
+        for i in range(15):  # from the same address, with the id /metrics used to show
+            forged = f"psk_{public}_wrongsecret{i}"
+            assert request(dep, "GET", "/v1/customers", {"Authorization": f"Bearer {forged}"})[0] in (
+                401,
+                429,
+            )
+        for i in range(40):  # and junk tokens: the old per-address lockout locked out everyone after 30
+            assert request(dep, "GET", "/v1/customers", {"Authorization": f"Bearer psk_{i:016x}_x"})[0] == 401
+        time.sleep(1.2)  # the agent's cache entry has expired
+        assert request(dep, "GET", "/v1/customers")[0] == 200
+        other = {"Authorization": f"Bearer {second['token']}"}  # never used before on this process
+        assert request(dep, "GET", "/v1/customers", other)[0] == 200
+    finally:
+        dep.stop()

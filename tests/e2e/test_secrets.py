@@ -16,7 +16,7 @@ import stripe
 from proxy.payments.calls import provider_idempotency_key
 from tests.e2e.conftest import MOCK_SECRET, WEBHOOK_SECRET, Deployment, make_deployment
 from tests.e2e.otlp import OtlpReceiver
-from tests.e2e.test_adversarial import request
+from tests.e2e.test_adversarial import raw_http, request
 from tests.e2e.test_webhooks import deliver, event, signature
 
 CARD = "4242424242424242"
@@ -164,3 +164,50 @@ def test_rotating_the_encryption_key_reseals_everything_and_the_old_key_can_go(t
         assert dep.mock_payments() == []
     finally:
         dep.stop()
+
+
+@pytest.mark.e2e
+def test_malformed_headers_carrying_real_tokens_leave_them_in_no_log_or_answer(tmp_path: Path) -> None:
+    """aiohttp refuses these before any handler runs; its own error path used to log (and answer with)
+    the offending bytes, the token among them."""
+    dep = make_deployment(tmp_path, extra_config="log_level: DEBUG\n")
+    dep.start()
+    answers: list[bytes] = []
+    try:
+        for token, base in ((dep.agent_token, dep.agent_url), (dep.owner_token, dep.admin_url)):
+            bearer = b"Authorization: Bearer " + token.encode()
+            for malformed in (
+                bearer + b"\x01",  # a control character after the token
+                bearer + b"\x00tail",
+                bearer + b"\x7f",
+                bearer + b"\xff",
+                bearer + b"A" * 9000,  # longer than max_header_bytes
+                b"X-Copy: " + token.encode() + b"\x0b",
+                b"X-" + token.encode() + b"\x01: v",  # in a header name
+                b"Authorization Bearer " + token.encode(),  # no colon
+                b"X-Big: " + b"a" * 9000 + token.encode(),
+                b" folded " + token.encode(),  # an obsolete line folding
+            ):
+                head = (
+                    b"GET /v1/customers HTTP/1.1\r\nHost: x\r\n"
+                    + malformed
+                    + b"\r\nConnection: close\r\n\r\n"
+                )
+                status, answer = raw_http(dep, head, base)
+                assert status in (400, 401, 431), (malformed[:40], status)
+                answers.append(answer)
+            line = b"GET /v1/customers?key=" + token.encode() + b"\x01 HTTP/1.1\r\nHost: x\r\n\r\n"
+            answers.append(raw_http(dep, line, base)[1])  # in the request line
+    finally:
+        dep.stop()
+    logs = dep.logs()
+    everything = logs + b"".join(answers).decode("latin-1")
+    for name, value in {
+        "agent token": dep.agent_token,
+        "agent secret": dep.agent_token.split("_", 2)[2],
+        "owner token": dep.owner_token,
+        "owner secret": dep.owner_token.split("_", 2)[2],
+    }.items():
+        assert value not in everything, f"the {name} appears in the logs or an answer"
+    assert "Traceback" not in logs
+    assert "malformed request" in logs  # the refusals were logged, by kind
