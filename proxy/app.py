@@ -114,19 +114,25 @@ class Sidecar:
                 if lim.window != "payment":
                     limits[lim.name] = (lim, period_of(lim.window, now, policy.timezone))
         rows = await self.store.current_spend([(name, period) for name, (_, period) in limits.items()], 1000)
-        amounts, ratios = [], []
+        per_agent = self.settings.metrics_agent_labels  # names and ids only where the operator opts in
+        amounts: dict[tuple[tuple[str, str], ...], float] = {}
+        ratios: dict[tuple[tuple[str, str], ...], float] = {}
         for agent_id, agent, name, currency, amount, count in rows:
             lim = limits[name][0]
-            labels = {"agent": agent, "agent_id": agent_id, "limit": name, "window": lim.window}
-            amounts.append(({**labels, "currency": currency}, amount))
+            labels = {"limit": name, "window": lim.window}
+            if per_agent:
+                labels |= {"agent": agent, "agent_id": agent_id}
+            key = tuple(sorted(labels.items()))
+            money = tuple(sorted({**labels, "currency": currency}.items()))
+            amounts[money] = amounts.get(money, 0) + amount  # without agents: summed over them
             used = [
                 amount / lim.max_amount if lim.max_amount else 0.0,
                 count / lim.max_count if lim.max_count else 0.0,
             ]
-            ratios.append((labels, max(used)))
+            ratios[key] = max(ratios.get(key, 0.0), *used)  # without agents: the highest
         metrics = self.gateway.metrics
-        metrics.set_all("paysentry_spend_amount", amounts)
-        metrics.set_all("paysentry_spend_limit_ratio", ratios)
+        metrics.set_all("paysentry_spend_amount", [(dict(k), v) for k, v in amounts.items()])
+        metrics.set_all("paysentry_spend_limit_ratio", [(dict(k), v) for k, v in ratios.items()])
         metrics.set_all("paysentry_holds_pending", [({}, await self.store.count_pending_holds())])
         metrics.set_all("paysentry_authorizations_in_doubt", [({}, await self.store.count_unresolved())])
 

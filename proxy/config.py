@@ -54,6 +54,8 @@ class Settings:
     notify_webhooks: str = ""  # comma-separated URLs that receive signed hold notifications
     notify_secret: str = ""  # HMAC key of PaySentry-Signature (a secret: set it from the environment)
     public_url: str = ""  # base URL of the owner listener in approval links; default http://<admin_listen>
+    metrics_token: str = ""  # bearer token /metrics requires when set (a secret: set it from the environment)
+    metrics_agent_labels: bool = False  # spend gauges per agent (name and id); needs metrics_token
     mock_provider_listen: str = ""  # host:port to run the built-in mock provider in-process; "" = off
     log_level: str = "INFO"
 
@@ -79,7 +81,7 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-SECRET_SETTINGS = frozenset({"notify_secret"})
+SECRET_SETTINGS = frozenset({"notify_secret", "metrics_token"})
 URL_SETTINGS = frozenset({"store", "redis_url"})
 DEFAULTS = Settings()
 _PATHS = {"policies", "encryption_key_file"}
@@ -131,6 +133,11 @@ def load_settings(path: str | None, environ: dict[str, str] | None = None) -> Se
 
 
 def _convert(name: str, kind: Any, value: Any) -> Any:
+    if kind in (bool, "bool"):
+        text = str(value).strip().lower()
+        if text not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return text in ("true", "1", "yes")
     if kind in (float, "float"):  # every float setting is a duration: 30, "30s", "2m", "500ms"
         return parse_duration(value)
     if kind in (int, "int"):
@@ -152,6 +159,11 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"engine: unknown CEL engine {values.get('engine')!r}; choose {', '.join(ENGINES)}")
     if values.get("sqlite_synchronous", "NORMAL") not in ("NORMAL", "FULL"):
         problems.append("sqlite_synchronous: NORMAL or FULL")
+    if values.get("metrics_agent_labels") and not values.get("metrics_token"):
+        problems.append(
+            "metrics_agent_labels: needs metrics_token (agent names and ids are shown only to a scraper "
+            "that authenticates)"
+        )
     if values.get("max_connections_per_client", 1) < 1:
         problems.append("max_connections_per_client: at least 1")
     if values.get("header_timeout", 1.0) <= 0:

@@ -21,6 +21,7 @@ found. Routes:
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from aiohttp import web
 from proxy import safejson
 from proxy.approvals import APPROVED, DENIED, EXPIRED, PENDING
 from proxy.auth import TokenAuthenticator
-from proxy.errors import BadRequest, NotFound, PaySentryError
+from proxy.errors import AuthenticationFailed, BadRequest, NotFound, PaySentryError
 from proxy.holds import HoldCoordinator
 from proxy.listeners.server import refuse_encoded_body
 from proxy.metrics import Metrics
@@ -62,7 +63,9 @@ class OwnerApi:
         metrics: Metrics,
         holds: HoldCoordinator,
         extra_routes: Sequence[Callable[[web.Application], None]] = (),
+        metrics_token: str = "",
     ) -> None:
+        self.metrics_token = metrics_token  # when set, /metrics needs it as a bearer token
         self.store, self.service, self.owners, self.policies = store, service, owners, policies
         self.on_revoke = on_revoke
         self.metrics = metrics
@@ -120,6 +123,13 @@ class OwnerApi:
         return web.json_response({"status": "ok"})
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        if self.metrics_token:
+            header = request.headers.get("Authorization", "")
+            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.metrics_token.encode()):
+                raise AuthenticationFailed(
+                    "/metrics needs the scrape token: Authorization: Bearer <metrics_token>"
+                )
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def readyz(self, request: web.Request) -> web.Response:
