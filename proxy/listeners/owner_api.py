@@ -12,8 +12,8 @@ found. Routes:
     GET  /v1/agents                               POST /v1/agents {name, labels, connection}
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
     GET  /v1/approvals?state=pending              GET /v1/approvals/{id}
-    POST /v1/approvals/{id}/approve {reason, as}  POST /v1/approvals/{id}/deny {reason, as}
-                                                  (as: the approver voting; default owner:<name>)
+    POST /v1/approvals/{id}/approve {reason}      POST /v1/approvals/{id}/deny {reason}
+                                                  (recorded as owner:<name>, the token's owner)
     GET  /v1/authorizations?agent=&limit=         GET /v1/authorizations/{id}
     GET  /v1/events?after=&limit=
 """
@@ -33,7 +33,7 @@ from aiohttp import web
 from proxy import safejson
 from proxy.approvals import APPROVED, DENIED, EXPIRED, PENDING
 from proxy.auth import TokenAuthenticator
-from proxy.errors import AuthenticationFailed, BadRequest, NotFound, PaySentryError
+from proxy.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, PaySentryError
 from proxy.holds import HoldCoordinator
 from proxy.listeners.server import refuse_encoded_body
 from proxy.metrics import Metrics
@@ -205,13 +205,21 @@ class OwnerApi:
         return web.json_response(approval_json(approval, self.service.clock()))
 
     async def _decide(self, request: web.Request, approve: bool) -> web.Response:
+        """The vote is recorded as the authenticated owner's (``owner:<name>``): nothing the caller writes
+        in the body is ever recorded as who decided. A named approver votes through their own link."""
         owner = request[OWNER]
         body = await self._body(request)
-        reason, voter = body.get("reason", ""), body.get("as", f"owner:{owner.name}")
-        if not isinstance(reason, str) or not isinstance(voter, str) or not voter:
-            raise BadRequest("reason and as must be strings", param="reason")
+        reason, voter = body.get("reason", ""), f"owner:{owner.name}"
+        if not isinstance(reason, str):
+            raise BadRequest("reason must be a string", param="reason")
+        if body.get("as", voter) != voter:
+            raise Forbidden(
+                f"the owner API records the vote as the authenticated owner ({voter}), never as the voter "
+                "the request names; a named approver votes through their own approval link",
+                param="as",
+            )
         result = await self.service.vote(
-            owner.id, request.match_info["id"], voter, approve, reason, "owner_api"
+            owner.id, request.match_info["id"], voter, approve, reason[:2000], "owner_api"
         )
         self.holds.voted(result.approval)
         return web.json_response(approval_json(result.approval, self.service.clock(), result.counted))
