@@ -20,6 +20,7 @@ from tests.e2e.test_adversarial import raw_http, request
 from tests.e2e.test_webhooks import deliver, event, signature
 
 CARD = "4242424242424242"
+GROUPED = "4242 4242 4242 4242"
 
 
 def sdk(dep: Deployment, key: str | None = None) -> Any:
@@ -49,7 +50,15 @@ def session(dep: Deployment) -> list[str]:
     s.PaymentIntent.create(**pay, idempotency_key="s-1")
     s.Refund.create(payment_intent=paid.id, amount=500)
     s.Customer.list(limit=3)
+    s.PaymentIntent.create(  # a card number in the agent's free text: masked wherever it is kept
+        amount=500,
+        currency="usd",
+        description=f"card {CARD} for the order",
+        metadata={"note": GROUPED, CARD: "as a key"},
+        idempotency_key=f"order-{CARD}",
+    )
     for attempt in (
+        lambda: s.PaymentIntent.create(amount=int(CARD), currency="usd"),  # echoed in the error
         lambda: s.PaymentIntent.create(amount=1000, currency="eur", idempotency_key="s-2"),
         lambda: s.PaymentIntent.create(amount=6000, currency="usd", idempotency_key="s-3"),
         lambda: sdk(dep, dep.agent_token[:-6] + "guess!").PaymentIntent.create(amount=1, currency="usd"),
@@ -99,11 +108,13 @@ def test_a_full_session_leaves_no_secret_in_logs_spans_or_database(tmp_path: Pat
         "encryption key": encryption_key,
         "encryption key bytes": base64.b64decode(encryption_key).decode("latin-1"),
         "card number": CARD,
+        "grouped card number": GROUPED,
     }
     # The places searched are full of what the session did (so a leak would be there to find) ...
     assert dep.agent_id in logs and dep.agent_id in rows and dep.agent_id in span_text
-    assert len(spans) > 20 and len(logs.splitlines()) > 10 and rows.count("authorizations:") == 4
-    assert len(agent_errors) == 8 and any("above $50 needs a human" in e for e in agent_errors)
+    assert len(spans) > 20 and len(logs.splitlines()) > 10 and rows.count("authorizations:") == 5
+    assert "************4242" in rows  # the masked card is what was kept
+    assert len(agent_errors) == 9 and any("above $50 needs a human" in e for e in agent_errors)
     # ... and hold none of the secrets.
     for place, text in {
         "logs": logs,
