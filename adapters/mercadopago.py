@@ -39,6 +39,7 @@ from adapters.base import (
     WebhookEvent,
     check_setting_names,
 )
+from proxy import safejson
 from proxy.currency import exponent
 from proxy.errors import BadRequest, WebhookRejected
 from proxy.model import UNRECOGNIZED, Payment
@@ -124,9 +125,13 @@ def to_minor(value: Any, currency: str, param: str) -> int:
     exp = exponent(currency)
     try:
         scaled = Decimal(value).scaleb(exp)
-    except InvalidOperation:
+        huge = scaled.is_finite() and scaled.adjusted() >= 20  # 1e999999: never made into an int
+        whole = scaled.is_finite() and not huge and scaled == scaled.to_integral_value()
+    except ArithmeticError:  # InvalidOperation, Overflow
         raise BadRequest(f"{param} is not a valid amount", param=param) from None
-    if not scaled.is_finite() or scaled != scaled.to_integral_value():
+    if huge:
+        raise BadRequest(f"{param} must be a positive amount below {MAX_MINOR} minor units", param=param)
+    if not whole:
         raise BadRequest(
             f"{param} {value} has more decimals than {currency.upper()} allows ({exp})", param=param
         )
@@ -142,8 +147,8 @@ def _json(body: bytes, content_type: str) -> dict[str, Any]:
     if not content_type.startswith("application/json"):
         raise BadRequest(f"MercadoPago requests are application/json, not {content_type or 'untyped'}")
     try:
-        value = json.loads(body, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = safejson.loads(body, parse_float=Decimal)
+    except ValueError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -432,8 +437,8 @@ class MercadoPagoAdapter:
     @staticmethod
     def _object(body: bytes) -> dict[str, Any] | None:
         try:
-            obj = json.loads(body, parse_float=Decimal)
-        except (ValueError, UnicodeDecodeError):
+            obj = safejson.loads(body, parse_float=Decimal)
+        except ValueError:
             return None
         return obj if isinstance(obj, dict) else None
 
@@ -464,7 +469,7 @@ class MercadoPagoAdapter:
         timestamp, signatures = "", []
         for item in headers.get("x-signature", "").split(","):
             name, _, value = item.strip().partition("=")
-            if name == "ts" and value.isascii() and value.isdigit():
+            if name == "ts" and value.isascii() and value.isdigit() and len(value) <= 16:
                 timestamp = value
             elif name == "v1":
                 signatures.append(value)

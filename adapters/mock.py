@@ -159,7 +159,9 @@ class MockProvider:
             metadata = params.get("metadata")
             delay = metadata.get("mock_delay_ms") if isinstance(metadata, dict) else None
             response = self._route(request.method, request.path, params)
-            if delay and str(delay).isdigit():  # like a slow provider: done, then answered late
+            if (
+                delay and str(delay).isascii() and str(delay).isdigit() and len(str(delay)) < 6
+            ):  # like a slow provider: done, then answered late
                 await asyncio.sleep(int(delay) / 1000)
         finally:
             self._in_flight.discard(key or "")
@@ -382,7 +384,7 @@ def _int_or(params: dict[str, Any], key: str, default: int) -> int:
 
 def _int(params: dict[str, Any], key: str) -> int:
     value = params.get(key, "")
-    if not isinstance(value, str) or not value.isdigit():
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise BadRequest(f"Invalid integer: {value!r}", param=key)
     return int(value)
 

@@ -35,6 +35,7 @@ from adapters.base import (
     check_setting_names,
 )
 from adapters.formencode import encode_form, parse_form
+from proxy import safejson
 from proxy.currency import format_minor
 from proxy.errors import BadRequest, RouteNotFound, WebhookRejected
 from proxy.model import UNRECOGNIZED, Payment
@@ -567,7 +568,7 @@ class StripeAdapter:
 
     def cancelled_in(self, body: bytes) -> bool:
         try:
-            obj = json.loads(body)
+            obj = safejson.loads(body)
         except ValueError:
             return False
         return isinstance(obj, dict) and obj.get("status") == "canceled"
@@ -579,7 +580,7 @@ class StripeAdapter:
         """The object's id, also of a refusal that still made one (a declined create's intent, carried in
         ``error.payment_intent``)."""
         try:
-            obj = json.loads(body)
+            obj = safejson.loads(body)
         except ValueError:
             return None
         if not isinstance(obj, dict):
@@ -606,7 +607,7 @@ class StripeAdapter:
         timestamp, signatures = None, []
         for item in header.split(","):
             name, _, value = item.strip().partition("=")
-            if name == "t" and value.isascii() and value.isdigit():
+            if name == "t" and value.isascii() and value.isdigit() and len(value) <= 12:
                 timestamp = int(value)
             elif name == "v1":
                 signatures.append(value)
@@ -621,7 +622,7 @@ class StripeAdapter:
                 f"{int(tolerance)} s tolerance (a replayed or delayed event)"
             )
         try:
-            event = json.loads(body)
+            event = safejson.loads(body)
             event_id, event_type = event["id"], event["type"]
             obj = event.get("data", {}).get("object", {})
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -698,7 +699,7 @@ class StripeAdapter:
         """What the call moves: the amount it names, else the object's. A refund is bounded by what was
         captured and not yet refunded (an intent's ``amount_received``, a charge's amount)."""
         try:
-            obj = json.loads(body)
+            obj = safejson.loads(body)
             currency = str(obj["currency"]).lower()
             if payment.operation != "refund":
                 return payment.amount or int(obj["amount"]), currency

@@ -19,6 +19,7 @@ from proxy import __version__
 from proxy.bootstrap import bootstrap
 from proxy.config import Settings, split_address
 from proxy.decide import period_of
+from proxy.listeners.server import ConnectionGuard, GuardedRunner, quiet_aiohttp_errors
 from proxy.payments.service import RESOLVE_BATCH
 from proxy.policy.model import Limit
 from proxy.upstream import AiohttpUpstream
@@ -36,10 +37,12 @@ class Sidecar:
         self.gateway = bootstrap(settings, tracer_provider=tracer_provider, **parts)
         self.store = self.gateway.store
         self._runners: dict[str, web.AppRunner] = {}
+        self.guards: dict[str, ConnectionGuard] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         g = self.gateway
+        quiet_aiohttp_errors()
         await self.store.open()
         if isinstance(g.upstream, AiohttpUpstream):
             await g.upstream.start()
@@ -67,9 +70,12 @@ class Sidecar:
         )
 
     async def _listen(self, name: str, app: web.Application, address: str) -> None:
-        runner = web.AppRunner(
+        guard = ConnectionGuard(self.settings.header_timeout, self.settings.max_connections_per_client)
+        runner = GuardedRunner(
             app,
+            guard,
             access_log=None,
+            keepalive_timeout=self.settings.keepalive_timeout,
             shutdown_timeout=self.settings.shutdown_grace,
             max_line_size=self.settings.max_header_bytes,
             max_field_size=self.settings.max_header_bytes,
@@ -79,6 +85,7 @@ class Sidecar:
         host, port = split_address(address)
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         self._runners[name] = runner
+        self.guards[name] = guard
 
     async def _sweep(self) -> None:
         """Expire holds (releasing their spend) and release what the Redis gate reserved for decisions
@@ -143,19 +150,25 @@ class Sidecar:
                 if lim.window != "payment":
                     limits[lim.name] = (lim, period_of(lim.window, now, policy.timezone))
         rows = await self.store.current_spend([(name, period) for name, (_, period) in limits.items()], 1000)
-        amounts, ratios = [], []
+        per_agent = self.settings.metrics_agent_labels  # names and ids only where the operator opts in
+        amounts: dict[tuple[tuple[str, str], ...], float] = {}
+        ratios: dict[tuple[tuple[str, str], ...], float] = {}
         for agent_id, agent, name, currency, amount, count in rows:
             lim = limits[name][0]
-            labels = {"agent": agent, "agent_id": agent_id, "limit": name, "window": lim.window}
-            amounts.append(({**labels, "currency": currency}, amount))
+            labels = {"limit": name, "window": lim.window}
+            if per_agent:
+                labels |= {"agent": agent, "agent_id": agent_id}
+            key = tuple(sorted(labels.items()))
+            money = tuple(sorted({**labels, "currency": currency}.items()))
+            amounts[money] = amounts.get(money, 0) + amount  # without agents: summed over them
             used = [
                 amount / lim.max_amount if lim.max_amount else 0.0,
                 count / lim.max_count if lim.max_count else 0.0,
             ]
-            ratios.append((labels, max(used)))
+            ratios[key] = max(ratios.get(key, 0.0), *used)  # without agents: the highest
         metrics = self.gateway.metrics
-        metrics.set_all("paysentry_spend_amount", amounts)
-        metrics.set_all("paysentry_spend_limit_ratio", ratios)
+        metrics.set_all("paysentry_spend_amount", [(dict(k), v) for k, v in amounts.items()])
+        metrics.set_all("paysentry_spend_limit_ratio", [(dict(k), v) for k, v in ratios.items()])
         metrics.set_all("paysentry_holds_pending", [({}, await self.store.count_pending_holds())])
         metrics.set_all(
             "paysentry_authorizations_in_doubt", [({}, await self.store.count_unresolved(time.time()))]

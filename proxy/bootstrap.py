@@ -267,6 +267,7 @@ class Gateway:
                 WebhookListener(self.events).add_routes,
                 LinkPages(self.store, self.holds.voted, self.clock).add_routes,
             ),
+            metrics_token=self.settings.metrics_token,
         )
 
 

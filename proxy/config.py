@@ -46,6 +46,9 @@ class Settings:
     max_header_bytes: int = 8190  # one header line
     max_headers: int = 64
     body_timeout: float = 10.0  # a client that sends its body slower than this is cut off
+    header_timeout: float = 10.0  # a request head (line and headers) must arrive within this
+    keepalive_timeout: float = 60.0  # an idle kept-alive connection is closed after this
+    max_connections_per_client: int = 256  # per address; past it the oldest idle one is closed
     agent_rate_limit: int = 100  # requests per second per agent (0: off); each replica counts its own
     agent_rate_burst: int = 200
     webhook_tolerance: float = 300.0  # seconds an inbound webhook's signed timestamp may be off by
@@ -53,6 +56,8 @@ class Settings:
     notify_webhooks: str = ""  # comma-separated URLs that receive signed hold notifications
     notify_secret: str = ""  # HMAC key of PaySentry-Signature (a secret: set it from the environment)
     public_url: str = ""  # base URL of the owner listener in approval links; default http://<admin_listen>
+    metrics_token: str = ""  # bearer token /metrics requires when set (a secret: set it from the environment)
+    metrics_agent_labels: bool = False  # spend gauges per agent (name and id); needs metrics_token
     mock_provider_listen: str = ""  # host:port to run the built-in mock provider in-process; "" = off
     log_level: str = "INFO"
 
@@ -78,7 +83,7 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-SECRET_SETTINGS = frozenset({"notify_secret"})
+SECRET_SETTINGS = frozenset({"notify_secret", "metrics_token"})
 URL_SETTINGS = frozenset({"store", "redis_url"})
 DEFAULTS = Settings()
 _PATHS = {"policies", "encryption_key_file"}
@@ -130,12 +135,18 @@ def load_settings(path: str | None, environ: dict[str, str] | None = None) -> Se
 
 
 def _convert(name: str, kind: Any, value: Any) -> Any:
+    if kind in (bool, "bool"):
+        text = str(value).strip().lower()
+        if text not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return text in ("true", "1", "yes")
     if kind in (float, "float"):  # every float setting is a duration: 30, "30s", "2m", "500ms"
         return parse_duration(value)
     if kind in (int, "int"):
-        if isinstance(value, bool) or not str(value).strip().isdigit():
+        text = str(value).strip()
+        if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or len(text) > 18:
             raise ValueError(f"expected a whole number, got {value!r}")
-        return int(value)
+        return int(text)
     if not isinstance(value, str | int | float):
         raise ValueError(f"expected a string, got {value!r}")
     return str(value)
@@ -150,6 +161,15 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"engine: unknown CEL engine {values.get('engine')!r}; choose {', '.join(ENGINES)}")
     if values.get("sqlite_synchronous", "NORMAL") not in ("NORMAL", "FULL"):
         problems.append("sqlite_synchronous: NORMAL or FULL")
+    if values.get("metrics_agent_labels") and not values.get("metrics_token"):
+        problems.append(
+            "metrics_agent_labels: needs metrics_token (agent names and ids are shown only to a scraper "
+            "that authenticates)"
+        )
+    if values.get("max_connections_per_client", 1) < 1:
+        problems.append("max_connections_per_client: at least 1")
+    if values.get("header_timeout", 1.0) <= 0:
+        problems.append("header_timeout: more than 0")
     rounds = values.get("bcrypt_rounds", DEFAULTS.bcrypt_rounds)
     if not 4 <= rounds <= 16:
         problems.append(f"bcrypt_rounds: between 4 and 16, got {rounds}")
@@ -174,7 +194,7 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
 
 def _is_address(text: str) -> bool:
     host, _, port = text.rpartition(":")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+    return bool(host) and port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536
 
 
 def split_address(text: str) -> tuple[str, int]:

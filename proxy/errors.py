@@ -20,10 +20,13 @@
     └── UpstreamUnavailable        the provider could not be reached (502)
 
 Library errors are mapped with ``raise OurError(...) from exc`` at the edge that calls the library.
-Messages never contain a secret: tokens, keys and credentials are never formatted into them.
+Messages never contain a secret: tokens, keys and credentials are never formatted into them, and card
+numbers a caller sent (``Invalid integer: '4242...'``) are masked when the error is made.
 """
 
 from __future__ import annotations
+
+from proxy.redact import mask_cards
 
 
 class PaySentryError(Exception):
@@ -31,11 +34,12 @@ class PaySentryError(Exception):
     code = "paysentry_error"
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        message = mask_cards(message)  # a message may echo what the caller sent: never a card number
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
-        self.param = param
+        self.param = mask_cards(param) if param else param
 
 
 class ConfigError(PaySentryError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,11 +134,14 @@ def split_token(token: str, prefix: str) -> tuple[str, str] | None:
     """(public id, secret) of a well-formed token, else None."""
     head, _, rest = token.partition("_")
     hexid, _, secret = rest.partition("_")
-    if head != prefix or len(hexid) != 16 or not secret or len(secret) > 64:
-        return None
+    if head != prefix or len(hexid) != 16 or not _SECRET.fullmatch(secret):
+        return None  # the secret's alphabet and length keep it under bcrypt's 72 bytes
     if any(c not in "0123456789abcdef" for c in hexid):
         return None
     return hexid, secret
+
+
+_SECRET = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what secrets.token_urlsafe makes, ASCII only
 
 
 def check_secret(secret: str, stored_hash: str) -> bool:
@@ -145,5 +149,5 @@ def check_secret(secret: str, stored_hash: str) -> bool:
 
 
 def fingerprint(token: str) -> str:
-    """A cache key for a token that does not reveal it."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    """A cache key for a token that does not reveal it (any text: undecodable header bytes included)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()

@@ -8,6 +8,7 @@ import asyncio
 from aiohttp import web
 
 from proxy.errors import RequestRefused, RequestTimeout, UpstreamUnavailable
+from proxy.listeners.server import refuse_encoded_body
 from proxy.payments.calls import AgentCall, Outcome
 from proxy.payments.service import PaymentService
 from proxy.upstream import Upstream
@@ -47,6 +48,7 @@ class AgentListener:
         return await self._relay(request, outcome)
 
     async def _read(self, request: web.Request) -> bytes:
+        refuse_encoded_body(request.headers)  # decoded by aiohttp, it would go on labelled encoded
         try:
             async with asyncio.timeout(self.body_timeout):
                 return await request.read()

@@ -12,8 +12,8 @@ found. Routes:
     GET  /v1/agents                               POST /v1/agents {name, labels, connection}
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
     GET  /v1/approvals?state=pending              GET /v1/approvals/{id}
-    POST /v1/approvals/{id}/approve {reason, as}  POST /v1/approvals/{id}/deny {reason, as}
-                                                  (as: the approver voting; default owner:<name>)
+    POST /v1/approvals/{id}/approve {reason}      POST /v1/approvals/{id}/deny {reason}
+                                                  (recorded as owner:<name>, the token's owner)
     GET  /v1/authorizations?agent=&limit=         GET /v1/authorizations/{id}
     GET  /v1/events?after=&limit=
     GET  /v1/reconciliation                       the latest reconciliation of each of the owner's connections
@@ -22,7 +22,7 @@ found. Routes:
 from __future__ import annotations
 
 import functools
-import json
+import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -31,10 +31,12 @@ from typing import Any, cast
 import yaml
 from aiohttp import web
 
+from proxy import safejson
 from proxy.approvals import APPROVED, DENIED, EXPIRED, PENDING
 from proxy.auth import TokenAuthenticator
-from proxy.errors import BadRequest, NotFound, PaySentryError
+from proxy.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, PaySentryError
 from proxy.holds import HoldCoordinator
+from proxy.listeners.server import refuse_encoded_body
 from proxy.metrics import Metrics
 from proxy.owners import OwnerService, agent_json, approval_json, authorization_json
 from proxy.policy.reload import PolicyHolder
@@ -62,7 +64,9 @@ class OwnerApi:
         metrics: Metrics,
         holds: HoldCoordinator,
         extra_routes: Sequence[Callable[[web.Application], None]] = (),
+        metrics_token: str = "",
     ) -> None:
+        self.metrics_token = metrics_token  # when set, /metrics needs it as a bearer token
         self.store, self.service, self.owners, self.policies = store, service, owners, policies
         self.on_revoke = on_revoke
         self.metrics = metrics
@@ -96,6 +100,7 @@ class OwnerApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            refuse_encoded_body(request.headers)
             if request.path not in PUBLIC_PATHS and not request.path.startswith(
                 ("/approvals/link/", "/v1/webhooks/")  # authenticated by one-time link / signature
             ):
@@ -120,6 +125,13 @@ class OwnerApi:
         return web.json_response({"status": "ok"})
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        if self.metrics_token:
+            header = request.headers.get("Authorization", "")
+            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.metrics_token.encode()):
+                raise AuthenticationFailed(
+                    "/metrics needs the scrape token: Authorization: Bearer <metrics_token>"
+                )
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def readyz(self, request: web.Request) -> web.Response:
@@ -142,8 +154,8 @@ class OwnerApi:
         if not request.can_read_body:
             return {}
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = safejson.loads(await request.read())
+        except ValueError:
             raise BadRequest("the request body must be a JSON object") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
@@ -195,13 +207,21 @@ class OwnerApi:
         return web.json_response(approval_json(approval, self.service.clock()))
 
     async def _decide(self, request: web.Request, approve: bool) -> web.Response:
+        """The vote is recorded as the authenticated owner's (``owner:<name>``): nothing the caller writes
+        in the body is ever recorded as who decided. A named approver votes through their own link."""
         owner = request[OWNER]
         body = await self._body(request)
-        reason, voter = body.get("reason", ""), body.get("as", f"owner:{owner.name}")
-        if not isinstance(reason, str) or not isinstance(voter, str) or not voter:
-            raise BadRequest("reason and as must be strings", param="reason")
+        reason, voter = body.get("reason", ""), f"owner:{owner.name}"
+        if not isinstance(reason, str):
+            raise BadRequest("reason must be a string", param="reason")
+        if body.get("as", voter) != voter:
+            raise Forbidden(
+                f"the owner API records the vote as the authenticated owner ({voter}), never as the voter "
+                "the request names; a named approver votes through their own approval link",
+                param="as",
+            )
         result = await self.service.vote(
-            owner.id, request.match_info["id"], voter, approve, reason, "owner_api"
+            owner.id, request.match_info["id"], voter, approve, reason[:2000], "owner_api"
         )
         self.holds.voted(result.approval)
         return web.json_response(approval_json(result.approval, self.service.clock(), result.counted))
@@ -258,6 +278,6 @@ def _int_query(request: web.Request, name: str, default: int, maximum: int) -> i
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(maximum)) or int(raw) > maximum:
         raise BadRequest(f"{name} must be a whole number up to {maximum}", param=name)
     return int(raw)

@@ -8,6 +8,7 @@ import binascii
 from proxy.connections import Connection
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed
 from proxy.payments.calls import AgentCall, Headers
+from proxy.redact import storable_key
 
 
 def check_call(call: AgentCall, connection: Connection) -> None:
@@ -61,3 +62,14 @@ def bearer_token(headers: Headers) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
     return None
+
+
+def idempotency_key(headers: Headers, name: str, longest: int) -> str:
+    """The agent's idempotency key as it is kept: printable text of at most ``longest`` characters (no
+    control characters, no bytes that are not UTF-8), a card number in it masked (``storable_key``)."""
+    key = headers.get(name) or ""
+    if len(key) > longest:
+        raise BadRequest(f"{name} is longer than {longest} characters", param=name)
+    if not key.isprintable():
+        raise BadRequest(f"{name} must be printable UTF-8 text (no control characters)", param=name)
+    return storable_key(key)

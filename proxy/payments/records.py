@@ -12,6 +12,7 @@ from typing import Any
 from opentelemetry import trace
 
 from proxy.model import HOLD, Agent, Decision, Payment
+from proxy.redact import mask_all, mask_cards
 from proxy.secrets import new_id
 from proxy.store import AuthorizationRecord, NewAuthorization
 
@@ -42,12 +43,12 @@ def authorization_for(
         operation=payment.operation,
         amount=payment.amount,
         currency=payment.currency,
-        destination=payment.destination,
+        destination=mask_cards(payment.destination),
         payment=payment_summary(payment),
         decision=decision.outcome,
         rule=decision.rule,
         policy=decision.policy,
-        message=decision.message,
+        message=mask_cards(decision.message),  # a rendered message may quote the payment's free text
         revision=decision.revision,
         charges=decision.charges,
         approval_id=new_id("apr") if hold else None,
@@ -56,15 +57,16 @@ def authorization_for(
         request=request,
         approval=decision.approval,
         shadow=[
-            {"policy": h.policy, "rule": h.rule, "effect": h.effect, "message": h.message}
+            {"policy": h.policy, "rule": h.rule, "effect": h.effect, "message": mask_cards(h.message)}
             for h in decision.shadow
         ],
     )
 
 
 def payment_summary(payment: Payment) -> dict[str, Any]:
-    """What the audit record keeps of a payment: the normalized fields, never the raw parameters."""
-    return {
+    """What the audit record keeps of a payment: the normalized fields, never the raw parameters, and
+    card numbers in their free text (description, metadata, ...) masked."""
+    summary = {
         "provider": payment.provider,
         "operation": payment.operation,
         "amount": payment.amount,
@@ -79,6 +81,7 @@ def payment_summary(payment: Payment) -> dict[str, Any]:
         "categories": list(payment.categories),
         "merchant": dict(payment.merchant),
     }
+    return dict(mask_all(summary))
 
 
 def annotate(span: trace.Span, payment: Payment, decision: Decision) -> None:

@@ -53,11 +53,12 @@ from proxy.holds import HoldCoordinator
 from proxy.metrics import Metrics, Series
 from proxy.model import DENY, HOLD, Agent, Decision, Payment
 from proxy.payments.calls import AgentCall, Outcome, PaymentCall, provider_idempotency_key
-from proxy.payments.guards import bearer_token, check_call
+from proxy.payments.guards import bearer_token, check_call, idempotency_key
 from proxy.payments.records import annotate, authorization_for, log_decision, pack_request, unpack_request
 from proxy.policy.engine import Engine
 from proxy.policy.reload import PolicyHolder
 from proxy.ratelimit import Limiter
+from proxy.redact import mask_cards
 from proxy.secrets import Sealer, new_id, sealed_context
 from proxy.store import (
     APPROVED,
@@ -174,7 +175,7 @@ class PaymentService:
         parent = W3C.extract(call.headers)  # continue the agent's trace (traceparent), nothing else
         with self.tracer.start_as_current_span("paysentry.call", parent, kind=SpanKind.SERVER) as span:
             span.set_attribute("http.request.method", call.method)
-            span.set_attribute("url.path", call.path)
+            span.set_attribute("url.path", mask_cards(call.path))
             adapter = self.default_adapter
             try:
                 with self._stage("authenticate", span):
@@ -229,9 +230,7 @@ class PaymentService:
         body = await call.read_body()
         classified = adapter.classify(call.method, call.path, call.content_type if body else "", body)
         url = connection.upstream + call.target
-        key = call.headers.get(adapter.idempotency_header) or ""
-        if len(key) > MAX_IDEMPOTENCY_KEY:
-            raise BadRequest(f"{adapter.idempotency_header} is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        key = idempotency_key(call.headers, adapter.idempotency_header, MAX_IDEMPOTENCY_KEY)
         if classified.kind == PASSTHROUGH and classified.voids is None:
             span.set_attribute("paysentry.decision", "passthrough")
             if classified.acts_on is not None:

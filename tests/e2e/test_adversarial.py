@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,9 +33,10 @@ def target(tmp_path: Path) -> Iterator[Deployment]:
     dep.stop()
 
 
-def raw_http(dep: Deployment, request: bytes) -> tuple[int, bytes]:
-    """Send bytes as they are (no client library tidying them up) and read the answer."""
-    host, port = urlsplit(dep.agent_url).hostname, urlsplit(dep.agent_url).port
+def raw_http(dep: Deployment, request: bytes, base: str | None = None) -> tuple[int, bytes]:
+    """Send bytes as they are (no client library tidying them up) to the agents' listener (or ``base``)
+    and read the answer."""
+    host, port = urlsplit(base or dep.agent_url).hostname, urlsplit(base or dep.agent_url).port
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(request)
         data = b""
@@ -194,3 +198,306 @@ def test_owners_are_isolated(target: Deployment) -> None:
     assert target.owner_api("POST", f"/v1/agents/{agent_id}/revoke", {}, token=other)[0] == 404
     assert target.owner_api("GET", f"/v1/agents/{agent_id}/spend", token=other)[0] == 404
     assert target.owner_api("GET", f"/v1/approvals/{approval_id}")[1]["state"] == "pending"
+
+
+# -- hostile input: a 4xx in the listener's own shape, never a 500 or a traceback --------------------------
+def _head(method: str, target: str, headers: dict[str, bytes], body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close"]
+    lines += [name.encode() + b": " + value for name, value in headers.items()]
+    lines.append(f"Content-Length: {len(body)}".encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _signed(body: bytes) -> bytes:
+    from tests.e2e.test_webhooks import signature
+
+    return signature(body).encode()
+
+
+FORM = b"application/x-www-form-urlencoded"
+JSON = b"application/json"
+DEEP = b"[" * 100_000 + b"]" * 100_000
+GZIPPED = __import__("gzip").compress(PAY)
+# (listener, method, target, headers, body); "{agent}" and "{owner}" are the tokens, "{id}" the agent's id
+# and "{conn}" the connection's
+HOSTILE: dict[str, tuple[str, str, str, dict[str, bytes], bytes]] = {
+    "unicode digit amount": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM},
+        "amount=²&currency=usd".encode(),
+    ),
+    "arabic digit amount": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM},
+        "amount=٣&currency=usd".encode(),
+    ),
+    "huge amount": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM},
+        b"amount=" + b"9" * 5000 + b"&currency=usd",
+    ),
+    "0xff in the token": ("agent", "GET", "/v1/customers", {"Authorization": b"Bearer {agent}\xff"}, b""),
+    "0xff in the Idempotency-Key": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM, "Idempotency-Key": b"k\xffk"},
+        PAY,
+    ),
+    "control character in the Idempotency-Key": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM, "Idempotency-Key": b"k\x7fk"},
+        PAY,
+    ),
+    "secret over 72 bytes": (
+        "agent",
+        "GET",
+        "/v1/customers",
+        {"Authorization": b"Bearer psk_{id}_" + "é".encode() * 40},
+        b"",
+    ),
+    "long secret": (
+        "agent",
+        "GET",
+        "/v1/customers",
+        {"Authorization": b"Bearer psk_{id}_" + b"x" * 200},
+        b"",
+    ),
+    "basic auth with 0xff": ("agent", "GET", "/v1/customers", {"Authorization": b"Basic /w=="}, b""),
+    "gzip body": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM, "Content-Encoding": b"gzip"},
+        GZIPPED,
+    ),
+    "broken deflate body": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM, "Content-Encoding": b"deflate"},
+        b"not deflate",
+    ),
+    "gzip on a passthrough": (
+        "agent",
+        "POST",
+        "/v1/customers",
+        {"Content-Type": FORM, "Content-Encoding": b"gzip"},
+        GZIPPED,
+    ),
+    "deep form key": (
+        "agent",
+        "POST",
+        "/v1/payment_intents",
+        {"Content-Type": FORM},
+        b"metadata" + b"[a]" * 500 + b"=1",
+    ),
+    "signature t=unicode digit": (
+        "owner",
+        "POST",
+        "/v1/webhooks/{conn}",
+        {"Content-Type": JSON, "Stripe-Signature": "t=²,v1=ab".encode()},
+        b"{}",
+    ),
+    "signature with a 5000-digit t": (
+        "owner",
+        "POST",
+        "/v1/webhooks/{conn}",
+        {"Content-Type": JSON, "Stripe-Signature": b"t=" + b"1" * 5000 + b",v1=ab"},
+        b"{}",
+    ),
+    "signed deeply nested event": (
+        "owner",
+        "POST",
+        "/v1/webhooks/{conn}",
+        {"Content-Type": JSON, "Stripe-Signature": b"{signed}"},
+        DEEP,
+    ),
+    "gzip webhook": (
+        "owner",
+        "POST",
+        "/v1/webhooks/{conn}",
+        {"Content-Type": JSON, "Content-Encoding": b"gzip", "Stripe-Signature": b"t=1,v1=ab"},
+        __import__("gzip").compress(b"{}"),
+    ),
+    "deeply nested owner body": (
+        "owner",
+        "POST",
+        "/v1/agents",
+        {"Authorization": b"Bearer {owner}", "Content-Type": JSON},
+        b"[" * 30_000,
+    ),
+    "nested owner vote": (
+        "owner",
+        "POST",
+        "/v1/approvals/apr_x/approve",
+        {"Authorization": b"Bearer {owner}", "Content-Type": JSON},
+        b'{"reason":' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ),
+    "limit=unicode digit": (
+        "owner",
+        "GET",
+        "/v1/authorizations?limit=%C2%B2",
+        {"Authorization": b"Bearer {owner}"},
+        b"",
+    ),
+    "after with 5000 digits": (
+        "owner",
+        "GET",
+        "/v1/events?after=" + "7" * 5000,
+        {"Authorization": b"Bearer {owner}"},
+        b"",
+    ),
+    "0xff in the owner token": ("owner", "GET", "/v1/agents", {"Authorization": b"Bearer {owner}\xff"}, b""),
+    "owner secret over 72 bytes": (
+        "owner",
+        "GET",
+        "/v1/agents",
+        {"Authorization": b"Bearer pso_0123456789abcdef_" + "ü".encode() * 50},
+        b"",
+    ),
+    "gzip owner body": (
+        "owner",
+        "POST",
+        "/v1/agents",
+        {"Authorization": b"Bearer {owner}", "Content-Type": JSON, "Content-Encoding": b"gzip"},
+        __import__("gzip").compress(b'{"name":"x"}'),
+    ),
+    "link token with 0xff": ("owner", "GET", "/approvals/link/%FF%FE", {}, b""),
+    "link post of junk": (
+        "owner",
+        "POST",
+        "/approvals/link/x",
+        {"Content-Type": FORM},
+        b"decision=%FF&reason=" + b"[" * 1000,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_hostile_input_gets_a_4xx_in_the_listeners_shape_and_no_traceback(
+    target: Deployment, case: str
+) -> None:
+    listener, method, path, headers, body = HOSTILE[case]
+    fill = {
+        b"{agent}": target.agent_token.encode(),
+        b"{owner}": target.owner_token.encode(),
+        b"{id}": target.agent_id.removeprefix("agt_").encode(),
+        b"{signed}": _signed(body),
+    }
+    for name, value in list(headers.items()):
+        for marker, real in fill.items():
+            value = value.replace(marker, real)
+        headers[name] = value
+    headers.setdefault("Authorization", b"Bearer " + target.agent_token.encode())
+    path = path.replace("{conn}", target.connection_id)
+    base = target.agent_url if listener == "agent" else target.admin_url
+    before = len(target.output)
+    status, answer = raw_http(target, _head(method, path, headers, body), base)
+    assert 400 <= status < 500, (status, answer[:300])
+    if answer.startswith(b"{"):
+        error = json.loads(answer)
+        message = error["error"]["message"] if "error" in error else error["message"]
+        assert message and "4242424242424242" not in message
+    logs = "".join(target.output[before:])
+    assert "Traceback" not in logs and "Error handling request" not in logs, logs
+    assert target.agent_token not in logs and target.owner_token not in logs
+    assert [c for c in upstream_calls(target) if c["method"] == "POST"] == []
+
+
+# -- slow heads and connection floods ----------------------------------------------------------------------
+def _open_fds(dep: Deployment) -> int:
+    assert dep.process is not None
+    return len(os.listdir(f"/proc/{dep.process.pid}/fd"))
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Deployment]:
+    dep = make_deployment(tmp_path, extra_config="header_timeout: 2s\nmax_connections_per_client: 200\n")
+    dep.start()
+    yield dep
+    dep.stop()
+
+
+def test_probes_answer_under_a_slowloris_and_slow_heads_are_dropped(guarded: Deployment) -> None:
+    """1,500 connections from the agents' own address that never finish their heads: the probes and the
+    agent still get answers, the sidecar holds no more of them than the cap, and none outlives the
+    header timeout."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096 and hard >= 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    elif soft < 4096:
+        pytest.skip(f"1,500 connections need more file descriptors than ulimit -n {hard} allows")
+    baseline = _open_fds(guarded)
+    attackers = []
+    for i in range(1500):
+        base = guarded.admin_url if i % 2 else guarded.agent_url
+        sock = socket.create_connection((urlsplit(base).hostname, urlsplit(base).port), timeout=10)
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+        attackers.append(sock)
+    started = time.monotonic()
+    with urllib.request.urlopen(f"{guarded.admin_url}/readyz", timeout=5) as resp:
+        assert resp.status == 200
+    assert request(guarded, "GET", "/v1/customers")[0] == 200
+    assert time.monotonic() - started < 3
+    held = _open_fds(guarded) - baseline
+    assert held <= 2 * 200 + 20, f"the sidecar holds {held} attacker connections"
+    time.sleep(2.5)  # past the header timeout
+    still_open = 0
+    for sock in attackers:
+        sock.settimeout(0.01)
+        try:
+            data = sock.recv(4096)
+            still_open += 0 if data == b"" or data.startswith(b"HTTP/1.1 408") else 1
+        except TimeoutError:
+            still_open += 1
+        except OSError:
+            pass
+        sock.close()
+    assert still_open == 0
+    assert _open_fds(guarded) - baseline < 20
+    assert "Traceback" not in guarded.logs()
+
+
+def test_a_slow_head_after_a_kept_alive_request_is_dropped_too(guarded: Deployment) -> None:
+    sock = socket.create_connection((urlsplit(guarded.admin_url).hostname, urlsplit(guarded.admin_url).port))
+    sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /livez HTTP/1.1\r\n")  # the next head starts and stalls
+    sock.settimeout(5)
+    started = time.monotonic()
+    assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+    assert 1.5 < time.monotonic() - started < 4
+    sock.close()
+
+
+# -- lockout cannot be aimed at someone else ---------------------------------------------------------------
+def test_wrong_secrets_for_a_known_id_do_not_lock_its_agent_out(tmp_path: Path) -> None:
+    dep = make_deployment(tmp_path, extra_config="token_cache_ttl: 1s\n")
+    second = json.loads(dep.cli("agent", "create", "other").stdout)
+    dep.start()
+    try:
+        assert request(dep, "GET", "/v1/customers")[0] == 200  # the agent, before the attack
+        public = dep.agent_id.removeprefix("agt_")
+        for i in range(15):  # from the same address, with the id /metrics used to show
+            forged = f"psk_{public}_wrongsecret{i}"
+            assert request(dep, "GET", "/v1/customers", {"Authorization": f"Bearer {forged}"})[0] in (
+                401,
+                429,
+            )
+        for i in range(40):  # and junk tokens: the old per-address lockout locked out everyone after 30
+            assert request(dep, "GET", "/v1/customers", {"Authorization": f"Bearer psk_{i:016x}_x"})[0] == 401
+        time.sleep(1.2)  # the agent's cache entry has expired
+        assert request(dep, "GET", "/v1/customers")[0] == 200
+        other = {"Authorization": f"Bearer {second['token']}"}  # never used before on this process
+        assert request(dep, "GET", "/v1/customers", other)[0] == 200
+    finally:
+        dep.stop()

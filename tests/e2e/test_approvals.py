@@ -180,14 +180,18 @@ def test_a_deny_vetoes_and_votes_count_once(held: Deployment, receiver: Receiver
     receiver.answer = None  # the reviewer errors: it casts no vote
     approval_id = hold(7000, "order-2")
     wait_until(lambda: "reviewer cast no vote" in held.logs())
-    first = held.owner_api("POST", f"/v1/approvals/{approval_id}/approve", {"as": "alice", "reason": "ok"})[1]
-    second = held.owner_api(
-        "POST", f"/v1/approvals/{approval_id}/approve", {"as": "alice", "reason": "again"}
-    )[1]
+    vote = ("approvals", "approve", approval_id, "--as", "alice", "--reason")
+    first = json.loads(held.cli(*vote, "ok").stdout)
+    second = json.loads(held.cli(*vote, "again").stdout)
     assert (first["vote_counted"], second["vote_counted"]) == (True, False)
     assert second["state"] == "pending" and len(second["votes"]) == 1
-    status, body = held.owner_api("POST", f"/v1/approvals/{approval_id}/approve", {"as": "mallory"})
+    # Over the owner API the vote is the token's owner's, who is not named on this hold; a body naming
+    # someone else is refused, never recorded as theirs.
+    status, body = held.owner_api("POST", f"/v1/approvals/{approval_id}/approve", {})
     assert status == 403 and "not an approver" in body["error"]["message"]
+    status, body = held.owner_api("POST", f"/v1/approvals/{approval_id}/approve", {"as": "carol"})
+    assert status == 403 and "never as the voter the request names" in body["error"]["message"]
+    assert len(held.owner_api("GET", f"/v1/approvals/{approval_id}")[1]["votes"]) == 1
     held.cli("approvals", "deny", approval_id, "--as", "bob", "--reason", "unknown vendor")
     with pytest.raises(stripe.error.CardError) as caught:
         stripe.PaymentIntent.create(amount=7000, currency="usd", idempotency_key="order-2")
@@ -209,7 +213,7 @@ def test_waiting_mode_answers_within_the_wait(held: Deployment, receiver: Receiv
         wait_until(lambda: held.owner_api("GET", "/v1/approvals?state=pending")[1]["data"])
         pending = held.owner_api("GET", "/v1/approvals?state=pending")[1]["data"][0]
         assert pending["seconds_left"] > 0 and pending["authorization"]["rule"] == "urgent"
-        held.owner_api("POST", f"/v1/approvals/{pending['id']}/approve", {"as": "alice"})
+        held.cli("approvals", "approve", pending["id"], "--as", "alice")
         answer = waiting.result(timeout=10)
     assert getattr(answer, "amount", None) == 9500  # the provider's answer, inside the same call
     late = pay("urgent-2")  # nobody approves: the hold answer once the wait is over

@@ -4,6 +4,7 @@ trace continued from the agent and passed to the provider, and the Prometheus sc
 from __future__ import annotations
 
 import secrets
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,10 @@ def test_span_trees_of_allowed_denied_and_held_calls(tmp_path: Path) -> None:
     assert len(upstream) == 1
 
 
-def scrape(dep: Deployment) -> str:
-    with urllib.request.urlopen(f"{dep.admin_url}/metrics", timeout=5) as resp:
+def scrape(dep: Deployment, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{dep.admin_url}/metrics", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as resp:
         assert resp.headers["Content-Type"].startswith("text/plain")
         return resp.read().decode()
 
@@ -123,12 +126,35 @@ def test_metrics_are_scraped_with_the_documented_names_and_pushed_over_otlp(tmp_
         assert f'paysentry_stage_duration_seconds_count{{stage="{stage}"}}' in text, stage
         assert f'paysentry_stage_duration_seconds_bucket{{le="+Inf",stage="{stage}"}}' in text, stage
     assert "paysentry_holds_pending 1" in text
-    agent = f'agent="bot",agent_id="{dep.agent_id}"'
-    # The held $60 is reserved while it waits: 1000 + 6000 of the $100 daily budget.
-    assert f'paysentry_spend_amount{{{agent},currency="usd",limit="daily_budget",window="day"}} 7000' in text
-    assert f'paysentry_spend_limit_ratio{{{agent},limit="daily_budget",window="day"}} 0.7' in text
+    # The held $60 is reserved while it waits: 1000 + 6000 of the $100 daily budget. Without the
+    # operator's opt-in, no agent's name or id is shown (the scrape needs no token).
+    assert 'paysentry_spend_amount{currency="usd",limit="daily_budget",window="day"} 7000' in text
+    assert 'paysentry_spend_limit_ratio{limit="daily_budget",window="day"} 0.7' in text
+    assert dep.agent_id not in text and 'agent="' not in text
     assert 'paysentry_policy_revision_info{revision="sha256:' in text
     for line in text.splitlines():
         if line.startswith("# TYPE"):
             assert line.split()[3] in ("counter", "gauge", "histogram"), line
     assert {"paysentry_decisions", "paysentry_stage_duration_seconds", "paysentry_holds_pending"} <= pushed
+
+
+@pytest.mark.e2e
+def test_metrics_per_agent_need_the_scrape_token(tmp_path: Path) -> None:
+    extra = "metrics_agent_labels: true\nmetrics_token: scrape-token-for-tests\n"
+    dep = make_deployment(tmp_path, extra_config=extra)
+    dep.start()
+    try:
+        assert pay(dep, b"amount=1000&currency=usd", "m-1") == 200
+        for token in (None, "wrong", dep.owner_token, dep.agent_token):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                scrape(dep, token)
+            assert refused.value.code == 401
+        agent = f'agent="bot",agent_id="{dep.agent_id}"'
+        wait_until(lambda: agent in scrape(dep, "scrape-token-for-tests"), timeout=5)
+        text = scrape(dep, "scrape-token-for-tests")
+        assert (
+            f'paysentry_spend_amount{{{agent},currency="usd",limit="daily_budget",window="day"}} 1000' in text
+        )
+    finally:
+        dep.stop()
+    assert "scrape-token-for-tests" not in dep.logs()

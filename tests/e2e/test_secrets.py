@@ -16,10 +16,11 @@ import stripe
 from proxy.payments.calls import provider_idempotency_key
 from tests.e2e.conftest import MOCK_SECRET, WEBHOOK_SECRET, Deployment, make_deployment
 from tests.e2e.otlp import OtlpReceiver
-from tests.e2e.test_adversarial import request
+from tests.e2e.test_adversarial import raw_http, request
 from tests.e2e.test_webhooks import deliver, event, signature
 
 CARD = "4242424242424242"
+GROUPED = "4242 4242 4242 4242"
 
 
 def sdk(dep: Deployment, key: str | None = None) -> Any:
@@ -49,7 +50,15 @@ def session(dep: Deployment) -> list[str]:
     s.PaymentIntent.create(**pay, idempotency_key="s-1")
     s.Refund.create(payment_intent=paid.id, amount=500)
     s.Customer.list(limit=3)
+    s.PaymentIntent.create(  # a card number in the agent's free text: masked wherever it is kept
+        amount=500,
+        currency="usd",
+        description=f"card {CARD} for the order",
+        metadata={"note": GROUPED, CARD: "as a key"},
+        idempotency_key=f"order-{CARD}",
+    )
     for attempt in (
+        lambda: s.PaymentIntent.create(amount=int(CARD), currency="usd"),  # echoed in the error
         lambda: s.PaymentIntent.create(amount=1000, currency="eur", idempotency_key="s-2"),
         lambda: s.PaymentIntent.create(amount=6000, currency="usd", idempotency_key="s-3"),
         lambda: sdk(dep, dep.agent_token[:-6] + "guess!").PaymentIntent.create(amount=1, currency="usd"),
@@ -62,7 +71,7 @@ def session(dep: Deployment) -> list[str]:
             seen.append(str(exc))
     s = sdk(dep)
     held = dep.owner_api("GET", "/v1/approvals")[1]["data"][0]["id"]
-    assert dep.owner_api("POST", f"/v1/approvals/{held}/approve", {"as": "owner", "reason": "ok"})[0] == 200
+    assert dep.owner_api("POST", f"/v1/approvals/{held}/approve", {"reason": "ok"})[0] == 200
     s.PaymentIntent.create(amount=6000, currency="usd", idempotency_key="s-3")
     seen.append(
         request(dep, "POST", "/v1/payment_intents", {"Stripe-Account": "acct_x"}, b"amount=1")[1].decode()
@@ -99,11 +108,13 @@ def test_a_full_session_leaves_no_secret_in_logs_spans_or_database(tmp_path: Pat
         "encryption key": encryption_key,
         "encryption key bytes": base64.b64decode(encryption_key).decode("latin-1"),
         "card number": CARD,
+        "grouped card number": GROUPED,
     }
     # The places searched are full of what the session did (so a leak would be there to find) ...
     assert dep.agent_id in logs and dep.agent_id in rows and dep.agent_id in span_text
-    assert len(spans) > 20 and len(logs.splitlines()) > 10 and rows.count("authorizations:") == 4
-    assert len(agent_errors) == 8 and any("above $50 needs a human" in e for e in agent_errors)
+    assert len(spans) > 20 and len(logs.splitlines()) > 10 and rows.count("authorizations:") == 5
+    assert "************4242" in rows  # the masked card is what was kept
+    assert len(agent_errors) == 9 and any("above $50 needs a human" in e for e in agent_errors)
     # ... and hold none of the secrets.
     for place, text in {
         "logs": logs,
@@ -164,3 +175,50 @@ def test_rotating_the_encryption_key_reseals_everything_and_the_old_key_can_go(t
         assert dep.mock_payments() == []
     finally:
         dep.stop()
+
+
+@pytest.mark.e2e
+def test_malformed_headers_carrying_real_tokens_leave_them_in_no_log_or_answer(tmp_path: Path) -> None:
+    """aiohttp refuses these before any handler runs; its own error path used to log (and answer with)
+    the offending bytes, the token among them."""
+    dep = make_deployment(tmp_path, extra_config="log_level: DEBUG\n")
+    dep.start()
+    answers: list[bytes] = []
+    try:
+        for token, base in ((dep.agent_token, dep.agent_url), (dep.owner_token, dep.admin_url)):
+            bearer = b"Authorization: Bearer " + token.encode()
+            for malformed in (
+                bearer + b"\x01",  # a control character after the token
+                bearer + b"\x00tail",
+                bearer + b"\x7f",
+                bearer + b"\xff",
+                bearer + b"A" * 9000,  # longer than max_header_bytes
+                b"X-Copy: " + token.encode() + b"\x0b",
+                b"X-" + token.encode() + b"\x01: v",  # in a header name
+                b"Authorization Bearer " + token.encode(),  # no colon
+                b"X-Big: " + b"a" * 9000 + token.encode(),
+                b" folded " + token.encode(),  # an obsolete line folding
+            ):
+                head = (
+                    b"GET /v1/customers HTTP/1.1\r\nHost: x\r\n"
+                    + malformed
+                    + b"\r\nConnection: close\r\n\r\n"
+                )
+                status, answer = raw_http(dep, head, base)
+                assert status in (400, 401, 431), (malformed[:40], status)
+                answers.append(answer)
+            line = b"GET /v1/customers?key=" + token.encode() + b"\x01 HTTP/1.1\r\nHost: x\r\n\r\n"
+            answers.append(raw_http(dep, line, base)[1])  # in the request line
+    finally:
+        dep.stop()
+    logs = dep.logs()
+    everything = logs + b"".join(answers).decode("latin-1")
+    for name, value in {
+        "agent token": dep.agent_token,
+        "agent secret": dep.agent_token.split("_", 2)[2],
+        "owner token": dep.owner_token,
+        "owner secret": dep.owner_token.split("_", 2)[2],
+    }.items():
+        assert value not in everything, f"the {name} appears in the logs or an answer"
+    assert "Traceback" not in logs
+    assert "malformed request" in logs  # the refusals were logged, by kind

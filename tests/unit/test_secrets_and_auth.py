@@ -83,25 +83,88 @@ async def test_authenticator_caches_and_locks_out() -> None:
         await auth.authenticate(None)
 
 
-async def test_a_client_flooding_bad_tokens_is_locked_out_but_cached_tokens_still_work() -> None:
-    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
-    lookups: list[str] = []
+def authenticator(
+    rows: dict[str, Row], checks: list[str], clock: list[float], **kwargs: object
+) -> TokenAuthenticator[Row]:
+    """An authenticator over ``rows`` (by public id) on a fake clock; ``checks`` lists each bcrypt run."""
 
     async def find(public_id: str) -> Row | None:
-        lookups.append(public_id)
-        return Row(issued.hash) if public_id == "agt_0123456789abcdef" else None
+        return rows.get(public_id)
 
-    auth = TokenAuthenticator(
-        "psk", "agt", find, lambda r: r.token_hash, lambda r: r.active, max_client_failures=5
+    def hash_of(row: Row) -> str:
+        checks.append(row.id)  # read for every bcrypt check and every re-check
+        return row.token_hash
+
+    return TokenAuthenticator(
+        "psk", "agt", find, hash_of, lambda r: r.active, cache_ttl=30, clock=lambda: clock[0], **kwargs
     )
-    await auth.authenticate(issued.token, "10.0.0.9")  # verified and cached before the flood
-    for i in range(5):  # random unknown ids: the per-id lockout never triggers
+
+
+async def test_wrong_secrets_from_the_same_address_never_lock_out_a_verified_token() -> None:
+    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+    rows, checks, clock = {"agt_0123456789abcdef": Row(issued.hash)}, [], [0.0]
+    auth = authenticator(rows, checks, clock)
+    await auth.authenticate(issued.token, "127.0.0.1")  # the agent, before the attack
+    wrong = issued.token.rsplit("_", 1)[0] + "_guess"
+    for i in range(12):  # the attacker knows the id (from /metrics, say), not the secret
+        with pytest.raises((AuthenticationFailed, RateLimited)):
+            await auth.authenticate(f"{wrong}{i}", "127.0.0.1")
+    with pytest.raises(RateLimited):
+        await auth.authenticate(wrong + "more", "127.0.0.1")
+    clock[0] = 31.0  # the agent's cache entry has expired, the lockout has not
+    assert (await auth.authenticate(issued.token, "127.0.0.1")).id == "agt_0123456789abcdef"
+    rows["agt_0123456789abcdef"].active = False  # revoked elsewhere: the re-check reads the record
+    clock[0] = 62.0
+    with pytest.raises(AuthenticationFailed):
+        await auth.authenticate(issued.token, "127.0.0.1")
+
+
+async def test_failures_count_per_address_and_id_and_a_correct_secret_passes_the_probe() -> None:
+    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+    rows, checks, clock = {"agt_0123456789abcdef": Row(issued.hash)}, [], [0.0]
+    auth = authenticator(rows, checks, clock, max_failures=3, probe_interval=1.0)
+    wrong = issued.token.rsplit("_", 1)[0] + "_guess"
+    for i in range(3):
         with pytest.raises(AuthenticationFailed):
-            await auth.authenticate(f"psk_{i:016x}_guess", "10.0.0.9")
-    seen = len(lookups)
-    with pytest.raises(RateLimited, match="from this client"):
-        await auth.authenticate("psk_eeeeeeeeeeeeeeee_guess", "10.0.0.9")
-    assert len(lookups) == seen  # refused before touching the store
+            await auth.authenticate(f"{wrong}{i}", "10.0.0.9")
+    runs = len(checks)
+    with pytest.raises(RateLimited):  # locked: no bcrypt for this address and id
+        await auth.authenticate(issued.token, "10.0.0.9")
+    assert len(checks) == runs
+    assert (await auth.authenticate(issued.token, "10.0.0.10")).id  # another address is not affected
+    auth.forget(lambda r: True)
+    clock[0] = 1.5  # the probe slot: a correct secret from the locked address passes it
     assert (await auth.authenticate(issued.token, "10.0.0.9")).id == "agt_0123456789abcdef"
-    with pytest.raises(AuthenticationFailed):  # another client is not affected
-        await auth.authenticate("psk_eeeeeeeeeeeeeeee_guess", "10.0.0.10")
+    with pytest.raises(AuthenticationFailed):  # and the count is cleared
+        await auth.authenticate(wrong + "x", "10.0.0.9")
+
+
+async def test_unknown_ids_and_malformed_tokens_lock_out_nobody() -> None:
+    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+    rows, checks, clock = {"agt_0123456789abcdef": Row(issued.hash)}, [], [0.0]
+    auth = authenticator(rows, checks, clock)
+    for i in range(200):  # random ids and junk from the agents' own address: no bcrypt, no lockout
+        with pytest.raises(AuthenticationFailed):
+            await auth.authenticate(f"psk_{i:016x}_guess", "127.0.0.1")
+        with pytest.raises(AuthenticationFailed):
+            await auth.authenticate(f"junk{i}", "127.0.0.1")
+    assert checks == []
+    assert (await auth.authenticate(issued.token, "127.0.0.1")).id == "agt_0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "psk_0123456789abcdef_" + "é" * 40,  # 80 bytes: bcrypt refuses more than 72
+        "psk_0123456789abcdef_" + "x" * 100,
+        "psk_0123456789abcdef_ab\udcffcd",  # an undecodable header byte (0xff) as aiohttp keeps it
+        "psk_0123456789abcdef_ab\x00cd",
+        "psk_0123456789abcdef_ab cd",
+    ],
+)
+async def test_malformed_secrets_are_refused_without_bcrypt(token: str) -> None:
+    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+    rows, checks, clock = {"agt_0123456789abcdef": Row(issued.hash)}, [], [0.0]
+    with pytest.raises(AuthenticationFailed):
+        await authenticator(rows, checks, clock).authenticate(token, "127.0.0.1")
+    assert checks == []
