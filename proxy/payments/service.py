@@ -234,7 +234,7 @@ class PaymentService:
         if classified.kind == PASSTHROUGH and classified.voids is None:
             span.set_attribute("paysentry.decision", "passthrough")
             if classified.acts_on is not None:
-                await self._owned(agent, classified.acts_on)
+                await self._owned(agent, classified.acts_on, connection)
             request = provider_request(
                 adapter,
                 connection.credentials,
@@ -293,7 +293,7 @@ class PaymentService:
         sent); once the provider's answer shows it cancelled, the spend it counted is released. The provider's answer goes
         back regardless; if the store fails, the spend stays counted (the provider's cancellation event
         releases it later)."""
-        await self._owned(agent, ref)
+        await self._owned(agent, ref, connection)
         request = provider_request(
             connection.adapter,
             connection.credentials,
@@ -312,16 +312,43 @@ class PaymentService:
                 log.error("cancelled at the provider, spend not yet released: %s", exc.message)
         return Outcome(reply.status, reply.body, reply.headers)
 
-    async def _owned(self, agent: Agent, ref: str) -> AuthorizationRecord | None:
+    async def _owned(self, agent: Agent, ref: str, connection: Connection) -> AuthorizationRecord | None:
         """The record of the provider object ``ref`` as PaySentry knows it, refusing an object another agent
-        of the owner made (agents never act on each other's objects)."""
+        of the owner made (agents never act on each other's objects). An object PaySentry has not seen
+        made (made elsewhere, or by a call still in doubt) is read from the provider: the authorization
+        its attribution tag names tells whose it is."""
         maker = await self.store.maker_of(agent.owner_id, ref)
-        if maker is not None and maker != agent.id:
+        tagged = None
+        if maker is None:
+            tagged = await self._tagged(agent, ref, connection)
+            if tagged is None:
+                return None
+            maker = tagged.agent_id
+        if maker != agent.id:
             raise Forbidden(
                 f"{ref} was made by another agent of this owner; an agent acts only on its own objects",
                 param="id",
             )
-        return await self.store.find_by_provider_ref(agent.owner_id, ref) if maker is not None else None
+        if tagged is not None:
+            # Its call's outcome is not recorded yet (or it was refused): what that call counted may still
+            # be released, so this call counts in full (never less than the provider moves).
+            return None
+        return await self.store.find_by_provider_ref(agent.owner_id, ref)
+
+    async def _tagged(self, agent: Agent, ref: str, connection: Connection) -> AuthorizationRecord | None:
+        adapter = connection.adapter
+        probe = Payment(adapter.name, "", 0, "", "GET", "", refers_to=ref)
+        path = adapter.lookup_path(probe)
+        if not path:
+            return None
+        request = provider_request(
+            adapter, connection.credentials, "GET", connection.upstream + path, {}, b""
+        )
+        reply = await self.upstream.send(request)
+        found = adapter.object_of(reply.body) if reply.status == 200 else None
+        if found is None or not found.authorization:
+            return None
+        return await self.store.get_authorization(agent.owner_id, found.authorization)
 
     # -- a payment ------------------------------------------------------------------------------------------
     async def authorize(self, call: PaymentCall, span: trace.Span) -> Outcome:
@@ -424,7 +451,7 @@ class PaymentService:
         """Fill in the amount of a call on an earlier object (confirm, capture, refund without amount)."""
         if not payment.refers_to:
             return payment
-        earlier = await self._owned(agent, payment.refers_to)
+        earlier = await self._owned(agent, payment.refers_to, connection)
         if payment.amount and payment.currency:
             return payment
         if earlier is not None and payment.operation.split(".")[0] == earlier.operation:

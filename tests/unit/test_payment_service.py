@@ -415,3 +415,30 @@ async def test_a_lifecycle_call_is_not_tagged(tmp_path: Path) -> None:
         "POST", "/v1/payment_intents/pi_1/confirm", "application/x-www-form-urlencoded", b"a=1"
     ).payment
     assert payment is not None and ADAPTER.attribute(payment, b"a=1", "auth_1") == b"a=1"
+
+
+async def test_an_object_of_another_agents_call_in_doubt_is_refused_by_its_tag(tmp_path: Path) -> None:
+    """PaySentry has not recorded who made the intent (the create is still in doubt), but the provider's
+    object carries the attribution tag of that call: another agent's cancel or confirm is refused."""
+    tagged: dict[str, str] = {}
+
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        if request.method == "GET":
+            body = {"id": "pi_9", "object": "payment_intent", "amount": 1000, "currency": "usd"}
+            body["metadata"] = {"paysentry_authorization": tagged["id"]}
+            return UpstreamReply(200, headers, json.dumps(body).encode())
+        raise UpstreamUnavailable("the provider did not answer in time")
+
+    world = World(tmp_path, provider)
+    with pytest.raises(UpstreamUnavailable):
+        await world.pay(b"amount=1000&currency=usd")
+    row = world.only_row()
+    assert row.state == IN_DOUBT and row.provider_ref is None
+    tagged["id"] = row.id
+    world.store.rows[row.id] = replace(row, agent_id="agt_2")  # another agent's call
+    sent = len(world.upstream.sent)
+    for target in ("/v1/payment_intents/pi_9/cancel", "/v1/payment_intents/pi_9/confirm"):
+        outcome = await world.agent_call(target)
+        assert outcome.status == 403, (target, outcome.body)
+    assert [r.method for r in world.upstream.sent[sent:]] == ["GET", "GET"]  # read, never acted on
