@@ -305,7 +305,7 @@ class PaymentService:
         )
         reply = await self.upstream.send(request)
         if 200 <= reply.status < 300 and connection.adapter.cancelled_in(reply.body):
-            data = {"call": f"{call.method} {call.path}", "agent": agent.id}
+            data = {"call": mask_cards(f"{call.method} {call.path}"), "agent": agent.id}
             try:
                 await self.store.void(agent.owner_id, ref, "agent", data, self.clock())
             except StoreUnavailable as exc:
