@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 MOCK_SECRET = "sk_test_paysentry_mock"
 WEBHOOK_SECRET = "whsec_paysentry_test_signing_secret"
@@ -241,6 +242,17 @@ def make_deployment(
     agent = json.loads(dep.cli("agent", "create", "bot", "--label", "team=ads").stdout)
     dep.agent_token, dep.agent_id = agent["token"], agent["id"]
     return dep
+
+
+def fresh_redis(request: pytest.FixtureRequest, wanted: bool) -> str:
+    """The session's Redis emptied, for a test parametrized with and without it; "" without."""
+    if not wanted:
+        return ""
+    server = request.getfixturevalue("redis_server")
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    client.flushall()
+    client.close()
+    return str(server.url)
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> float:

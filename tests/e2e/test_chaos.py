@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import redis
 
 from bench.chaos import run
-from tests.servers import Postgres, Redis
+from tests.e2e.conftest import fresh_redis
+from tests.servers import Postgres
 
 pytestmark = pytest.mark.e2e
 LIMIT = 12
@@ -22,11 +22,7 @@ LIMIT = 12
 def test_a_fleet_killed_and_its_database_crashed_moves_only_what_it_counted(
     tmp_path: Path, postgres_server: Postgres, with_redis: bool, request: pytest.FixtureRequest
 ) -> None:
-    redis_url = ""
-    if with_redis:
-        server: Redis = request.getfixturevalue("redis_server")
-        redis.Redis(host="127.0.0.1", port=server.port).flushall()
-        redis_url = server.url
+    redis_url = fresh_redis(request, with_redis)
     url = postgres_server.create_database(f"chaos_{int(with_redis)}")
     report = run(
         tmp_path,

@@ -4,7 +4,6 @@ leave no reserved spend behind."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import time
@@ -13,14 +12,12 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import pytest
-import redis
 
-from tests.e2e.conftest import Deployment, make_deployment, mock_provider_process, wait_until
-from tests.servers import Postgres, Redis
+from bench.chaos import query
+from tests.e2e.conftest import Deployment, fresh_redis, make_deployment, mock_provider_process, wait_until
+from tests.servers import Postgres
 
 BUDGET = """
     name: fleet
@@ -50,19 +47,6 @@ def pay(dep: Deployment, key: str, amount: int = 1000, extra: str = "", timeout:
         return 0  # the connection was cut
 
 
-def rows(url: str, sql: str) -> list[tuple[Any, ...]]:
-    """Read the shared database directly, as an auditor would."""
-
-    async def fetch() -> list[tuple[Any, ...]]:
-        conn = await asyncpg.connect(url)
-        try:
-            return [tuple(r) for r in await conn.fetch(sql)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(fetch())
-
-
 def fleet(root: Path, store: str, upstream: str, size: int = 3, redis_url: str = "") -> list[Deployment]:
     extra = f"redis_url: {redis_url}\n" if redis_url else ""
     first = make_deployment(root, BUDGET, upstream=upstream, store=store, extra_config=extra)
@@ -74,11 +58,7 @@ def fleet(root: Path, store: str, upstream: str, size: int = 3, redis_url: str =
 def test_three_sidecars_on_one_postgres_stop_at_exactly_the_limit(
     tmp_path: Path, postgres_url: str, with_redis: bool, request: pytest.FixtureRequest
 ) -> None:
-    redis_url = ""
-    if with_redis:
-        server: Redis = request.getfixturevalue("redis_server")
-        redis.Redis(host="127.0.0.1", port=server.port).flushall()
-        redis_url = server.url
+    redis_url = fresh_redis(request, with_redis)
     with mock_provider_process() as upstream:
         sidecars = fleet(tmp_path, postgres_url, upstream, redis_url=redis_url)
         for s in sidecars:
@@ -94,7 +74,7 @@ def test_three_sidecars_on_one_postgres_stop_at_exactly_the_limit(
 
     assert Counter(statuses) == {200: 100, 402: 200}
     assert len(provider) == 100  # the provider saw exactly the allowed payments
-    decisions = rows(
+    decisions = query(
         postgres_url,
         "SELECT type, count(*) FROM events WHERE type IN "
         "('authorization.forwarding', 'authorization.denied') GROUP BY type ORDER BY type",
@@ -118,12 +98,12 @@ def test_a_sidecar_killed_mid_payment_stays_counted_until_the_provider_says(
             with ThreadPoolExecutor(max_workers=1) as pool:
                 pending = pool.submit(pay, victim, "kill-1", 1000, "&metadata[mock_delay_ms]=3000")
                 wait_until(
-                    lambda: rows(postgres_url, "SELECT state FROM authorizations") == [("forwarding",)]
+                    lambda: query(postgres_url, "SELECT state FROM authorizations") == [("forwarding",)]
                 )
                 assert victim.process is not None
                 victim.process.send_signal(signal.SIGKILL)  # between reserve and commit
                 assert pending.result(timeout=10) == 0
-            reserved = rows(postgres_url, "SELECT amount, count FROM spend")
+            reserved = query(postgres_url, "SELECT amount, count FROM spend")
             assert [tuple(r) for r in reserved] == [(1000, 1)]  # still counted: the outcome is unknown
 
             # Never released for lack of an answer: the survivor (its resolution job, or the agent's
@@ -132,14 +112,14 @@ def test_a_sidecar_killed_mid_payment_stays_counted_until_the_provider_says(
                 return pay(survivor, "kill-1", 1000, "&metadata[mock_delay_ms]=3000")
 
             wait_until(lambda: retry() == 200, timeout=30, interval=0.5)
-            assert rows(postgres_url, "SELECT amount, count FROM spend") == [(1000, 1)]  # never released
-            assert [r[0] for r in rows(postgres_url, "SELECT state FROM authorizations")] == ["settled"]
-            released = rows(
+            assert query(postgres_url, "SELECT amount, count FROM spend") == [(1000, 1)]  # never released
+            assert [r[0] for r in query(postgres_url, "SELECT state FROM authorizations")] == ["settled"]
+            released = query(
                 postgres_url, "SELECT count(*) FROM events WHERE data LIKE '%\"released\": true%'"
             )
             assert released[0][0] == 0
             assert len([r for r in survivor.mock() if r["status"] == 200 and not r.get("replayed")]) == 1
-            assert rows(postgres_url, "SELECT amount, count FROM spend") == [(1000, 1)]
+            assert query(postgres_url, "SELECT amount, count FROM spend") == [(1000, 1)]
         finally:
             victim.stop()
             survivor.stop()
@@ -170,6 +150,6 @@ def test_a_database_restart_fails_calls_closed_then_recovers(
             assert json.loads(urllib.request.urlopen(ready, timeout=5).read())["ready"] is True
         finally:
             dep.stop()
-    keys = rows(url, "SELECT idempotency_key, state FROM authorizations ORDER BY created_at")
+    keys = query(url, "SELECT idempotency_key, state FROM authorizations ORDER BY created_at")
     assert [tuple(r) for r in keys] == [("before", "settled"), ("after", "settled")]
-    assert rows(url, "SELECT amount, count FROM spend") == [(2000, 2)]
+    assert query(url, "SELECT amount, count FROM spend") == [(2000, 2)]
