@@ -322,3 +322,101 @@ class FakeProvider:
 
 class Killed(BaseException):
     """A process killed mid-call (kill -9): no handler of the payment service runs."""
+
+
+class FakeStripe:
+    """Stripe's payment intents for the fake upstream, lifecycle included: created (confirmed or not; a
+    manual-capture intent is authorized when confirmed, then captured wholly or in part), confirmed,
+    captured, cancelled and read back, each answer stored under its idempotency key and replayed for it.
+    ``faults`` is consumed one per call: ``ok``; ``refuse`` (the card is declined: a create or confirm
+    answers 402 with the intent, which stays, as Stripe's does); ``unreachable`` (nothing sent);
+    ``timeout`` (done, the answer lost); ``error`` (a 500 before anything is done, not stored); ``kill``
+    (done, then the sidecar dies before it hears the answer)."""
+
+    def __init__(self, faults: list[str] | None = None) -> None:
+        self.faults = faults or []
+        self.intents: dict[str, dict[str, Any]] = {}
+        self.made_by: dict[str, str] = {}  # intent id -> the idempotency key that created it
+        self.answers: dict[str, UpstreamReply] = {}
+
+    def exposure(self, intent_id: str) -> int:
+        """What the intent moves or holds: captured, or authorized and capturable."""
+        intent = self.intents[intent_id]
+        return {"succeeded": intent["amount_received"], "requires_capture": intent["amount_capturable"]}.get(
+            intent["status"], 0
+        )
+
+    async def __call__(self, request: UpstreamRequest) -> UpstreamReply:
+        fault = self.faults.pop(0) if self.faults else "ok"
+        if fault == "unreachable":
+            raise UpstreamUnavailable("connection refused", maybe_sent=False)
+        key = request.headers.get("Idempotency-Key", "")
+        if request.method == "POST" and key in self.answers:
+            return self.answers[key]
+        if fault == "error":
+            return _reply(500, {"error": {"type": "api_error"}})
+        reply = self._handle(request, key, declined=fault == "refuse")
+        if request.method == "POST":
+            self.answers[key] = reply
+        if fault == "timeout":
+            raise UpstreamUnavailable("the provider did not answer in time")
+        if fault == "kill":
+            raise Killed()
+        return reply
+
+    def _handle(self, request: UpstreamRequest, key: str, declined: bool) -> UpstreamReply:
+        path = request.url.split("/v1/", 1)[1].split("?", 1)[0].split("/")
+        params = parse_form(request.body) if request.method == "POST" else {}
+        if path[0] != "payment_intents":
+            return _reply(404, {"error": {"type": "invalid_request_error", "message": "unknown path"}})
+        if len(path) == 1:
+            intent_id = f"pi_{len(self.intents) + 1}"
+            intent = {
+                "id": intent_id,
+                "object": "payment_intent",
+                "amount": int(params["amount"]),
+                "currency": params.get("currency", "usd"),
+                "capture_method": params.get("capture_method", "automatic"),
+                "metadata": params.get("metadata", {}),
+                "status": "requires_confirmation",
+                "amount_received": 0,
+                "amount_capturable": 0,
+            }
+            self.intents[intent_id], self.made_by[intent_id] = intent, key
+            if params.get("confirm") == "true":
+                return self._confirm(intent, declined)
+            return _reply(200, intent)
+        intent = self.intents.get(path[1])
+        if intent is None:
+            return _reply(404, {"error": {"type": "invalid_request_error", "code": "resource_missing"}})
+        action = path[2] if len(path) > 2 else ""
+        status = intent["status"]
+        if action == "" and request.method == "GET":
+            return _reply(200, intent)
+        if action == "confirm" and status in ("requires_confirmation", "requires_payment_method"):
+            return self._confirm(intent, declined)
+        if action == "capture" and status == "requires_capture":
+            asked = int(params.get("amount_to_capture", intent["amount_capturable"]))
+            if asked <= intent["amount_capturable"]:
+                intent.update(status="succeeded", amount_received=asked, amount_capturable=0)
+                return _reply(200, intent)
+        if action == "cancel" and status not in ("succeeded", "canceled"):
+            intent.update(status="canceled", amount_capturable=0)
+            return _reply(200, intent)
+        message = f"This PaymentIntent's status is {status}: it cannot be {action or 'changed'}."
+        return _reply(400, {"error": {"type": "invalid_request_error", "message": message}})
+
+    def _confirm(self, intent: dict[str, Any], declined: bool) -> UpstreamReply:
+        if declined:
+            intent["status"] = "requires_payment_method"
+            error = {"type": "card_error", "code": "card_declined", "payment_intent": dict(intent)}
+            return _reply(402, {"error": error})
+        if intent["capture_method"] == "manual":
+            intent.update(status="requires_capture", amount_capturable=intent["amount"])
+        else:
+            intent.update(status="succeeded", amount_received=intent["amount"])
+        return _reply(200, intent)
+
+
+def _reply(status: int, body: dict[str, Any]) -> UpstreamReply:
+    return UpstreamReply(status, CIMultiDict({"Content-Type": "application/json"}), json.dumps(body).encode())
