@@ -30,6 +30,7 @@ from adapters.base import MOVED, NOT_MOVED, ProviderObject
 from proxy.connections import Connection, ConnectionCache
 from proxy.errors import PaySentryError, UpstreamUnavailable
 from proxy.metrics import Metrics
+from proxy.model import Payment
 from proxy.secrets import Sealer, sealed_context
 from proxy.store import (
     COUNT_FIX,
@@ -57,6 +58,7 @@ UNTRACKED = "untracked"  # money moved by an object PaySentry has no record of (
 AMOUNT_MISMATCH = "amount_mismatch"  # the provider moved another amount than PaySentry counted
 UNKNOWN_TAG = "unknown_authorization"  # tagged with an authorization this connection does not have
 NOT_FORWARDED = "not_forwarded"  # tagged with an authorization PaySentry never forwarded
+SECOND_OBJECT = "second_object"  # a second object carries the tag of a call that made one already
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,13 +250,23 @@ class Reconciler:
         counting = [a for a in candidates if a.provider_ref == obj.ref and a.state in COUNTING_STATES]
         if tagged is None:
             return self._untagged(obj, counting, report)
+        if tagged.provider_ref and tagged.provider_ref != obj.ref:
+            if obj.outcome != MOVED:
+                return IGNORED
+            # One call, two objects: a re-send the provider did not take for the first (its key expired).
+            return self._unexplained(report, SECOND_OBJECT, obj, obj.amount, tagged.id)
         fix = _fix_for(tagged, obj, counting)
+        if fix in (VOID_FIX, RELEASE_FIX):  # releasing: on the object as it is now, not as listed
+            obj = await self._fresh(connection, obj)
+            fix = _fix_for(tagged, obj, counting)
+            if fix is None:
+                return self._matched(obj, tagged, report, counting)
         if fix is None:
             if tagged.state not in COUNTING_STATES and tagged.state not in (FAILED, VOIDED):
                 if obj.outcome == MOVED:  # held, denied, expired...: it was never sent
                     return self._unexplained(report, NOT_FORWARDED, obj, obj.amount, tagged.id)
                 return IGNORED
-            return self._matched(obj, tagged, report)
+            return self._matched(obj, tagged, report, counting)
         sealed = self.sealer.seal(obj.body, sealed_context("response", tagged.id)) if obj.body else None
         data = {
             "provider_ref": obj.ref,
@@ -276,14 +288,26 @@ class Reconciler:
             body=sealed if replay else None,
         )
         if not applied:  # another replica, the resolution job or the call itself came first
-            return self._matched(obj, tagged, report)
+            return self._matched(obj, tagged, report, counting)
         report.fixed.append(Fixed(fix, tagged.id, obj.ref, obj.amount, obj.currency, obj.status))
         log.warning(
             "reconciled from the provider's record",
             extra={"fields": {"authorization": tagged.id, "ref": obj.ref, "fix": fix, "actor": actor}},
         )
-        self._compare_amount(obj, tagged, report)
+        self._compare_amount(obj, tagged, report, counting)
         return fix
+
+    async def _fresh(self, connection: Connection, obj: ProviderObject) -> ProviderObject:
+        """The object read again by its id (a list may be minutes old), or as listed if it cannot be."""
+        adapter = connection.adapter
+        path = adapter.lookup_path(Payment(adapter.name, obj.operation, 0, "", "GET", "", refers_to=obj.ref))
+        if not path:
+            return obj
+        try:
+            fresh = adapter.object_of(await self.read(connection, path))
+        except UpstreamUnavailable:
+            return obj
+        return fresh if fresh is not None and fresh.ref == obj.ref else obj
 
     def _untagged(self, obj: ProviderObject, counting: Sequence[AuthorizationRecord], report: Report) -> str:
         if counting:  # recorded by its reference (made before tagging, or confirmed through PaySentry)
@@ -295,17 +319,32 @@ class Reconciler:
             return self._unexplained(report, UNKNOWN_TAG, obj, obj.amount, obj.authorization)
         return self._unexplained(report, UNTRACKED, obj, obj.amount)
 
-    def _matched(self, obj: ProviderObject, auth: AuthorizationRecord, report: Report) -> str:
+    def _matched(
+        self,
+        obj: ProviderObject,
+        auth: AuthorizationRecord,
+        report: Report,
+        counting: Sequence[AuthorizationRecord],
+    ) -> str:
         report.matched += 1
-        self._compare_amount(obj, auth, report)
+        self._compare_amount(obj, auth, report, counting)
         return MATCHED
 
-    def _compare_amount(self, obj: ProviderObject, auth: AuthorizationRecord, report: Report) -> None:
+    def _compare_amount(
+        self,
+        obj: ProviderObject,
+        auth: AuthorizationRecord,
+        report: Report,
+        counting: Sequence[AuthorizationRecord],
+    ) -> None:
         if obj.outcome != MOVED or auth.operation != obj.operation:
             return
-        if obj.amount != auth.amount or obj.currency != auth.currency:
-            detail = f"PaySentry counted {auth.amount} {auth.currency}, the provider moved {obj.amount}"
-            difference = obj.amount - auth.amount if obj.currency == auth.currency else obj.amount
+        # What PaySentry holds the object moves: what it authorized, or what a capture took of it.
+        captured = [a.amount for a in counting if a.state == SETTLED and a.operation.endswith(".capture")]
+        expected = captured[-1] if captured else auth.amount
+        if obj.amount != expected or obj.currency != auth.currency:
+            detail = f"PaySentry counted {expected} {auth.currency}, the provider moved {obj.amount}"
+            difference = obj.amount - expected if obj.currency == auth.currency else obj.amount
             report.unexplained.append(
                 Unexplained(AMOUNT_MISMATCH, obj.ref, difference, obj.currency, auth.id, detail)
             )
@@ -328,7 +367,9 @@ def _fix_for(
     if auth.state == SETTLED and obj.outcome == NOT_MOVED:
         return VOID_FIX
     if auth.state in (FAILED, VOIDED) and obj.outcome == MOVED:
-        if any(a.id != auth.id for a in counting):  # counted by another call (a confirm of a decline)
+        # Counted by another call (a confirm of a declined create counts in full), unless that call
+        # counted nothing of its own (a confirm of a create counted when it was made, since voided).
+        if any(a.id != auth.id and any(c.amount for c in a.charges) for a in counting):
             return None
         return COUNT_FIX
     return None

@@ -85,6 +85,14 @@ W3C = TraceContextTextMapPropagator()
 MAX_IDEMPOTENCY_KEY = 255
 STAGES = ("authenticate", "lookup", "policy", "reserve", "upstream", "settle", "total")
 RESOLVE_BATCH = 16  # unresolved calls one replica claims and re-sends at once
+# A call is re-sent with its idempotency key only while the provider still holds the key (Stripe keeps keys
+# at least 24 hours): later, a re-send could be taken for a new call. An older call stays in doubt, and
+# reconciliation resolves it from the provider's records (its object carries the authorization's tag).
+RESEND_WITHIN = 23 * 3600.0
+TOO_OLD = (
+    "too old to re-send safely (the provider keeps idempotency keys about a day): it stays counted and "
+    "reconciliation resolves it from the provider's records"
+)
 IN_FLIGHT = "A request with this Idempotency-Key is being processed; retry shortly."
 _KIND_OF: dict[type, str] = {
     BadRequest: "invalid_request",
@@ -233,8 +241,17 @@ class PaymentService:
         key = idempotency_key(call.headers, adapter.idempotency_header, MAX_IDEMPOTENCY_KEY)
         if classified.kind == PASSTHROUGH and classified.voids is None:
             span.set_attribute("paysentry.decision", "passthrough")
-            if classified.acts_on is not None:
-                await self._owned(agent, classified.acts_on, connection)
+            if (
+                classified.acts_on is not None
+                and await self._owned(agent, classified.acts_on, connection) is None
+            ):
+                # A call that moves money on an object (a MercadoPago capture) is counted with the object:
+                # one PaySentry did not authorize for this agent would move money undecided.
+                raise Forbidden(
+                    f"PaySentry has no record of {classified.acts_on} authorized for this agent (made "
+                    "elsewhere, or its outcome not known yet): it does not forward this call on it",
+                    param="id",
+                )
             request = provider_request(
                 adapter,
                 connection.credentials,
@@ -320,13 +337,13 @@ class PaymentService:
         maker = await self.store.maker_of(agent.owner_id, ref)
         tagged = None
         if maker is None:
-            tagged = await self._tagged(agent, ref, connection)
-            if tagged is None:
-                return None
-            maker = tagged.agent_id
+            tag, tagged = await self._tagged(agent, ref, connection)
+            if tag is None:
+                return None  # made outside PaySentry
+            maker = tagged.agent_id if tagged is not None else ""  # "": a tag this owner does not have
         if maker != agent.id:
             raise Forbidden(
-                f"{ref} was made by another agent of this owner; an agent acts only on its own objects",
+                f"{ref} was not made by this agent; an agent acts only on its own objects",
                 param="id",
             )
         if tagged is not None:
@@ -335,20 +352,30 @@ class PaymentService:
             return None
         return await self.store.find_by_provider_ref(agent.owner_id, ref)
 
-    async def _tagged(self, agent: Agent, ref: str, connection: Connection) -> AuthorizationRecord | None:
+    async def _tagged(
+        self, agent: Agent, ref: str, connection: Connection
+    ) -> tuple[str | None, AuthorizationRecord | None]:
+        """The attribution tag of the provider's object ``ref`` and the authorization of this owner it
+        names. A read that does not answer is not taken for "no tag": the call is refused, to retry."""
         adapter = connection.adapter
         probe = Payment(adapter.name, "", 0, "", "GET", "", refers_to=ref)
         path = adapter.lookup_path(probe)
         if not path:
-            return None
+            return None, None
         request = provider_request(
             adapter, connection.credentials, "GET", connection.upstream + path, {}, b""
         )
         reply = await self.upstream.send(request)
+        if reply.status == 404:
+            return None, None
         found = adapter.object_of(reply.body) if reply.status == 200 else None
-        if found is None or not found.authorization:
-            return None
-        return await self.store.get_authorization(agent.owner_id, found.authorization)
+        if found is None:
+            raise UpstreamUnavailable(
+                f"PaySentry could not read {ref} from the provider ({reply.status}) to check whose it is"
+            )
+        if not found.authorization:
+            return None, None
+        return found.authorization, await self.store.get_authorization(agent.owner_id, found.authorization)
 
     # -- a payment ------------------------------------------------------------------------------------------
     async def authorize(self, call: PaymentCall, span: trace.Span) -> Outcome:
@@ -454,7 +481,7 @@ class PaymentService:
         earlier = await self._owned(agent, payment.refers_to, connection)
         if payment.amount and payment.currency:
             return payment
-        if earlier is not None and payment.operation.split(".")[0] == earlier.operation:
+        if earlier is not None and payment.operation.split(".")[0] == earlier.operation.split(".")[0]:
             # A lifecycle call (confirm, capture) on an object counted when it was made: decided, and
             # counted only for what it adds.
             amount = payment.amount or earlier.amount
@@ -486,6 +513,8 @@ class PaymentService:
             span.set_attribute("paysentry.hold_id", auth.approval_id or "")
             return await self._forward(auth, call, span)
         if auth.state in UNRESOLVED_STATES:  # its outcome is unknown: ask the provider, never decide anew
+            if now - auth.created_at > RESEND_WITHIN and call.forward is not None:
+                raise RequestInFlight(f"The outcome of this call is not known yet; it is {TOO_OLD}.")
             attempts = await self.store.claim(auth.id, now + self.lease, now)
             if attempts is None:
                 raise RequestInFlight(IN_FLIGHT)
@@ -637,6 +666,9 @@ class PaymentService:
         method, target, headers, body = unpack_request(
             self.sealer.open(sealed, sealed_context("request", auth.id))
         )
+        if method != "GET" and self.clock() - auth.created_at > RESEND_WITHIN:
+            await self._in_doubt(auth.id, TOO_OLD, attempts + 1)
+            return IN_DOUBT
         request = provider_request(
             connection.adapter,
             connection.credentials,

@@ -141,26 +141,29 @@ class PostgresStore(SqlStore):
         return self._pool.acquire(timeout=self.timeout)
 
     async def write(self, body: Tx[T]) -> T:
+        """Run ``body`` in one transaction. Spend it counts again is mirrored before the commit, spend it
+        releases after it (``before_count``, ``after_release``): a mirror that fails in between counts
+        too much, never too little."""
         notes: list[Note] = []
         try:
             async with self._connection() as conn, conn.transaction():
                 result = await _drive(conn, body, notes)
+                recounted = [(a, charges, counts) for kind, a, charges, counts in notes if kind == COUNTED]
+                if recounted:
+                    await self.before_count(recounted)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"the PostgreSQL store failed: {_describe(exc)}") from exc
         released = [(agent, charges, counts) for kind, agent, charges, counts in notes if kind == RELEASED]
-        recounted = [(agent, charges, counts) for kind, agent, charges, counts in notes if kind == COUNTED]
         if released:
             await self.after_release(released)
-        if recounted:
-            await self.after_count(recounted)
         return result
 
     async def after_release(self, notes: list[Release]) -> None:
         """Spend released by a committed transaction: (agent id, charges, counts). PostgreSQL alone:
         nothing to do."""
 
-    async def after_count(self, notes: list[Release]) -> None:
-        """Spend a committed transaction counted again (reconciliation: the provider moved it)."""
+    async def before_count(self, notes: list[Release]) -> None:
+        """Spend a transaction about to commit counts again (reconciliation: the provider moved it)."""
 
     async def settle(
         self,

@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 from proxy.errors import StoreUnavailable
 from proxy.model import Charge, SpendTotal
 from proxy.secrets import new_id
-from proxy.store import DENIED, AuthorizationRecord, LimitExceeded, NewAuthorization, Recorded
+from proxy.store import DENIED, AuthorizationRecord, DuplicateKey, LimitExceeded, NewAuthorization, Recorded
 from proxy.store.postgres import PostgresStore
 from proxy.store.sql import AUTH_COLUMNS, Release, authorization_record, record_decision_tx
 
@@ -126,6 +126,7 @@ class PostgresRedisStore(PostgresStore):
         super().__init__(url, timeout=timeout, **options)
         self.redis = connect(redis_url, timeout)
         self._reserve = self.redis.register_script(RESERVE)
+        self._unreleased: list[Release] = []  # committed releases Redis did not take yet
         self._release = self.redis.register_script(RELEASE)
         self._count = self.redis.register_script(COUNT)
 
@@ -159,10 +160,12 @@ class PostgresRedisStore(PostgresStore):
             return await self.write(
                 record_decision_tx(new, now, retry_of, gated=True, exceeded=exceeded, reservation=reservation)
             )
-        except BaseException:
-            if exceeded is None:  # not recorded: give the reservation back at once
+        except DuplicateKey:
+            if exceeded is None:  # certainly not recorded (rolled back): give the reservation back at once
                 await asyncio.shield(self.release(new.agent_id, new.charges, reservation))
             raise
+        # Any other failure may have come after the commit (an acknowledgement lost): the reservation stays
+        # pending, and the sweep releases it only if its row does not list it.
 
     async def gate(
         self, reservation: str, agent_id: str, charges: Sequence[Charge], row: str
@@ -221,13 +224,27 @@ class PostgresRedisStore(PostgresStore):
         return bool(await self._redis(self._release(keys=keys, args=args)))
 
     async def after_release(self, notes: list[Release]) -> None:
-        for agent_id, charges, counts in notes:
-            await self.release(agent_id, charges, counts=counts)
+        """Give back in Redis what a committed transaction released. Redis failing now does not undo the
+        commit: the releases are kept and given back by the sweep once Redis answers (until then, and
+        for good if this process stops first, Redis counts too much, never too little)."""
+        self._unreleased.extend(notes)
+        await self.retry_releases()
 
-    async def after_count(self, notes: list[Release]) -> None:
-        """The symmetric of a release: charges PostgreSQL counted again (its settled authorization now
-        holds them) are added to the windows Redis holds; a window Redis lacks is rebuilt from PostgreSQL
-        with them already in."""
+    async def retry_releases(self) -> None:
+        while self._unreleased:
+            note = self._unreleased.pop(0)  # taken before the await: never given back twice
+            try:
+                await self.release(note[0], note[1], counts=note[2])
+            except StoreUnavailable as exc:
+                self._unreleased.insert(0, note)
+                log.error("a release is not yet given back in Redis (retried by the sweep): %s", exc.message)
+                return
+
+    async def before_count(self, notes: list[Release]) -> None:
+        """The symmetric of a release, in the opposite order: charges PostgreSQL is about to count again
+        (its authorization holds them once it commits) are added to the windows Redis holds first, so a
+        commit that fails leaves Redis counting too much, never too little; a window Redis lacks is
+        rebuilt from PostgreSQL."""
         for agent_id, charges, _ in notes:
             keys = [window_key(agent_id, c) for c in charges]
             await self._redis(self._count(keys=keys, args=[len(charges), *(c.amount for c in charges)]))
@@ -281,7 +298,9 @@ class PostgresRedisStore(PostgresStore):
     # -- reconciliation -------------------------------------------------------------------------------------
     async def release_unrecorded(self, now: float) -> int:
         """Settle pending Redis reservations past their deadline: forget those PostgreSQL recorded, release
-        those it never did (their sidecar died in between)."""
+        those it never did (their sidecar died in between). First, give back the committed releases Redis
+        failed to take."""
+        await self.retry_releases()
         stale = [
             raw.decode() for raw in await self._redis(self.redis.zrangebyscore(PENDING_KEY, "-inf", now))
         ]

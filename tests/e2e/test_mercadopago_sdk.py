@@ -7,6 +7,7 @@ MercadoPago's base URL for the sidecar's (the SDK keeps its base URL in a privat
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,25 @@ def test_a_payment_cancelled_through_the_sidecar_releases_its_spend(mp: Deployme
     # Any other change to a payment is a write PaySentry does not know: refused.
     changed = sdk(mp).payment().update(payment["id"], {"transaction_amount": 9999})
     assert changed["status"] == 402 and changed["response"]["cause"][0]["code"] == "unrecognized_write"
+
+
+@pytest.mark.e2e
+def test_a_payment_authorized_outside_paysentry_is_not_captured_through_it(mp: Deployment) -> None:
+    """An authorized payment the owner made elsewhere (straight at MercadoPago) is not an agent's to
+    capture: its capture would move money no policy decided."""
+    made = urllib.request.Request(
+        f"{mp.mock_url}/v1/payments",
+        json.dumps(order(500, capture=False)).encode(),
+        {
+            "Authorization": "Bearer APP_USR-paysentry-mock-ars",
+            "Content-Type": "application/json",
+            "X-Idempotency-Key": "made-at-the-dashboard",
+        },
+        method="POST",
+    )
+    with urllib.request.urlopen(made, timeout=10) as resp:
+        outside = json.loads(resp.read())
+    assert outside["captured"] is False
+    captured = sdk(mp).payment().update(outside["id"], {"capture": True})
+    assert captured["status"] == 403, captured
+    assert not [r for r in mp_requests(mp) if r["method"] == "PUT"]  # never reached MercadoPago

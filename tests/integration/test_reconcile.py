@@ -145,3 +145,65 @@ async def test_counting_again_reaches_the_spend_the_next_decision_reads(backend:
     refused = await store.record_decision(new("c", charges=(cap,)), now)
     assert refused.record.state == "denied"  # and the next payment sees it
     await store.close()
+
+
+def objects_by_id(listed: list[dict[str, object]], now: dict[str, dict[str, object]]) -> FakeUpstream:
+    """The list shows ``listed``; a read of one intent shows it as it is ``now`` (lists lag behind)."""
+    pages = provider(listed)
+
+    async def handle(request: UpstreamRequest) -> UpstreamReply:
+        ref = urlsplit(request.url).path.removeprefix("/v1/payment_intents/")
+        if ref in now:
+            headers = CIMultiDict({"Content-Type": "application/json"})
+            return UpstreamReply(200, headers, json.dumps(now[ref]).encode())
+        return await pages.send(request)
+
+    return FakeUpstream(handle)
+
+
+def reconciler(store: Store, upstream: FakeUpstream) -> Reconciler:
+    sealer = Sealer([("k1", os.urandom(32))])
+    return Reconciler(store, FakeConnections(CONNECTION), upstream, sealer, Metrics(otlp=False))  # type: ignore[arg-type]
+
+
+async def test_a_release_is_checked_on_the_object_as_it_is_now_and_a_later_run_counts_again(
+    backend: Backend,
+) -> None:
+    """The list shows an intent declined (nothing moved); by the time it is read again it succeeded (the
+    agent confirmed it with another card, counting nothing more: its create counts it). Nothing is
+    voided. Had it been voided from the stale list, the next run counts the create again."""
+    store = await seeded(backend)
+    now = time.time()
+    await store.record_decision(new("made", charges=(OPEN,), amount=100), now)
+    await store.settle("auth_made", "pi_made", 200, None, now)
+    await store.record_decision(new("confirm", operation="payment_intent.confirm", charges=()), now)
+    await store.settle("auth_confirm", "pi_made", 200, None, now)
+    declined = {
+        **intent("pi_made", "requires_payment_method", "auth_made"),
+        "last_payment_error": {"code": "x"},
+    }
+    succeeded = intent("pi_made", "succeeded", "auth_made")
+    [report] = await reconciler(store, objects_by_id([declined], {"pi_made": succeeded})).run(now - 3600)
+    assert report.fixed == [] and await states(store, ["auth_made"]) == [SETTLED]
+    # A void that happened anyway (an older run, a cancellation event): the object moved, so counted again.
+    await store.reconcile("auth_made", "voided", "reconciliation", {}, now)
+    assert sum(r["amount"] for r in await store.spend_of("own_1", "agt_1")) == 0
+    [report] = await reconciler(store, provider([succeeded])).run(now - 3600)
+    assert [f.fix for f in report.fixed] == ["counted"]
+    assert sum(r["amount"] for r in await store.spend_of("own_1", "agt_1")) == 100
+    await store.close()
+
+
+async def test_a_partial_capture_is_no_drift_and_a_second_object_of_one_call_is(backend: Backend) -> None:
+    store = await seeded(backend)
+    now = time.time()
+    await store.record_decision(new("auth", charges=(OPEN,), amount=100), now)
+    await store.settle("auth_auth", "pi_auth", 200, None, now)
+    await store.record_decision(new("cap", operation="payment_intent.capture", amount=40, charges=()), now)
+    await store.settle("auth_cap", "pi_auth", 200, None, now, holds=40)
+    captured = {**intent("pi_auth", "succeeded", "auth_auth"), "amount_received": 40}
+    again = intent("pi_again", "succeeded", "auth_auth")  # a re-send the provider took for a new call
+    [report] = await reconciler(store, provider([captured, again])).run(now - 3600)
+    assert [(u.kind, u.ref, u.amount) for u in report.unexplained] == [("second_object", "pi_again", 100)]
+    assert report.fixed == [] and report.drift == {"usd": 100}
+    await store.close()

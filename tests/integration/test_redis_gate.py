@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -144,3 +145,52 @@ async def test_a_vote_on_one_replica_wakes_the_waiter_on_another(redis_server: R
     assert await asyncio.wait_for(woken.get(), timeout=5) == "apr_1"
     await here.close()
     await there.close()
+
+
+async def test_a_commit_whose_acknowledgement_is_lost_keeps_its_reservation(
+    fleet_backend: Backend, redis_server: Redis
+) -> None:
+    """PostgreSQL committed the decision but the sidecar never heard so (a timeout on COMMIT, a reset
+    connection): Redis keeps the reservation, since the row may live (and be re-sent); the sweep finds the
+    row lists it and keeps it counted."""
+    store = await seeded(fleet_backend)
+    assert isinstance(store, PostgresRedisStore)
+    write = store.write
+
+    async def acknowledgement_lost(body: Any) -> Any:
+        await write(body)
+        raise StoreUnavailable("the PostgreSQL store failed: TimeoutError")
+
+    store.write = acknowledgement_lost  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        await store.record_decision(new("lost_ack"), time.time())
+    store.write = write  # type: ignore[method-assign]
+    assert counter(redis_server) == (1000, 1) and await spent(store) == (1000, 1)
+    assert await store.release_unrecorded(time.time() + 120) == 0
+    assert counter(redis_server) == (1000, 1)
+    await store.close()
+
+
+async def test_a_release_redis_cannot_take_at_once_is_given_back_by_the_sweep(
+    fleet_backend: Backend, redis_server: Redis
+) -> None:
+    """PostgreSQL released a payment's spend and committed; Redis fails just then. The caller is not told
+    the store failed (the release is done), and the sweep gives the spend back in Redis once it answers."""
+    store = await seeded(fleet_backend)
+    assert isinstance(store, PostgresRedisStore)
+    now = time.time()
+    await store.record_decision(new("refused"), now)
+    release = store.release
+
+    async def redis_down(*args: Any, **kwargs: Any) -> bool:
+        raise StoreUnavailable("Redis failed: ConnectionError")
+
+    store.release = redis_down  # type: ignore[method-assign]
+    await store.fail("auth_refused", "the provider refused (402)", 402, b"{}", now)  # does not raise
+    assert counter(redis_server) == (1000, 1) and await spent(store) == (0, 0)  # too much, never too little
+    store.release = release  # type: ignore[method-assign]
+    await store.release_unrecorded(now)
+    assert counter(redis_server) == (0, 0)
+    await store.release_unrecorded(now)  # given back once
+    assert counter(redis_server) == (0, 0)
+    await store.close()

@@ -36,6 +36,7 @@ from tests.unit.fakes import (
     FakeConnections,
     FakeHolds,
     FakeProvider,
+    FakeStripe,
 )
 
 ADAPTER = StripeAdapter()
@@ -442,3 +443,37 @@ async def test_an_object_of_another_agents_call_in_doubt_is_refused_by_its_tag(t
         outcome = await world.agent_call(target)
         assert outcome.status == 403, (target, outcome.body)
     assert [r.method for r in world.upstream.sent[sent:]] == ["GET", "GET"]  # read, never acted on
+
+
+async def test_an_object_whose_owner_cannot_be_read_is_not_acted_on(tmp_path: Path) -> None:
+    """The provider does not answer the read that would tell whose object it is (429, 5xx): the call is
+    refused to retry, never taken as an object made elsewhere."""
+
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        if request.method == "GET":
+            return UpstreamReply(429, CIMultiDict(), b'{"error": {"type": "rate_limit_error"}}')
+        raise AssertionError(f"{request.method} {request.url} must not be sent")
+
+    world = World(tmp_path, provider)
+    outcome = await world.agent_call("/v1/payment_intents/pi_unknown/cancel")
+    assert outcome.status == 502 and [r.method for r in world.upstream.sent] == ["GET"]
+
+
+async def test_a_capture_after_the_confirm_that_counted_a_declined_create_counts_nothing_more(
+    tmp_path: Path,
+) -> None:
+    """A declined create counts nothing; the confirm that then authorizes the intent counts it in full;
+    its capture is decided against what that confirm counted and adds nothing (near the budget, counting
+    it twice would refuse it)."""
+    provider = FakeStripe(["refuse"])
+    world = World(tmp_path, provider)
+    declined = await world.pay(b"amount=3000&currency=usd&confirm=true&capture_method=manual")
+    assert declined.status == 402 and world.store.spent(AGENT.id, "daily_budget") == 0
+    assert (await world.pay(b"amount=4500&currency=usd&confirm=true", key="k2")).status == 200
+    assert (await world.agent_call("/v1/payment_intents/pi_1/confirm")).status == 200
+    assert provider.intents["pi_1"]["status"] == "requires_capture"
+    assert world.store.spent(AGENT.id, "daily_budget") == 7500
+    captured = await world.agent_call("/v1/payment_intents/pi_1/capture")
+    assert captured.status == 200, captured.body
+    assert provider.intents["pi_1"]["status"] == "succeeded"
+    assert world.store.spent(AGENT.id, "daily_budget") == 7500
