@@ -19,7 +19,7 @@ from opentelemetry import trace
 from adapters.formencode import parse_form
 from adapters.stripe import StripeAdapter
 from proxy.connections import Connection
-from proxy.errors import IdempotencyMismatch, StoreUnavailable, UpstreamUnavailable
+from proxy.errors import IdempotencyMismatch, RequestInFlight, StoreUnavailable, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.model import Agent
 from proxy.payments.calls import AgentCall, Outcome, PaymentCall, provider_idempotency_key
@@ -477,3 +477,20 @@ async def test_a_capture_after_the_confirm_that_counted_a_declined_create_counts
     assert captured.status == 200, captured.body
     assert provider.intents["pi_1"]["status"] == "succeeded"
     assert world.store.spent(AGENT.id, "daily_budget") == 7500
+
+
+async def test_a_call_older_than_the_providers_key_is_never_re_sent(tmp_path: Path) -> None:
+    """Past about a day the provider may have forgotten the idempotency key: a re-send could be taken for
+    a new payment. The call stays in doubt and counted (reconciliation resolves it from the provider's
+    records), and neither the resolution job nor the agent's same-key retry sends it again."""
+    clock = [NOW]
+    world = World(tmp_path, FakeProvider(["timeout"]), clock=clock)
+    with pytest.raises(UpstreamUnavailable):
+        await world.pay(b"amount=1000&currency=usd")
+    clock[0] += 24 * 3600
+    assert await world.service.resolve_unresolved() == {IN_DOUBT: 1}
+    retried = await world.agent_call(
+        "/v1/payment_intents", b"amount=1000&currency=usd", {"Idempotency-Key": "k1"}
+    )
+    assert retried.status == 409 and len(world.upstream.sent) == 1
+    assert world.only_row().state == IN_DOUBT and world.store.spent(AGENT.id, "daily_budget") == 1000
