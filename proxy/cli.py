@@ -14,6 +14,7 @@
     paysentry reconcile [--since 24h|ISO8601] [--owner N] [--connection N] [-o json]
                                                    compare what PaySentry counted with the providers' records
     paysentry mock-provider [--listen HOST:PORT]
+    paysentry x402-demo [both|facilitator|resource] [--listen HOST:PORT] [--facilitator HOST:PORT]
 
 Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
 Exit codes: 0 done, 1 refused (not found, conflict; for reconcile: a provider list could not be read
@@ -148,7 +149,29 @@ def _parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("mock-provider", help="run the built-in mock payment provider on its own")
     mock.add_argument("--listen", default="127.0.0.1:12111")
+
+    demo = sub.add_parser(
+        "x402-demo", help="run a paid x402 resource and an offline facilitator (demo, tests)"
+    )
+    demo.add_argument("part", nargs="?", choices=["both", "facilitator", "resource"], default="both")
+    demo.add_argument("--listen", default="127.0.0.1:4021", help="the paid resource's address")
+    demo.add_argument("--facilitator", default="127.0.0.1:4022", help="the facilitator's address")
     return p
+
+
+def _x402_demo(args: argparse.Namespace) -> int:
+    from adapters import mock_x402
+    from proxy.config import split_address
+
+    host, port = split_address(args.listen)
+    fhost, fport = split_address(args.facilitator)
+    if args.part == "facilitator":
+        mock_x402.serve_facilitator(fhost, fport)
+    elif args.part == "resource":
+        mock_x402.serve_resource(host, port, f"http://{fhost}:{fport}")
+    else:
+        mock_x402.serve_demo(host, fport, port)
+    return 0
 
 
 def _settings_help() -> str:
@@ -176,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             host, port = split_address(args.listen)
             serve_mock(host, port)
             return 0
+        if args.command == "x402-demo":
+            return _x402_demo(args)
         settings = load_settings(args.config)
         if args.command == "serve":
             return _serve(settings, args.demo)
