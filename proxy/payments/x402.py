@@ -67,7 +67,7 @@ from proxy.upstream import DROP_REQUEST, UpstreamReply, UpstreamRequest
 
 log = logging.getLogger("paysentry.x402")
 PREFIX = "/x402/"
-GRACE = 5.0  # seconds past validBefore before an unsettled authorization is released (clock skew)
+GRACE = 3.0  # seconds past validBefore before an unsettled authorization is released (clock skew)
 NOT_FORWARDED = DROP_REQUEST | PAYMENT_HEADERS | {"idempotency-key", "accept-encoding"}
 
 
