@@ -288,6 +288,7 @@ async def _demo(sidecar: Any, settings: Settings) -> None:
         if agent.name == "demo" and agent.revoked_at is None:
             await sidecar.store.revoke_agent(owner.id, agent.id, "demo", time.time())
     _, agent_token = await service.create_agent(owner.id, "demo", {"team": "demo"}, "default")
+    x402_token = await _demo_x402(sidecar, owner)
     host = settings.listen
     print(
         "\n".join(
@@ -305,10 +306,33 @@ async def _demo(sidecar: Any, settings: Settings) -> None:
                 + agent_token
                 + "'; print(stripe.PaymentIntent.create(amount=1500, currency='usd').id)\"",
                 "",
+                f"  demo x402 agent token (shown once): {x402_token}",
+                "  curl -H 'Authorization: Bearer " + x402_token + "' "
+                f"http://{host}/x402/http%3A%2F%2F127.0.0.1%3A4021%2Freport"
+                "   (the paid resource and facilitator: paysentry x402-demo, started by make run)",
+                "",
             ]
         ),
         flush=True,
     )
+
+
+async def _demo_x402(sidecar: Any, owner: Any) -> str:
+    """An x402 connection with a fresh demo wallet (its key sealed, never shown) allowed to pay the demo
+    resource of ``paysentry x402-demo``, and a fresh demo agent on it."""
+    from eth_account import Account
+
+    service = sidecar.gateway.owner_service
+    if await sidecar.store.find_connection(owner.id, "x402-demo") is None:
+        wallet = Account.create()
+        settings = {"allowed_origins": "http://127.0.0.1:4021"}
+        credentials = {"secret_key": wallet.key.hex()}
+        await service.add_connection(owner.id, "x402", "x402-demo", None, credentials, settings=settings)
+    for agent in await sidecar.store.list_agents(owner.id):
+        if agent.name == "demo-x402" and agent.revoked_at is None:
+            await sidecar.store.revoke_agent(owner.id, agent.id, "demo", time.time())
+    _, token = await service.create_agent(owner.id, "demo-x402", {"team": "demo"}, "x402-demo")
+    return str(token)
 
 
 def _ensure_key_file(path: Path) -> None:
