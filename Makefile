@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The x402 demo (a paid resource on :4021 and an offline facilitator on :4022) runs beside the sidecar.
 run: $(STAMP)
+	$(BIN)/python -m proxy x402-demo & trap 'kill $$!' EXIT; \
 	$(BIN)/paysentry --config deploy/dev.yaml serve --demo
 
 # The store tests start real PostgreSQL and Redis servers: install the Debian packages when missing.

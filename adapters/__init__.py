@@ -13,8 +13,9 @@ from adapters.base import Adapters
 from adapters.mercadopago import MercadoPagoAdapter
 from adapters.mock import MockAdapter
 from adapters.stripe import StripeAdapter
+from adapters.x402 import X402Adapter
 
-REGISTRY = Adapters(StripeAdapter(), MercadoPagoAdapter(), MockAdapter())
+REGISTRY = Adapters(StripeAdapter(), MercadoPagoAdapter(), MockAdapter(), X402Adapter())
 
 # Whose error shape answers a call made before its connection is known (no or a bad token).
 DEFAULT_PROVIDER = "stripe"

@@ -7,7 +7,7 @@ owner service, neither loads policies nor imports the serving parts. ``serve`` r
 
     settings ─► store (SQLite | PostgreSQL | PostgreSQL + Redis gate)      RedisServices (once, or none)
              ─► sealer, policies (engine + holder), token authenticators, connections (+ adapters)
-             ─► upstream ─► PaymentService ─► CardAuthorizer, ProviderEvents (─► Reconciler)
+             ─► upstream ─► PaymentService ─► CardAuthorizer, ProviderEvents (─► Reconciler), X402Payments
              ─► Reconciler (provider lists vs. the store: paysentry reconcile, the periodic job)
              ─► listeners: AgentListener | OwnerApi (+ WebhookListener, LinkPages on its port)
 """
@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # imported where built: the CLI's store commands load none of
     from proxy.payments.events import ProviderEvents
     from proxy.payments.reconcile import Reconciler
     from proxy.payments.service import PaymentService, Policies
+    from proxy.payments.x402 import X402Payments
     from proxy.store.redis_spend import ApprovalBus, RedisRateLimiter
 
 
@@ -223,6 +224,15 @@ class Gateway:
         )
 
     @cached_property
+    def x402(self) -> X402Payments:
+        """Paying HTTP resources with x402; its resolver learns what became of its unknown outcomes."""
+        from proxy.payments.x402 import X402Payments
+
+        x402 = X402Payments(self.payments, self.clock)
+        self.payments.resolvers["x402"] = x402.resolve
+        return x402
+
+    @cached_property
     def reconciler(self) -> Reconciler:
         from proxy.payments.reconcile import Reconciler
 
@@ -247,7 +257,7 @@ class Gateway:
         from proxy.listeners.agents import AgentListener
 
         s = self.settings
-        return AgentListener(self.payments, self.upstream, s.max_body_bytes, s.body_timeout)
+        return AgentListener(self.payments, self.upstream, s.max_body_bytes, s.body_timeout, self.x402)
 
     @cached_property
     def owner_api(self) -> OwnerApi:

@@ -14,6 +14,7 @@
     paysentry reconcile [--since 24h|ISO8601] [--owner N] [--connection N] [-o json]
                                                    compare what PaySentry counted with the providers' records
     paysentry mock-provider [--listen HOST:PORT]
+    paysentry x402-demo [both|facilitator|resource] [--listen HOST:PORT] [--facilitator HOST:PORT]
 
 Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
 Exit codes: 0 done, 1 refused (not found, conflict; for reconcile: a provider list could not be read
@@ -148,7 +149,29 @@ def _parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("mock-provider", help="run the built-in mock payment provider on its own")
     mock.add_argument("--listen", default="127.0.0.1:12111")
+
+    demo = sub.add_parser(
+        "x402-demo", help="run a paid x402 resource and an offline facilitator (demo, tests)"
+    )
+    demo.add_argument("part", nargs="?", choices=["both", "facilitator", "resource"], default="both")
+    demo.add_argument("--listen", default="127.0.0.1:4021", help="the paid resource's address")
+    demo.add_argument("--facilitator", default="127.0.0.1:4022", help="the facilitator's address")
     return p
+
+
+def _x402_demo(args: argparse.Namespace) -> int:
+    from adapters import mock_x402
+    from proxy.config import split_address
+
+    host, port = split_address(args.listen)
+    fhost, fport = split_address(args.facilitator)
+    if args.part == "facilitator":
+        mock_x402.serve_facilitator(fhost, fport)
+    elif args.part == "resource":
+        mock_x402.serve_resource(host, port, f"http://{fhost}:{fport}")
+    else:
+        mock_x402.serve_demo(host, fport, port)
+    return 0
 
 
 def _settings_help() -> str:
@@ -176,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             host, port = split_address(args.listen)
             serve_mock(host, port)
             return 0
+        if args.command == "x402-demo":
+            return _x402_demo(args)
         settings = load_settings(args.config)
         if args.command == "serve":
             return _serve(settings, args.demo)
@@ -263,6 +288,7 @@ async def _demo(sidecar: Any, settings: Settings) -> None:
         if agent.name == "demo" and agent.revoked_at is None:
             await sidecar.store.revoke_agent(owner.id, agent.id, "demo", time.time())
     _, agent_token = await service.create_agent(owner.id, "demo", {"team": "demo"}, "default")
+    x402_token = await _demo_x402(sidecar, owner)
     host = settings.listen
     print(
         "\n".join(
@@ -280,10 +306,33 @@ async def _demo(sidecar: Any, settings: Settings) -> None:
                 + agent_token
                 + "'; print(stripe.PaymentIntent.create(amount=1500, currency='usd').id)\"",
                 "",
+                f"  demo x402 agent token (shown once): {x402_token}",
+                "  curl -H 'Authorization: Bearer " + x402_token + "' "
+                f"http://{host}/x402/http%3A%2F%2F127.0.0.1%3A4021%2Freport"
+                "   (the paid resource and facilitator: paysentry x402-demo, started by make run)",
+                "",
             ]
         ),
         flush=True,
     )
+
+
+async def _demo_x402(sidecar: Any, owner: Any) -> str:
+    """An x402 connection with a fresh demo wallet (its key sealed, never shown) allowed to pay the demo
+    resource of ``paysentry x402-demo``, and a fresh demo agent on it."""
+    from eth_account import Account
+
+    service = sidecar.gateway.owner_service
+    if await sidecar.store.find_connection(owner.id, "x402-demo") is None:
+        wallet = Account.create()
+        settings = {"allowed_origins": "http://127.0.0.1:4021"}
+        credentials = {"secret_key": wallet.key.hex()}
+        await service.add_connection(owner.id, "x402", "x402-demo", None, credentials, settings=settings)
+    for agent in await sidecar.store.list_agents(owner.id):
+        if agent.name == "demo-x402" and agent.revoked_at is None:
+            await sidecar.store.revoke_agent(owner.id, agent.id, "demo", time.time())
+    _, token = await service.create_agent(owner.id, "demo-x402", {"team": "demo"}, "x402-demo")
+    return str(token)
 
 
 def _ensure_key_file(path: Path) -> None:

@@ -24,10 +24,14 @@ ZERO_DECIMAL = frozenset(
     ]
 )
 THREE_DECIMAL = frozenset(["bhd", "jod", "kwd", "omr", "tnd"])
+# Stablecoins PaySentry pays in over x402 (their decimals, as in adapters.x402's registry).
+TOKEN_DECIMALS = {"usdc": 6}
 
 
 def exponent(currency: str) -> int:
     code = currency.lower()
+    if code in TOKEN_DECIMALS:
+        return TOKEN_DECIMALS[code]
     if code in ZERO_DECIMAL:
         return 0
     if code in THREE_DECIMAL:

@@ -30,7 +30,7 @@ from proxy.model import (
     ShadowHit,
     SpendTotal,
 )
-from proxy.policy.engine import MERCHANT_FIELDS, Engine, EvaluationError
+from proxy.policy.engine import MERCHANT_FIELDS, X402_FIELDS, Engine, EvaluationError
 from proxy.policy.model import MASK_BITS, Limit, Policy, PolicySet, Rule
 from proxy.refusals import limit_exceeded_message
 
@@ -83,6 +83,7 @@ def activation_variables(
         "payment.params": dict(payment.params),
         "payment.categories": list(payment.categories),
         **{f"merchant.{name}": payment.merchant.get(name, "") for name in MERCHANT_FIELDS},
+        **{f"x402.{name}": payment.x402.get(name, "") for name in X402_FIELDS},
         "request.method": payment.method,
         "request.path": payment.path,
         "agent.id": agent.id,

@@ -44,6 +44,8 @@ class Payment:
     categories: tuple[str, ...] = ()
     # The merchant of a card authorization: name, category, category_code, country, city.
     merchant: Mapping[str, str] = field(default_factory=dict)
+    # An x402 payment: payee, asset, network, scheme, resource (URL) and origin (see X402_FIELDS).
+    x402: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from proxy.errors import RequestRefused, RequestTimeout, UpstreamUnavailable
 from proxy.listeners.server import refuse_encoded_body
 from proxy.payments.calls import AgentCall, Outcome
 from proxy.payments.service import PaymentService
+from proxy.payments.x402 import X402Payments
 from proxy.upstream import Upstream
 
 
@@ -21,17 +22,32 @@ class AgentListener:
         upstream: Upstream,
         max_body_bytes: int,
         body_timeout: float = 10.0,
+        x402: X402Payments | None = None,
     ) -> None:
-        self.payments, self.upstream = payments, upstream
+        self.payments, self.upstream, self.x402 = payments, upstream, x402
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes)
+        if self.x402 is not None:
+            app.router.add_route("*", "/x402/{tail:.*}", self.handle_x402)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        call = AgentCall(
+        outcome = await self.payments.agent_call(self._call(request))
+        if outcome.stream is None:
+            return web.Response(status=outcome.status, body=outcome.body, headers=outcome.headers)
+        return await self._relay(request, outcome)
+
+    async def handle_x402(self, request: web.Request) -> web.StreamResponse:
+        """A paid HTTP resource: ``/x402/<url-encoded URL>`` (see ``proxy.payments.x402``)."""
+        assert self.x402 is not None
+        outcome = await self.x402.call(self._call(request))
+        return web.Response(status=outcome.status, body=outcome.body, headers=outcome.headers)
+
+    def _call(self, request: web.Request) -> AgentCall:
+        return AgentCall(
             method=request.method,
             path=request.path,
             raw_path=request.raw_path,
@@ -42,10 +58,6 @@ class AgentListener:
             remote=request.remote,
             read_body=lambda: self._read(request),
         )
-        outcome = await self.payments.agent_call(call)
-        if outcome.stream is None:
-            return web.Response(status=outcome.status, body=outcome.body, headers=outcome.headers)
-        return await self._relay(request, outcome)
 
     async def _read(self, request: web.Request) -> bytes:
         refuse_encoded_body(request.headers)  # decoded by aiohttp, it would go on labelled encoded

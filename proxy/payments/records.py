@@ -80,6 +80,7 @@ def payment_summary(payment: Payment) -> dict[str, Any]:
         "refers_to": payment.refers_to,
         "categories": list(payment.categories),
         "merchant": dict(payment.merchant),
+        "x402": dict(payment.x402),
     }
     return dict(mask_all(summary))
 

@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -149,6 +149,9 @@ class PaymentService:
         }
         self._idle = asyncio.Event()
         self._idle.set()
+        # Resolvers of providers whose unknown outcomes are not learned by re-sending the call (x402:
+        # a signed header is never kept), by provider name.
+        self.resolvers: dict[str, Callable[[Unresolved], Awaitable[str]]] = {}
 
     # -- the agent's entry ----------------------------------------------------------------------------------
     async def agent_call(self, call: AgentCall) -> Outcome:
@@ -650,6 +653,9 @@ class PaymentService:
 
     async def _resolve_claimed(self, item: Unresolved) -> str:
         try:
+            resolver = self.resolvers.get(item.record.provider)
+            if resolver is not None:
+                return await resolver(item)
             return await self._resolve_one(item.record, item.request, item.attempts)
         except PaySentryError as exc:  # the store, the connection gone, the agent revoked: try again later
             log.warning("could not resolve %s: %s", item.record.id, exc.message)

@@ -14,6 +14,10 @@ int with a string fails when the policy is checked, not at the first payment:
     merchant.name, merchant.category, merchant.category_code,
     merchant.country, merchant.city                        string: the merchant of a card authorization
                                                            ("" for other calls)
+    x402.payee, x402.asset, x402.network, x402.scheme,
+    x402.resource, x402.origin                             string: an x402 payment (payTo, the asset's
+                                                           contract, CAIP-2 network, scheme, the URL
+                                                           paid for and its origin; "" for other calls)
     request.method, request.path                           string
     agent.id, agent.name                                   string
     agent.labels                                           map(string, string)
@@ -33,6 +37,7 @@ STRING, INT, TIMESTAMP = "string", "int", "timestamp"
 STR_MAP, DYN_MAP, SPEND_MAP = "map<string,string>", "map<string,dyn>", "map<string,map<string,int>>"
 STR_LIST = "list<string>"
 MERCHANT_FIELDS = ("name", "category", "category_code", "country", "city")
+X402_FIELDS = ("payee", "asset", "network", "scheme", "resource", "origin")
 
 VARIABLES: dict[str, str] = {
     "payment.provider": STRING,
@@ -46,6 +51,7 @@ VARIABLES: dict[str, str] = {
     "payment.params": DYN_MAP,
     "payment.categories": STR_LIST,
     **{f"merchant.{name}": STRING for name in MERCHANT_FIELDS},
+    **{f"x402.{name}": STRING for name in X402_FIELDS},
     "request.method": STRING,
     "request.path": STRING,
     "agent.id": STRING,

@@ -184,6 +184,7 @@ def _payment(raw: Any, examples: Sequence[OperationExample]) -> Payment:
         params=dict(raw.get("params") or {}),
         categories=tuple(str(c) for c in raw.get("categories") or ()),
         merchant={str(k): str(v) for k, v in (raw.get("merchant") or {}).items()},
+        x402={str(k): str(v) for k, v in (raw.get("x402") or {}).items()},
         destination=str(raw.get("destination", "")),
         customer=str(raw.get("customer", "")),
         description=str(raw.get("description", "")),

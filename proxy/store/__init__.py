@@ -450,6 +450,36 @@ class Housekeeping(Protocol):
     async def reseal(self, kind: str, row_id: str, old: bytes, new: bytes) -> bool: ...
 
 
+@dataclass(frozen=True, slots=True)
+class X402Signature:
+    """An x402 authorization PaySentry signed: what it authorizes, never the signature itself."""
+
+    nonce: str
+    authorization_id: str
+    owner_id: str
+    agent_id: str
+    network: str
+    asset: str
+    payer: str
+    pay_to: str
+    amount: int
+    valid_after: int
+    valid_before: int
+    signed_at: float
+
+
+class X402Store(Protocol):
+    """Every x402 authorization signed, recorded before it is sent (its nonce unique)."""
+
+    async def record_x402_signature(self, signature: X402Signature) -> None:
+        """Record it with an ``x402.signed`` audit event; ``DuplicateKey`` when the nonce is known."""
+        ...
+
+    async def x402_signature(self, authorization_id: str) -> X402Signature | None:
+        """The latest authorization signed for the PaySentry authorization, or None (never signed)."""
+        ...
+
+
 class ReconciliationStore(Protocol):
     """Comparing what PaySentry counted with the provider's own records: the authorizations a
     connection's objects may belong to, the fixes the provider's records prove (each a conditional
@@ -502,6 +532,7 @@ class Store(
     AuditStore,
     Housekeeping,
     ReconciliationStore,
+    X402Store,
     Protocol,
 ):
     """Every role at once: what a backend implements and what the composition root opens. A component

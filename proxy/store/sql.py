@@ -55,6 +55,7 @@ from proxy.store import (
     Unresolved,
     Vote,
     VoteResult,
+    X402Signature,
 )
 
 T = TypeVar("T")
@@ -64,6 +65,10 @@ AUTH_COLUMNS = (
     "id, owner_id, agent_id, idempotency_key, request_hash, provider, operation, amount, currency, "
     "destination, payment, decision, rule, policy, message, revision, state, charges, approval_id, "
     "provider_ref, response_status, response_body, lease_expires_at, created_at, updated_at"
+)
+_X402_COLUMNS = (
+    "nonce, authorization_id, owner_id, agent_id, network, asset, payer, pay_to, amount, valid_after, "
+    "valid_before, signed_at"
 )
 ONE, MANY, EXECUTE, RELEASED, COUNTED = "one", "many", "execute", "released", "counted"
 NOTES = (RELEASED, COUNTED)  # queries with no SQL: spend changes a store mirrors elsewhere after commit
@@ -671,6 +676,69 @@ class SqlStore(ABC):
     ) -> bool:
         return await self.write(
             reconcile_tx(authorization_id, fix, actor, data, now, provider_ref, status, body)
+        )
+
+    # -- x402 ---------------------------------------------------------------------------------------------
+    async def record_x402_signature(self, signature: X402Signature) -> None:
+        s = signature
+
+        def tx() -> Tx[None]:
+            inserted = yield execute(
+                f"INSERT INTO x402_authorizations ({_X402_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT DO NOTHING",
+                (
+                    s.nonce,
+                    s.authorization_id,
+                    s.owner_id,
+                    s.agent_id,
+                    s.network,
+                    s.asset,
+                    s.payer,
+                    s.pay_to,
+                    s.amount,
+                    s.valid_after,
+                    s.valid_before,
+                    s.signed_at,
+                ),
+            )
+            if not inserted:
+                raise DuplicateKey(s.nonce)
+            data = {
+                "nonce": s.nonce,
+                "network": s.network,
+                "asset": s.asset,
+                "payer": s.payer,
+                "pay_to": s.pay_to,
+                "amount": s.amount,
+                "valid_before": s.valid_before,
+            }
+            yield from _event(
+                s.owner_id, s.agent_id, s.authorization_id, "x402.signed", "paysentry", data, s.signed_at
+            )
+
+        await self.write(tx())
+
+    async def x402_signature(self, authorization_id: str) -> X402Signature | None:
+        row = await self.fetch_one(
+            f"SELECT {_X402_COLUMNS} FROM x402_authorizations WHERE authorization_id=? "
+            "ORDER BY signed_at DESC LIMIT 1",
+            (authorization_id,),
+        )
+        if row is None:
+            return None
+        return X402Signature(
+            str(row[0]),
+            str(row[1]),
+            str(row[2]),
+            str(row[3]),
+            str(row[4]),
+            str(row[5]),
+            str(row[6]),
+            str(row[7]),
+            int(row[8]),
+            int(row[9]),
+            int(row[10]),
+            float(row[11]),
         )
 
     async def save_reconciliation(

@@ -407,3 +407,37 @@ async def test_a_partial_capture_gives_back_the_rest_once_and_a_captured_object_
         assert totals["daily"] == SpendTotal(600, 1)
         await reopened.close()
     await store.close()
+
+
+async def test_every_signed_x402_authorization_is_recorded_once_by_nonce(backend: Backend) -> None:
+    from proxy.store import X402Signature
+
+    store = await seeded(backend)
+    await store.record_decision(new("x402-1"), time.time())
+    assert await store.x402_signature("auth_x402-1") is None
+
+    def signature(nonce: str, at: float) -> X402Signature:
+        return X402Signature(
+            nonce,
+            "auth_x402-1",
+            "own_1",
+            "agt_1",
+            "eip155:84532",
+            "0xasset",
+            "0xpayer",
+            "0xpayee",
+            10_000,
+            0,
+            2_000_000_000,
+            at,
+        )
+
+    await store.record_x402_signature(signature("0x01", 1.0))
+    with pytest.raises(DuplicateKey):
+        await store.record_x402_signature(signature("0x01", 2.0))
+    await store.record_x402_signature(signature("0x02", 3.0))
+    latest = await store.x402_signature("auth_x402-1")
+    assert latest is not None and latest.nonce == "0x02" and latest.valid_before == 2_000_000_000
+    events = [e.type for e in await store.list_events("own_1", 0, 100)]
+    assert events.count("x402.signed") == 2
+    await store.close()

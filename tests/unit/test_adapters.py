@@ -56,7 +56,8 @@ def test_an_unknown_provider_is_refused_naming_the_known_ones() -> None:
 
 
 def test_the_real_registry_declares_each_provider_and_its_operations() -> None:
-    assert list(REGISTRY) == ["stripe", "mercadopago", "mock"]
+    assert list(REGISTRY) == ["stripe", "mercadopago", "mock", "x402"]
+    assert "x402" in REGISTRY.operations
     assert REGISTRY.operations[0] == "payment_intent" and "payment" in REGISTRY.operations
     assert len(REGISTRY.operations) == len(set(REGISTRY.operations))
 
