@@ -5,8 +5,10 @@ flask``), which asks the facilitator to verify and settle. The facilitator needs
 the EIP-712 signer of the EIP-3009 ``transferWithAuthorization`` with ``eth-account`` (its own table
 of signing domains, not the payment's), checks payer, amount, payee, validity window and nonce, and
 records settlements (a used nonce is refused). Faults are injectable (``POST /_faults``): ``verify:
-refuse``; ``settle``: ``pending`` (success false, the transfer may still happen), ``error_after`` (the
-transfer recorded, then a 500), ``timeout`` (recorded, then no answer for 10 s), ``fail`` (refused).
+refuse``; ``settle``: ``pending`` (success false, and the transfer happens), ``dropped`` (success false,
+and it never does), ``error_after`` (the transfer recorded, then a 500), ``timeout`` (recorded, then no
+answer for 10 s), ``fail`` (refused). ``POST /rpc`` answers ``eth_call`` of ``authorizationState`` from
+the settlements, as the token contract on the chain would.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Facilitator:
         app.router.add_get("/supported", self.supported)
         app.router.add_post("/verify", self.verify)
         app.router.add_post("/settle", self.settle)
+        app.router.add_post("/rpc", self.rpc)
         app.router.add_post("/_faults", self.set_faults)
         app.router.add_get("/_settlements", self.list_settlements)
         return app
@@ -84,6 +87,21 @@ class Facilitator:
             problem = "refused_by_fault"
         return web.json_response({"isValid": problem is None, "invalidReason": problem, "payer": payer})
 
+    async def rpc(self, request: web.Request) -> web.Response:
+        """The chain, as far as PaySentry reads it: ``eth_call`` of EIP-3009 ``authorizationState(payer,
+        nonce)`` answers whether a transfer used that authorization."""
+        call = await request.json()
+        data = str(call["params"][0]["data"]).lower()
+        if call.get("method") != "eth_call" or not data.startswith("0xe94a0102") or len(data) != 138:
+            return web.json_response({"jsonrpc": "2.0", "id": call.get("id"), "error": {"code": -32601}})
+        payer, nonce = "0x" + data[10 + 24 : 74], "0x" + data[74:]
+        used = any(
+            s["nonce"].lower() == nonce and s["payer"].lower() == payer for s in self.settlements.values()
+        )
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": call.get("id"), "result": "0x" + f"{int(used):064x}"}
+        )
+
     async def settle(self, request: web.Request) -> web.Response:
         body = await request.json()
         requirements = body["paymentRequirements"]
@@ -94,6 +112,8 @@ class Facilitator:
                 problem = "refused_by_fault"
             if problem is not None:
                 return web.json_response(_settled(False, payer, "", requirements, problem))
+            if fault == "dropped":  # pending, and the transfer never happens
+                return web.json_response(_settled(False, payer, "", requirements, "settlement_pending"))
             auth = body["paymentPayload"]["payload"]["authorization"]
             tx = "0x" + hashlib.sha256(auth["nonce"].encode()).hexdigest()
             self.settlements[auth["nonce"]] = {

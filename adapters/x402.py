@@ -141,6 +141,7 @@ class X402Settings:
 
     allowed_origins: frozenset[str]
     networks: frozenset[str]
+    rpc_url: str = ""  # a JSON-RPC endpoint of the chain: whether a signed authorization was used
 
 
 def parse_settings(settings: Mapping[str, str]) -> X402Settings:
@@ -161,7 +162,40 @@ def parse_settings(settings: Mapping[str, str]) -> X402Settings:
     unknown = sorted(set(networks) - set(NETWORKS))
     if unknown:
         raise ValueError(f"networks: unknown {', '.join(unknown)}; PaySentry signs on {', '.join(NETWORKS)}")
-    return X402Settings(frozenset(normalized), frozenset(networks))
+    rpc_url = settings.get("rpc_url", "").strip()
+    if rpc_url:
+        try:
+            origin_of(rpc_url)
+        except ValueError as exc:
+            raise ValueError(f"rpc_url: {exc}") from None
+    return X402Settings(frozenset(normalized), frozenset(networks), rpc_url)
+
+
+# ``authorizationState(address,bytes32)`` of EIP-3009: whether an authorization's nonce was used.
+AUTHORIZATION_STATE = "0xe94a0102"
+
+
+def authorization_state_call(asset: str, payer: str, nonce: str) -> bytes:
+    """The JSON-RPC ``eth_call`` body asking the token whether ``payer``'s authorization ``nonce`` was used
+    (a transfer made with it), at the latest block."""
+    address = payer.lower().removeprefix("0x").rjust(64, "0")
+    data = AUTHORIZATION_STATE + address + nonce.lower().removeprefix("0x").rjust(64, "0")
+    params = [{"to": asset, "data": data}, "latest"]
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_call", "params": params}).encode()
+
+
+def authorization_used(body: bytes) -> bool | None:
+    """What an ``authorizationState`` answer says: True (used), False (not used) or None (no answer)."""
+    try:
+        result = json.loads(body).get("result")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(result, str) or not result.startswith("0x") or len(result) != 66:
+        return None
+    try:
+        return int(result, 16) != 0
+    except ValueError:
+        return None
 
 
 class X402Adapter:
@@ -175,6 +209,10 @@ class X402Adapter:
             "comma-separated origins agents may reach and pay (https://api.example.com,...)", required=True
         ),
         "networks": Setting(f"comma-separated CAIP-2 networks to sign on (default: {', '.join(NETWORKS)})"),
+        "rpc_url": Setting(
+            "a JSON-RPC endpoint of the chain, read (eth_call) to learn whether a signed authorization "
+            "whose answer was lost was used; without it such a payment stays counted"
+        ),
     }
     default_upstream = "x402:"
     idempotency_header = "Idempotency-Key"

@@ -325,7 +325,7 @@ async def _demo_x402(sidecar: Any, owner: Any) -> str:
     service = sidecar.gateway.owner_service
     if await sidecar.store.find_connection(owner.id, "x402-demo") is None:
         wallet = Account.create()
-        settings = {"allowed_origins": "http://127.0.0.1:4021"}
+        settings = {"allowed_origins": "http://127.0.0.1:4021", "rpc_url": "http://127.0.0.1:4022/rpc"}
         credentials = {"secret_key": wallet.key.hex()}
         await service.add_connection(owner.id, "x402", "x402-demo", None, credentials, settings=settings)
     for agent in await sidecar.store.list_agents(owner.id):

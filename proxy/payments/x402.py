@@ -11,8 +11,9 @@
 An outcome is committed only when the settlement response says success with the payer, network and
 amount signed; released when the resource refused the payment before settling (a 402 without a
 settlement response, or a connection never made); otherwise *in doubt*, its spend kept, until the
-signed authorization's ``validBefore`` has passed: then nothing can settle it any more and the
-resolution job releases it (``resolve``). A signed header is a bearer credential: it is sent once and
+signed authorization's ``validBefore`` has passed: then nothing can use it any more, and the resolution job
+asks the chain whether something did (EIP-3009 ``authorizationState`` through the connection's
+``rpc_url``): used, it is settled; unused, released; without an answer it stays counted (``resolve``). A signed header is a bearer credential: it is sent once and
 never stored, logged or re-sent; a same-key retry replays the recorded answer and never signs again.
 """
 
@@ -32,7 +33,15 @@ from multidict import CIMultiDict
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from adapters.x402 import PAYMENT_HEADERS, REFUSED, SETTLED, Quote, X402Adapter
+from adapters.x402 import (
+    PAYMENT_HEADERS,
+    REFUSED,
+    SETTLED,
+    Quote,
+    X402Adapter,
+    authorization_state_call,
+    authorization_used,
+)
 from proxy.connections import Connection
 from proxy.errors import (
     BadRequest,
@@ -67,7 +76,8 @@ from proxy.upstream import DROP_REQUEST, UpstreamReply, UpstreamRequest
 
 log = logging.getLogger("paysentry.x402")
 PREFIX = "/x402/"
-GRACE = 3.0  # seconds past validBefore before an unsettled authorization is released (clock skew)
+GRACE = 3.0  # seconds past validBefore before the chain is asked whether it was used (clock skew)
+CHAIN_RETRY = 300.0  # seconds before asking again when the chain could not tell
 NOT_FORWARDED = DROP_REQUEST | PAYMENT_HEADERS | {"idempotency-key", "accept-encoding"}
 
 
@@ -259,12 +269,52 @@ class X402Payments:
             reason = "not settled as far as PaySentry knows; it may settle until its validBefore"
             await self.store.set_in_doubt(auth.id, reason, signature.valid_before + GRACE, now)
             return IN_DOUBT
-        reason = f"the signed authorization expired at {_iso(signature.valid_before)} with no settlement seen"
+        # Past validBefore nothing can use it any more; whether something did is on the chain.
+        used = await self._used_on_chain(auth, signature)
+        if used is None:
+            reason = (
+                "expired, and whether it was used is not known (no rpc_url, or the chain did not answer): "
+                "it stays counted"
+            )
+            await self.store.set_in_doubt(auth.id, reason, now + CHAIN_RETRY, now)
+            return IN_DOUBT
+        if used:
+            reason = f"its authorization (nonce {signature.nonce}) was used on chain: the payment was made"
+            answer = self.adapter.error(
+                502,
+                "api",
+                "x402_answer_lost",
+                f"PaySentry x402: {reason} and counted, but the resource's answer was lost; "
+                "request the resource again with a new Idempotency-Key (that pays again)",
+            )
+            reply = UpstreamReply(answer.status, CIMultiDict(answer.headers), answer.body)
+            sealed = self.payments.sealer.seal(pack_reply(reply), sealed_context("response", auth.id))
+            await self.store.settle(auth.id, signature.nonce, answer.status, sealed, now)
+            return SETTLED_STATE
+        reason = f"the signed authorization expired at {_iso(signature.valid_before)} unused on chain"
         refusal = self.adapter.error(402, "policy", "x402_expired_unsettled", f"PaySentry x402: {reason}")
         reply = UpstreamReply(refusal.status, CIMultiDict(refusal.headers), refusal.body)
         sealed = self.payments.sealer.seal(pack_reply(reply), sealed_context("response", auth.id))
         await self.store.fail(auth.id, reason, refusal.status, sealed, now)
         return FAILED
+
+    async def _used_on_chain(self, auth: AuthorizationRecord, signature: X402Signature) -> bool | None:
+        """Whether the token contract shows the authorization's nonce used (``authorizationState``), read
+        through the connection's ``rpc_url``; None when there is none or it does not answer."""
+        agent = await self.store.get_agent(auth.agent_id)
+        if agent is None:
+            return None
+        adapter = (await self.payments.connections.get(agent.connection_id)).adapter
+        rpc = adapter.config.rpc_url if isinstance(adapter, X402Adapter) else ""
+        if not rpc:
+            return None
+        body = authorization_state_call(signature.asset, signature.payer, signature.nonce)
+        request = UpstreamRequest("POST", rpc, CIMultiDict({"Content-Type": "application/json"}), body)
+        try:
+            reply = await self.upstream.send(request)
+        except UpstreamUnavailable:
+            return None
+        return authorization_used(reply.body) if reply.status == 200 else None
 
 
 def target_url(target: str) -> str:

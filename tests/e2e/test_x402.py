@@ -88,7 +88,12 @@ def deploy(tmp_path: Path, servers: Servers, budget: int = 3_000_000, store: str
         POLICY.replace("{budget}", str(budget)),
         provider="x402",
         upstream=servers.resource,
-        provider_args=("--setting", f"allowed_origins={servers.resource}"),
+        provider_args=(
+            "--setting",
+            f"allowed_origins={servers.resource}",
+            "--setting",
+            f"rpc_url={servers.facilitator}/rpc",
+        ),
         secret_key=WALLET_KEY,
         store=store,
     )
@@ -203,7 +208,7 @@ def test_verification_refused_before_settlement_releases_the_spend(x402: tuple[D
     assert auth["state"] == "failed"
 
 
-def test_an_unknown_outcome_keeps_the_spend_until_the_authorization_expires(
+def test_an_unknown_outcome_keeps_the_spend_until_the_chain_says(
     x402: tuple[Deployment, Servers],
 ) -> None:
     dep, servers = x402
@@ -217,16 +222,24 @@ def test_an_unknown_outcome_keeps_the_spend_until_the_authorization_expires(
     assert again[0] == 409 and again[2]["error"]["code"] == "x402_in_doubt"  # never paid twice
     assert len(servers.settlements()) == 1
 
-    servers.faults(settle="pending")  # not settled (yet): the 2-second authorization then expires unsettled
+    # Pending at the answer; once the 2-second authorization has expired, the chain says what happened.
+    servers.faults(settle="pending")  # the transfer does happen
     status, headers, _ = pay(dep, servers.resource + "/quick", "pending-1")
     assert headers["PaySentry-X402-Outcome"] == "in_doubt" and dep.spend() == (20_000, 2)
-    auth_id = headers["PaySentry-Authorization"]
-    assert dep.owner_api("GET", f"/v1/authorizations/{auth_id}")[1]["state"] == "in_doubt"
-    wait_until(
-        lambda: dep.owner_api("GET", f"/v1/authorizations/{auth_id}")[1]["state"] == "failed", timeout=20
-    )
-    assert dep.spend() == (10_000, 1)  # released once validBefore passed; the other stays counted
+    used = headers["PaySentry-Authorization"]
+    servers.faults(settle="dropped")  # the transfer never happens
+    status, headers, _ = pay(dep, servers.resource + "/quick", "dropped-1")
+    assert headers["PaySentry-X402-Outcome"] == "in_doubt" and dep.spend() == (30_000, 3)
+    unused = headers["PaySentry-Authorization"]
+
+    def state(auth_id: str) -> str:
+        return str(dep.owner_api("GET", f"/v1/authorizations/{auth_id}")[1]["state"])
+
+    wait_until(lambda: state(used) == "settled" and state(unused) == "failed", timeout=20)
+    assert dep.spend() == (20_000, 2)  # the used one counted, the unused one released
     replayed = pay(dep, servers.resource + "/quick", "pending-1")
+    assert replayed[0] == 502 and replayed[2]["error"]["code"] == "x402_answer_lost"
+    replayed = pay(dep, servers.resource + "/quick", "dropped-1")
     assert replayed[0] == 402 and replayed[2]["error"]["code"] == "x402_expired_unsettled"
 
 
