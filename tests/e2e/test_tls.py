@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.e2e.conftest import Deployment, make_deployment, wait_until
+from tests.e2e.conftest import make_deployment, wait_until
 
 
 def self_signed(directory: Path, name: str) -> bytes:
@@ -52,9 +52,8 @@ def served_certificate(address: str) -> bytes:
     host, port = address.removeprefix("https://").rsplit(":", 1)
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    with socket.create_connection((host, int(port)), timeout=5) as raw:
-        with context.wrap_socket(raw) as tls:
-            der = tls.getpeercert(binary_form=True)
+    with socket.create_connection((host, int(port)), timeout=5) as raw, context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
     assert der is not None
     return der
 
