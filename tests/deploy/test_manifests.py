@@ -45,7 +45,8 @@ def test_every_file_the_dockerfile_copies_exists_and_it_runs_as_non_root() -> No
         for source in sources:
             assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is missing"
     assert re.search(r"^USER 10001", dockerfile, re.MULTILINE)
-    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim$", dockerfile, re.MULTILINE)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+\.\d+-slim-bookworm$", dockerfile, re.MULTILINE)
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
     assert 'ENTRYPOINT ["paysentry", "serve"]' in dockerfile
     assert "org.opencontainers.image.version" in dockerfile
 
@@ -269,3 +270,17 @@ def test_monitoring_validates_and_reads_only_documented_metrics() -> None:
     monitor = next(o for o in objects if o["kind"] == "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_the_image_installs_exactly_the_locked_versions_ci_tested() -> None:
+    """requirements.lock is the runtime closure of this virtualenv (make lock), the image installs it with
+    --no-deps, and its base image is the Python version the tests run on."""
+    import sys
+
+    from tests.deploy.lock import lock_text
+
+    assert (ROOT / "requirements.lock").read_text() == lock_text(), "requirements.lock is stale: make lock"
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "pip install --no-deps -r requirements.lock" in dockerfile and "pip check" in dockerfile
+    python = ".".join(map(str, sys.version_info[:3]))
+    assert f"ARG PYTHON_IMAGE=python:{python}-slim-bookworm" in dockerfile
