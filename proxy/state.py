@@ -693,6 +693,8 @@ class StateWatcher:
                 return []
             changes = await self.applier.apply(state)
         except Exception as exc:
+            if str(exc) == self.last_error and not raise_errors:
+                return []  # the same failure as last check: counted and logged once, tried again
             self.last_error = str(exc)
             self.metrics.inc("paysentry_state_applies_total", result="error")
             log.error("declared state not applied", extra={"fields": {"file": self.path, "error": str(exc)}})
