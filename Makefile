@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint fmt clean bench chaos profile services wrk
+.PHONY: run test lint fmt clean bench chaos profile services wrk lock
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ wrk:
 
 test: $(STAMP) services wrk
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The image installs exactly these versions (deploy/Dockerfile); tests/deploy/test_manifests.py checks it.
+lock: $(STAMP)
+	$(BIN)/python -m tests.deploy.lock > requirements.lock
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy adapters tests bench

@@ -1,4 +1,5 @@
-"""The running sidecar: starts the listeners of the graph ``proxy.bootstrap`` builds, sweeps held and
+"""The running sidecar: applies the declared state (if any), starts the listeners of the graph
+``proxy.bootstrap`` builds (each with TLS when it has a certificate), sweeps held and
 expired work in the background, reconciles with the providers' records on its own schedule, and drains
 on shutdown."""
 
@@ -20,6 +21,7 @@ from proxy.bootstrap import bootstrap
 from proxy.config import Settings, split_address
 from proxy.decide import period_of
 from proxy.listeners.server import ConnectionGuard, GuardedRunner, quiet_aiohttp_errors
+from proxy.listeners.tls import ReloadingTLS
 from proxy.payments.service import RESOLVE_BATCH
 from proxy.policy.model import Limit
 from proxy.upstream import AiohttpUpstream
@@ -47,14 +49,25 @@ class Sidecar:
         if isinstance(g.upstream, AiohttpUpstream):
             await g.upstream.start()
         await g.holds.start()
-        if self.settings.mock_provider_listen:
-            await self._listen("mock", MockProvider().app(), self.settings.mock_provider_listen)
-        await self._listen("agents", g.agent_listener.app(), self.settings.listen)
-        await self._listen("owner", g.owner_api.app(), self.settings.admin_listen)
+        s = self.settings
+        if g.state is not None:  # before the listeners: a fresh volume serves the declared agents at once
+            await g.state.start()
+        tls = {
+            "agents": self._tls("agents", s.tls_cert_file, s.tls_key_file),
+            "owner": self._tls("owner", s.admin_tls_cert_file, s.admin_tls_key_file),
+        }
+        if s.mock_provider_listen:
+            await self._listen("mock", MockProvider().app(), s.mock_provider_listen)
+        await self._listen("agents", g.agent_listener.app(), s.listen, tls["agents"])
+        await self._listen("owner", g.owner_api.app(), s.admin_listen, tls["owner"])
+        watched = [g.policies.holder.watch(s.policy_poll_interval)]
+        watched += [t.watch(s.policy_poll_interval) for t in tls.values() if t is not None]
+        if g.state is not None:
+            watched.append(g.state.watch(s.policy_poll_interval))
         self._tasks = [
             asyncio.create_task(self._sweep()),
             asyncio.create_task(self._resolve()),
-            asyncio.create_task(g.policies.holder.watch(self.settings.policy_poll_interval)),
+            *(asyncio.create_task(w) for w in watched),
         ]
         if self.settings.reconcile_interval > 0:  # its own task: never delays the sweep or a payment
             self._tasks.append(asyncio.create_task(self._reconcile()))
@@ -69,7 +82,14 @@ class Sidecar:
             },
         )
 
-    async def _listen(self, name: str, app: web.Application, address: str) -> None:
+    def _tls(self, listener: str, cert_file: str, key_file: str) -> ReloadingTLS | None:
+        if not cert_file:
+            return None
+        return ReloadingTLS(listener, cert_file, key_file, self.gateway.metrics)
+
+    async def _listen(
+        self, name: str, app: web.Application, address: str, tls: ReloadingTLS | None = None
+    ) -> None:
         guard = ConnectionGuard(self.settings.header_timeout, self.settings.max_connections_per_client)
         runner = GuardedRunner(
             app,
@@ -83,7 +103,8 @@ class Sidecar:
         )
         await runner.setup()
         host, port = split_address(address)
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        context = tls.context if tls is not None else None
+        await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=context).start()
         self._runners[name] = runner
         self.guards[name] = guard
 

@@ -9,6 +9,7 @@ owner service, neither loads policies nor imports the serving parts. ``serve`` r
              ─► sealer, policies (engine + holder), token authenticators, connections (+ adapters)
              ─► upstream ─► PaymentService ─► CardAuthorizer, ProviderEvents (─► Reconciler), X402Payments
              ─► Reconciler (provider lists vs. the store: paysentry reconcile, the periodic job)
+             ─► state (the declared state file's watcher: owners, connections, agents, approvers)
              ─► listeners: AgentListener | OwnerApi (+ WebhookListener, LinkPages on its port)
 """
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # imported where built: the CLI's store commands load none of
     from proxy.payments.reconcile import Reconciler
     from proxy.payments.service import PaymentService, Policies
     from proxy.payments.x402 import X402Payments
+    from proxy.state import StateWatcher
     from proxy.store.redis_spend import ApprovalBus, RedisRateLimiter
 
 
@@ -180,7 +182,7 @@ class Gateway:
             self.store,
             [u.strip() for u in s.notify_webhooks.split(",") if u.strip()],
             s.notify_secret.encode() or os.urandom(32),
-            s.public_url or f"http://{s.admin_listen}",
+            s.public_url or f"{'https' if s.admin_tls_cert_file else 'http'}://{s.admin_listen}",
             clock=self.clock,
             bus=self.redis.approvals if self.redis is not None else None,
         )
@@ -251,6 +253,24 @@ class Gateway:
             self.clock,
             reconciler=self.reconciler,
         )
+
+    @cached_property
+    def state(self) -> StateWatcher | None:
+        """The declared state file's watcher (``state_file``), or None when owners are made by hand."""
+        if not self.settings.state_file:
+            return None
+        from proxy.state import StateApplier, StateWatcher
+
+        applier = StateApplier(
+            self.store,
+            self.sealer,
+            self.settings.bcrypt_rounds,
+            forget_agent=lambda agent_id: self.agent_tokens.forget(lambda a: a.id == agent_id),
+            forget_owner=lambda owner_id: self.owner_tokens.forget(lambda o: o.id == owner_id),
+            forget_connection=self.connections.forget,
+            clock=self.clock,
+        )
+        return StateWatcher(self.settings.state_file, applier, self.metrics)
 
     @cached_property
     def agent_listener(self) -> AgentListener:

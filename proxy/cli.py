@@ -13,6 +13,8 @@
     paysentry approvals list [--state S] | show ID | approve ID | deny ID [--as APPROVER] [--reason R]
     paysentry reconcile [--since 24h|ISO8601] [--owner N] [--connection N] [-o json]
                                                    compare what PaySentry counted with the providers' records
+    paysentry state check FILE                     load a declared state file, resolving its references (exit 2 when invalid)
+    paysentry state token [--id ID] [--owner]      print a new agent (or owner) token for a Secret; --id keeps an id
     paysentry mock-provider [--listen HOST:PORT]
     paysentry x402-demo [both|facilitator|resource] [--listen HOST:PORT] [--facilitator HOST:PORT]
 
@@ -147,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--connection", help="one connection of the owner, by name")
     reconcile.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
+    state = sub.add_parser("state").add_subparsers(dest="action", required=True)
+    state.add_parser("check", help="load a declared state file and everything it references").add_argument(
+        "file"
+    )
+    token = state.add_parser("token", help="print a new token to put in a Secret the state file references")
+    token.add_argument("--id", help="keep this agent's (or owner's) id: a rotation of its token")
+    token.add_argument("--owner", action="store_true", help="an owner token (pso_...), not an agent's")
+
     mock = sub.add_parser("mock-provider", help="run the built-in mock payment provider on its own")
     mock.add_argument("--listen", default="127.0.0.1:12111")
 
@@ -190,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "policy" and args.action in _POLICY_COMMANDS:
             return _POLICY_COMMANDS[args.action](args)
+        if args.command == "state":
+            return _state(args)
         if args.command == "keygen":
             return _keygen(Path(args.file))
         if args.command == "mock-provider":
@@ -333,6 +345,27 @@ async def _demo_x402(sidecar: Any, owner: Any) -> str:
             await sidecar.store.revoke_agent(owner.id, agent.id, "demo", time.time())
     _, token = await service.create_agent(owner.id, "demo-x402", {"team": "demo"}, "x402-demo")
     return str(token)
+
+
+def _state(args: argparse.Namespace) -> int:
+    from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, issue_token, new_id
+
+    if args.action == "token":
+        kind, prefix = ("own", OWNER_PREFIX) if args.owner else ("agt", AGENT_PREFIX)
+        public_id = args.id or new_id(kind)
+        if not public_id.startswith(f"{kind}_") or len(public_id) != len(kind) + 17:
+            raise PaySentryError(f"--id takes an id like {kind}_0123456789abcdef, got {public_id!r}")
+        print(issue_token(prefix, public_id, 4).token)  # the hash is made when the state is applied
+        return 0
+    from proxy.state import load_state
+
+    state, _ = load_state(args.file)
+    for owner in state.owners:
+        print(
+            f"ok: owner {owner.name}: {len(owner.connections)} connections, {len(owner.agents)} agents, "
+            f"{len(owner.approvers)} approver groups, {len(owner.reviewers)} reviewers"
+        )
+    return 0
 
 
 def _ensure_key_file(path: Path) -> None:

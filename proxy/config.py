@@ -41,7 +41,14 @@ class Settings:
     sweep_interval: float = 5.0
     reconcile_interval: float = 3600.0  # how often each replica reconciles with the providers (0: never)
     reconcile_window: float = 86400.0  # how far back each periodic reconciliation reads
-    policy_poll_interval: float = 2.0  # how often the policy directory is checked for changes
+    policy_poll_interval: float = 2.0  # how often the policy directory (and state, TLS files) is checked
+    state_file: str = (
+        ""  # declared owners, connections, agents (proxy/state.py); applied at start and on change
+    )
+    tls_cert_file: str = ""  # the agents' listener serves TLS with this certificate chain (PEM) ...
+    tls_key_file: str = ""  # ... and this key; both reloaded when they change
+    admin_tls_cert_file: str = ""  # the owner listener's, likewise
+    admin_tls_key_file: str = ""
     max_body_bytes: int = 1024 * 1024
     max_header_bytes: int = 8190  # one header line
     max_headers: int = 64
@@ -87,6 +94,7 @@ SECRET_SETTINGS = frozenset({"notify_secret", "metrics_token"})
 URL_SETTINGS = frozenset({"store", "redis_url"})
 DEFAULTS = Settings()
 _PATHS = {"policies", "encryption_key_file"}
+_OPTIONAL_PATHS = {"state_file", "tls_cert_file", "tls_key_file", "admin_tls_cert_file", "admin_tls_key_file"}
 
 
 def load_settings(path: str | None, environ: dict[str, str] | None = None) -> Settings:
@@ -128,6 +136,8 @@ def load_settings(path: str | None, environ: dict[str, str] | None = None) -> Se
             values[name] = str((base / values[name]).resolve())
         else:
             values[name] = str((base / getattr(DEFAULTS, name)).resolve())
+    for name in _OPTIONAL_PATHS & {n for n, v in values.items() if v}:
+        values[name] = str((base / values[name]).resolve())
     store = values.get("store", DEFAULTS.store)
     if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
         values["store"] = "sqlite:///" + str((base / store.removeprefix("sqlite:///")).resolve())
@@ -188,6 +198,10 @@ def _validate(values: dict[str, Any], problems: list[str]) -> None:
     for url in filter(None, (u.strip() for u in str(values.get("notify_webhooks", "")).split(","))):
         if not url.startswith(("http://", "https://")):
             problems.append(f"notify_webhooks: {url!r} is not an http(s) URL")
+    for prefix in ("", "admin_"):
+        cert, key = values.get(f"{prefix}tls_cert_file"), values.get(f"{prefix}tls_key_file")
+        if bool(cert) != bool(key):
+            problems.append(f"{prefix}tls_cert_file and {prefix}tls_key_file: set both or neither")
     if values.get("listen", DEFAULTS.listen) == values.get("admin_listen", DEFAULTS.admin_listen):
         problems.append("admin_listen: the owner API must not share the agents' listener")
 

@@ -64,3 +64,7 @@ class ConnectionCache:
         )
         self._cache[connection_id] = (connection, self._clock() + self._ttl)
         return connection
+
+    def forget(self, connection_id: str) -> None:
+        """Drop a cached connection (after its credentials or settings changed through this process)."""
+        self._cache.pop(connection_id, None)

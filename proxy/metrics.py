@@ -31,6 +31,18 @@ INSTRUMENTS = {
     "paysentry_store_errors_total": (COUNTER, "Store failures by where they happened (calls refused)."),
     "paysentry_policy_reloads_total": (COUNTER, "Policy reload attempts by result (ok, error)."),
     "paysentry_policy_revision_info": (GAUGE, "The policy revision in force (value 1)."),
+    "paysentry_state_applies_total": (
+        COUNTER,
+        "Applications of the declared state file by result (ok, error: the last applied state stays).",
+    ),
+    "paysentry_state_changes_total": (
+        COUNTER,
+        "Changes the declared state made, by kind (owner, connection, agent, approvers) and change.",
+    ),
+    "paysentry_tls_reloads_total": (
+        COUNTER,
+        "Certificate reloads of a TLS listener by listener and result (ok, error: the old one stays).",
+    ),
     "paysentry_webhooks_total": (COUNTER, "Inbound provider webhooks by result (voided, recorded, ...)."),
     "paysentry_card_authorizations_total": (
         COUNTER,

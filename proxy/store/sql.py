@@ -173,7 +173,7 @@ class SqlStore(ABC):
         return changed == 1
 
     # -- owners, connections, agents ------------------------------------------------------------------
-    async def create_owner(self, owner: OwnerRecord) -> None:
+    async def create_owner(self, owner: OwnerRecord, actor: str = "cli") -> None:
         def tx() -> Tx[None]:
             (
                 yield execute(
@@ -182,7 +182,7 @@ class SqlStore(ABC):
                 )
             )
             yield from _event(
-                owner.id, None, None, "owner.created", "cli", {"name": owner.name}, owner.created_at
+                owner.id, None, None, "owner.created", actor, {"name": owner.name}, owner.created_at
             )
 
         await self.write(tx())
@@ -195,10 +195,17 @@ class SqlStore(ABC):
         row = await self.fetch_one("SELECT * FROM owners WHERE name=?", (name,))
         return OwnerRecord(*row) if row else None
 
-    async def update_owner_token(self, owner_id: str, token_hash: str, now: float) -> None:
+    async def update_owner_token(
+        self,
+        owner_id: str,
+        token_hash: str,
+        now: float,
+        actor: str = "cli",
+        kind: str = "owner.token_rotated",
+    ) -> None:
         def tx() -> Tx[None]:
             (yield execute("UPDATE owners SET token_hash=? WHERE id=?", (token_hash, owner_id)))
-            yield from _event(owner_id, None, None, "owner.token_rotated", "cli", {}, now)
+            yield from _event(owner_id, None, None, kind, actor, {}, now)
 
         await self.write(tx())
 
@@ -206,7 +213,7 @@ class SqlStore(ABC):
         rows = await self.fetch_all("SELECT * FROM owners ORDER BY created_at")
         return [OwnerRecord(*r) for r in rows]
 
-    async def add_connection(self, c: ConnectionRecord) -> None:
+    async def add_connection(self, c: ConnectionRecord, actor: str = "cli") -> None:
         def tx() -> Tx[None]:
             (
                 yield execute(
@@ -230,7 +237,7 @@ class SqlStore(ABC):
                 None,
                 None,
                 "connection.added",
-                "cli",
+                actor,
                 {
                     "connection": c.id,
                     "provider": c.provider,
@@ -247,14 +254,52 @@ class SqlStore(ABC):
         row = await self.fetch_one("SELECT * FROM connections WHERE id=?", (connection_id,))
         return _connection(row) if row else None
 
-    async def find_connection(self, owner_id: str, name: str) -> ConnectionRecord | None:
+    async def find_connection(
+        self, owner_id: str, name: str, include_revoked: bool = False
+    ) -> ConnectionRecord | None:
+        active = "" if include_revoked else " AND revoked_at IS NULL"
         row = await self.fetch_one(
-            "SELECT * FROM connections WHERE owner_id=? AND name=? AND revoked_at IS NULL",
-            (owner_id, name),
+            f"SELECT * FROM connections WHERE owner_id=? AND name=?{active}", (owner_id, name)
         )
         return _connection(row) if row else None
 
-    async def create_agent(self, a: AgentRecord) -> None:
+    async def update_connection(
+        self, old: ConnectionRecord, new: ConnectionRecord, changed: Sequence[str], actor: str, now: float
+    ) -> bool:
+        def tx() -> Tx[bool]:
+            updated = yield execute(
+                "UPDATE connections SET upstream=?, credentials=?, allowed_accounts=?, settings=?, "
+                "revoked_at=NULL WHERE id=? AND credentials=?",
+                (
+                    new.upstream,
+                    new.credentials,
+                    json.dumps(list(new.allowed_accounts)),
+                    json.dumps(dict(new.settings)),
+                    old.id,
+                    old.credentials,
+                ),
+            )
+            if updated:
+                data = {"connection": old.id, "name": old.name, "changed": list(changed)}
+                yield from _event(old.owner_id, None, None, "connection.updated", actor, data, now)
+            return bool(updated)
+
+        return await self.write(tx())
+
+    async def revoke_connection(self, owner_id: str, connection_id: str, actor: str, now: float) -> bool:
+        def tx() -> Tx[bool]:
+            changed = yield execute(
+                "UPDATE connections SET revoked_at=? WHERE id=? AND owner_id=? AND revoked_at IS NULL",
+                (now, connection_id, owner_id),
+            )
+            if changed:
+                data = {"connection": connection_id}
+                yield from _event(owner_id, None, None, "connection.revoked", actor, data, now)
+            return bool(changed)
+
+        return await self.write(tx())
+
+    async def create_agent(self, a: AgentRecord, actor: str = "owner") -> None:
         def tx() -> Tx[None]:
             inserted = yield execute(
                 "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
@@ -276,7 +321,7 @@ class SqlStore(ABC):
                 a.id,
                 None,
                 "agent.created",
-                "owner",
+                actor,
                 {"name": a.name, "labels": dict(a.labels), "connection": a.connection_id},
                 a.created_at,
             )
@@ -290,6 +335,50 @@ class SqlStore(ABC):
     async def list_agents(self, owner_id: str) -> list[AgentRecord]:
         rows = await self.fetch_all("SELECT * FROM agents WHERE owner_id=? ORDER BY created_at", (owner_id,))
         return [_agent(r) for r in rows]
+
+    async def update_agent(
+        self, old: AgentRecord, new: AgentRecord, changed: Sequence[str], actor: str, now: float
+    ) -> bool:
+        """Move an active agent to ``new``'s connection, labels and token hash, if it is still ``old``
+        (a compare-and-swap: of replicas applying one change at once, one records it)."""
+
+        def tx() -> Tx[bool]:
+            updated = yield execute(
+                "UPDATE agents SET connection_id=?, labels=?, token_hash=? "
+                "WHERE id=? AND token_hash=? AND connection_id=? AND labels=? AND revoked_at IS NULL",
+                (
+                    new.connection_id,
+                    json.dumps(dict(new.labels)),
+                    new.token_hash,
+                    old.id,
+                    old.token_hash,
+                    old.connection_id,
+                    json.dumps(dict(old.labels)),
+                ),
+            )
+            if updated:
+                data = {"changed": list(changed), "labels": dict(new.labels), "connection": new.connection_id}
+                yield from _event(old.owner_id, old.id, None, "agent.updated", actor, data, now)
+            return bool(updated)
+
+        return await self.write(tx())
+
+    async def declared(self, kind: str) -> list[tuple[str, str, str]]:
+        """(id, owner id, digest) of every ``kind`` a state file manages."""
+        rows = await self.fetch_all("SELECT id, owner_id, digest FROM declared WHERE kind=?", (kind,))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def set_declared(
+        self, kind: str, row_id: str, owner_id: str, source: str, digest: str, now: float
+    ) -> None:
+        sql = (
+            "INSERT INTO declared VALUES (?,?,?,?,?,?) ON CONFLICT (kind, id) DO UPDATE "
+            "SET source=excluded.source, digest=excluded.digest"
+        )
+        await self.write(single(execute(sql, (kind, row_id, owner_id, source, digest, now))))
+
+    async def forget_declared(self, kind: str, row_id: str) -> None:
+        await self.write(single(execute("DELETE FROM declared WHERE kind=? AND id=?", (kind, row_id))))
 
     async def revoke_agent(self, owner_id: str, agent_id: str, actor: str, now: float) -> bool:
         def tx() -> Tx[bool]:

@@ -51,3 +51,16 @@ def test_passwords_in_store_urls_are_redacted_in_the_start_up_summary(tmp_path: 
     summary = repr(settings.summary())
     assert "s3cret-pw" not in summary and "r3dis-pw" not in summary
     assert "postgresql://paysentry:(redacted)@db:5432/paysentry" in summary
+
+
+def test_tls_files_come_in_pairs_and_are_resolved_against_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "paysentry.yaml"
+    config.write_text("tls_cert_file: tls/a.crt\nadmin_tls_key_file: tls/a.key\nstate_file: state.yaml\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(config), {})
+    assert "tls_cert_file and tls_key_file: set both or neither" in caught.value.message
+    assert "admin_tls_cert_file and admin_tls_key_file: set both or neither" in caught.value.message
+    config.write_text("tls_cert_file: tls/a.crt\ntls_key_file: tls/a.key\nstate_file: state.yaml\n")
+    settings = load_settings(str(config), {})
+    assert settings.tls_cert_file == str(tmp_path / "tls" / "a.crt")
+    assert settings.state_file == str(tmp_path / "state.yaml") and settings.admin_tls_cert_file == ""
