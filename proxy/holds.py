@@ -53,13 +53,13 @@ SEND_LEASE = 30.0  # a claimed notification is not due again for this long (the 
 BATCH = 20
 
 
-def webhook_key(secret: str) -> bytes:
+def webhook_key(secret: bytes) -> bytes:
     """The Standard Webhooks signing key: a ``whsec_<base64>`` secret's decoded bytes, else the secret's
-    UTF-8 bytes."""
-    if secret.startswith("whsec_"):
+    own bytes."""
+    if secret.startswith(b"whsec_"):
         with contextlib.suppress(ValueError):
-            return base64.b64decode(secret.removeprefix("whsec_") + "==")
-    return secret.encode()
+            return base64.b64decode(secret.removeprefix(b"whsec_") + b"==")
+    return secret
 
 
 def standard_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -90,7 +90,7 @@ class HoldCoordinator:
         self.clock = clock
         self.metrics = metrics or Metrics(otlp=False)
         self.give_up, self.retry_max = give_up, retry_max
-        self.key = webhook_key(secret.decode("utf-8", "surrogateescape"))
+        self.key = webhook_key(secret)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._events: dict[str, asyncio.Event] = {}
