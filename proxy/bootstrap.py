@@ -270,6 +270,7 @@ class Gateway:
 
     @cached_property
     def owner_api(self) -> OwnerApi:
+        from proxy.listeners.console import Console
         from proxy.listeners.links import LinkPages
         from proxy.listeners.owner_api import OwnerApi
         from proxy.listeners.webhooks import WebhookListener
@@ -286,6 +287,15 @@ class Gateway:
             extra_routes=(
                 WebhookListener(self.events).add_routes,
                 LinkPages(self.store, self.principals, self.holds.voted, self.clock).add_routes,
+                Console(
+                    self.store,
+                    self.principals,
+                    self.sealer,
+                    self.owner_service,
+                    self.holds,
+                    self.policies.holder,
+                    self.clock,
+                ).add_routes,
             ),
             metrics_token=self.settings.metrics_token,
         )

@@ -7,11 +7,14 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from adapters import REGISTRY
 from adapters.base import Adapters
+from proxy.decide import period_of
 from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, PaySentryError
+from proxy.policy.model import PolicySet
 from proxy.secrets import (
     AGENT_PREFIX,
     APPROVER_PREFIX,
@@ -237,6 +240,40 @@ def refusal(fact: Refused) -> PaySentryError:
         case LinkUnusable():
             return NotFound("this approval link is unknown, used or expired")
     raise TypeError(f"no owner-facing wording for {fact!r}")
+
+
+def spend_against_limits(
+    policy_set: PolicySet, agent: AgentRecord, rows: Sequence[Mapping[str, Any]], now: float
+) -> list[dict[str, Any]]:
+    """Every windowed limit that applies to the agent, in its current period: used, the maximum, what
+    remains (None where the limit has no such maximum)."""
+    when = datetime.fromtimestamp(now, UTC)
+    counted = {(r["limit"], r["period"]): r for r in rows}
+    out = []
+    for policy in policy_set.policies:
+        if not policy.applies_to(agent.labels):
+            continue
+        for lim in policy.limits:
+            if lim.window == "payment":
+                continue
+            period = period_of(lim.window, when, policy.timezone)
+            row = counted.get((lim.name, period), {})
+            used, count = int(row.get("amount", 0)), int(row.get("count", 0))
+            out.append(
+                {
+                    "limit": lim.name,
+                    "window": lim.window,
+                    "period": period,
+                    "currency": lim.currency,
+                    "amount": used,
+                    "count": count,
+                    "max_amount": lim.max_amount,
+                    "max_count": lim.max_count,
+                    "remaining": None if lim.max_amount is None else max(0, lim.max_amount - used),
+                    "remaining_count": None if lim.max_count is None else max(0, lim.max_count - count),
+                }
+            )
+    return out
 
 
 def approver_json(approver: ApproverRecord) -> dict[str, Any]:

@@ -218,6 +218,23 @@ class Event:
     at: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Which slice of a list to read, newest first (Stripe's conventions): filters, then a cursor
+    (``starting_after``: older than that object; ``ending_before``: newer than it) and a size."""
+
+    agent_id: str | None = None
+    state: str | None = None
+    decision: str | None = None
+    rule: str | None = None
+    kind: str | None = None  # events: the type, or a prefix ending in "." (approval.)
+    created_gte: float | None = None
+    created_lt: float | None = None
+    starting_after: str | None = None
+    ending_before: str | None = None
+    limit: int = 50
+
+
 class Refused(Exception):
     """The store did not apply a write, and why, as data: which object, in which state. The store never
     words it; a caller that faces a person does (``proxy.owners.refusal``).
@@ -473,6 +490,15 @@ class AuditStore(Protocol):
         self, owner_id: str, agent_id: str | None, limit: int
     ) -> list[AuthorizationRecord]: ...
     async def history(self, since: float, owner_id: str | None) -> list[AuthorizationRecord]: ...
+    async def page_authorizations(self, owner_id: str, page: Page) -> tuple[list[AuthorizationRecord], bool]:
+        """One page of the owner's authorizations, newest first, and whether there are more beyond it (in
+        the direction read)."""
+        ...
+
+    async def page_events(self, owner_id: str, page: Page) -> tuple[list[Event], bool]:
+        """As ``page_authorizations``, for audit events (cursors are their ``seq``)."""
+        ...
+
     async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]: ...
 
 

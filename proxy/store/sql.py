@@ -56,6 +56,7 @@ from proxy.store import (
     NotAnApprover,
     Notification,
     OwnerRecord,
+    Page,
     Recorded,
     Unresolved,
     Vote,
@@ -848,6 +849,73 @@ class SqlStore(ABC):
             return [authorization_record(r) for r in (yield many(sql + " ORDER BY created_at, id", args))]
 
         return await self.read(tx())
+
+    async def page_authorizations(self, owner_id: str, page: Page) -> tuple[list[AuthorizationRecord], bool]:
+        where, args = ["owner_id=?"], list[Any]([owner_id])
+        for column, value in (
+            ("agent_id", page.agent_id),
+            ("state", page.state),
+            ("decision", page.decision),
+            ("rule", page.rule),
+        ):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        if page.created_gte is not None:
+            where.append("created_at>=?")
+            args.append(page.created_gte)
+        if page.created_lt is not None:
+            where.append("created_at<?")
+            args.append(page.created_lt)
+        cursor, newer = page.ending_before or page.starting_after, page.ending_before is not None
+        if cursor is not None:
+            row = await self.fetch_one(
+                "SELECT created_at, id FROM authorizations WHERE id=? AND owner_id=?", (cursor, owner_id)
+            )
+            if row is None:
+                return [], False
+            op = ">" if newer else "<"
+            where.append(f"(created_at {op} ? OR (created_at = ? AND id {op} ?))")
+            args += [row[0], row[0], row[1]]
+        order = "ASC" if newer else "DESC"
+        rows = await self.fetch_all(
+            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE {' AND '.join(where)} "
+            f"ORDER BY created_at {order}, id {order} LIMIT ?",
+            (*args, page.limit + 1),
+        )
+        found = [authorization_record(r) for r in rows[: page.limit]]
+        return (found[::-1] if newer else found), len(rows) > page.limit
+
+    async def page_events(self, owner_id: str, page: Page) -> tuple[list[Event], bool]:
+        where, args = ["owner_id=?"], list[Any]([owner_id])
+        if page.agent_id is not None:
+            where.append("agent_id=?")
+            args.append(page.agent_id)
+        if page.kind:
+            where.append("type LIKE ?" if page.kind.endswith(".") else "type=?")
+            args.append(page.kind + "%" if page.kind.endswith(".") else page.kind)
+        if page.created_gte is not None:
+            where.append("at>=?")
+            args.append(page.created_gte)
+        if page.created_lt is not None:
+            where.append("at<?")
+            args.append(page.created_lt)
+        cursor, newer = page.ending_before or page.starting_after, page.ending_before is not None
+        if cursor is not None:
+            if not (cursor.isascii() and cursor.isdigit() and len(cursor) < 19):
+                return [], False
+            where.append("seq > ?" if newer else "seq < ?")
+            args.append(int(cursor))
+        order = "ASC" if newer else "DESC"
+        rows = await self.fetch_all(
+            f"SELECT seq, owner_id, agent_id, authorization_id, type, actor, data, at FROM events "
+            f"WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?",
+            (*args, page.limit + 1),
+        )
+        found = [
+            Event(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7]) for r in rows[: page.limit]
+        ]
+        return (found[::-1] if newer else found), len(rows) > page.limit
 
     async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]:
         rows = await self.fetch_all(
