@@ -93,12 +93,29 @@ def shot(driver: Any, name: str) -> None:
         driver.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
 
 
+def click(driver: Any, selector: str) -> None:
+    """Click once the element is there; the pending pages reload themselves every 3 s, so an element
+    found just before a reload is looked up again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def attempt() -> bool:
+        try:
+            driver.find_element(By.CSS_SELECTOR, selector).click()
+            return True
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+
+    wait_until(attempt, timeout=15)
+
+
 def approve_in_browser(driver: Any, approval_id: str) -> str:
     from selenium.webdriver.common.by import By
 
     wait_until(lambda: approval_id in driver.page_source, timeout=15)  # the page refreshes itself
-    driver.find_element(By.CSS_SELECTOR, f"a.hold[href$='{approval_id}']").click()
-    driver.find_element(By.CSS_SELECTOR, "#vote button.approve").click()
+    click(driver, f"a.hold[href$='{approval_id}']")
+    click(driver, "#vote button.approve")
+    wait_until(lambda: bool(driver.find_elements(By.ID, "flash")), timeout=15)
     return str(driver.find_element(By.ID, "flash").text)
 
 
