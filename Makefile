@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint fmt clean bench chaos profile services wrk lock
+.PHONY: run test lint fmt clean bench chaos profile services wrk lock browser screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,12 +31,26 @@ services:
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 
-test: $(STAMP) services wrk
+# The console's browser test drives Debian's chromium through its chromedriver (Debian packages; no
+# browser download): install them when missing.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing chromium and chromium-driver (Debian packages) for the console's browser test"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+test: $(STAMP) services wrk browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The image installs exactly these versions (deploy/Dockerfile); tests/deploy/test_manifests.py checks it.
 lock: $(STAMP)
 	$(BIN)/python -m tests.deploy.lock > requirements.lock
+
+# A screenshot of each console page (signed in as an approver, then the owner) into var/screenshots/.
+screenshots: $(STAMP) browser
+	PAYSENTRY_SCREENSHOTS=$(CURDIR)/var/screenshots $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/e2e/test_console.py -k two_approvers
+	@ls var/screenshots
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy adapters tests bench

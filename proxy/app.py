@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
@@ -71,6 +73,12 @@ class Sidecar:
         ]
         if self.settings.reconcile_interval > 0:  # its own task: never delays the sweep or a payment
             self._tasks.append(asyncio.create_task(self._reconcile()))
+        if g.holds.webhooks and _loopback(g.holds.public_url):
+            log.warning(
+                "notifications are on but public_url points at loopback: receivers elsewhere get console "
+                "links they cannot open; set public_url to the owner listener's public address",
+                extra={"fields": {"public_url": g.holds.public_url}},
+            )
         log.info(
             "paysentry started",
             extra={
@@ -115,6 +123,7 @@ class Sidecar:
             try:
                 now = time.time()
                 expired = await self.store.expire_holds(now)
+                expired += await self.store.expire_approved(now - self.settings.approval_retry_window, now)
                 unrecorded = await self.store.release_unrecorded(now)
                 await self._refresh_gauges()
                 if expired or unrecorded:
@@ -225,3 +234,13 @@ class Sidecar:
             await g.redis.limiter.close()
         await self.store.close()
         g.metrics.shutdown()  # pushes the last OTLP export
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -3,7 +3,8 @@
 A hold names its approvers (people, and ``reviewer:<name>`` for automated reviewers), a quorum N of those
 M, and whether one deny vetoes. Each approver's first vote counts; a later one is ignored. The hold is
 approved when N approve, denied when a vetoing deny arrives or when the approvals still possible cannot
-reach N. A hold with no approvers named is decided by the first vote of any owner.
+reach N. A hold with no approvers named is decided by the first vote of its owner (``owner:<name>``: the
+owner's token, or the operator's command on the host); a hold naming approvers is decided by them alone.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def tally(approvers: Sequence[str], quorum: int, veto: bool, votes: Sequence[tup
 
 
 def may_vote(approvers: Sequence[str], voter: str) -> bool:
-    return not approvers or voter in approvers
+    return voter in approvers if approvers else voter.startswith("owner:")
 
 
 def new_link_token() -> tuple[str, str]:

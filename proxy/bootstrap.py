@@ -33,9 +33,10 @@ from proxy.config import Settings
 from proxy.connections import ConnectionCache
 from proxy.metrics import Metrics
 from proxy.owners import OwnerService
+from proxy.principals import Principals
 from proxy.ratelimit import Limiter, RateLimiter
-from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, load_keys
-from proxy.store import AgentRecord, OwnerRecord, Store
+from proxy.secrets import AGENT_PREFIX, APPROVER_PREFIX, OWNER_PREFIX, Sealer, load_keys
+from proxy.store import AgentRecord, ApproverRecord, OwnerRecord, Store
 from proxy.telemetry import TRACER_NAME
 from proxy.upstream import AiohttpUpstream, Upstream
 
@@ -160,6 +161,21 @@ class Gateway:
         )
 
     @cached_property
+    def approver_tokens(self) -> TokenAuthenticator[ApproverRecord]:
+        return TokenAuthenticator(
+            APPROVER_PREFIX,
+            "apv",
+            self.store.get_approver,
+            lambda a: a.token_hash,
+            lambda a: a.revoked_at is None,
+            cache_ttl=self.settings.token_cache_ttl,
+        )
+
+    @cached_property
+    def principals(self) -> Principals:
+        return Principals(self.store, self.owner_tokens, self.approver_tokens)
+
+    @cached_property
     def upstream(self) -> Upstream:
         return self._upstream or AiohttpUpstream(self.settings.upstream_timeout)
 
@@ -185,6 +201,9 @@ class Gateway:
             s.public_url or f"{'https' if s.admin_tls_cert_file else 'http'}://{s.admin_listen}",
             clock=self.clock,
             bus=self.redis.approvals if self.redis is not None else None,
+            metrics=self.metrics,
+            give_up=s.notify_give_up,
+            retry_max=s.notify_retry_max,
         )
 
     @cached_property
@@ -281,6 +300,7 @@ class Gateway:
 
     @cached_property
     def owner_api(self) -> OwnerApi:
+        from proxy.listeners.console import Console
         from proxy.listeners.links import LinkPages
         from proxy.listeners.owner_api import OwnerApi
         from proxy.listeners.webhooks import WebhookListener
@@ -288,14 +308,24 @@ class Gateway:
         return OwnerApi(
             self.store,
             self.owner_service,
-            self.owner_tokens,
+            self.principals,
             self.policies.holder,
             lambda agent_id: self.agent_tokens.forget(lambda a: a.id == agent_id),
+            lambda approver_id: self.approver_tokens.forget(lambda a: a.id == approver_id),
             self.metrics,
             self.holds,
             extra_routes=(
                 WebhookListener(self.events).add_routes,
-                LinkPages(self.store, self.holds.voted, self.clock).add_routes,
+                LinkPages(self.store, self.principals, self.holds.voted, self.clock).add_routes,
+                Console(
+                    self.store,
+                    self.principals,
+                    self.sealer,
+                    self.owner_service,
+                    self.holds,
+                    self.policies.holder,
+                    self.clock,
+                ).add_routes,
             ),
             metrics_token=self.settings.metrics_token,
         )

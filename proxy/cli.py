@@ -45,6 +45,10 @@ from proxy.errors import ConfigError, PaySentryError, PolicyError
 DEFAULT_CONFIG = "deploy/dev.yaml"
 
 
+class UsageError(PaySentryError):
+    """A command used wrongly (exit 2)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paysentry", description="Authorization gateway for AI-agent payments")
     p.add_argument(
@@ -136,9 +140,18 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--owner")
         if name != "show":
             cmd.add_argument("--reason", default="")
-            cmd.add_argument(
-                "--as", dest="voter", default="cli", help="the approver voting (as named in the rule)"
-            )
+            cmd.add_argument("--as", dest="voter", default=None, help=argparse.SUPPRESS)  # refused: see below
+
+    approver = sub.add_parser(
+        "approver", help="people who may vote on holds, each with a token of their own"
+    ).add_subparsers(dest="action", required=True)
+    made = approver.add_parser("create", help="prints the approver's token once")
+    made.add_argument("name", help="as the policies name the approver (approvers: [alice])")
+    made.add_argument("--owner")
+    approver.add_parser("list", help="the owner's approvers").add_argument("--owner")
+    gone = approver.add_parser("revoke", help="the approver's token stops working; their votes stay")
+    gone.add_argument("id")
+    gone.add_argument("--owner")
 
     reconcile = sub.add_parser(
         "reconcile",
@@ -225,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except ConfigError as exc:
         print(exc.message, file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"paysentry: {exc.message}", file=sys.stderr)
         return 2
     except PaySentryError as exc:
         print(f"paysentry: {exc.message}", file=sys.stderr)
@@ -589,13 +605,53 @@ async def _approvals_show(ctx: _Context, args: argparse.Namespace) -> int:
 
 
 async def _approvals_decide(ctx: _Context, args: argparse.Namespace) -> int:
+    """The operator's vote on the host: counted as the owner's (``owner:<name>``, via ``cli``, the OS user
+    and host in the audit log), so it decides holds that name no approvers and never stands in for an
+    approver. An approver votes as themself: the console, or the owner API with their own token."""
     from proxy.owners import approval_json
+    from proxy.principals import operator_principal
 
+    if args.voter is not None:
+        raise UsageError(
+            "--as is gone: a vote counts for whoever authenticates. Approvers vote as themselves in the "
+            "console or with their own token (POST /v1/approvals/ID/approve); this command votes as the owner"
+        )
     owner = await ctx.service.owner_named(args.owner)
+    principal = operator_principal(owner)
     result = await ctx.service.vote(
-        owner.id, args.id, args.voter, args.action == "approve", args.reason, "cli"
+        owner.id,
+        args.id,
+        principal.voter,
+        args.action == "approve",
+        args.reason,
+        "cli",
+        principal.authenticated("cli"),
     )
     _print(approval_json(result.approval, time.time(), result.counted))
+    return 0
+
+
+async def _approver_create(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.owners import approver_json
+
+    owner = await ctx.service.owner_named(args.owner)
+    approver, token = await ctx.service.create_approver(owner.id, args.name, "cli")
+    _print({**approver_json(approver), "token": token, "note": "the token is shown once"})
+    return 0
+
+
+async def _approver_list(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.owners import approver_json
+
+    owner = await ctx.service.owner_named(args.owner)
+    _print([approver_json(a) for a in await ctx.store.list_approvers(owner.id)])
+    return 0
+
+
+async def _approver_revoke(ctx: _Context, args: argparse.Namespace) -> int:
+    owner = await ctx.service.owner_named(args.owner)
+    await ctx.service.revoke_approver(owner.id, args.id, "cli")
+    print(f"revoked {args.id}")
     return 0
 
 
@@ -713,4 +769,7 @@ _COMMANDS: dict[tuple[str, str], Callable[[_Context, argparse.Namespace], Awaita
     ("approvals", "show"): _approvals_show,
     ("approvals", "approve"): _approvals_decide,
     ("approvals", "deny"): _approvals_decide,
+    ("approver", "create"): _approver_create,
+    ("approver", "list"): _approver_list,
+    ("approver", "revoke"): _approver_revoke,
 }

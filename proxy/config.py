@@ -62,6 +62,9 @@ class Settings:
     card_authorization_deadline: float = 1.5  # a real-time card authorization declines after this
     notify_webhooks: str = ""  # comma-separated URLs that receive signed hold notifications
     notify_secret: str = ""  # HMAC key of PaySentry-Signature (a secret: set it from the environment)
+    notify_give_up: float = 86400.0  # a notification not delivered by then (since the hold) is given up
+    notify_retry_max: float = 600.0  # the longest wait between two attempts of one notification
+    approval_retry_window: float = 3600.0  # an approved hold the agent has not retried by then expires
     public_url: str = ""  # base URL of the owner listener in approval links; default http://<admin_listen>
     metrics_token: str = ""  # bearer token /metrics requires when set (a secret: set it from the environment)
     metrics_agent_labels: bool = False  # spend gauges per agent (name and id); needs metrics_token

@@ -49,6 +49,10 @@ INSTRUMENTS = {
         "Real-time card authorizations answered, by decision (approved, declined) and rule.",
     ),
     "paysentry_holds_pending": (GAUGE, "Held payments waiting for approval."),
+    "paysentry_notifications_total": (
+        COUNTER,
+        "Hold notification attempts by outcome (delivered, retried, failed: given up after notify_give_up).",
+    ),
     "paysentry_authorizations_in_doubt": (
         GAUGE,
         "Forwarded calls whose outcome is not known yet (spend kept counted until the provider says).",

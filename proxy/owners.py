@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from adapters import REGISTRY
 from adapters.base import Adapters
+from proxy.decide import period_of
 from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, PaySentryError
-from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, Sealer, issue_token, new_id, sealed_context
+from proxy.policy.model import PolicySet
+from proxy.secrets import (
+    AGENT_PREFIX,
+    APPROVER_PREFIX,
+    OWNER_PREFIX,
+    Sealer,
+    issue_token,
+    new_id,
+    sealed_context,
+)
 from proxy.store import (
     SEALED_KINDS,
     AgentNameTaken,
@@ -20,6 +32,8 @@ from proxy.store import (
     ApprovalExpired,
     ApprovalNotFound,
     ApprovalRecord,
+    ApproverNameTaken,
+    ApproverRecord,
     AuthorizationRecord,
     ConnectionRecord,
     LinkUnusable,
@@ -30,6 +44,9 @@ from proxy.store import (
     VoteRefused,
     VoteResult,
 )
+
+# As policies name approvers; no ':' so no approver can pose as owner:<name> or reviewer:<name>.
+APPROVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
 
 
 class OwnerService:
@@ -130,11 +147,44 @@ class OwnerService:
             raise refusal(fact) from fact
         return agent, token
 
-    async def vote(
-        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str
-    ) -> VoteResult:
+    async def create_approver(self, owner_id: str, name: object, actor: str) -> tuple[ApproverRecord, str]:
+        """A person who may vote on holds naming them (``approvers: [name]`` or through a group); the token
+        is returned once and only its bcrypt hash is kept."""
+        if not isinstance(name, str) or not APPROVER_NAME.fullmatch(name):
+            raise BadRequest(
+                "an approver's name is 1 to 100 letters, digits or . _ @ + - (as the policies name them), "
+                "starting with a letter or digit",
+                param="name",
+            )
+        approver_id = new_id("apv")
+        token, digest = await self._issue(APPROVER_PREFIX, approver_id)
+        approver = ApproverRecord(approver_id, owner_id, name, digest, self.clock())
         try:
-            return await self.store.vote(owner_id, approval_id, voter, approve, reason, via, self.clock())
+            await self.store.create_approver(approver, actor)
+        except ApproverNameTaken as fact:
+            raise refusal(fact) from fact
+        return approver, token
+
+    async def revoke_approver(self, owner_id: str, approver_id: str, actor: str) -> None:
+        if not await self.store.revoke_approver(owner_id, approver_id, actor, self.clock()):
+            raise NotFound(f"no active approver {approver_id!r}")
+
+    async def vote(
+        self,
+        owner_id: str,
+        approval_id: str,
+        voter: str,
+        approve: bool,
+        reason: str,
+        via: str,
+        authenticated: Mapping[str, str] | None = None,
+    ) -> VoteResult:
+        """Count a vote under ``voter``: the name of the identity that authenticated (the caller never
+        chooses it); ``authenticated`` is recorded with it in the audit log."""
+        try:
+            return await self.store.vote(
+                owner_id, approval_id, voter, approve, reason, via, self.clock(), authenticated
+            )
         except VoteRefused as fact:
             raise refusal(fact) from fact
 
@@ -168,19 +218,71 @@ def refusal(fact: Refused) -> PaySentryError:
     match fact:
         case AgentNameTaken(name=name):
             return Conflict(f"an active agent named {name!r} already exists")
+        case ApproverNameTaken(name=name):
+            return Conflict(
+                f"an active approver named {name!r} already exists; revoke it first to replace it"
+            )
         case ApprovalNotFound(approval_id=approval_id):
             return NotFound(f"no approval {approval_id!r}")
         case ApprovalClosed(approval_id=approval_id, state=state):
             return Conflict(f"approval {approval_id} is already {state}")
         case ApprovalExpired(approval_id=approval_id):
             return Conflict(f"approval {approval_id} has expired")
+        case NotAnApprover(approval_id=approval_id, voter=voter, approvers=()):
+            return Forbidden(
+                f"{voter!r} may not vote on {approval_id}: it names no approvers, so its owner decides"
+            )
         case NotAnApprover(approval_id=approval_id, voter=voter, approvers=approvers):
             return Forbidden(
-                f"{voter!r} is not an approver of {approval_id} (approvers: {', '.join(approvers)})"
+                f"{voter!r} is not an approver of {approval_id} (approvers: {', '.join(approvers)}); "
+                "each approver votes with their own token"
             )
         case LinkUnusable():
             return NotFound("this approval link is unknown, used or expired")
     raise TypeError(f"no owner-facing wording for {fact!r}")
+
+
+def spend_against_limits(
+    policy_set: PolicySet, agent: AgentRecord, rows: Sequence[Mapping[str, Any]], now: float
+) -> list[dict[str, Any]]:
+    """Every windowed limit that applies to the agent, in its current period: used, the maximum, what
+    remains (None where the limit has no such maximum)."""
+    when = datetime.fromtimestamp(now, UTC)
+    counted = {(r["limit"], r["period"]): r for r in rows}
+    out = []
+    for policy in policy_set.policies:
+        if not policy.applies_to(agent.labels):
+            continue
+        for lim in policy.limits:
+            if lim.window == "payment":
+                continue
+            period = period_of(lim.window, when, policy.timezone)
+            row = counted.get((lim.name, period), {})
+            used, count = int(row.get("amount", 0)), int(row.get("count", 0))
+            out.append(
+                {
+                    "limit": lim.name,
+                    "window": lim.window,
+                    "period": period,
+                    "currency": lim.currency,
+                    "amount": used,
+                    "count": count,
+                    "max_amount": lim.max_amount,
+                    "max_count": lim.max_count,
+                    "remaining": None if lim.max_amount is None else max(0, lim.max_amount - used),
+                    "remaining_count": None if lim.max_count is None else max(0, lim.max_count - count),
+                }
+            )
+    return out
+
+
+def approver_json(approver: ApproverRecord) -> dict[str, Any]:
+    return {
+        "id": approver.id,
+        "name": approver.name,
+        "created_at": approver.created_at,
+        "revoked_at": approver.revoked_at,
+    }
 
 
 def agent_json(agent: AgentRecord) -> dict[str, Any]:

@@ -110,7 +110,7 @@ def load_keys(key_file: str | None) -> list[tuple[str, bytes]]:
 
 
 # -- tokens -------------------------------------------------------------------------------------------
-AGENT_PREFIX, OWNER_PREFIX = "psk", "pso"
+AGENT_PREFIX, OWNER_PREFIX, APPROVER_PREFIX = "psk", "pso", "psa"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,7 @@
 """One-time approval links: a small page showing the held payment and the rule; it acts only on a POST
-from that page. A used, expired, unknown or tampered link does nothing and says so."""
+from that page, and only for the person the link was issued to once they prove it with their own token
+(an approver's ``psa_...``; the owner's ``pso_...`` for a hold that names no approvers): a link alone,
+forwarded or leaked, casts no vote. A used, expired, unknown or tampered link does nothing and says so."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from proxy.approvals import PENDING, link_hash
 from proxy.currency import format_minor
 from proxy.errors import PaySentryError
 from proxy.owners import refusal
+from proxy.principals import Principal, Principals
 from proxy.store import ApprovalRecord, HoldStore, VoteRefused, VoteResult
 
 STYLE = (
@@ -50,10 +53,11 @@ class LinkPages:
     def __init__(
         self,
         store: HoldStore,
+        principals: Principals,
         on_vote: Callable[[ApprovalRecord], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store, self.on_vote, self.clock = store, on_vote, clock
+        self.store, self.principals, self.on_vote, self.clock = store, principals, on_vote, clock
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/approvals/link/{token}", self.show)
@@ -97,7 +101,9 @@ class LinkPages:
             else ""
         )
         form = (
-            "<form method='post'><p><label>Reason (optional)<br><textarea name='reason' rows='2'></textarea>"
+            "<form method='post'><p><label>Your PaySentry token (shown once when you were made an approver)"
+            "<br><input type='password' name='token' autocomplete='current-password' required></label></p>"
+            "<p><label>Reason (optional)<br><textarea name='reason' rows='2'></textarea>"
             "</label></p><button class='approve' name='decision' value='approve'>Approve</button>"
             "<button class='deny' name='decision' value='deny'>Deny</button></form>"
         )
@@ -107,6 +113,7 @@ class LinkPages:
         found = await self._find(request.match_info["token"])
         if isinstance(found, web.Response):
             return found
+        approval, approver = found
         form = await request.post()
         decision = form.get("decision")
         if decision not in ("approve", "deny"):
@@ -114,11 +121,24 @@ class LinkPages:
                 "Nothing was done", "<p>Choose Approve or Deny on the approval page.</p>", status=400
             )
         try:
+            principal = await self.principals.authenticate(str(form.get("token", "")), request.remote)
+        except PaySentryError as exc:
+            return _page("Nothing was done", f"<p>{html.escape(exc.message)}</p>", status=exc.status)
+        if not _issued_to(principal, approver, approval):
+            return _page(
+                "Nothing was done",
+                f"<p>This link is {html.escape(approver)}'s; a vote counts only for whoever signs in, and "
+                "you are not them.</p>",
+                status=403,
+            )
+        try:
             result: VoteResult = await self.store.use_link(
                 link_hash(request.match_info["token"]),
                 decision == "approve",
                 str(form.get("reason", ""))[:2000],
                 self.clock(),
+                principal.voter,
+                principal.authenticated("link"),
             )
         except VoteRefused as fact:
             return _gone(refusal(fact).message)
@@ -130,3 +150,10 @@ class LinkPages:
             f"<p>Your vote ({html.escape(str(decision))}) is recorded. The payment is now "
             f"<b>{html.escape(result.approval.state)}</b>.</p>",
         )
+
+
+def _issued_to(principal: Principal, approver: str, approval: ApprovalRecord) -> bool:
+    """Whether the signed-in identity is the one the link was issued to, and of the hold's owner."""
+    if principal.owner.id != approval.owner_id:
+        return False
+    return principal.is_owner if approver == "owner" else principal.voter == approver

@@ -13,7 +13,9 @@ found. Routes:
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
     GET  /v1/approvals?state=pending              GET /v1/approvals/{id}
     POST /v1/approvals/{id}/approve {reason}      POST /v1/approvals/{id}/deny {reason}
-                                                  (recorded as owner:<name>, the token's owner)
+                                                  (counted for the token's identity: owner:<name>, or
+                                                  the approver whose psa_ token it is)
+    GET  /v1/approvers                            POST /v1/approvers {name}   DELETE /v1/approvers/{id}
     GET  /v1/authorizations?agent=&limit=         GET /v1/authorizations/{id}
     GET  /v1/events?after=&limit=
     GET  /v1/reconciliation                       the latest reconciliation of each of the owner's connections
@@ -33,20 +35,30 @@ from aiohttp import web
 
 from proxy import safejson
 from proxy.approvals import APPROVED, DENIED, EXPIRED, PENDING
-from proxy.auth import TokenAuthenticator
 from proxy.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, PaySentryError
 from proxy.holds import HoldCoordinator
 from proxy.listeners.server import refuse_encoded_body
 from proxy.metrics import Metrics
-from proxy.owners import OwnerService, agent_json, approval_json, authorization_json
+from proxy.owners import OwnerService, agent_json, approval_json, approver_json, authorization_json
 from proxy.policy.reload import PolicyHolder
+from proxy.principals import Principal, Principals
 from proxy.store import OwnerRecord, Store
 
 log = logging.getLogger("paysentry.owner_api")
 OWNER = web.RequestKey("owner", OwnerRecord)
+PRINCIPAL = web.RequestKey("principal", Principal)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 APPROVAL_STATES = (PENDING, APPROVED, DENIED, EXPIRED)
 PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/openapi.json"})
+# What an approver's token may do: see holds and vote as themself. Everything else is the owner's.
+APPROVER_ROUTES = frozenset(
+    {
+        ("GET", "/v1/approvals"),
+        ("GET", "/v1/approvals/{id}"),
+        ("POST", "/v1/approvals/{id}/approve"),
+        ("POST", "/v1/approvals/{id}/deny"),
+    }
+)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -58,17 +70,18 @@ class OwnerApi:
         self,
         store: Store,
         service: OwnerService,
-        owners: TokenAuthenticator[OwnerRecord],
+        principals: Principals,
         policies: PolicyHolder,
         on_revoke: Callable[[str], None],
+        on_revoke_approver: Callable[[str], None],
         metrics: Metrics,
         holds: HoldCoordinator,
         extra_routes: Sequence[Callable[[web.Application], None]] = (),
         metrics_token: str = "",
     ) -> None:
         self.metrics_token = metrics_token  # when set, /metrics needs it as a bearer token
-        self.store, self.service, self.owners, self.policies = store, service, owners, policies
-        self.on_revoke = on_revoke
+        self.store, self.service, self.principals, self.policies = store, service, principals, policies
+        self.on_revoke, self.on_revoke_approver = on_revoke, on_revoke_approver
         self.metrics = metrics
         self.holds = holds
         self.extra_routes = extra_routes  # listeners sharing this port: webhooks, approval links
@@ -93,6 +106,9 @@ class OwnerApi:
         r.add_get("/v1/authorizations/{id}", self.get_authorization)
         r.add_get("/v1/events", self.list_events)
         r.add_get("/v1/reconciliation", self.reconciliation)
+        r.add_get("/v1/approvers", self.list_approvers)
+        r.add_post("/v1/approvers", self.create_approver)
+        r.add_delete("/v1/approvers/{id}", self.revoke_approver)
         for add_routes in self.extra_routes:
             add_routes(app)
         return app
@@ -102,11 +118,19 @@ class OwnerApi:
         try:
             refuse_encoded_body(request.headers)
             if request.path not in PUBLIC_PATHS and not request.path.startswith(
-                ("/approvals/link/", "/v1/webhooks/")  # authenticated by one-time link / signature
+                ("/approvals/link/", "/v1/webhooks/", "/console")  # links, signatures, sessions
             ):
                 header = request.headers.get("Authorization", "")
                 token = header[7:].strip() if header.lower().startswith("bearer ") else None
-                request[OWNER] = await self.owners.authenticate(token, request.remote)
+                principal = await self.principals.authenticate(token, request.remote)
+                route = request.match_info.route.resource
+                canonical = route.canonical if route is not None else request.path
+                if not principal.is_owner and (request.method, canonical) not in APPROVER_ROUTES:
+                    raise Forbidden(
+                        "an approver's token may list and show holds and vote on them; the rest needs "
+                        "the owner's token"
+                    )
+                request[PRINCIPAL], request[OWNER] = principal, principal.owner
             return await handler(request)
         except PaySentryError as exc:
             return _error(exc.status, exc.code, exc.message)
@@ -207,21 +231,28 @@ class OwnerApi:
         return web.json_response(approval_json(approval, self.service.clock()))
 
     async def _decide(self, request: web.Request, approve: bool) -> web.Response:
-        """The vote is recorded as the authenticated owner's (``owner:<name>``): nothing the caller writes
-        in the body is ever recorded as who decided. A named approver votes through their own link."""
-        owner = request[OWNER]
+        """The vote counts for the identity the token proves: ``owner:<name>`` for the owner's token, the
+        approver's own name for theirs. Nothing the caller writes in the body is ever recorded as who
+        decided."""
+        principal = request[PRINCIPAL]
         body = await self._body(request)
-        reason, voter = body.get("reason", ""), f"owner:{owner.name}"
+        reason, voter = body.get("reason", ""), principal.voter
         if not isinstance(reason, str):
             raise BadRequest("reason must be a string", param="reason")
         if body.get("as", voter) != voter:
             raise Forbidden(
-                f"the owner API records the vote as the authenticated owner ({voter}), never as the voter "
-                "the request names; a named approver votes through their own approval link",
+                f"the vote is counted for the identity that authenticated ({voter}), never as the voter "
+                "the request names; each approver votes with their own token",
                 param="as",
             )
         result = await self.service.vote(
-            owner.id, request.match_info["id"], voter, approve, reason[:2000], "owner_api"
+            principal.owner.id,
+            request.match_info["id"],
+            voter,
+            approve,
+            reason[:2000],
+            "owner_api",
+            principal.authenticated("owner_api"),
         )
         self.holds.voted(result.approval)
         return web.json_response(approval_json(result.approval, self.service.clock(), result.counted))
@@ -231,6 +262,24 @@ class OwnerApi:
 
     async def deny(self, request: web.Request) -> web.Response:
         return await self._decide(request, False)
+
+    async def list_approvers(self, request: web.Request) -> web.Response:
+        approvers = await self.store.list_approvers(request[OWNER].id)
+        return web.json_response({"data": [approver_json(a) for a in approvers]})
+
+    async def create_approver(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        owner = request[OWNER]
+        approver, token = await self.service.create_approver(
+            owner.id, body.get("name"), f"owner:{owner.name}"
+        )
+        return web.json_response({**approver_json(approver), "token": token}, status=201)
+
+    async def revoke_approver(self, request: web.Request) -> web.Response:
+        owner, approver_id = request[OWNER], request.match_info["id"]
+        await self.service.revoke_approver(owner.id, approver_id, f"owner:{owner.name}")
+        self.on_revoke_approver(approver_id)
+        return web.json_response({"id": approver_id, "revoked": True})
 
     async def list_authorizations(self, request: web.Request) -> web.Response:
         limit = _int_query(request, "limit", 100, 1000)

@@ -439,6 +439,7 @@ class PaymentService:
             auth_id,
             self._sealed_request(call, auth_id) if decision.outcome != DENY else None,
         )
+        new = replace(new, notify=tuple(self.holds.webhooks))  # a hold's notifications: in its transaction
         try:
             with self._stage("reserve", span):
                 recorded = await self.store.record_decision(

@@ -69,6 +69,34 @@ class AgentRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ApproverRecord:
+    """A person who may vote on holds: named as policies name approvers, with a token of their own."""
+
+    id: str
+    owner_id: str
+    name: str
+    token_hash: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One hold notification in the outbox, to one URL; ``id`` is its webhook-id on every attempt."""
+
+    id: str
+    owner_id: str
+    approval_id: str
+    url: str
+    state: str  # pending | delivered | failed
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    created_at: float
+    done_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class NewAuthorization:
     """A decided call, as the pipeline hands it to ``record_decision``. ``explain`` is the core's wording of
     a refusal the store finds while reserving (this charge would pass its limit, this much is already
@@ -98,6 +126,7 @@ class NewAuthorization:
     approval: ApprovalSpec | None = None  # holds: who decides
     explain: Callable[[Charge, SpendTotal], str] = limit_exceeded_message
     request: bytes | None = None  # the call as forwarded, sealed: re-sent to resolve an unknown outcome
+    notify: Sequence[str] = ()  # holds: webhook URLs, queued in the outbox in the same transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +218,23 @@ class Event:
     at: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Which slice of a list to read, newest first (Stripe's conventions): filters, then a cursor
+    (``starting_after``: older than that object; ``ending_before``: newer than it) and a size."""
+
+    agent_id: str | None = None
+    state: str | None = None
+    decision: str | None = None
+    rule: str | None = None
+    kind: str | None = None  # events: the type, or a prefix ending in "." (approval.)
+    created_gte: float | None = None
+    created_lt: float | None = None
+    starting_after: str | None = None
+    ending_before: str | None = None
+    limit: int = 50
+
+
 class Refused(Exception):
     """The store did not apply a write, and why, as data: which object, in which state. The store never
     words it; a caller that faces a person does (``proxy.owners.refusal``).
@@ -196,6 +242,7 @@ class Refused(Exception):
         Refused
         ├── DuplicateKey        another call with the same agent and Idempotency-Key was recorded first
         ├── AgentNameTaken      the owner already has an active agent of that name
+        ├── ApproverNameTaken   the owner already has an active approver of that name
         └── VoteRefused         a vote the hold cannot take
             ├── ApprovalNotFound    no such approval for this owner
             ├── ApprovalClosed      already approved, denied or expired
@@ -215,6 +262,11 @@ class DuplicateKey(Refused):
 
 @dataclass(eq=False)
 class AgentNameTaken(Refused):
+    name: str
+
+
+@dataclass(eq=False)
+class ApproverNameTaken(Refused):
     name: str
 
 
@@ -290,6 +342,13 @@ class IdentityStore(Protocol):
     async def get_agent(self, agent_id: str) -> AgentRecord | None: ...
     async def list_agents(self, owner_id: str) -> list[AgentRecord]: ...
     async def revoke_agent(self, owner_id: str, agent_id: str, actor: str, now: float) -> bool: ...
+    async def create_approver(self, approver: ApproverRecord, actor: str) -> None:
+        """Raises ``ApproverNameTaken`` when the owner has an active approver of that name."""
+        ...
+
+    async def get_approver(self, approver_id: str) -> ApproverRecord | None: ...
+    async def list_approvers(self, owner_id: str) -> list[ApproverRecord]: ...
+    async def revoke_approver(self, owner_id: str, approver_id: str, actor: str, now: float) -> bool: ...
 
 
 class DeclaredStore(Protocol):
@@ -408,11 +467,34 @@ class HoldStore(Protocol):
     links, and the approvals themselves. A vote the hold cannot take raises a ``VoteRefused``."""
 
     async def vote(
-        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str, now: float
-    ) -> VoteResult: ...
+        self,
+        owner_id: str,
+        approval_id: str,
+        voter: str,
+        approve: bool,
+        reason: str,
+        via: str,
+        now: float,
+        authenticated: Mapping[str, str] | None = None,
+    ) -> VoteResult:
+        """Count ``voter``'s vote; ``authenticated`` (who proved it and how) goes into its audit event."""
+        ...
+
     async def add_links(self, approval_id: str, links: Sequence[tuple[str, str, float]]) -> None: ...
     async def find_link(self, token_hash: str) -> tuple[ApprovalRecord, str, float | None, float] | None: ...
-    async def use_link(self, token_hash: str, approve: bool, reason: str, now: float) -> VoteResult: ...
+    async def use_link(
+        self,
+        token_hash: str,
+        approve: bool,
+        reason: str,
+        now: float,
+        voter: str | None = None,
+        authenticated: Mapping[str, str] | None = None,
+    ) -> VoteResult:
+        """Use a one-time link once; the vote counts for ``voter`` (the identity that authenticated on the
+        link's page; by default the approver the link was issued to)."""
+        ...
+
     async def get_approval(self, owner_id: str, approval_id: str) -> ApprovalRecord | None: ...
     async def list_approvals(self, owner_id: str, state: str | None) -> list[ApprovalRecord]: ...
 
@@ -440,6 +522,15 @@ class AuditStore(Protocol):
         self, owner_id: str, agent_id: str | None, limit: int
     ) -> list[AuthorizationRecord]: ...
     async def history(self, since: float, owner_id: str | None) -> list[AuthorizationRecord]: ...
+    async def page_authorizations(self, owner_id: str, page: Page) -> tuple[list[AuthorizationRecord], bool]:
+        """One page of the owner's authorizations, newest first, and whether there are more beyond it (in
+        the direction read)."""
+        ...
+
+    async def page_events(self, owner_id: str, page: Page) -> tuple[list[Event], bool]:
+        """As ``page_authorizations``, for audit events (cursors are their ``seq``)."""
+        ...
+
     async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]: ...
 
 
@@ -460,6 +551,24 @@ class Housekeeping(Protocol):
         ...
 
     async def expire_holds(self, now: float) -> int: ...
+    async def expire_approved(self, decided_before: float, now: float) -> int:
+        """End approved holds the agent never retried (approved before ``decided_before``): their
+        authorizations expire and release their spend, each once however many replicas sweep."""
+        ...
+
+    async def claim_notifications(self, now: float, lease: float, limit: int) -> list[Notification]:
+        """Take up to ``limit`` pending notifications due at ``now``; each is not due again for ``lease``
+        seconds (so of replicas racing one sends it, and a sender that dies is replaced)."""
+        ...
+
+    async def notification_sent(
+        self, notification_id: str, delivered: bool, error: str, next_attempt_at: float | None, now: float
+    ) -> None:
+        """Record an attempt: delivered; or failed and retried at ``next_attempt_at``; or (None) given up,
+        with a ``notification.failed`` audit event."""
+        ...
+
+    async def list_notifications(self, owner_id: str, approval_id: str | None) -> list[Notification]: ...
     async def release_unrecorded(self, now: float) -> int:
         """Release what a spend gate outside the database reserved for decisions never recorded (a sidecar
         stopped in between); 0 for a store that reserves in the same transaction as it records."""

@@ -15,12 +15,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from proxy.approvals import APPROVED as APPROVED_HOLD
 from proxy.approvals import DENIED as DENIED_HOLD
 from proxy.approvals import EXPIRED as EXPIRED_HOLD
 from proxy.approvals import PENDING, may_vote, tally
 from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
+from proxy.secrets import new_id
 from proxy.store import (
     APPROVED,
     COUNT_FIX,
@@ -42,6 +44,8 @@ from proxy.store import (
     ApprovalExpired,
     ApprovalNotFound,
     ApprovalRecord,
+    ApproverNameTaken,
+    ApproverRecord,
     AuthorizationRecord,
     ConnectionRecord,
     DuplicateKey,
@@ -50,7 +54,9 @@ from proxy.store import (
     LinkUnusable,
     NewAuthorization,
     NotAnApprover,
+    Notification,
     OwnerRecord,
+    Page,
     Recorded,
     Unresolved,
     Vote,
@@ -562,11 +568,57 @@ class SqlStore(ABC):
         )
         return authorization_record(row) if row else None
 
+    # -- approvers -----------------------------------------------------------------------------------------
+    async def create_approver(self, a: ApproverRecord, actor: str) -> None:
+        def tx() -> Tx[None]:
+            inserted = yield execute(
+                "INSERT INTO approvers VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (a.id, a.owner_id, a.name, a.token_hash, a.created_at, None),
+            )
+            if not inserted:
+                raise ApproverNameTaken(a.name)
+            data = {"approver": a.id, "name": a.name}
+            yield from _event(a.owner_id, None, None, "approver.created", actor, data, a.created_at)
+
+        await self.write(tx())
+
+    async def get_approver(self, approver_id: str) -> ApproverRecord | None:
+        row = await self.fetch_one("SELECT * FROM approvers WHERE id=?", (approver_id,))
+        return ApproverRecord(*row) if row else None
+
+    async def list_approvers(self, owner_id: str) -> list[ApproverRecord]:
+        rows = await self.fetch_all(
+            "SELECT * FROM approvers WHERE owner_id=? ORDER BY created_at, id", (owner_id,)
+        )
+        return [ApproverRecord(*r) for r in rows]
+
+    async def revoke_approver(self, owner_id: str, approver_id: str, actor: str, now: float) -> bool:
+        def tx() -> Tx[bool]:
+            row = yield one(
+                "UPDATE approvers SET revoked_at=? WHERE id=? AND owner_id=? AND revoked_at IS NULL "
+                "RETURNING name",
+                (now, approver_id, owner_id),
+            )
+            if row is not None:
+                data = {"approver": approver_id, "name": row[0]}
+                yield from _event(owner_id, None, None, "approver.revoked", actor, data, now)
+            return row is not None
+
+        return await self.write(tx())
+
     # -- holds and housekeeping -----------------------------------------------------------------------
     async def vote(
-        self, owner_id: str, approval_id: str, voter: str, approve: bool, reason: str, via: str, now: float
+        self,
+        owner_id: str,
+        approval_id: str,
+        voter: str,
+        approve: bool,
+        reason: str,
+        via: str,
+        now: float,
+        authenticated: Mapping[str, str] | None = None,
     ) -> VoteResult:
-        return await self.write(_vote(owner_id, approval_id, voter, approve, reason, via, now))
+        return await self.write(_vote(owner_id, approval_id, voter, approve, reason, via, now, authenticated))
 
     async def add_links(self, approval_id: str, links: Sequence[tuple[str, str, float]]) -> None:
         def tx() -> Tx[None]:
@@ -591,7 +643,15 @@ class SqlStore(ABC):
 
         return await self.read(tx())
 
-    async def use_link(self, token_hash: str, approve: bool, reason: str, now: float) -> VoteResult:
+    async def use_link(
+        self,
+        token_hash: str,
+        approve: bool,
+        reason: str,
+        now: float,
+        voter: str | None = None,
+        authenticated: Mapping[str, str] | None = None,
+    ) -> VoteResult:
         def tx() -> Tx[VoteResult]:
             link = yield one(
                 "UPDATE approval_links SET used_at=? WHERE token_hash=? AND used_at IS NULL AND expires_at>? "
@@ -601,7 +661,8 @@ class SqlStore(ABC):
             if link is None:
                 raise LinkUnusable()
             owner_id = (yield one("SELECT owner_id FROM approvals WHERE id=?", (link[0],)))[0]
-            return (yield from _vote(owner_id, link[0], link[1], approve, reason, "link", now))
+            who = voter or link[1]
+            return (yield from _vote(owner_id, link[0], who, approve, reason, "link", now, authenticated))
 
         return await self.write(tx())
 
@@ -642,6 +703,76 @@ class SqlStore(ABC):
             return len(rows)
 
         return await self.write(tx())
+
+    async def expire_approved(self, decided_before: float, now: float) -> int:
+        def tx() -> Tx[int]:
+            rows = yield many(
+                "SELECT a.owner_id, a.id, a.authorization_id FROM approvals a JOIN authorizations z "
+                "ON z.id = a.authorization_id WHERE a.state=? AND a.decided_at<=? AND z.state=?",
+                (APPROVED_HOLD, decided_before, APPROVED),
+            )
+            ended = 0
+            for owner_id, approval_id, auth_id in rows:
+                done = yield from _end(auth_id, APPROVED, EXPIRED, now)
+                if done is None:
+                    continue  # the agent's retry took it first
+                ended += 1
+                data = {"approval_id": approval_id, "released": True, "why": "approved, never retried"}
+                yield from _event(owner_id, done[1], auth_id, "authorization.expired", "paysentry", data, now)
+            return ended
+
+        return await self.write(tx())
+
+    async def claim_notifications(self, now: float, lease: float, limit: int) -> list[Notification]:
+        rows = await self.write(
+            single(
+                many(
+                    "UPDATE notifications SET next_attempt_at=? WHERE id IN (SELECT id FROM notifications "
+                    "WHERE state=? AND next_attempt_at<=? ORDER BY next_attempt_at LIMIT ?) "
+                    "AND state=? AND next_attempt_at<=? RETURNING *",
+                    (now + lease, "pending", now, limit, "pending", now),
+                )
+            )
+        )
+        return [Notification(*r) for r in rows]
+
+    async def notification_sent(
+        self, notification_id: str, delivered: bool, error: str, next_attempt_at: float | None, now: float
+    ) -> None:
+        def tx() -> Tx[None]:
+            if delivered or next_attempt_at is None:
+                state = "delivered" if delivered else "failed"
+                row = yield one(
+                    "UPDATE notifications SET state=?, attempts=attempts+1, last_error=?, done_at=? "
+                    "WHERE id=? AND state=? RETURNING owner_id, approval_id, url, attempts, created_at",
+                    (state, error, now, notification_id, "pending"),
+                )
+                if row is not None and not delivered:
+                    data = {
+                        "notification": notification_id,
+                        "approval_id": row[1],
+                        "host": _host(row[2]),
+                        "attempts": row[3],
+                        "first_attempt_at": row[4],
+                        "last_error": error,
+                    }
+                    yield from _event(row[0], None, None, "notification.failed", "paysentry", data, now)
+                return
+            (
+                yield execute(
+                    "UPDATE notifications SET attempts=attempts+1, last_error=?, next_attempt_at=? "
+                    "WHERE id=? AND state=?",
+                    (error, next_attempt_at, notification_id, "pending"),
+                )
+            )
+
+        await self.write(tx())
+
+    async def list_notifications(self, owner_id: str, approval_id: str | None) -> list[Notification]:
+        sql, args = "SELECT * FROM notifications WHERE owner_id=?", [owner_id]
+        if approval_id:
+            sql, args = sql + " AND approval_id=?", [*args, approval_id]
+        return [Notification(*r) for r in await self.fetch_all(sql + " ORDER BY created_at, id", args)]
 
     async def set_in_doubt(self, authorization_id: str, reason: str, retry_at: float, now: float) -> bool:
         def tx() -> Tx[bool]:
@@ -876,6 +1007,73 @@ class SqlStore(ABC):
 
         return await self.read(tx())
 
+    async def page_authorizations(self, owner_id: str, page: Page) -> tuple[list[AuthorizationRecord], bool]:
+        where, args = ["owner_id=?"], list[Any]([owner_id])
+        for column, value in (
+            ("agent_id", page.agent_id),
+            ("state", page.state),
+            ("decision", page.decision),
+            ("rule", page.rule),
+        ):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        if page.created_gte is not None:
+            where.append("created_at>=?")
+            args.append(page.created_gte)
+        if page.created_lt is not None:
+            where.append("created_at<?")
+            args.append(page.created_lt)
+        cursor, newer = page.ending_before or page.starting_after, page.ending_before is not None
+        if cursor is not None:
+            row = await self.fetch_one(
+                "SELECT created_at, id FROM authorizations WHERE id=? AND owner_id=?", (cursor, owner_id)
+            )
+            if row is None:
+                return [], False
+            op = ">" if newer else "<"
+            where.append(f"(created_at {op} ? OR (created_at = ? AND id {op} ?))")
+            args += [row[0], row[0], row[1]]
+        order = "ASC" if newer else "DESC"
+        rows = await self.fetch_all(
+            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE {' AND '.join(where)} "
+            f"ORDER BY created_at {order}, id {order} LIMIT ?",
+            (*args, page.limit + 1),
+        )
+        found = [authorization_record(r) for r in rows[: page.limit]]
+        return (found[::-1] if newer else found), len(rows) > page.limit
+
+    async def page_events(self, owner_id: str, page: Page) -> tuple[list[Event], bool]:
+        where, args = ["owner_id=?"], list[Any]([owner_id])
+        if page.agent_id is not None:
+            where.append("agent_id=?")
+            args.append(page.agent_id)
+        if page.kind:
+            where.append("type LIKE ?" if page.kind.endswith(".") else "type=?")
+            args.append(page.kind + "%" if page.kind.endswith(".") else page.kind)
+        if page.created_gte is not None:
+            where.append("at>=?")
+            args.append(page.created_gte)
+        if page.created_lt is not None:
+            where.append("at<?")
+            args.append(page.created_lt)
+        cursor, newer = page.ending_before or page.starting_after, page.ending_before is not None
+        if cursor is not None:
+            if not (cursor.isascii() and cursor.isdigit() and len(cursor) < 19):
+                return [], False
+            where.append("seq > ?" if newer else "seq < ?")
+            args.append(int(cursor))
+        order = "ASC" if newer else "DESC"
+        rows = await self.fetch_all(
+            f"SELECT seq, owner_id, agent_id, authorization_id, type, actor, data, at FROM events "
+            f"WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?",
+            (*args, page.limit + 1),
+        )
+        found = [
+            Event(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7]) for r in rows[: page.limit]
+        ]
+        return (found[::-1] if newer else found), len(rows) > page.limit
+
     async def list_events(self, owner_id: str, after: int, limit: int) -> list[Event]:
         rows = await self.fetch_all(
             "SELECT seq, owner_id, agent_id, authorization_id, type, actor, data, at FROM events "
@@ -980,6 +1178,14 @@ def record_decision_tx(
                 ),
             )
         )
+        for url in new.notify:  # the outbox: delivered (and retried) after commit
+            (
+                yield execute(
+                    "INSERT INTO notifications (id, owner_id, approval_id, url, state, next_attempt_at, "
+                    "created_at) VALUES (?,?,?,?,?,?,?)",
+                    (new_id("msg"), new.owner_id, new.approval_id, url, "pending", now, now),
+                )
+            )
     data = {
         "decision": decision,
         "rule": rule,
@@ -1203,6 +1409,7 @@ def _vote(
     reason: str,
     via: str,
     now: float,
+    authenticated: Mapping[str, str] | None = None,
 ) -> Tx[VoteResult]:
     row = yield one("SELECT * FROM approvals WHERE id=? AND owner_id=?", (approval_id, owner_id))
     if row is None:
@@ -1229,7 +1436,13 @@ def _vote(
         approval.authorization_id,
         "approval.vote",
         voter,
-        {"approval_id": approval_id, "vote": vote, "reason": reason, "via": via},
+        {
+            "approval_id": approval_id,
+            "vote": vote,
+            "reason": reason,
+            "via": via,
+            "authenticated": dict(authenticated or {}),
+        },
         now,
     )
     votes = yield many("SELECT voter, vote FROM votes WHERE approval_id=? ORDER BY at", (approval_id,))
@@ -1308,6 +1521,11 @@ def _closed_meanwhile(approval_id: str) -> Tx[None]:
 
 
 # -- row helpers ----------------------------------------------------------------------------------------
+def _host(url: str) -> str:
+    """Only the host of a webhook URL is recorded: URLs often carry a secret in their path."""
+    return urlsplit(url).hostname or ""
+
+
 def _event(
     owner_id: str,
     agent_id: str | None,

@@ -58,6 +58,7 @@ class Deployment:
     agent_id: str = ""
     owner_token: str = ""
     connection_id: str = ""
+    approvers: dict[str, str] = field(default_factory=dict)  # name -> the approver's own token
     process: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None

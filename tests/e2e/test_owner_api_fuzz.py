@@ -27,6 +27,8 @@ STATE_TABLES = (
     "spend",
     "events",
     "webhook_events",
+    "approvers",
+    "notifications",
 )
 
 

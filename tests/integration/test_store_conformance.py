@@ -19,6 +19,8 @@ from proxy.store import (
     ApprovalClosed,
     ApprovalExpired,
     ApprovalNotFound,
+    ApproverNameTaken,
+    ApproverRecord,
     ConnectionRecord,
     DuplicateKey,
     LinkUnusable,
@@ -194,19 +196,19 @@ async def test_holds_reserve_and_release_on_deny_or_expiry(backend: Backend) -> 
     await store.record_decision(new("h2", "hold", approval_id="apr_2", hold_expires_at=now + 1), now)
     await store.record_decision(new("h3", "hold", approval_id="apr_3", hold_expires_at=now + 60), now)
     assert await spent(store) == (3000, 3)
-    await store.vote("own_1", "apr_1", "alice", False, "no", "cli", now)
+    await store.vote("own_1", "apr_1", "owner:acme", False, "no", "cli", now)
     assert await store.expire_holds(now + 2) == 1
     assert await spent(store) == (1000, 1)
-    approved = (await store.vote("own_1", "apr_3", "alice", True, "fine", "cli", now)).approval
+    approved = (await store.vote("own_1", "apr_3", "owner:acme", True, "fine", "cli", now)).approval
     assert approved.state == "approved" and approved.authorization.state == "approved"
     with pytest.raises(ApprovalClosed) as closed:
-        await store.vote("own_1", "apr_3", "bob", True, "again", "cli", now)
+        await store.vote("own_1", "apr_3", "owner:acme", True, "again", "cli", now)
     assert (closed.value.approval_id, closed.value.state) == ("apr_3", "approved")
     with pytest.raises(ApprovalClosed) as closed:
-        await store.vote("own_1", "apr_2", "bob", True, "too late", "cli", now + 2)
+        await store.vote("own_1", "apr_2", "owner:acme", True, "too late", "cli", now + 2)
     assert closed.value.state == "expired"
     with pytest.raises(ApprovalNotFound):
-        await store.vote("own_2", "apr_3", "bob", True, "not mine", "cli", now)
+        await store.vote("own_2", "apr_3", "owner:acme", True, "not mine", "cli", now)
     assert await store.start_forwarding("auth_h3", now + 60, now)
     assert not await store.start_forwarding("auth_h3", now + 60, now)  # forwarded exactly once
     assert await store.get_approval("own_2", "apr_3") is None  # another owner does not see it
@@ -440,4 +442,88 @@ async def test_every_signed_x402_authorization_is_recorded_once_by_nonce(backend
     assert latest is not None and latest.nonce == "0x02" and latest.valid_before == 2_000_000_000
     events = [e.type for e in await store.list_events("own_1", 0, 100)]
     assert events.count("x402.signed") == 2
+
+
+async def test_an_active_approver_name_is_taken_once_and_revocation_is_recorded(backend: Backend) -> None:
+    store = await seeded(backend)
+    await store.create_approver(ApproverRecord("apv_1", "own_1", "alice", "hash", 1.0), "cli")
+    with pytest.raises(ApproverNameTaken):
+        await store.create_approver(ApproverRecord("apv_2", "own_1", "alice", "hash", 2.0), "cli")
+    assert not await store.revoke_approver("own_2", "apv_1", "owner:other", 3.0)  # not theirs
+    assert await store.revoke_approver("own_1", "apv_1", "owner:acme", 3.0)
+    assert not await store.revoke_approver("own_1", "apv_1", "owner:acme", 4.0)
+    await store.create_approver(ApproverRecord("apv_3", "own_1", "alice", "hash2", 5.0), "cli")  # reissued
+    assert [(a.id, a.revoked_at) for a in await store.list_approvers("own_1")] == [
+        ("apv_1", 3.0),
+        ("apv_3", None),
+    ]
+    assert await store.list_approvers("own_2") == []
+    events = [(e.type, e.actor) for e in await store.list_events("own_1", 0, 100)]
+    assert ("approver.created", "cli") in events and ("approver.revoked", "owner:acme") in events
+    await store.close()
+
+
+async def test_a_vote_records_who_authenticated(backend: Backend) -> None:
+    from proxy.model import ApprovalSpec
+
+    store = await seeded(backend)
+    now = time.time()
+    spec = ApprovalSpec(("alice", "bob"), quorum=2)
+    await store.record_decision(
+        new("v1", "hold", approval_id="apr_v1", hold_expires_at=now + 60, approval=spec), now
+    )
+    with pytest.raises(NotAnApprover):  # the owner is not among the approvers this hold names
+        await store.vote("own_1", "apr_v1", "owner:acme", True, "", "owner_api", now)
+    who = {"kind": "approver", "id": "apv_1", "name": "alice", "via": "console"}
+    await store.vote("own_1", "apr_v1", "alice", True, "ok", "console", now, who)
+    votes = [e for e in await store.list_events("own_1", 0, 100) if e.type == "approval.vote"]
+    assert votes[-1].actor == "alice" and votes[-1].data["authenticated"] == who
+    await store.close()
+
+
+async def test_a_hold_queues_its_notifications_in_its_transaction_and_they_are_claimed_once(
+    backend: Backend,
+) -> None:
+    store = await seeded(backend)
+    now = time.time()
+    hooks = ("https://a.example/hook", "https://b.example/secret-path")
+    await store.record_decision(
+        new("n1", "hold", approval_id="apr_n1", hold_expires_at=now + 60, notify=hooks), now
+    )
+    await store.record_decision(new("n2", notify=hooks), now)  # allowed: nothing to announce
+    first, second = await asyncio.gather(
+        store.claim_notifications(now, 30, 10), store.claim_notifications(now, 30, 10)
+    )
+    claimed = first + second
+    assert sorted(n.url for n in claimed) == sorted(hooks)  # each once, however many race
+    assert await store.claim_notifications(now + 1, 30, 10) == []  # leased
+    a, b = sorted(claimed, key=lambda n: n.url)
+    await store.notification_sent(a.id, True, "", None, now + 1)
+    await store.notification_sent(b.id, False, "HTTP 503", now + 5, now + 1)
+    assert await store.claim_notifications(now + 4, 30, 10) == []
+    again = await store.claim_notifications(now + 5, 30, 10)
+    assert [(n.id, n.attempts, n.last_error) for n in again] == [(b.id, 1, "HTTP 503")]
+    await store.notification_sent(b.id, False, "ConnectionRefused", None, now + 6)  # given up
+    shown = {n.url: (n.state, n.attempts) for n in await store.list_notifications("own_1", "apr_n1")}
+    assert shown == {hooks[0]: ("delivered", 1), hooks[1]: ("failed", 2)}
+    assert await store.list_notifications("own_2", None) == []
+    failed = [e for e in await store.list_events("own_1", 0, 100) if e.type == "notification.failed"]
+    assert len(failed) == 1 and failed[0].data["host"] == "b.example"  # never the URL's secret path
+    assert "secret-path" not in str(failed[0].data)
+    await store.close()
+
+
+async def test_an_approved_hold_never_retried_expires_and_releases_once(backend: Backend) -> None:
+    store = await seeded(backend)
+    now = time.time()
+    for key in ("r1", "r2"):
+        await store.record_decision(new(key, "hold", approval_id=f"apr_{key}", hold_expires_at=now + 60), now)
+        await store.vote("own_1", f"apr_{key}", "owner:acme", True, "ok", "cli", now)
+    assert await spent(store) == (2000, 2)
+    assert await store.start_forwarding("auth_r2", now + 60, now)  # r2's agent retried
+    assert await store.expire_approved(now - 1, now) == 0  # not yet past the window
+    ended = await asyncio.gather(store.expire_approved(now, now + 1), store.expire_approved(now, now + 1))
+    assert sum(ended) == 1 and await spent(store) == (1000, 1)
+    assert (await store.get_authorization("own_1", "auth_r1")).state == "expired"
+    assert not await store.start_forwarding("auth_r1", now + 60, now + 2)  # a late retry does not pay
     await store.close()

@@ -249,6 +249,7 @@ class FakeHolds:
     def __init__(self, state: str = "pending") -> None:
         self.announced: list[str] = []
         self.state = state
+        self.webhooks: list[str] = []
 
     def on_hold(self, auth: AuthorizationRecord, spec: ApprovalSpec, agent: Agent, expires_at: float) -> None:
         self.announced.append(auth.id)
