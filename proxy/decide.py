@@ -12,9 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from proxy.currency import format_minor
 from proxy.model import (
@@ -33,6 +31,9 @@ from proxy.model import (
 from proxy.policy.engine import MERCHANT_FIELDS, Engine, EvaluationError
 from proxy.policy.model import MASK_BITS, Limit, Policy, PolicySet, Rule
 from proxy.refusals import limit_exceeded_message
+from proxy.windows import period_of
+
+__all__ = ["decide", "period_of", "simulate_reservation", "spend_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +44,6 @@ class _Verdict:
     message: str
     hold_expires_in: float | None = None
     approval: ApprovalSpec | None = None
-
-
-@lru_cache(maxsize=256)  # a payment asks twice for the same instant: for its totals, then its charges
-def period_of(window: str, now: datetime, timezone: str) -> str:
-    local = now.astimezone(ZoneInfo(timezone))
-    if window == "day":
-        return f"day:{local.date().isoformat()}"
-    if window == "week":
-        year, week, _ = local.isocalendar()
-        return f"week:{year}-W{week:02d}"
-    return f"month:{local.year}-{local.month:02d}"
 
 
 def spend_keys(policy_set: PolicySet, agent: Agent, now: datetime) -> list[tuple[str, str]]:

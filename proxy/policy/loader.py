@@ -33,6 +33,7 @@ from proxy.errors import PolicyError
 from proxy.model import ApprovalSpec, Reviewer
 from proxy.policy.engine import CompileError, Engine
 from proxy.policy.model import MASK_BITS, Limit, Policy, PolicySet, Rule
+from proxy.windows import rolling_window
 
 SCHEMA_FILE = Path(__file__).with_name("policy.schema.json")
 DEFAULT_HOLD_EXPIRY = 24 * 3600.0
@@ -387,7 +388,10 @@ class _PolicyReader:
                 "from the shadow policy or make the policy enforce",
             )
             return None
-        if node["window"] == "payment" and "max_count" in node:
+        window = self.window(node, what)
+        if window is None:
+            return None
+        if window == "payment" and "max_count" in node:
             self.report(node.lines["max_count"], what, "a per-payment limit cannot count payments")
             return None
         when = self.compile(node, "when", what, "bool") if "when" in node else None
@@ -396,7 +400,7 @@ class _PolicyReader:
         operations = frozenset(node["operations"]) if "operations" in node else None
         return Limit(
             node["name"],
-            node["window"],
+            window,
             node["currency"].lower(),
             node.get("max_amount"),
             node.get("max_count"),
@@ -404,6 +408,24 @@ class _PolicyReader:
             when,
             node.get("message", ""),
         )
+
+    def window(self, node: _LineDict, what: str) -> str | None:
+        """A limit's window: a calendar ``window`` or a ``rolling`` duration, exactly one of them."""
+        if ("window" in node) == ("rolling" in node):
+            self.report(
+                node.line,
+                what,
+                "give either window (payment, hour, day, week, month, all_time) or rolling (such as 1h, "
+                "24h, 30d), not both or neither",
+            )
+            return None
+        if "window" in node:
+            return str(node["window"])
+        try:
+            return rolling_window(parse_duration(node["rolling"]))
+        except ValueError as exc:
+            self.report(node.lines["rolling"], what, f"rolling: {exc}")
+            return None
 
 
 def _schema_message(error: jsonschema.ValidationError) -> str:

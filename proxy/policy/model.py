@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from proxy.model import ApprovalSpec
 from proxy.policy.engine import Program
 
-WINDOWS = ("payment", "day", "week", "month")
+WINDOWS = ("payment", "hour", "day", "week", "month", "all_time")  # and "rolling:<seconds>"
 MASK_BITS = 62  # rules per mask: CEL ints are 64-bit signed
 EFFECTS = ("deny", "hold", "allow")
 
@@ -31,7 +31,7 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class Limit:
     name: str
-    window: str  # payment | day | week | month
+    window: str  # payment | hour | day | week | month | all_time | rolling:<seconds>
     currency: str
     max_amount: int | None
     max_count: int | None

@@ -49,6 +49,10 @@ def problems_of(tmp_path: Path, text: str) -> list[str]:
         ),
         ("limits:\n  - {name: d, window: day, currency: usd}\n", "needs max_amount"),
         ("timezone: Mars/Olympus\n", "unknown time zone"),
+        ("limits:\n  - {name: d, currency: usd, max_count: 1}\n", "give either window"),
+        ("limits:\n  - {name: d, window: day, rolling: 1h, currency: usd, max_count: 1}\n", "not both"),
+        ("limits:\n  - {name: d, rolling: 90s, currency: usd, max_count: 1}\n", "whole number of minutes"),
+        ("limits:\n  - {name: d, rolling: soon, currency: usd, max_count: 1}\n", "not a duration"),
     ],
 )
 def test_each_broken_policy_gets_one_precise_message(tmp_path: Path, text: str, expected: str) -> None:
