@@ -103,6 +103,7 @@ def load_policy_set(directory: str | Path, engine: Engine, *, operations: Sequen
     validator = _validator(tuple(operations))
     policies = [p for f in files if (p := _load_file(f, engine, validator, problems)) is not None]
     _check_unique(policies, problems)
+    _check_expressions(policies, problems)
     if sum(len(p.rules) for p in policies) > MAX_RULES:
         problems.append(f"{directory}: more than {MAX_RULES} rules in one policy set")
     if problems:
@@ -257,6 +258,7 @@ class _PolicyReader:
             shadow,
             doc.get("failure_mode", "deny"),
             self.masks(rules),
+            doc.lines.get("name", 1),
         )
 
     def masks(self, rules: Sequence[Rule]) -> tuple[Any, ...]:
@@ -309,10 +311,14 @@ class _PolicyReader:
             )
             return None
         try:
-            return self.engine.compile(source, result)
+            program = self.engine.compile(source, result)
         except CompileError as exc:
             self.report(node.lines.get(key, node.line), what, f"{key}: {exc}")
             return None
+        zones = zone_problems(source)
+        for text in zones:
+            self.report(node.lines.get(key, node.line), what, text)
+        return None if zones else program
 
     def rule(self, node: _LineDict, policy_shadow: bool) -> Rule | None:
         what = f"rule {node['name']}"
@@ -341,6 +347,7 @@ class _PolicyReader:
             node.line,
             node.get("message_expr"),
             approval,
+            (node.lines.get("when", node.line), node.lines.get("message_expr", node.line)),
         )
 
     def approval(self, node: _LineDict, what: str) -> ApprovalSpec | None:
@@ -407,6 +414,8 @@ class _PolicyReader:
             operations,
             when,
             node.get("message", ""),
+            node.line,
+            node.get("when", ""),
         )
 
     def window(self, node: _LineDict, what: str) -> str | None:
@@ -463,10 +472,92 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
 def _check_unique(policies: list[Policy], problems: list[str]) -> None:
     seen: dict[str, str] = {}
     for policy in policies:
-        names = [(f"policy:{policy.name}", "policy", policy.name)]
-        names += [(f"rule:{policy.name}:{r.name}", "rule", r.name) for r in policy.rules]
-        names += [(f"limit:{lim.name}", "limit", lim.name) for lim in policy.limits]  # one spend namespace
-        for key, kind, name in names:
+        names = [(f"policy:{policy.name}", "policy", policy.name, policy.line)]
+        names += [(f"rule:{policy.name}:{r.name}", "rule", r.name, r.line) for r in policy.rules]
+        names += [
+            (f"limit:{lim.name}", "limit", lim.name, lim.line) for lim in policy.limits
+        ]  # one namespace
+        for key, kind, name, line in names:
             if key in seen:
-                problems.append(f"{policy.file}: duplicate {kind} name {name!r} (also in {seen[key]})")
-            seen[key] = policy.file
+                problems.append(
+                    f"{policy.file}:{line}: {kind} {name}: duplicate {kind} name {name!r} (also at {seen[key]})"
+                )
+            else:
+                seen[key] = f"{policy.file}:{line}"
+
+
+# In a CEL source whose string literals are blanked to numbered markers (\x00N\x00):
+# spend.name or spend["name"], then optionally .field; a timestamp accessor's time zone argument.
+_SPEND_REF = re.compile(
+    r"\bspend\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*(\x00\d+\x00)\s*\])(?:\s*\.\s*([A-Za-z_]\w*))?"
+)
+_TIME_ZONE_ARG = re.compile(
+    r"\.get(?:FullYear|Month|DayOfYear|DayOfMonth|Date|DayOfWeek|Hours|Minutes|Seconds|Milliseconds)"
+    r"\s*\(\s*(\x00\d+\x00)\s*\)"
+)
+_STRING = re.compile(r"""[rR]?(?:'''[\s\S]*?'''|\"\"\"[\s\S]*?\"\"\"|"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*')""")
+_OFFSET = re.compile(r"^[+-]?\d{1,2}:\d{2}$")  # CEL also takes a fixed offset such as "+05:30"
+
+
+def _blank_strings(source: str) -> tuple[str, list[str]]:
+    """``source`` with each string literal replaced by a numbered marker, and the literals' values."""
+    literals: list[str] = []
+
+    def mark(match: re.Match[str]) -> str:
+        text = match.group(0).lstrip("rR")
+        quote = 3 if text[:3] in ('"""', "'''") else 1
+        literals.append(text[quote:-quote])
+        return f"\x00{len(literals) - 1}\x00"
+
+    return _STRING.sub(mark, source), literals
+
+
+def _literal(marker: str, literals: list[str]) -> str:
+    return literals[int(marker.strip("\x00"))]
+
+
+def spend_problems(source: str, limits: frozenset[str]) -> list[str]:
+    """What the type checker cannot see in an expression (``spend`` is a map): ``spend.<name>`` naming no
+    declared limit, or reading a field other than amount and count. Either fails every payment."""
+    blanked, literals = _blank_strings(source)
+    found: list[str] = []
+    for match in _SPEND_REF.finditer(blanked):
+        name = match.group(1) or _literal(match.group(2), literals)
+        if name not in limits:
+            known = ", ".join(sorted(limits)) or "none is declared"
+            found.append(f"spend.{name} names no declared limit (limits: {known})")
+        elif match.group(3) and match.group(3) not in ("amount", "count"):
+            found.append(f"spend.{name}.{match.group(3)}: a limit's spend has only amount and count")
+    return found
+
+
+def zone_problems(source: str) -> list[str]:
+    """Literal time zones of timestamp accessors (``now.getHours("...")``) not in the tz database."""
+    blanked, literals = _blank_strings(source)
+    found: list[str] = []
+    for match in _TIME_ZONE_ARG.finditer(blanked):
+        zone = _literal(match.group(1), literals)
+        if not _OFFSET.match(zone) and not _known_zone(zone):
+            found.append(f"unknown time zone {zone!r} (an IANA name such as America/New_York, or +05:30)")
+    return found
+
+
+def _known_zone(zone: str) -> bool:
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _check_expressions(policies: list[Policy], problems: list[str]) -> None:
+    """Every rule's and limit's expressions against the whole set's limits (spend is one namespace)."""
+    limits = frozenset(lim.name for p in policies for lim in p.limits)
+    for policy in policies:
+        for rule in policy.rules:
+            for source, line in zip((rule.source, rule.message_source or ""), rule.lines, strict=True):
+                for text in spend_problems(source, limits):
+                    problems.append(f"{policy.file}:{line}: rule {rule.name}: {text}")
+        for lim in policy.limits:
+            for text in spend_problems(lim.source, limits):
+                problems.append(f"{policy.file}:{lim.line}: limit {lim.name}: {text}")
