@@ -64,6 +64,8 @@ def replay(
             method=str(p.get("method", "POST")),
             path=str(p.get("path", "")),
             destination=record.destination,
+            payee=str(p.get("payee", "")),
+            payee_kind=str(p.get("payee_kind", "")),
             customer=str(p.get("customer", "")),
             description=str(p.get("description", "")),
             metadata=dict(p.get("metadata") or {}),

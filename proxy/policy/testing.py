@@ -215,6 +215,8 @@ def _payment(raw: Any, examples: Sequence[OperationExample]) -> Payment:
         categories=tuple(str(c) for c in raw.get("categories") or ()),
         merchant={str(k): str(v) for k, v in (raw.get("merchant") or {}).items()},
         destination=str(raw.get("destination", "")),
+        payee=str(raw.get("payee", "")),
+        payee_kind=str(raw.get("payee_kind", "")),
         customer=str(raw.get("customer", "")),
         description=str(raw.get("description", "")),
     )

@@ -307,3 +307,24 @@ def test_a_rolling_limit_charges_the_bucket_of_now_and_rules_read_its_window(tmp
     [charge] = decide(ps, ENGINE, pay(), AGENT, {}, NOW).charges
     assert charge.period == f"rolling:3600:{int(NOW.timestamp()) // 60:012d}" and charge.max_count == 5
     assert decide(ps, ENGINE, pay(), AGENT, {"hourly": SpendTotal(4000, 4)}, NOW).outcome == "hold"
+
+
+def test_local_is_now_in_each_policys_time_zone(tmp_path: Path) -> None:
+    """15:30 UTC on Sunday 22 Nov 2026 is 10:30 in New York and 00:30 on Monday in Tokyo."""
+    ps = policies(
+        tmp_path,
+        """
+        name: ny
+        timezone: America/New_York
+        rules:
+          - {name: ny_weekend_morning, effect: hold, when: 'local.weekend && local.hour == 10 && local.day_of_week == 0'}
+        """,
+        """
+        name: tokyo
+        timezone: Asia/Tokyo
+        rules:
+          - {name: tokyo_monday, effect: hold, when: 'local.day_of_week == 1 && local.date == "2026-11-23" && local.time == "00:30"'}
+        """,
+    )
+    decision = decide(ps, ENGINE, pay(), AGENT, {}, NOW)
+    assert set(decision.fired) == {"ny.ny_weekend_morning", "tokyo.tokyo_monday"}
