@@ -224,3 +224,22 @@ def test_junit_and_json_reports_are_read_by_their_parsers(tmp_path: Path) -> Non
     first, second = report["suites"]
     assert first["coverage"]["missing"] == [{"item": "p.daily", "needs": "refuses"}]
     assert not second["valid"] and "spend.nope" in second["problems"][0]
+
+
+def test_the_readme_example_reports_full_coverage_to_a_junit_parser() -> None:
+    import xml.etree.ElementTree as ET
+
+    run = paysentry(
+        "test",
+        str(ROOT / "policies/examples/new_owner"),
+        "--engine",
+        "all",
+        "--threshold",
+        "100",
+        "--format",
+        "junit",
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    suites = ET.fromstring(run.stdout).findall("testsuite")
+    assert len(suites) == 2 and all(s.get("failures") == "0" and s.get("skipped") == "0" for s in suites)
+    assert all(s.find("properties/property[@name='coverage']").get("value") == "100.00" for s in suites)
