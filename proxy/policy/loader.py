@@ -101,9 +101,11 @@ def load_policy_set(directory: str | Path, engine: Engine, *, operations: Sequen
         raise PolicyError([f"{directory}: no policy files (*.yaml) found"])
     problems: list[str] = []
     validator = _validator(tuple(operations))
-    policies = [p for f in files if (p := _load_file(f, engine, validator, problems)) is not None]
-    _check_unique(policies, problems)
-    _check_expressions(policies, problems)
+    partial: list[Policy] = []
+    policies = [p for f in files if (p := _load_file(f, engine, validator, problems, partial)) is not None]
+    checked = sorted([*policies, *partial], key=lambda p: p.file)  # every file's sound entries, in order
+    _check_unique(checked, problems)
+    _check_expressions(checked, problems)
     if sum(len(p.rules) for p in policies) > MAX_RULES:
         problems.append(f"{directory}: more than {MAX_RULES} rules in one policy set")
     if problems:
@@ -142,7 +144,11 @@ def revision_of(directory: Path, files: Iterable[Path]) -> str:
 
 
 def _load_file(
-    path: Path, engine: Engine, validator: jsonschema.protocols.Validator, problems: list[str]
+    path: Path,
+    engine: Engine,
+    validator: jsonschema.protocols.Validator,
+    problems: list[str],
+    partial: list[Policy],
 ) -> Policy | None:
     try:
         doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)  # noqa: S506 (a SafeLoader)
@@ -157,7 +163,7 @@ def _load_file(
     if not isinstance(doc, _LineDict):
         problems.append(f"{path}:1: a policy file must be a mapping with rules and limits")
         return None
-    return _PolicyReader(path, engine, validator, problems).read(doc)
+    return _PolicyReader(path, engine, validator, problems, partial).read(doc)
 
 
 def _line_of(doc: Any, path: Sequence[Any]) -> int:
@@ -206,9 +212,15 @@ def _comprehension_depth(source: str) -> int:
 
 class _PolicyReader:
     def __init__(
-        self, path: Path, engine: Engine, validator: jsonschema.protocols.Validator, problems: list[str]
+        self,
+        path: Path,
+        engine: Engine,
+        validator: jsonschema.protocols.Validator,
+        problems: list[str],
+        partial: list[Policy],
     ) -> None:
         self.path, self.engine, self.validator, self.problems = path, engine, validator, problems
+        self.partial = partial  # what was sound of files that have problems, for the set's checks
 
     def report(self, line: int, what: str, text: str) -> None:
         self.problems.append(f"{self.path}:{line}: {what}: {text}")
@@ -242,7 +254,20 @@ class _PolicyReader:
             for i, node in enumerate(doc.get("limits") or [])
             if ("limits", i) not in invalid and (limit := self.limit(node, shadow)) is not None
         )
-        if len(self.problems) > before:
+        if len(self.problems) > before:  # its sound rules and limits still take part in the set's checks
+            self.partial.append(
+                Policy(
+                    str(name),
+                    str(self.path),
+                    "allow",
+                    "UTC",
+                    {},
+                    0.0,
+                    rules,
+                    limits,
+                    line=doc.lines.get("name", 1),
+                )
+            )
             return None
         hold_expiry = parse_duration(doc.get("hold_expiry", DEFAULT_HOLD_EXPIRY))
         labels = {str(k): str(v) for k, v in (doc.get("applies_to") or {}).get("labels", {}).items()}

@@ -344,12 +344,23 @@ class PostgresRedisStore(PostgresStore):
     ) -> list[tuple[str, str, str, str, int, int]]:
         if not keys:
             return []
-        wanted = " OR ".join("(c->>'limit'=? AND c->>'period'=?)" for _ in keys)
-        sql = f"{HELD_SPEND} AND a.created_at > ? AND ({wanted}) {GROUPED}"
-        args = [time.time() - 32 * 86400, *(x for key in keys for x in key)]
+        conditions, values = [], []
+        for name, period in keys:  # a rolling window: every bucket of it
+            bounds = rolling_range(period)
+            if bounds is None:
+                conditions.append("(c->>'limit'=? AND c->>'period'=?)")
+                values += [name, period]
+            else:
+                conditions.append(
+                    "(c->>'limit'=? AND c->>'period'>=? AND c->>'period'<=? AND c->>'period' LIKE ?)"
+                )
+                values += [name, bounds[1], bounds[2], bounds[0] + "%"]
+        sql = f"{HELD_SPEND} AND a.created_at > ? AND ({' OR '.join(conditions)}) {GROUPED}"
+        args = [time.time() - 32 * 86400, *values]
         rows = await self.fetch_all(
-            f"SELECT s.agent_id, g.name, s.limit_name, s.currency, s.amount, s.count FROM ({sql}) s "
-            "JOIN agents g ON g.id = s.agent_id WHERE g.revoked_at IS NULL ORDER BY s.amount DESC LIMIT ?",
+            "SELECT s.agent_id, g.name, s.limit_name, s.currency, SUM(s.amount), SUM(s.count) FROM "
+            f"({sql}) s JOIN agents g ON g.id = s.agent_id WHERE g.revoked_at IS NULL "
+            "GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC LIMIT ?",
             [*args, limit],
         )
         return [tuple(r) for r in rows]

@@ -141,14 +141,22 @@ class SqlStore(ABC):
     ) -> list[tuple[str, str, str, str, int, int]]:
         if not keys:
             return []
-        wanted = ",".join("(?,?)" for _ in keys)
+        # a calendar window is its period's row; a rolling one the sum of its window's buckets
+        wanted, args = [], []
+        for name, period in keys:
+            bounds = rolling_range(period)
+            if bounds is None:
+                wanted.append("(s.limit_name=? AND s.period=?)")
+                args += [name, period]
+            else:
+                wanted.append("(s.limit_name=? AND s.period>=? AND s.period<=? AND s.period LIKE ?)")
+                args += [name, bounds[1], bounds[2], bounds[0] + "%"]
         sql = (
-            "SELECT s.agent_id, a.name, s.limit_name, s.currency, s.amount, s.count FROM spend s "
-            f"JOIN agents a ON a.id = s.agent_id WHERE (s.limit_name, s.period) IN (VALUES {wanted}) "
-            "AND a.revoked_at IS NULL ORDER BY s.amount DESC LIMIT ?"
+            "SELECT s.agent_id, a.name, s.limit_name, s.currency, SUM(s.amount), SUM(s.count) FROM spend s "
+            f"JOIN agents a ON a.id = s.agent_id WHERE ({' OR '.join(wanted)}) AND a.revoked_at IS NULL "
+            "GROUP BY s.agent_id, a.name, s.limit_name, s.currency ORDER BY 5 DESC LIMIT ?"
         )
-        args = [x for key in keys for x in key] + [limit]
-        return [tuple(r) for r in await self.fetch_all(sql, args)]
+        return [tuple(r) for r in await self.fetch_all(sql, [*args, limit])]
 
     # -- key rotation ---------------------------------------------------------------------------------
     _SEALED = {

@@ -57,6 +57,8 @@ async def test_a_rolling_window_sums_every_bucket_of_the_window(backend: Backend
         assert await pay(store, f"d{i}", charge(day, at, amount=4000)) == "forwarding"
     assert await total(store, day, T0 + timedelta(hours=18)) == SpendTotal(4000, 4)
     assert await pay(store, "d4", charge(day, T0 + timedelta(hours=23), amount=4000)) == "denied"
+    gauge = await store.current_spend([("lim", period_of(day, T0 + timedelta(hours=23), "UTC"))], 10)
+    assert [row[2:] for row in gauge] == [("lim", "usd", 4000, 4)]  # the metrics gauge sums the window too
     # 24 h and one bucket after the first payment, only the first has left the window
     assert (
         await pay(store, "d5", charge(day, T0 + timedelta(hours=24, minutes=24), amount=4000)) == "forwarding"

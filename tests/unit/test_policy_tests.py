@@ -243,3 +243,29 @@ def test_the_readme_example_reports_full_coverage_to_a_junit_parser() -> None:
     suites = ET.fromstring(run.stdout).findall("testsuite")
     assert len(suites) == 2 and all(s.get("failures") == "0" and s.get("skipped") == "0" for s in suites)
     assert all(s.find("properties/property[@name='coverage']").get("value") == "100.00" for s in suites)
+
+
+def test_check_refuses_what_would_fail_every_payment_with_file_line_and_rule(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "p.yaml",
+        """
+        name: p
+        limits:
+          - {name: daily, window: hour, currency: usd, max_count: 5}
+        rules:
+          - name: pacing
+            effect: hold
+            when: spend.hourly.count >= 4
+          - {name: mars, effect: hold, when: 'now.getDayOfWeek("Mars/Phobos") == 6'}
+          - {name: late, effect: deny, when: local.hour > 22}
+          - {name: late, effect: deny, when: local.hour < 6}
+    """,
+    )
+    checked = paysentry("check", str(tmp_path))
+    assert checked.returncode == 3
+    path = tmp_path / "p.yaml"
+    assert f"{path}:8: rule pacing: spend.hourly names no declared limit (limits: daily)" in checked.stderr
+    assert f"{path}:9: rule mars: unknown time zone 'Mars/Phobos'" in checked.stderr
+    assert f"{path}:11: rule late: duplicate rule name 'late' (also at {path}:10)" in checked.stderr
+    assert checked.stderr.count(str(path)) == 3  # all at once, each once
