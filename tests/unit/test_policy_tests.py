@@ -268,4 +268,4 @@ def test_check_refuses_what_would_fail_every_payment_with_file_line_and_rule(tmp
     assert f"{path}:8: rule pacing: spend.hourly names no declared limit (limits: daily)" in checked.stderr
     assert f"{path}:9: rule mars: unknown time zone 'Mars/Phobos'" in checked.stderr
     assert f"{path}:11: rule late: duplicate rule name 'late' (also at {path}:10)" in checked.stderr
-    assert checked.stderr.count(str(path)) == 3  # all at once, each once
+    assert checked.stderr.count(f"\n  {path}:") == 3  # all at once, each once
