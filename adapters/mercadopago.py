@@ -312,6 +312,9 @@ class MercadoPagoAdapter:
             method="POST",
             path=path,
             customer=_payer_email(params),
+            # the seller the money goes to: a marketplace names it; "" is the connection's own account
+            payee=str(params.get("collector_id") or ""),
+            payee_kind="collector",
             description=_text(params, "description"),
             metadata=metadata,
             params=plain_numbers(params),
@@ -329,6 +332,8 @@ class MercadoPagoAdapter:
             method="POST",
             path=path,
             destination=payment_id,
+            payee=payment_id,  # the money goes back to the refunded payment's payer
+            payee_kind="payment",
             refers_to=payment_id,
             params=plain_numbers(params),
         )

@@ -191,6 +191,13 @@ def _currency(params: Mapping[str, Any], required: bool = True) -> str:
     return raw.lower()
 
 
+def _payee(first: str, first_kind: str, second: str, second_kind: str) -> dict[str, str]:
+    """Who receives a payment: the connected account it goes to, else its customer (a plain intent)."""
+    if first:
+        return {"payee": first, "payee_kind": first_kind}
+    return {"payee": second, "payee_kind": second_kind if second else ""}
+
+
 def _nested(params: Mapping[str, Any], *keys: str) -> str:
     node: Any = params
     for key in keys:
@@ -360,6 +367,7 @@ class StripeAdapter:
             "amount": _amount(params, "amount", True),
             "currency": _currency(params),
             "destination": destination,
+            **_payee(destination, "account", _text(params, "customer"), "customer"),
             **self._common(params),
         }
 
@@ -393,6 +401,9 @@ class StripeAdapter:
             "amount": _amount(params, "amount", True),
             "currency": _currency(params),
             "destination": destination,
+            **_payee(
+                destination or _text(params, "on_behalf_of"), "account", _text(params, "customer"), "customer"
+            ),
             **self._common(params),
         }
 
@@ -403,11 +414,14 @@ class StripeAdapter:
             destination = _text(params, dest_key)
             if required_dest and not destination:
                 raise BadRequest(f"Missing required param: {dest_key}.", param=dest_key)
+            kind = "account" if operation == "transfer" else "bank_account"  # a payout: the default one if ""
             return {
                 "operation": operation,
                 "amount": _amount(params, "amount", True),
                 "currency": _currency(params),
                 "destination": destination,
+                "payee": destination,
+                "payee_kind": kind,
                 **self._common(params),
             }
 
@@ -423,6 +437,8 @@ class StripeAdapter:
             "amount": amount if amount is not None else 0,
             "currency": "",
             "destination": target,
+            "payee": target,  # the money goes back to whoever paid the refunded charge or intent
+            "payee_kind": "payment",
             "refers_to": target,
             **self._common(params),
         }
@@ -437,6 +453,8 @@ class StripeAdapter:
             "amount": _card_limit(params),
             "currency": _currency(params),
             "destination": _text(params, "cardholder"),
+            "payee": _text(params, "cardholder"),
+            "payee_kind": "cardholder",
             "categories": _categories(params, "allowed_categories"),
             **common,
         }
@@ -683,6 +701,8 @@ class StripeAdapter:
             method="POST",
             path=f"/v1/issuing/authorizations/{ref}",
             destination=texts.get("name", ""),
+            payee=texts.get("name", ""),
+            payee_kind="merchant",
             customer=cardholder or _ref(obj.get("cardholder")),
             refers_to=_ref(card),
             categories=(texts["category"],) if texts.get("category") else (),

@@ -7,7 +7,9 @@
     paysentry agent create NAME [--label k=v] [--connection N]   prints the agent's token once
     paysentry agent list | agent revoke ID
     paysentry policy check DIR...                  load and type-check (exit 3 when invalid)
-    paysentry policy test DIR... [--coverage]      run *_test.yaml beside the policies (exit 4 on failure)
+    paysentry policy test DIR... [--coverage] [--threshold N] [--format text|json|junit]
+                                                 run *_test.yaml beside the policies (exit 4 on
+                                                 failure, 5 below the coverage threshold)
     paysentry policy replay DIR --since 7d         which recorded decisions a candidate set would change
     paysentry policy schema                        the JSON schema of a policy file, with the adapters' operations
     paysentry approvals list [--state S] | show ID | approve ID | deny ID [--as APPROVER] [--reason R]
@@ -21,7 +23,7 @@
 Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
 Exit codes: 0 done, 1 refused (not found, conflict; for reconcile: a provider list could not be read
 whole), 2 usage or configuration error, 3 invalid policy, 4 a policy test failed, 5 reconciliation left
-unexplained drift.
+unexplained drift (for policy test: coverage below --threshold).
 """
 
 from __future__ import annotations
@@ -122,7 +124,17 @@ def _parser() -> argparse.ArgumentParser:
     test = policy.add_parser("test", help="run the *_test.yaml files beside the policies")
     test.add_argument("dirs", nargs="+", metavar="DIR")
     test.add_argument("--engine", default=None, help="cel-expr-python, cel-python or all")
-    test.add_argument("--coverage", action="store_true", help="list rules and limits no test exercises")
+    test.add_argument(
+        "--coverage",
+        action="store_true",
+        help="report coverage: each rule fires in a case and does not in another, each limit refuses in one",
+    )
+    test.add_argument(
+        "--threshold", type=float, default=None, metavar="N", help="exit 5 when coverage is below N percent"
+    )
+    test.add_argument(
+        "--format", choices=("text", "json", "junit"), default="text", help="the report's format"
+    )
     rerun = policy.add_parser("replay", help="re-decide recorded history under a candidate policy set")
     rerun.add_argument("dir")
     rerun.add_argument("--since", default="7d", help="how far back, e.g. 24h or 7d")
@@ -429,32 +441,26 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 def _policy_test(args: argparse.Namespace) -> int:
+    from proxy.policy import reports
     from proxy.policy.testing import run_directory
 
-    passed = failed = 0
-    invalid = False
+    suites: list[reports.Suite] = []
     for engine in _engines(args):
         for directory in args.dirs:
+            suite = reports.Suite(directory, engine.name)
             try:
-                report = run_directory(directory, engine, REGISTRY.examples)
+                suite.report = run_directory(directory, engine, REGISTRY.examples)
             except PolicyError as exc:
-                print(f"INVALID {directory} ({engine.name}):\n  " + "\n  ".join(exc.problems))
-                invalid = True
-                continue
-            for result in report.failed:
-                print(f"FAIL {result.file} :: {result.name} ({engine.name})\n     {result.detail}")
-            ok = len(report.results) - len(report.failed)
-            passed, failed = passed + ok, failed + len(report.failed)
-            print(f"{directory} ({engine.name}): {ok} passed, {len(report.failed)} failed")
-            if args.coverage:
-                missing = report.unexercised()
-                print(
-                    "  coverage: every rule and limit is exercised"
-                    if not missing
-                    else "  coverage: not exercised by any test: " + ", ".join(missing)
-                )
-    print(f"{passed} passed, {failed} failed")
-    return 3 if invalid else 4 if failed else 0
+                suite.problems = list(exc.problems)
+            suites.append(suite)
+    coverage = args.coverage or args.threshold is not None
+    if args.format == "json":
+        print(reports.as_json(suites, args.threshold))
+    elif args.format == "junit":
+        print(reports.junit(suites, coverage, args.threshold))
+    else:
+        print(reports.text(suites, coverage, args.threshold))
+    return reports.exit_code(suites, args.threshold)
 
 
 def _policy_schema(args: argparse.Namespace) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -33,6 +32,9 @@ from proxy.model import (
 from proxy.policy.engine import MERCHANT_FIELDS, X402_FIELDS, Engine, EvaluationError
 from proxy.policy.model import MASK_BITS, Limit, Policy, PolicySet, Rule
 from proxy.refusals import limit_exceeded_message
+from proxy.windows import period_of
+
+__all__ = ["decide", "period_of", "simulate_reservation", "spend_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +45,6 @@ class _Verdict:
     message: str
     hold_expires_in: float | None = None
     approval: ApprovalSpec | None = None
-
-
-@lru_cache(maxsize=256)  # a payment asks twice for the same instant: for its totals, then its charges
-def period_of(window: str, now: datetime, timezone: str) -> str:
-    local = now.astimezone(ZoneInfo(timezone))
-    if window == "day":
-        return f"day:{local.date().isoformat()}"
-    if window == "week":
-        year, week, _ = local.isocalendar()
-        return f"week:{year}-W{week:02d}"
-    return f"month:{local.year}-{local.month:02d}"
 
 
 def spend_keys(policy_set: PolicySet, agent: Agent, now: datetime) -> list[tuple[str, str]]:
@@ -67,8 +58,32 @@ def spend_keys(policy_set: PolicySet, agent: Agent, now: datetime) -> list[tuple
     ]
 
 
+def local_variables(now: datetime, timezone: str) -> dict[str, Any]:
+    """``local.*``: the time in the policy's zone, as ``now.getHours(zone)`` and friends would give it
+    (``day_of_week``: 0 is Sunday, as CEL's ``getDayOfWeek``)."""
+    local = now.astimezone(ZoneInfo(timezone))
+    day_of_week = local.isoweekday() % 7
+    return {
+        "local.year": local.year,
+        "local.month": local.month,
+        "local.day": local.day,
+        "local.hour": local.hour,
+        "local.minute": local.minute,
+        "local.day_of_week": day_of_week,
+        "local.weekend": day_of_week in (0, 6),
+        "local.date": local.date().isoformat(),
+        "local.time": f"{local:%H:%M}",
+        "local.timezone": timezone,
+    }
+
+
 def activation_variables(
-    payment: Payment, agent: Agent, spend: Mapping[str, SpendTotal], now: datetime, limit_names: Iterable[str]
+    payment: Payment,
+    agent: Agent,
+    spend: Mapping[str, SpendTotal],
+    now: datetime,
+    limit_names: Iterable[str],
+    timezone: str = "UTC",
 ) -> dict[str, Any]:
     zero = SpendTotal()
     return {
@@ -77,6 +92,8 @@ def activation_variables(
         "payment.amount": payment.amount,
         "payment.currency": payment.currency,
         "payment.destination": payment.destination,
+        "payment.payee": payment.payee,
+        "payment.payee_kind": payment.payee_kind,
         "payment.customer": payment.customer,
         "payment.description": payment.description,
         "payment.metadata": dict(payment.metadata),
@@ -91,6 +108,7 @@ def activation_variables(
         "agent.labels": dict(agent.labels),
         "spend": {n: {"amount": (t := spend.get(n, zero)).amount, "count": t.count} for n in limit_names},
         "now": now,
+        **local_variables(now, timezone),
     }
 
 
@@ -112,10 +130,19 @@ def decide(
             f"no policy applies to agent {agent.name!r}; PaySentry refuses payments that no policy covers",
             revision=policy_set.revision,
         )
-    activation = engine.activation(activation_variables(payment, agent, spend, now, policy_set.limit_names))
-    outcome = _Evaluation(payment, activation)
+    variables = activation_variables(payment, agent, spend, now, policy_set.limit_names)
+    activations: dict[str, Any] = {}  # one per time zone of the policies (``local`` differs)
+
+    def activation(policy: Policy) -> Any:
+        if policy.timezone not in activations:
+            activations[policy.timezone] = engine.activation(
+                variables | local_variables(now, policy.timezone)
+            )
+        return activations[policy.timezone]
+
+    outcome = _Evaluation(payment)
     for policy in policies:
-        outcome.run(policy)
+        outcome.run(policy, activation(policy))
     verdict = _combine(outcome.verdicts, payment)
     extra: dict[str, Any] = {
         "revision": policy_set.revision,
@@ -127,7 +154,7 @@ def decide(
     charges: list[Charge] = []
     for policy in enforcing:
         for lim in policy.limits:
-            if not _limit_applies(lim, payment, activation):
+            if not _limit_applies(lim, payment, activation(policy)):
                 continue
             if lim.window == "payment":
                 if lim.max_amount is not None and payment.amount > lim.max_amount:
@@ -165,8 +192,9 @@ def _decision(verdict: _Verdict, charges: tuple[Charge, ...], **extra: Any) -> D
 class _Evaluation:
     """Evaluates policies against one activation, collecting verdicts, shadow hits and fired rules."""
 
-    def __init__(self, payment: Payment, activation: Any) -> None:
-        self.payment, self.activation = payment, activation
+    def __init__(self, payment: Payment) -> None:
+        self.payment = payment
+        self.activation: Any = None  # the activation of the policy being run
         self.verdicts: list[_Verdict] = []
         self.shadow: list[ShadowHit] = []
         self.fired: list[str] = []
@@ -186,7 +214,8 @@ class _Evaluation:
             found.extend(bool(bits >> j & 1) for j in range(len(chunk)))
         return found
 
-    def run(self, policy: Policy) -> None:
+    def run(self, policy: Policy, activation: Any) -> None:
+        self.activation = activation
         fired: dict[str, _Verdict] = {}
         shadow: dict[str, _Verdict] = {}
         matches = self.matches(policy)

@@ -30,6 +30,10 @@ class Payment:
     path: str
     destination: str = ""
     customer: str = ""
+    # Who receives the money, as the adapter reads it from the call (a connected account, a customer, a
+    # card's merchant, a MercadoPago collector, ...), and what kind of party that is (PAYEE_KINDS).
+    payee: str = ""
+    payee_kind: str = ""
     description: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)

@@ -72,6 +72,8 @@ def payment_summary(payment: Payment) -> dict[str, Any]:
         "amount": payment.amount,
         "currency": payment.currency,
         "destination": payment.destination,
+        "payee": payment.payee,
+        "payee_kind": payment.payee_kind,
         "customer": payment.customer,
         "description": payment.description,
         "metadata": dict(payment.metadata),

@@ -25,6 +25,12 @@ int with a string fails when the policy is checked, not at the first payment:
                                                            spend.<limit>.amount / .count, so far in the
                                                            limit's current window
     now                                                    timestamp
+    payment.payee, payment.payee_kind                      string: who receives the money, and what
+                                                           kind of party (account, customer, merchant, ...)
+    local.year, .month, .day, .hour, .minute, .day_of_week int: now in the policy's time zone
+                                                           (day_of_week: 0 is Sunday)
+    local.weekend                                          bool: Saturday or Sunday there
+    local.date, local.time, local.timezone                 string: "2026-11-22", "14:05", the zone
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-STRING, INT, TIMESTAMP = "string", "int", "timestamp"
+STRING, INT, BOOL, TIMESTAMP = "string", "int", "bool", "timestamp"
 STR_MAP, DYN_MAP, SPEND_MAP = "map<string,string>", "map<string,dyn>", "map<string,map<string,int>>"
 STR_LIST = "list<string>"
 MERCHANT_FIELDS = ("name", "category", "category_code", "country", "city")
@@ -59,6 +65,13 @@ VARIABLES: dict[str, str] = {
     "agent.labels": STR_MAP,
     "spend": SPEND_MAP,
     "now": TIMESTAMP,
+    "payment.payee": STRING,
+    "payment.payee_kind": STRING,
+    **{f"local.{name}": INT for name in ("year", "month", "day", "hour", "minute", "day_of_week")},
+    "local.weekend": BOOL,
+    "local.date": STRING,
+    "local.time": STRING,
+    "local.timezone": STRING,
 }
 
 
@@ -102,6 +115,7 @@ class CelExprEngine:
         types = {
             STRING: t.STRING,
             INT: t.INT,
+            BOOL: t.BOOL,
             TIMESTAMP: t.TIMESTAMP,
             STR_MAP: t.Map(t.STRING, t.STRING),
             DYN_MAP: t.Map(t.STRING, t.DYN),

@@ -33,6 +33,7 @@ from proxy.errors import PolicyError
 from proxy.model import ApprovalSpec, Reviewer
 from proxy.policy.engine import CompileError, Engine
 from proxy.policy.model import MASK_BITS, Limit, Policy, PolicySet, Rule
+from proxy.windows import rolling_window
 
 SCHEMA_FILE = Path(__file__).with_name("policy.schema.json")
 DEFAULT_HOLD_EXPIRY = 24 * 3600.0
@@ -100,8 +101,11 @@ def load_policy_set(directory: str | Path, engine: Engine, *, operations: Sequen
         raise PolicyError([f"{directory}: no policy files (*.yaml) found"])
     problems: list[str] = []
     validator = _validator(tuple(operations))
-    policies = [p for f in files if (p := _load_file(f, engine, validator, problems)) is not None]
-    _check_unique(policies, problems)
+    partial: list[Policy] = []
+    policies = [p for f in files if (p := _load_file(f, engine, validator, problems, partial)) is not None]
+    checked = sorted([*policies, *partial], key=lambda p: p.file)  # every file's sound entries, in order
+    _check_unique(checked, problems)
+    _check_expressions(checked, problems)
     if sum(len(p.rules) for p in policies) > MAX_RULES:
         problems.append(f"{directory}: more than {MAX_RULES} rules in one policy set")
     if problems:
@@ -140,7 +144,11 @@ def revision_of(directory: Path, files: Iterable[Path]) -> str:
 
 
 def _load_file(
-    path: Path, engine: Engine, validator: jsonschema.protocols.Validator, problems: list[str]
+    path: Path,
+    engine: Engine,
+    validator: jsonschema.protocols.Validator,
+    problems: list[str],
+    partial: list[Policy],
 ) -> Policy | None:
     try:
         doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)  # noqa: S506 (a SafeLoader)
@@ -155,7 +163,7 @@ def _load_file(
     if not isinstance(doc, _LineDict):
         problems.append(f"{path}:1: a policy file must be a mapping with rules and limits")
         return None
-    return _PolicyReader(path, engine, validator, problems).read(doc)
+    return _PolicyReader(path, engine, validator, problems, partial).read(doc)
 
 
 def _line_of(doc: Any, path: Sequence[Any]) -> int:
@@ -204,9 +212,15 @@ def _comprehension_depth(source: str) -> int:
 
 class _PolicyReader:
     def __init__(
-        self, path: Path, engine: Engine, validator: jsonschema.protocols.Validator, problems: list[str]
+        self,
+        path: Path,
+        engine: Engine,
+        validator: jsonschema.protocols.Validator,
+        problems: list[str],
+        partial: list[Policy],
     ) -> None:
         self.path, self.engine, self.validator, self.problems = path, engine, validator, problems
+        self.partial = partial  # what was sound of files that have problems, for the set's checks
 
     def report(self, line: int, what: str, text: str) -> None:
         self.problems.append(f"{self.path}:{line}: {what}: {text}")
@@ -240,7 +254,20 @@ class _PolicyReader:
             for i, node in enumerate(doc.get("limits") or [])
             if ("limits", i) not in invalid and (limit := self.limit(node, shadow)) is not None
         )
-        if len(self.problems) > before:
+        if len(self.problems) > before:  # its sound rules and limits still take part in the set's checks
+            self.partial.append(
+                Policy(
+                    str(name),
+                    str(self.path),
+                    "allow",
+                    "UTC",
+                    {},
+                    0.0,
+                    rules,
+                    limits,
+                    line=doc.lines.get("name", 1),
+                )
+            )
             return None
         hold_expiry = parse_duration(doc.get("hold_expiry", DEFAULT_HOLD_EXPIRY))
         labels = {str(k): str(v) for k, v in (doc.get("applies_to") or {}).get("labels", {}).items()}
@@ -256,6 +283,7 @@ class _PolicyReader:
             shadow,
             doc.get("failure_mode", "deny"),
             self.masks(rules),
+            doc.lines.get("name", 1),
         )
 
     def masks(self, rules: Sequence[Rule]) -> tuple[Any, ...]:
@@ -308,10 +336,14 @@ class _PolicyReader:
             )
             return None
         try:
-            return self.engine.compile(source, result)
+            program = self.engine.compile(source, result)
         except CompileError as exc:
             self.report(node.lines.get(key, node.line), what, f"{key}: {exc}")
             return None
+        zones = zone_problems(source)
+        for text in zones:
+            self.report(node.lines.get(key, node.line), what, text)
+        return None if zones else program
 
     def rule(self, node: _LineDict, policy_shadow: bool) -> Rule | None:
         what = f"rule {node['name']}"
@@ -340,6 +372,7 @@ class _PolicyReader:
             node.line,
             node.get("message_expr"),
             approval,
+            (node.lines.get("when", node.line), node.lines.get("message_expr", node.line)),
         )
 
     def approval(self, node: _LineDict, what: str) -> ApprovalSpec | None:
@@ -387,7 +420,10 @@ class _PolicyReader:
                 "from the shadow policy or make the policy enforce",
             )
             return None
-        if node["window"] == "payment" and "max_count" in node:
+        window = self.window(node, what)
+        if window is None:
+            return None
+        if window == "payment" and "max_count" in node:
             self.report(node.lines["max_count"], what, "a per-payment limit cannot count payments")
             return None
         when = self.compile(node, "when", what, "bool") if "when" in node else None
@@ -396,14 +432,34 @@ class _PolicyReader:
         operations = frozenset(node["operations"]) if "operations" in node else None
         return Limit(
             node["name"],
-            node["window"],
+            window,
             node["currency"].lower(),
             node.get("max_amount"),
             node.get("max_count"),
             operations,
             when,
             node.get("message", ""),
+            node.line,
+            node.get("when", ""),
         )
+
+    def window(self, node: _LineDict, what: str) -> str | None:
+        """A limit's window: a calendar ``window`` or a ``rolling`` duration, exactly one of them."""
+        if ("window" in node) == ("rolling" in node):
+            self.report(
+                node.line,
+                what,
+                "give either window (payment, hour, day, week, month, all_time) or rolling (such as 1h, "
+                "24h, 30d), not both or neither",
+            )
+            return None
+        if "window" in node:
+            return str(node["window"])
+        try:
+            return rolling_window(parse_duration(node["rolling"]))
+        except ValueError as exc:
+            self.report(node.lines["rolling"], what, f"rolling: {exc}")
+            return None
 
 
 def _schema_message(error: jsonschema.ValidationError) -> str:
@@ -441,10 +497,92 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
 def _check_unique(policies: list[Policy], problems: list[str]) -> None:
     seen: dict[str, str] = {}
     for policy in policies:
-        names = [(f"policy:{policy.name}", "policy", policy.name)]
-        names += [(f"rule:{policy.name}:{r.name}", "rule", r.name) for r in policy.rules]
-        names += [(f"limit:{lim.name}", "limit", lim.name) for lim in policy.limits]  # one spend namespace
-        for key, kind, name in names:
+        names = [(f"policy:{policy.name}", "policy", policy.name, policy.line)]
+        names += [(f"rule:{policy.name}:{r.name}", "rule", r.name, r.line) for r in policy.rules]
+        names += [
+            (f"limit:{lim.name}", "limit", lim.name, lim.line) for lim in policy.limits
+        ]  # one namespace
+        for key, kind, name, line in names:
             if key in seen:
-                problems.append(f"{policy.file}: duplicate {kind} name {name!r} (also in {seen[key]})")
-            seen[key] = policy.file
+                problems.append(
+                    f"{policy.file}:{line}: {kind} {name}: duplicate {kind} name {name!r} (also at {seen[key]})"
+                )
+            else:
+                seen[key] = f"{policy.file}:{line}"
+
+
+# In a CEL source whose string literals are blanked to numbered markers (\x00N\x00):
+# spend.name or spend["name"], then optionally .field; a timestamp accessor's time zone argument.
+_SPEND_REF = re.compile(
+    r"\bspend\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*(\x00\d+\x00)\s*\])(?:\s*\.\s*([A-Za-z_]\w*))?"
+)
+_TIME_ZONE_ARG = re.compile(
+    r"\.get(?:FullYear|Month|DayOfYear|DayOfMonth|Date|DayOfWeek|Hours|Minutes|Seconds|Milliseconds)"
+    r"\s*\(\s*(\x00\d+\x00)\s*\)"
+)
+_STRING = re.compile(r"""[rR]?(?:'''[\s\S]*?'''|\"\"\"[\s\S]*?\"\"\"|"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*')""")
+_OFFSET = re.compile(r"^[+-]?\d{1,2}:\d{2}$")  # CEL also takes a fixed offset such as "+05:30"
+
+
+def _blank_strings(source: str) -> tuple[str, list[str]]:
+    """``source`` with each string literal replaced by a numbered marker, and the literals' values."""
+    literals: list[str] = []
+
+    def mark(match: re.Match[str]) -> str:
+        text = match.group(0).lstrip("rR")
+        quote = 3 if text[:3] in ('"""', "'''") else 1
+        literals.append(text[quote:-quote])
+        return f"\x00{len(literals) - 1}\x00"
+
+    return _STRING.sub(mark, source), literals
+
+
+def _literal(marker: str, literals: list[str]) -> str:
+    return literals[int(marker.strip("\x00"))]
+
+
+def spend_problems(source: str, limits: frozenset[str]) -> list[str]:
+    """What the type checker cannot see in an expression (``spend`` is a map): ``spend.<name>`` naming no
+    declared limit, or reading a field other than amount and count. Either fails every payment."""
+    blanked, literals = _blank_strings(source)
+    found: list[str] = []
+    for match in _SPEND_REF.finditer(blanked):
+        name = match.group(1) or _literal(match.group(2), literals)
+        if name not in limits:
+            known = ", ".join(sorted(limits)) or "none is declared"
+            found.append(f"spend.{name} names no declared limit (limits: {known})")
+        elif match.group(3) and match.group(3) not in ("amount", "count"):
+            found.append(f"spend.{name}.{match.group(3)}: a limit's spend has only amount and count")
+    return found
+
+
+def zone_problems(source: str) -> list[str]:
+    """Literal time zones of timestamp accessors (``now.getHours("...")``) not in the tz database."""
+    blanked, literals = _blank_strings(source)
+    found: list[str] = []
+    for match in _TIME_ZONE_ARG.finditer(blanked):
+        zone = _literal(match.group(1), literals)
+        if not _OFFSET.match(zone) and not _known_zone(zone):
+            found.append(f"unknown time zone {zone!r} (an IANA name such as America/New_York, or +05:30)")
+    return found
+
+
+def _known_zone(zone: str) -> bool:
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _check_expressions(policies: list[Policy], problems: list[str]) -> None:
+    """Every rule's and limit's expressions against the whole set's limits (spend is one namespace)."""
+    limits = frozenset(lim.name for p in policies for lim in p.limits)
+    for policy in policies:
+        for rule in policy.rules:
+            for source, line in zip((rule.source, rule.message_source or ""), rule.lines, strict=True):
+                for text in spend_problems(source, limits):
+                    problems.append(f"{policy.file}:{line}: rule {rule.name}: {text}")
+        for lim in policy.limits:
+            for text in spend_problems(lim.source, limits):
+                problems.append(f"{policy.file}:{lim.line}: limit {lim.name}: {text}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from proxy.model import ApprovalSpec
 from proxy.policy.engine import Program
 
-WINDOWS = ("payment", "day", "week", "month")
+WINDOWS = ("payment", "hour", "day", "week", "month", "all_time")  # and "rolling:<seconds>"
 MASK_BITS = 62  # rules per mask: CEL ints are 64-bit signed
 EFFECTS = ("deny", "hold", "allow")
 
@@ -26,18 +26,21 @@ class Rule:
     line: int = 0
     message_source: str | None = None
     approval: ApprovalSpec | None = None  # holds: who decides, quorum, veto, waiting
+    lines: tuple[int, int] = (0, 0)  # of ``when`` and of ``message_expr``, for the checks across the set
 
 
 @dataclass(frozen=True, slots=True)
 class Limit:
     name: str
-    window: str  # payment | day | week | month
+    window: str  # payment | hour | day | week | month | all_time | rolling:<seconds>
     currency: str
     max_amount: int | None
     max_count: int | None
     operations: frozenset[str] | None  # None: every operation that moves money
     when: Program | None = None
     message: str = ""
+    line: int = 0
+    source: str = ""  # the CEL text of ``when``, for checks across the set
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,7 @@ class Policy:
     # Every rule's ``when`` in one evaluation per chunk of MASK_BITS rules: an int whose bit i is set when
     # rule i matches. Any error in a chunk falls back to evaluating its rules one by one (to name it).
     masks: tuple[Program, ...] = ()
+    line: int = 1  # of its name (or of the file's first line)
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.labels.items())

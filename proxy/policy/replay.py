@@ -64,17 +64,19 @@ def replay(
             method=str(p.get("method", "POST")),
             path=str(p.get("path", "")),
             destination=record.destination,
+            payee=str(p.get("payee", "")),
+            payee_kind=str(p.get("payee_kind", "")),
             customer=str(p.get("customer", "")),
             description=str(p.get("description", "")),
             metadata=dict(p.get("metadata") or {}),
             refers_to=str(p.get("refers_to", "")),
         )
         when = datetime.fromtimestamp(record.created_at, UTC)
-        totals = {
-            limit: total
-            for (agent_id, limit, period), total in spend.items()
-            if agent_id == record.agent_id and _current(policy_set, limit, period, when)
-        }
+        totals: dict[str, SpendTotal] = {}
+        for (agent_id, limit, period), total in spend.items():  # a rolling window sums its buckets
+            if agent_id == record.agent_id and _current(policy_set, limit, period, when):
+                old = totals.get(limit, SpendTotal())
+                totals[limit] = SpendTotal(old.amount + total.amount, old.count + total.count)
         decision = simulate_reservation(decide(policy_set, engine, payment, agent, totals, when), totals)
         if decision.outcome != DENY and record.state not in (FAILED, REJECTED):
             for charge in decision.charges:
@@ -89,9 +91,10 @@ def replay(
 
 def _current(policy_set: PolicySet, limit: str, period: str, when: datetime) -> bool:
     from proxy.decide import period_of
+    from proxy.windows import in_window
 
     for policy in policy_set.policies:
         for lim in policy.limits:
             if lim.name == limit and lim.window != "payment":
-                return period_of(lim.window, when, policy.timezone) == period
+                return in_window(period_of(lim.window, when, policy.timezone), period)
     return False

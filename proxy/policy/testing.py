@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from proxy.decide import decide, simulate_reservation
-from proxy.model import UNRECOGNIZED, Agent, Decision, OperationExample, Payment, SpendTotal
+from proxy.model import DENY, UNRECOGNIZED, Agent, Decision, OperationExample, Payment, SpendTotal
 from proxy.policy.engine import Engine
 from proxy.policy.loader import load_policy_set
 from proxy.policy.model import PolicySet
@@ -53,19 +53,36 @@ class CaseResult:
     detail: str = ""
 
 
+FIRES, DOES_NOT_FIRE, REFUSES = "fires", "does not fire", "refuses"
+
+
 @dataclass
 class TestReport:
+    """The cases' results, and coverage: each rule needs a case where it fires and one where it is
+    evaluated and does not; each limit a case it refuses."""
+
     engine: str
     results: list[CaseResult] = field(default_factory=list)
-    exercised: set[str] = field(default_factory=set)
-    all_rules: set[str] = field(default_factory=set)
+    rules: set[str] = field(default_factory=set)  # "policy.rule"
+    limits: set[str] = field(default_factory=set)  # "policy.limit"
+    seen: set[tuple[str, str]] = field(default_factory=set)  # (item, FIRES | DOES_NOT_FIRE | REFUSES)
 
     @property
     def failed(self) -> list[CaseResult]:
         return [r for r in self.results if not r.passed]
 
+    def requirements(self) -> list[tuple[str, str]]:
+        wanted = [(r, need) for r in sorted(self.rules) for need in (FIRES, DOES_NOT_FIRE)]
+        return wanted + [(lim, REFUSES) for lim in sorted(self.limits)]
+
     def unexercised(self) -> list[str]:
-        return sorted(self.all_rules - self.exercised)
+        """What no case shows: ``p.big (does not fire)``, ``p.daily (refuses)``."""
+        return [f"{item} ({need})" for item, need in self.requirements() if (item, need) not in self.seen]
+
+    def coverage(self) -> float:
+        """The share of requirements some case meets, in percent (100 with none)."""
+        wanted = self.requirements()
+        return 100.0 * sum((w in self.seen) for w in wanted) / len(wanted) if wanted else 100.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +102,8 @@ def run_directory(directory: str | Path, engine: Engine, examples: Sequence[Oper
     operations = tuple(dict.fromkeys(e.operation for e in examples))
     policy_set = load_policy_set(directory, engine, operations=operations)
     report = TestReport(engine.name)
-    report.all_rules = {f"{p.name}.{r.name}" for p in policy_set.policies for r in p.rules}
-    report.all_rules |= {f"{p.name}.{lim.name}" for p in policy_set.policies for lim in p.limits}
+    report.rules = {f"{p.name}.{r.name}" for p in policy_set.policies for r in p.rules}
+    report.limits = {f"{p.name}.{lim.name}" for p in policy_set.policies for lim in p.limits}
     files = sorted([*directory.glob("*_test.yaml"), *directory.glob("*_test.yml")])
     if not files:
         report.results.append(
@@ -134,11 +151,24 @@ def _run_case(case: Any, run: _Run) -> str | None:
     spend = _spend(case.get("spend") or {})
     policy_set, report = run.policy_set, run.report
     decision = simulate_reservation(decide(policy_set, run.engine, payment, agent, spend, _time(case)), spend)
-    report.exercised |= set(decision.fired)
-    report.exercised |= {f"{_policy_of(policy_set, c.limit)}.{c.limit}" for c in decision.charges}
-    if decision.rule in policy_set.limit_names:
-        report.exercised.add(f"{_policy_of(policy_set, decision.rule)}.{decision.rule}")
+    _cover(report, policy_set, agent, decision)
     return _compare(expect, decision)
+
+
+def _cover(report: TestReport, policy_set: PolicySet, agent: Agent, decision: Decision) -> None:
+    fired = set(decision.fired)
+    if decision.rule != "no_policy":
+        for policy in policy_set.policies:
+            if not policy.applies_to(agent.labels):
+                continue
+            for rule in policy.rules:
+                key = f"{policy.name}.{rule.name}"
+                if key in fired:
+                    report.seen.add((key, FIRES))
+                elif (decision.policy, decision.rule) != (policy.name, rule.name):  # not failed to evaluate
+                    report.seen.add((key, DOES_NOT_FIRE))
+    if decision.outcome == DENY and decision.rule in policy_set.limit_names:
+        report.seen.add((f"{_policy_of(policy_set, decision.rule)}.{decision.rule}", REFUSES))
 
 
 def _compare(expect: Mapping[str, Any], got: Decision) -> str | None:
@@ -186,6 +216,8 @@ def _payment(raw: Any, examples: Sequence[OperationExample]) -> Payment:
         merchant={str(k): str(v) for k, v in (raw.get("merchant") or {}).items()},
         x402={str(k): str(v) for k, v in (raw.get("x402") or {}).items()},
         destination=str(raw.get("destination", "")),
+        payee=str(raw.get("payee", "")),
+        payee_kind=str(raw.get("payee_kind", "")),
         customer=str(raw.get("customer", "")),
         description=str(raw.get("description", "")),
     )

@@ -42,33 +42,67 @@ from proxy.secrets import new_id
 from proxy.store import DENIED, AuthorizationRecord, DuplicateKey, LimitExceeded, NewAuthorization, Recorded
 from proxy.store.postgres import PostgresStore
 from proxy.store.sql import AUTH_COLUMNS, Release, authorization_record, record_decision_tx
+from proxy.windows import AHEAD, BUCKETS, bucket_of, is_rolling, rolling_range
 
 log = logging.getLogger("paysentry.redis")
 PENDING_KEY, PENDING_DATA = "paysentry:pending", "paysentry:pending:charges"
 PENDING_SECONDS = 60.0  # longer than any PostgreSQL transaction may take (store_timeout bounds them)
 WINDOW_TTL = 40 * 86400  # a window's counter outlives the longest window (a month), then is rebuilt
 
+# A calendar window is one hash (fields amount, count); a rolling window one hash per (agent, limit) whose
+# fields a:<bucket>, c:<bucket> are its buckets' amounts and counts, summed here over the window's
+# BUCKETS + 1 buckets and AHEAD more (proxy.windows), in the same script that checks and counts: atomic on the server.
+# Buckets more than two windows old are deleted as the window moves (field p: the oldest kept).
 RESERVE = """
 local n = tonumber(ARGV[3])
 for i = 1, n do
   if redis.call('EXISTS', KEYS[i]) == 0 then return {'miss', i} end
 end
+local ahead = AHEAD_BUCKETS
+local function arg(i, k) return tonumber(ARGV[3 + 5*(i-1) + k]) end
+local function buckets(prefix, first, last)
+  local names = {}
+  for j = first, last do names[#names + 1] = prefix .. j end
+  return names
+end
 for i = 1, n do
-  local amount, max_amount, max_count = tonumber(ARGV[3 + 3*i - 2]), tonumber(ARGV[3 + 3*i - 1]), tonumber(ARGV[3 + 3*i])
-  local cur = redis.call('HMGET', KEYS[i], 'amount', 'count')
-  local a, c = tonumber(cur[1]) or 0, tonumber(cur[2]) or 0
+  local amount, max_amount, max_count, idx, back = arg(i, 1), arg(i, 2), arg(i, 3), arg(i, 4), arg(i, 5)
+  local a, c = 0, 0
+  if idx < 0 then
+    local cur = redis.call('HMGET', KEYS[i], 'amount', 'count')
+    a, c = tonumber(cur[1]) or 0, tonumber(cur[2]) or 0
+  else
+    local first = math.max(idx - back, 0)
+    local av = redis.call('HMGET', KEYS[i], unpack(buckets('a:', first, idx + ahead)))
+    local cv = redis.call('HMGET', KEYS[i], unpack(buckets('c:', first, idx + ahead)))
+    for k = 1, #av do a = a + (tonumber(av[k]) or 0); c = c + (tonumber(cv[k]) or 0) end
+  end
   if (max_amount >= 0 and a + amount > max_amount) or (max_count >= 0 and c + 1 > max_count) then
     return {'exceeded', i, a, c}
   end
 end
 for i = 1, n do
-  redis.call('HINCRBY', KEYS[i], 'amount', ARGV[3 + 3*i - 2])
-  redis.call('HINCRBY', KEYS[i], 'count', 1)
+  local amount, idx, back = arg(i, 1), arg(i, 4), arg(i, 5)
+  if idx < 0 then
+    redis.call('HINCRBY', KEYS[i], 'amount', amount)
+    redis.call('HINCRBY', KEYS[i], 'count', 1)
+  else
+    redis.call('HINCRBY', KEYS[i], 'a:' .. idx, amount)
+    redis.call('HINCRBY', KEYS[i], 'c:' .. idx, 1)
+    local cut = idx - 2 * back
+    local kept = tonumber(redis.call('HGET', KEYS[i], 'p')) or cut
+    if kept < cut then
+      local last = math.min(cut - 1, kept + 3 * back)
+      redis.call('HDEL', KEYS[i], unpack(buckets('a:', kept, last)))
+      redis.call('HDEL', KEYS[i], unpack(buckets('c:', kept, last)))
+    end
+    if kept <= cut then redis.call('HSET', KEYS[i], 'p', cut) end
+  end
 end
 redis.call('ZADD', KEYS[n + 1], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[n + 2], ARGV[1], ARGV[4 + 3*n])
+redis.call('HSET', KEYS[n + 2], ARGV[1], ARGV[4 + 5*n])
 return {'ok'}
-"""
+""".replace("AHEAD_BUCKETS", str(AHEAD))
 RELEASE = """
 local n = tonumber(ARGV[2])
 if ARGV[1] ~= '' then
@@ -77,8 +111,8 @@ if ARGV[1] ~= '' then
 end
 for i = 1, n do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[i], 'amount', 0 - tonumber(ARGV[2 + i]))
-    redis.call('HINCRBY', KEYS[i], 'count', 0 - tonumber(ARGV[3 + n]))
+    redis.call('HINCRBY', KEYS[i], ARGV[3*i + 1], 0 - tonumber(ARGV[3*i]))
+    redis.call('HINCRBY', KEYS[i], ARGV[3*i + 2], 0 - tonumber(ARGV[3 + 3*n]))
   end
 end
 return 1
@@ -87,8 +121,8 @@ COUNT = """
 local n = tonumber(ARGV[1])
 for i = 1, n do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[i], 'amount', tonumber(ARGV[1 + i]))
-    redis.call('HINCRBY', KEYS[i], 'count', 1)
+    redis.call('HINCRBY', KEYS[i], ARGV[3*i], tonumber(ARGV[3*i - 1]))
+    redis.call('HINCRBY', KEYS[i], ARGV[3*i + 1], 1)
   end
 end
 return 1
@@ -107,8 +141,30 @@ return allowed
 """
 
 
-def window_key(agent_id: str, charge: Charge) -> str:
-    return f"paysentry:spend:{agent_id}:{charge.limit}:{charge.period}"
+def window_key(agent_id: str, limit: str, period: str) -> str:
+    """The hash holding a window: a calendar period's own, or a rolling window's (all its buckets)."""
+    window = bucket_of(period)[0] if is_rolling(period) else period
+    return f"paysentry:spend:{agent_id}:{limit}:{window}"
+
+
+def fields(period: str) -> tuple[str, str]:
+    """The (amount, count) fields of ``period`` in its window's hash."""
+    if not is_rolling(period):
+        return "amount", "count"
+    index = bucket_of(period)[1]
+    return f"a:{index}", f"c:{index}"
+
+
+def _charge_args(c: Charge) -> list[Any]:
+    """A charge for RELEASE and COUNT: its amount and its fields."""
+    return [c.amount, *fields(c.period)]
+
+
+def _bucket_args(period: str) -> tuple[int, int]:
+    """(bucket index, buckets back) of a rolling period for RESERVE; (-1, 0) for a calendar one."""
+    if not is_rolling(period):
+        return -1, 0
+    return bucket_of(period)[1], BUCKETS
 
 
 def connect(url: str, timeout: float) -> aioredis.Redis:
@@ -172,13 +228,14 @@ class PostgresRedisStore(PostgresStore):
     ) -> LimitExceeded | None:
         """Check and reserve every charge at once in Redis; the refusal names the first limit exceeded. The
         reservation stays *pending* until the sweep sees it recorded in PostgreSQL (or releases it)."""
-        keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
+        keys = [window_key(agent_id, c.limit, c.period) for c in charges] + [PENDING_KEY, PENDING_DATA]
         args: list[Any] = [reservation, time.time() + PENDING_SECONDS, len(charges)]
         for c in charges:
             args += [
                 c.amount,
                 -1 if c.max_amount is None else c.max_amount,
                 -1 if c.max_count is None else c.max_count,
+                *_bucket_args(c.period),
             ]
         args.append(
             json.dumps(
@@ -197,19 +254,38 @@ class PostgresRedisStore(PostgresStore):
         raise StoreUnavailable("Redis keeps losing the spend counters; refusing to guess")
 
     async def _load_window(self, agent_id: str, limit: str, period: str) -> SpendTotal:
-        """Rebuild a window's counter from PostgreSQL: the charges of the authorizations holding spend."""
+        """Rebuild a window's counter from PostgreSQL: the charges of the authorizations holding spend (a
+        rolling window: those of its buckets, each in its field)."""
+        bounds = rolling_range(period)
+        if bounds is None:
+            where, args = "AND c->>'period'=? ", [period]
+        else:
+            where, args = (
+                "AND c->>'period'>=? AND c->>'period'<=? AND c->>'period' LIKE ? ",
+                [
+                    bounds[1],
+                    bounds[2],
+                    bounds[0] + "%",
+                ],
+            )
         rows = await self.fetch_all(
-            HELD_SPEND + " AND a.agent_id=? AND c->>'limit'=? AND c->>'period'=? " + GROUPED,
-            (agent_id, limit, period),
+            HELD_SPEND + " AND a.agent_id=? AND c->>'limit'=? " + where + GROUPED, (agent_id, limit, *args)
         )
-        amount, count = (int(rows[0][4]), int(rows[0][5])) if rows else (0, 0)
-        key = f"paysentry:spend:{agent_id}:{limit}:{period}"
+        key = window_key(agent_id, limit, period)
         async with self.redis.pipeline(transaction=True) as pipe:
             # redis-py types a pipeline's commands as Awaitable; they return the pipeline, for chaining.
-            pipe.hsetnx(key, "amount", amount).hsetnx(key, "count", count).expire(key, WINDOW_TTL)  # type: ignore[attr-defined]
-            pipe.hmget(key, "amount", "count")
+            if bounds is None:
+                amount, count = (int(rows[0][4]), int(rows[0][5])) if rows else (0, 0)
+                pipe.hsetnx(key, "amount", amount).hsetnx(key, "count", count)  # type: ignore[attr-defined]
+            else:
+                pipe.hsetnx(key, "loaded", 1)
+                for row in rows:
+                    amount_field, count_field = fields(row[1])
+                    pipe.hsetnx(key, amount_field, int(row[4])).hsetnx(key, count_field, int(row[5]))  # type: ignore[attr-defined]
+            pipe.expire(key, WINDOW_TTL)
+            pipe.hmget(key, *_read_fields(period))
             *_, current = await self._redis(pipe.execute())
-        return SpendTotal(int(current[0]), int(current[1]))
+        return _total(current)
 
     async def release(
         self, agent_id: str, charges: Sequence[Charge], reservation: str = "", counts: bool = True
@@ -218,9 +294,8 @@ class PostgresRedisStore(PostgresStore):
         ``reservation`` still pending is released once, whoever asks (the sidecar whose transaction
         failed, any replica's sweep); False when it was not pending any more. Without one: spend a
         committed PostgreSQL transaction released (it changed state only once)."""
-        keys = [window_key(agent_id, c) for c in charges] + [PENDING_KEY, PENDING_DATA]
-        amounts = [c.amount for c in charges]
-        args = [reservation, len(charges), *amounts, 1 if counts else 0]
+        keys = [window_key(agent_id, c.limit, c.period) for c in charges] + [PENDING_KEY, PENDING_DATA]
+        args = [reservation, len(charges), *(x for c in charges for x in _charge_args(c)), 1 if counts else 0]
         return bool(await self._redis(self._release(keys=keys, args=args)))
 
     async def after_release(self, notes: list[Release]) -> None:
@@ -246,8 +321,9 @@ class PostgresRedisStore(PostgresStore):
         commit that fails leaves Redis counting too much, never too little; a window Redis lacks is
         rebuilt from PostgreSQL."""
         for agent_id, charges, _ in notes:
-            keys = [window_key(agent_id, c) for c in charges]
-            await self._redis(self._count(keys=keys, args=[len(charges), *(c.amount for c in charges)]))
+            keys = [window_key(agent_id, c.limit, c.period) for c in charges]
+            args = [len(charges), *(x for c in charges for x in _charge_args(c))]
+            await self._redis(self._count(keys=keys, args=args))
 
     # -- reads of spend: Redis for the running totals, PostgreSQL's authorizations for reports -----------------
     async def lookup(
@@ -261,13 +337,13 @@ class PostgresRedisStore(PostgresStore):
         if spend_keys:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for limit, period in spend_keys:
-                    pipe.hmget(f"paysentry:spend:{agent_id}:{limit}:{period}", "amount", "count")
+                    pipe.hmget(window_key(agent_id, limit, period), *_read_fields(period))
                 answers = await self._redis(pipe.execute())
-            for (limit, period), (amount, count) in zip(spend_keys, answers, strict=True):
-                if amount is None:
+            for (limit, period), answer in zip(spend_keys, answers, strict=True):
+                if answer[0] is None:  # not in Redis (a rolling window's first field says it was loaded)
                     totals[limit] = await self._load_window(agent_id, limit, period)
                 else:
-                    totals[limit] = SpendTotal(int(amount), int(count))
+                    totals[limit] = _total(answer)
         return (authorization_record(row) if row else None), totals
 
     async def spend_of(self, owner_id: str, agent_id: str) -> list[dict[str, Any]]:
@@ -285,12 +361,23 @@ class PostgresRedisStore(PostgresStore):
     ) -> list[tuple[str, str, str, str, int, int]]:
         if not keys:
             return []
-        wanted = " OR ".join("(c->>'limit'=? AND c->>'period'=?)" for _ in keys)
-        sql = f"{HELD_SPEND} AND a.created_at > ? AND ({wanted}) {GROUPED}"
-        args = [time.time() - 32 * 86400, *(x for key in keys for x in key)]
+        conditions, values = [], []
+        for name, period in keys:  # a rolling window: every bucket of it
+            bounds = rolling_range(period)
+            if bounds is None:
+                conditions.append("(c->>'limit'=? AND c->>'period'=?)")
+                values += [name, period]
+            else:
+                conditions.append(
+                    "(c->>'limit'=? AND c->>'period'>=? AND c->>'period'<=? AND c->>'period' LIKE ?)"
+                )
+                values += [name, bounds[1], bounds[2], bounds[0] + "%"]
+        sql = f"{HELD_SPEND} AND a.created_at > ? AND ({' OR '.join(conditions)}) {GROUPED}"
+        args = [time.time() - 32 * 86400, *values]
         rows = await self.fetch_all(
-            f"SELECT s.agent_id, g.name, s.limit_name, s.currency, s.amount, s.count FROM ({sql}) s "
-            "JOIN agents g ON g.id = s.agent_id WHERE g.revoked_at IS NULL ORDER BY s.amount DESC LIMIT ?",
+            "SELECT s.agent_id, g.name, s.limit_name, s.currency, SUM(s.amount), SUM(s.count) FROM "
+            f"({sql}) s JOIN agents g ON g.id = s.agent_id WHERE g.revoked_at IS NULL "
+            "GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC LIMIT ?",
             [*args, limit],
         )
         return [tuple(r) for r in rows]
@@ -340,6 +427,26 @@ class PostgresRedisStore(PostgresStore):
             )
             released += 1
         return released
+
+
+def _read_fields(period: str) -> list[str]:
+    """What to read of a window to know its total: a rolling window's marker, then its buckets' amounts,
+    then their counts."""
+    bounds = rolling_range(period)
+    if bounds is None:
+        return ["amount", "count"]
+    first, last = bucket_of(bounds[1])[1], bucket_of(bounds[2])[1]
+    span = range(first, last + 1)
+    return ["loaded", *(f"a:{j}" for j in span), *(f"c:{j}" for j in span)]
+
+
+def _total(answer: Sequence[Any]) -> SpendTotal:
+    """A window's total from the values of ``_read_fields``."""
+    if len(answer) == 2:
+        return SpendTotal(int(answer[0] or 0), int(answer[1] or 0))
+    half = (len(answer) - 1) // 2
+    amounts, counts = answer[1 : 1 + half], answer[1 + half :]
+    return SpendTotal(sum(int(v or 0) for v in amounts), sum(int(v or 0) for v in counts))
 
 
 # Spend held by authorizations (the record the Redis counters are rebuilt from), one row per window:

@@ -63,6 +63,7 @@ from proxy.store import (
     VoteResult,
     X402Signature,
 )
+from proxy.windows import is_rolling, rolling_range
 
 T = TypeVar("T")
 # An unresolved call due for resolution: in doubt and past its retry time, or forwarding past its lease.
@@ -151,14 +152,22 @@ class SqlStore(ABC):
     ) -> list[tuple[str, str, str, str, int, int]]:
         if not keys:
             return []
-        wanted = ",".join("(?,?)" for _ in keys)
+        # a calendar window is its period's row; a rolling one the sum of its window's buckets
+        wanted, args = [], []
+        for name, period in keys:
+            bounds = rolling_range(period)
+            if bounds is None:
+                wanted.append("(s.limit_name=? AND s.period=?)")
+                args += [name, period]
+            else:
+                wanted.append("(s.limit_name=? AND s.period>=? AND s.period<=? AND s.period LIKE ?)")
+                args += [name, bounds[1], bounds[2], bounds[0] + "%"]
         sql = (
-            "SELECT s.agent_id, a.name, s.limit_name, s.currency, s.amount, s.count FROM spend s "
-            f"JOIN agents a ON a.id = s.agent_id WHERE (s.limit_name, s.period) IN (VALUES {wanted}) "
-            "AND a.revoked_at IS NULL ORDER BY s.amount DESC LIMIT ?"
+            "SELECT s.agent_id, a.name, s.limit_name, s.currency, SUM(s.amount), SUM(s.count) FROM spend s "
+            f"JOIN agents a ON a.id = s.agent_id WHERE ({' OR '.join(wanted)}) AND a.revoked_at IS NULL "
+            "GROUP BY s.agent_id, a.name, s.limit_name, s.currency ORDER BY 5 DESC LIMIT ?"
         )
-        args = [x for key in keys for x in key] + [limit]
-        return [tuple(r) for r in await self.fetch_all(sql, args)]
+        return [tuple(r) for r in await self.fetch_all(sql, [*args, limit])]
 
     # -- key rotation ---------------------------------------------------------------------------------
     _SEALED = {
@@ -407,15 +416,19 @@ class SqlStore(ABC):
                 f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE agent_id=? AND idempotency_key=?",
                 (agent_id, idempotency_key),
             )
+            calendar = [(limit, period) for limit, period in spend_keys if not is_rolling(period)]
             totals = {limit: SpendTotal() for limit, _ in spend_keys}
-            if spend_keys:  # one query for every window the rules may read
-                wanted = " OR ".join(["(limit_name=? AND period=?)"] * len(spend_keys))
+            if calendar:  # one query for every calendar window the rules may read
+                wanted = " OR ".join(["(limit_name=? AND period=?)"] * len(calendar))
                 rows = yield many(
                     f"SELECT limit_name, period, amount, count FROM spend WHERE agent_id=? AND ({wanted})",
-                    (agent_id, *(part for key in spend_keys for part in key)),
+                    (agent_id, *(part for key in calendar for part in key)),
                 )
                 found = {(limit, period): SpendTotal(amount, count) for limit, period, amount, count in rows}
-                totals = {limit: found.get((limit, period), SpendTotal()) for limit, period in spend_keys}
+                totals |= {limit: found.get((limit, period), SpendTotal()) for limit, period in calendar}
+            for limit, period in spend_keys:  # a rolling window: the sum of its buckets
+                if is_rolling(period):
+                    totals[limit] = yield from _window_total(agent_id, limit, period)
             return (authorization_record(row) if row else None), totals
 
         return await self.read(tx())
@@ -1230,7 +1243,19 @@ def _reserve(agent_id: str, charges: Sequence[Charge]) -> Tx[LimitExceeded | Non
     it would pass with any earlier spend too); a later one updates only while within the limit. When one
     would pass its limit, the charges counted before it are uncounted in the same transaction (cheaper
     than a savepoint on every payment, a round trip each on PostgreSQL), so a refusal counts nothing."""
+    if any(is_rolling(c.period) for c in charges):
+        # A rolling window is a sum over bucket rows, which no one row lock covers: the agent's row is
+        # locked first (PostgreSQL; SQLite's write lock covers it already), so one agent's reservations of
+        # rolling windows run one at a time, and each sums the buckets its predecessors committed.
+        yield execute("UPDATE agents SET revoked_at = revoked_at WHERE id=?", (agent_id,))
     for i, c in enumerate(charges):
+        if is_rolling(c.period):
+            total = yield from _window_total(agent_id, c.limit, c.period)
+            if _over(c, total):
+                yield from _uncount(agent_id, charges[:i])
+                return LimitExceeded(c, total)
+            yield from _count(agent_id, c)
+            continue
         row = yield one(
             "INSERT INTO spend (agent_id, limit_name, period, currency, amount, count) "
             "SELECT ?, ?, ?, ?, CAST(? AS BIGINT), 1 "
@@ -1307,14 +1332,7 @@ def reconcile_tx(
     elif spend == "counted":
         yield counted(agent, charges)
         for c in charges:  # no limit check: the provider moved this money
-            (
-                yield execute(
-                    "INSERT INTO spend (agent_id, limit_name, period, currency, amount, count) "
-                    "VALUES (?,?,?,?,?,1) ON CONFLICT (agent_id, limit_name, period) DO UPDATE SET "
-                    "amount = spend.amount + excluded.amount, count = spend.count + 1",
-                    (agent, c.limit, c.period, c.currency, c.amount),
-                )
-            )
+            yield from _count(agent, c)
     details = {**data, "fix": fix, "state": state, "spend": spend}
     yield from _event(owner, agent, auth_id, "authorization.reconciled", actor, details, now)
     return True
@@ -1383,6 +1401,38 @@ def _shrink(owner_id: str, provider_ref: str, holds: int, now: float) -> Tx[None
             "why": "the provider moves less than was counted (a partial capture)",
         }
         yield from _event(owner_id, agent_id, auth_id, "authorization.reduced", "provider", data, now)
+
+
+def _count(agent_id: str, c: Charge) -> Tx[None]:
+    """Count a charge in its period's row (a rolling window's bucket), without a check."""
+    (
+        yield execute(
+            "INSERT INTO spend (agent_id, limit_name, period, currency, amount, count) "
+            "VALUES (?,?,?,?,?,1) ON CONFLICT (agent_id, limit_name, period) DO UPDATE SET "
+            "amount = spend.amount + excluded.amount, count = spend.count + 1",
+            (agent_id, c.limit, c.period, c.currency, c.amount),
+        )
+    )
+
+
+def _window_total(agent_id: str, limit: str, period: str) -> Tx[SpendTotal]:
+    """A rolling window's total at ``period`` (the bucket of now): the sum of at most BUCKETS + 1 rows, a
+    range of the primary key, whatever the history."""
+    bounds = rolling_range(period)
+    if bounds is None:
+        raise ValueError(f"{period!r} is not a rolling window's period")
+    prefix, first, last = bounds
+    row = yield one(
+        "SELECT COALESCE(SUM(amount), 0), COALESCE(SUM(count), 0) FROM spend WHERE agent_id=? "
+        "AND limit_name=? AND period>=? AND period<=? AND period LIKE ?",
+        (agent_id, limit, first, last, prefix + "%"),
+    )
+    return SpendTotal(int(row[0]), int(row[1]))
+
+
+def _over(c: Charge, total: SpendTotal) -> bool:
+    over_amount = c.max_amount is not None and total.amount + c.amount > c.max_amount
+    return over_amount or (c.max_count is not None and total.count + 1 > c.max_count)
 
 
 def _release(agent_id: str, charges: Sequence[Charge]) -> Tx[None]:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("module", "args", "rows"),
     [
         ("bench.decision", ["--iterations", "20"], 4),
-        ("bench.growth", ["--samples", "5", "--sizes", "100:10,200:50"], 2),
+        ("bench.growth", ["--samples", "5", "--sizes", "100:10,200:50"], 4),  # calendar and rolling
         ("bench.store", ["--payments", "20", "--agents", "5"], 6),
         ("bench.cards", ["--requests", "5"], 1),
         # upstream, bare forwarder, bare + decide, bare + decide + commits, sidecar (wrk: make test installs it)

@@ -28,7 +28,7 @@ def fleet_backend(postgres_url: str, redis_server: Redis) -> Backend:
 def counter(server: Redis) -> tuple[int, int]:
     client = redis.Redis(host="127.0.0.1", port=server.port)
     try:
-        values = client.hmget(window_key("agt_1", LIMIT), "amount", "count")
+        values = client.hmget(window_key("agt_1", LIMIT.limit, LIMIT.period), "amount", "count")
         return int(values[0] or 0), int(values[1] or 0)
     finally:
         client.close()

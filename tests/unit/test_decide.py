@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -179,6 +180,10 @@ def test_a_call_on_a_counted_object_charges_only_what_it_adds(tmp_path: Path) ->
         ("day", "Pacific/Kiritimati", "day:2026-11-23"),
         ("week", "UTC", "week:2026-W47"),
         ("month", "America/New_York", "month:2026-11"),
+        ("hour", "America/New_York", f"hour:{NOW.astimezone(ZoneInfo('America/New_York')):%Y-%m-%dT%H}-0500"),
+        ("all_time", "UTC", "all_time"),
+        ("rolling:3600", "UTC", f"rolling:3600:{int(NOW.timestamp()) // 60:012d}"),
+        ("rolling:2592000", "UTC", f"rolling:2592000:{int(NOW.timestamp()) // 43200:012d}"),
     ],
 )
 def test_periods_follow_the_policy_time_zone(window: str, tz: str, expected: str) -> None:
@@ -287,3 +292,39 @@ def test_rules_evaluated_together_match_as_one_by_one(tmp_path: Path) -> None:
         decision = decide(failing, ENGINE, pay(amount), AGENT, {}, NOW)
         assert (decision.outcome, decision.rule) == ("deny", "broken")
         assert "could not be evaluated" in decision.message
+
+
+def test_a_rolling_limit_charges_the_bucket_of_now_and_rules_read_its_window(tmp_path: Path) -> None:
+    ps = policies(
+        tmp_path,
+        """
+        limits:
+          - {name: hourly, rolling: 1h, currency: usd, max_count: 5}
+        rules:
+          - {name: busy, effect: hold, when: 'spend.hourly.count >= 4'}
+        """,
+    )
+    [charge] = decide(ps, ENGINE, pay(), AGENT, {}, NOW).charges
+    assert charge.period == f"rolling:3600:{int(NOW.timestamp()) // 60:012d}" and charge.max_count == 5
+    assert decide(ps, ENGINE, pay(), AGENT, {"hourly": SpendTotal(4000, 4)}, NOW).outcome == "hold"
+
+
+def test_local_is_now_in_each_policys_time_zone(tmp_path: Path) -> None:
+    """15:30 UTC on Sunday 22 Nov 2026 is 10:30 in New York and 00:30 on Monday in Tokyo."""
+    ps = policies(
+        tmp_path,
+        """
+        name: ny
+        timezone: America/New_York
+        rules:
+          - {name: ny_weekend_morning, effect: hold, when: 'local.weekend && local.hour == 10 && local.day_of_week == 0'}
+        """,
+        """
+        name: tokyo
+        timezone: Asia/Tokyo
+        rules:
+          - {name: tokyo_monday, effect: hold, when: 'local.day_of_week == 1 && local.date == "2026-11-23" && local.time == "00:30"'}
+        """,
+    )
+    decision = decide(ps, ENGINE, pay(), AGENT, {}, NOW)
+    assert set(decision.fired) == {"ny.ny_weekend_morning", "tokyo.tokyo_monday"}

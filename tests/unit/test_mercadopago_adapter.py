@@ -216,3 +216,13 @@ def test_a_payment_is_tagged_with_its_authorization_keeping_the_agents_metadata(
             "application/json",
             b'{"transaction_amount": 1, "metadata": {"paysentry_authorization": "auth_x"}}',
         )
+
+
+def test_the_payee_is_the_collector_or_the_refunded_payment() -> None:
+    marketplace = ARS.classify(
+        "POST", "/v1/payments", "application/json", body(transaction_amount=10, collector_id=77)
+    )
+    assert marketplace.payment is not None
+    assert (marketplace.payment.payee, marketplace.payment.payee_kind) == ("77", "collector")
+    own = ARS.classify("POST", "/v1/payments", "application/json", body(transaction_amount=10))
+    assert own.payment is not None and (own.payment.payee, own.payment.payee_kind) == ("", "collector")

@@ -49,6 +49,10 @@ def problems_of(tmp_path: Path, text: str) -> list[str]:
         ),
         ("limits:\n  - {name: d, window: day, currency: usd}\n", "needs max_amount"),
         ("timezone: Mars/Olympus\n", "unknown time zone"),
+        ("limits:\n  - {name: d, currency: usd, max_count: 1}\n", "give either window"),
+        ("limits:\n  - {name: d, window: day, rolling: 1h, currency: usd, max_count: 1}\n", "not both"),
+        ("limits:\n  - {name: d, rolling: 90s, currency: usd, max_count: 1}\n", "whole number of minutes"),
+        ("limits:\n  - {name: d, rolling: soon, currency: usd, max_count: 1}\n", "not a duration"),
     ],
 )
 def test_each_broken_policy_gets_one_precise_message(tmp_path: Path, text: str, expected: str) -> None:
@@ -140,3 +144,57 @@ def test_a_limit_counts_only_operations_it_is_given(tmp_path: Path) -> None:
     assert load_policy_set(tmp_path, ENGINE, operations=("charge", "refund")).limit_names == {"d"}
     with pytest.raises(PolicyError, match=r"operations\[1\] must be one of charge, not 'refund'"):
         load_policy_set(tmp_path, ENGINE, operations=("charge",))
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "expected"),
+    [
+        (
+            "limits:\n  - {name: daily, window: day, currency: usd, max_amount: 1}\nrules:\n"
+            "  - name: busy\n    effect: hold\n    when: 'spend.hourly.count >= 5'\n",
+            6,
+            "rule busy: spend.hourly names no declared limit (limits: daily)",
+        ),
+        (
+            "limits:\n  - {name: daily, window: day, currency: usd, max_amount: 1}\nrules:\n"
+            "  - {name: busy, effect: hold, when: 'spend[\"daily\"].amout > 5'}\n",
+            4,
+            "rule busy: spend.daily.amout: a limit's spend has only amount and count",
+        ),
+        (
+            "rules:\n  - {name: late, effect: hold, when: 'now.getDayOfWeek(\"Mars/Phobos\") == 0'}\n",
+            2,
+            "rule late: unknown time zone 'Mars/Phobos'",
+        ),
+        (
+            "rules:\n  - {name: a, effect: hold, when: 'true'}\n  - {name: a, effect: deny, when: 'true'}\n",
+            3,
+            "rule a: duplicate rule name 'a' (also at ",
+        ),
+    ],
+)
+def test_what_would_fail_every_payment_is_refused_with_its_line(
+    tmp_path: Path, text: str, line: int, expected: str
+) -> None:
+    [problem] = problems_of(tmp_path, text)
+    assert problem.startswith(f"{tmp_path / 'broken.yaml'}:{line}: {expected}"), problem
+
+
+def test_strings_and_offsets_are_not_mistaken_for_problems(tmp_path: Path) -> None:
+    (tmp_path / "ok.yaml").write_text(
+        "rules:\n  - {name: a, effect: hold, when: "
+        '\'payment.description == "spend.nothing" && now.getHours("+05:30") > 1 '
+        '&& now.getHours("Europe/Berlin") > 1\'}\n'
+    )
+    load_policy_set(tmp_path, ENGINE, operations=REGISTRY.operations)
+
+
+def test_every_problem_of_a_set_is_reported_at_once(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("rules:\n  - {name: x, effect: hold, when: 'spend.nope.count > 1'}\n")
+    (tmp_path / "b.yaml").write_text(
+        "timezone: Mars/Olympus\nrules:\n  - {name: y, effect: hold, when: 'now.getHours(\"Nowhere\") > 1'}\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy_set(tmp_path, ENGINE, operations=REGISTRY.operations)
+    lines = [p.split(": ", 1)[0].rsplit("/", 1)[-1] for p in caught.value.problems]
+    assert sorted(lines) == ["a.yaml:2", "b.yaml:1", "b.yaml:3"], caught.value.problems

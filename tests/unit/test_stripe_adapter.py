@@ -327,3 +327,44 @@ def test_an_agent_cannot_set_the_attribution_itself() -> None:
     with pytest.raises(BadRequest, match="set by PaySentry") as raised:
         classify("/v1/payment_intents", "amount=1&currency=usd&metadata[paysentry_authorization]=auth_x")
     assert raised.value.param == "metadata[paysentry_authorization]"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "payee", "kind"),
+    [
+        (
+            "/v1/payment_intents",
+            {"amount": "100", "currency": "usd", "customer": "cus_1"},
+            "cus_1",
+            "customer",
+        ),
+        (
+            "/v1/payment_intents",
+            {"amount": "100", "currency": "usd", "customer": "cus_1", "transfer_data[destination]": "acct_1"},
+            "acct_1",
+            "account",
+        ),
+        (
+            "/v1/payment_intents",
+            {"amount": "100", "currency": "usd", "on_behalf_of": "acct_2"},
+            "acct_2",
+            "account",
+        ),
+        ("/v1/payment_intents", {"amount": "100", "currency": "usd"}, "", ""),
+        (
+            "/v1/charges",
+            {"amount": "100", "currency": "usd", "destination[account]": "acct_3"},
+            "acct_3",
+            "account",
+        ),
+        ("/v1/charges", {"amount": "100", "currency": "usd", "customer": "cus_2"}, "cus_2", "customer"),
+        ("/v1/transfers", {"amount": "100", "currency": "usd", "destination": "acct_4"}, "acct_4", "account"),
+        ("/v1/payouts", {"amount": "100", "currency": "usd"}, "", "bank_account"),
+        ("/v1/refunds", {"charge": "ch_1"}, "ch_1", "payment"),
+    ],
+)
+def test_the_payee_of_every_money_moving_call(
+    path: str, params: dict[str, str], payee: str, kind: str
+) -> None:
+    payment = classify(path, params).payment
+    assert payment is not None and (payment.payee, payment.payee_kind) == (payee, kind)
