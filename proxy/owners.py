@@ -44,6 +44,7 @@ from proxy.store import (
     VoteRefused,
     VoteResult,
 )
+from proxy.windows import in_window
 
 # As policies name approvers; no ':' so no approver can pose as owner:<name> or reviewer:<name>.
 APPROVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
@@ -248,7 +249,6 @@ def spend_against_limits(
     """Every windowed limit that applies to the agent, in its current period: used, the maximum, what
     remains (None where the limit has no such maximum)."""
     when = datetime.fromtimestamp(now, UTC)
-    counted = {(r["limit"], r["period"]): r for r in rows}
     out = []
     for policy in policy_set.policies:
         if not policy.applies_to(agent.labels):
@@ -257,8 +257,10 @@ def spend_against_limits(
             if lim.window == "payment":
                 continue
             period = period_of(lim.window, when, policy.timezone)
-            row = counted.get((lim.name, period), {})
-            used, count = int(row.get("amount", 0)), int(row.get("count", 0))
+            # A calendar window is one period; a rolling one the buckets its window sums.
+            held = [r for r in rows if r["limit"] == lim.name and in_window(period, r["period"])]
+            used = sum(int(r["amount"]) for r in held)
+            count = sum(int(r["count"]) for r in held)
             out.append(
                 {
                     "limit": lim.name,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from proxy.errors import Conflict, Forbidden, NotFound, PaySentryError
@@ -63,3 +65,39 @@ def test_a_refusal_no_owner_can_cause_has_no_wording() -> None:
 def test_facts_are_data() -> None:
     fact = ApprovalClosed("apr_1", "approved")
     assert str(fact) == "ApprovalClosed(approval_id='apr_1', state='approved')"
+
+
+def test_spend_against_a_rolling_limit_sums_the_buckets_of_its_window(tmp_path: Any) -> None:
+    """What an owner sees used of a rolling window is every bucket the window sums now, not one bucket;
+    buckets older than the window are not counted."""
+    from datetime import UTC, datetime
+
+    from adapters import REGISTRY
+    from proxy.owners import spend_against_limits
+    from proxy.policy.engine import make_engine
+    from proxy.policy.loader import load_policy_set
+    from proxy.store import AgentRecord
+    from proxy.windows import period_of
+
+    (tmp_path / "p.yaml").write_text(
+        "name: p\nlimits:\n  - {name: hourly, rolling: 1h, currency: usd, max_amount: 5000, max_count: 5}\n"
+    )
+    policy_set = load_policy_set(tmp_path, make_engine("cel-expr-python"), operations=REGISTRY.operations)
+    now = 1_790_000_000.0
+
+    def bucket(seconds_ago: float) -> str:
+        return period_of("rolling:3600", datetime.fromtimestamp(now - seconds_ago, UTC), "UTC")
+
+    rows = [
+        {"limit": "hourly", "period": bucket(0), "amount": 1000, "count": 1},
+        {"limit": "hourly", "period": bucket(1800), "amount": 1500, "count": 2},
+        {"limit": "hourly", "period": bucket(7200), "amount": 9000, "count": 9},  # out of the window
+    ]
+    agent = AgentRecord("agt_1", "own_1", "conn_1", "bot", {}, "hash", 1.0)
+    [hourly] = spend_against_limits(policy_set, agent, rows, now)
+    assert (hourly["amount"], hourly["count"], hourly["remaining"], hourly["remaining_count"]) == (
+        2500,
+        3,
+        2500,
+        2,
+    )
