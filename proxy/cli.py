@@ -53,7 +53,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from adapters import REGISTRY
 from proxy import __version__
@@ -67,8 +67,15 @@ class UsageError(PaySentryError):
     """A command used wrongly (exit 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and a pointer to --help (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see: {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paysentry", description="Authorization gateway for AI-agent payments")
+    p = _Parser(prog="paysentry", description="Authorization gateway for AI-agent payments")
     p.add_argument(
         "--config", default=os.environ.get("PAYSENTRY_CONFIG", DEFAULT_CONFIG), help="settings file"
     )
