@@ -267,7 +267,7 @@ class Sidecar:
 
     def _cli(self, *args: str, stdin: str | None = None) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "proxy", "--config", str(self.config), *args],
+            [sys.executable, "-m", "proxy", "--config", str(self.config), "-o", "json", *args],
             input=stdin,
             capture_output=True,
             text=True,

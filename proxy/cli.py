@@ -4,6 +4,7 @@
     paysentry keygen FILE                          write a new encryption key file (or add one for rotation)
     paysentry owner create NAME                    prints the owner's API token once
     paysentry provider add --name N --provider P [--upstream URL] [--setting NAME=VALUE]... --credentials-file F|-
+    paysentry provider list | provider remove NAME   (agents on a removed connection stop being served)
     paysentry agent create NAME [--label k=v] [--connection N]   prints the agent's token once
     paysentry agent list | agent revoke ID
     paysentry policy check DIR...                  load and type-check (exit 3 when invalid)
@@ -12,7 +13,8 @@
                                                  failure, 5 below the coverage threshold)
     paysentry policy replay DIR --since 7d         which recorded decisions a candidate set would change
     paysentry policy schema                        the JSON schema of a policy file, with the adapters' operations
-    paysentry approvals list [--state S] | show ID | approve ID | deny ID [--as APPROVER] [--reason R]
+    paysentry approvals list [--state S] | show ID | approve ID | deny ID [--reason R]
+    paysentry approver create NAME | approver list | approver revoke ID
     paysentry reconcile [--since 24h|ISO8601] [--owner N] [--connection N] [-o json]
                                                    compare what PaySentry counted with the providers' records
     paysentry state check FILE                     load a declared state file, resolving its references (exit 2 when invalid)
@@ -21,9 +23,22 @@
     paysentry x402-demo [both|facilitator|resource] [--listen HOST:PORT] [--facilitator HOST:PORT]
 
 Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
-Exit codes: 0 done, 1 refused (not found, conflict; for reconcile: a provider list could not be read
-whole), 2 usage or configuration error, 3 invalid policy, 4 a policy test failed, 5 reconciliation left
-unexplained drift (for policy test: coverage below --threshold).
+With ``--api URL`` (or $PAYSENTRY_API) the read, list and vote commands (agent list, approvals
+list|show|approve|deny, approver list|create|revoke) go through the owner API instead, with the token in
+$PAYSENTRY_OWNER_TOKEN (an approver's psa_ token works for approvals). ``-o table`` (the default) or
+``-o json``, ``--config``, ``--api`` and ``-o`` are accepted anywhere on the line. Times are ISO 8601 (UTC).
+
+Exit codes (every error is one line on stderr, never a traceback):
+    0  done (also when the reader of the output stopped early: ``| head``)
+    1  refused: not found, conflict, forbidden, a file that cannot be read; for reconcile: a provider list
+       could not be read whole
+    2  usage or configuration error
+    3  invalid policy
+    4  a policy test failed
+    5  reconcile left unexplained drift; policy test: coverage below --threshold
+    6  the owner API (--api) could not be reached
+    70 an internal error (a bug: set PAYSENTRY_DEBUG=1 for the traceback)
+    130 interrupted
 """
 
 from __future__ import annotations
@@ -38,9 +53,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from adapters import REGISTRY
+from proxy import __version__
 from proxy.config import Settings, load_settings
 from proxy.errors import ConfigError, PaySentryError, PolicyError
 
@@ -51,10 +67,27 @@ class UsageError(PaySentryError):
     """A command used wrongly (exit 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and a pointer to --help (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see: {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paysentry", description="Authorization gateway for AI-agent payments")
+    p = _Parser(prog="paysentry", description="Authorization gateway for AI-agent payments")
     p.add_argument(
         "--config", default=os.environ.get("PAYSENTRY_CONFIG", DEFAULT_CONFIG), help="settings file"
+    )
+    p.add_argument("--version", action="version", version=f"paysentry {__version__}")
+    p.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="table (default) or json"
+    )
+    p.add_argument(
+        "--api",
+        default=os.environ.get("PAYSENTRY_API") or None,
+        metavar="URL",
+        help="use the owner API at URL (token: $PAYSENTRY_OWNER_TOKEN) instead of the local store",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -65,19 +98,29 @@ def _parser() -> argparse.ArgumentParser:
         "keygen", help="write an encryption key file (prepends a new key to an existing one)"
     )
     keygen.add_argument("file")
-    db = sub.add_parser("db").add_subparsers(dest="action", required=True)
+    db = sub.add_parser("db", help="the store's schema").add_subparsers(dest="action", required=True)
     db.add_parser("migrate", help="create or upgrade the store's schema (PostgreSQL; SQLite does it itself)")
-    keys = sub.add_parser("keys").add_subparsers(dest="action", required=True)
+    keys = sub.add_parser("keys", help="encryption keys").add_subparsers(dest="action", required=True)
     keys.add_parser(
         "rotate",
         help="re-encrypt every sealed credential and stored answer under the newest key (run after keygen)",
     )
 
-    owner = sub.add_parser("owner").add_subparsers(dest="action", required=True)
-    owner.add_parser("create").add_argument("name")
-    owner.add_parser("list")
+    owner = sub.add_parser(
+        "owner", help="owners: each has its own token, agents and policies' view"
+    ).add_subparsers(dest="action", required=True)
+    owner.add_parser("create", help="prints the owner's API token once").add_argument("name")
+    owner.add_parser("list", help="every owner")
 
-    provider = sub.add_parser("provider").add_subparsers(dest="action", required=True)
+    provider = sub.add_parser(
+        "provider", help="provider connections (accounts and their credentials)"
+    ).add_subparsers(dest="action", required=True)
+    provider.add_parser("list", help="the owner's active connections (never their credentials)").add_argument(
+        "--owner"
+    )
+    removed = provider.add_parser("remove", help="remove a connection; agents on it are refused from then on")
+    removed.add_argument("name", help="the connection's name (or id)")
+    removed.add_argument("--owner")
     add = provider.add_parser(
         "add",
         help="connect a provider account; credentials come from a file or stdin",
@@ -106,18 +149,22 @@ def _parser() -> argparse.ArgumentParser:
         "--credentials-file", required=True, help='JSON {"secret_key": ...} or the key alone; - for stdin'
     )
 
-    agent = sub.add_parser("agent").add_subparsers(dest="action", required=True)
-    create = agent.add_parser("create")
+    agent = sub.add_parser("agent", help="agents: each with its own token").add_subparsers(
+        dest="action", required=True
+    )
+    create = agent.add_parser("create", help="prints the agent's token once")
     create.add_argument("name")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     create.add_argument("--connection", default="default")
     create.add_argument("--owner")
-    agent.add_parser("list").add_argument("--owner")
-    revoke = agent.add_parser("revoke")
+    agent.add_parser("list", help="the owner's agents").add_argument("--owner")
+    revoke = agent.add_parser("revoke", help="the agent's token stops working")
     revoke.add_argument("id")
     revoke.add_argument("--owner")
 
-    policy = sub.add_parser("policy").add_subparsers(dest="action", required=True)
+    policy = sub.add_parser("policy", help="check, test, replay policies").add_subparsers(
+        dest="action", required=True
+    )
     check = policy.add_parser("check", help="load and type-check policy directories")
     check.add_argument("dirs", nargs="+", metavar="DIR")
     check.add_argument("--engine", default=None, help="cel-expr-python, cel-python or all")
@@ -137,17 +184,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     rerun = policy.add_parser("replay", help="re-decide recorded history under a candidate policy set")
     rerun.add_argument("dir")
-    rerun.add_argument("--since", default="7d", help="how far back, e.g. 24h or 7d")
+    rerun.add_argument("--since", default="7d", help="a duration back from now (24h, 7d) or ISO 8601")
     rerun.add_argument("--owner")
     rerun.add_argument("--engine", default=None)
     policy.add_parser("schema", help="print the JSON schema of a policy file, with the adapters' operations")
 
-    approvals = sub.add_parser("approvals").add_subparsers(dest="action", required=True)
-    listing = approvals.add_parser("list")
-    listing.add_argument("--state", default="pending", help="pending, approved, denied, expired or all")
+    approvals = sub.add_parser("approvals", help="held payments: list, show, vote").add_subparsers(
+        dest="action", required=True
+    )
+    listing = approvals.add_parser("list", help="held payments (pending by default)")
+    listing.add_argument(
+        "--state", default="pending", choices=("pending", "approved", "denied", "expired", "all")
+    )
     listing.add_argument("--owner")
-    for name in ("show", "approve", "deny"):
-        cmd = approvals.add_parser(name)
+    for name, what in (
+        ("show", "one hold, its approvers and votes"),
+        ("approve", "vote to approve"),
+        ("deny", "vote to deny"),
+    ):
+        cmd = approvals.add_parser(name, help=what)
         cmd.add_argument("id")
         cmd.add_argument("--owner")
         if name != "show":
@@ -172,9 +227,10 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--since", default="24h", help="a duration back from now (24h, 7d) or ISO 8601")
     reconcile.add_argument("--owner")
     reconcile.add_argument("--connection", help="one connection of the owner, by name")
-    reconcile.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
-    state = sub.add_parser("state").add_subparsers(dest="action", required=True)
+    state = sub.add_parser("state", help="declared state files (GitOps)").add_subparsers(
+        dest="action", required=True
+    )
     state.add_parser("check", help="load a declared state file and everything it references").add_argument(
         "file"
     )
@@ -223,28 +279,14 @@ def _settings_help() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(hoist_config(sys.argv[1:] if argv is None else argv))
     try:
-        if args.command == "policy" and args.action in _POLICY_COMMANDS:
-            return _POLICY_COMMANDS[args.action](args)
-        if args.command == "state":
-            return _state(args)
-        if args.command == "keygen":
-            return _keygen(Path(args.file))
-        if args.command == "mock-provider":
-            from adapters.mock import serve_mock
-            from proxy.config import split_address
-
-            host, port = split_address(args.listen)
-            serve_mock(host, port)
-            return 0
-        if args.command == "x402-demo":
-            return _x402_demo(args)
-        settings = load_settings(args.config)
-        if args.command == "serve":
-            return _serve(settings, args.demo)
-        command = _COMMANDS[(args.command, getattr(args, "action", ""))]
-        return asyncio.run(
-            _with_store(settings, lambda ctx: command(ctx, args), migrate=args.command == "db")
-        )
+        return _dispatch(args)
+    except BrokenPipeError:  # the reader stopped (| head): nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("paysentry: interrupted", file=sys.stderr)
+        return 130
     except PolicyError as exc:
         print(exc.message, file=sys.stderr)
         return 3
@@ -255,15 +297,70 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paysentry: {exc.message}", file=sys.stderr)
         return 2
     except PaySentryError as exc:
+        from proxy.client import ApiUnreachable
+
         print(f"paysentry: {exc.message}", file=sys.stderr)
+        return 6 if isinstance(exc, ApiUnreachable) else 1
+    except OSError as exc:  # a file named on the line: missing, unreadable
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"paysentry: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if os.environ.get("PAYSENTRY_DEBUG"):
+            raise
+        print(
+            f"paysentry: internal error ({type(exc).__name__}: {exc}); PAYSENTRY_DEBUG=1 shows where",
+            file=sys.stderr,
+        )
+        return 70
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "policy" and args.action in _POLICY_COMMANDS:
+        return _POLICY_COMMANDS[args.action](args)
+    if args.command == "state":
+        return _state(args)
+    if args.command == "keygen":
+        return _keygen(Path(args.file))
+    if args.command == "mock-provider":
+        from adapters.mock import serve_mock
+        from proxy.config import split_address
+
+        host, port = split_address(args.listen)
+        serve_mock(host, port)
+        return 0
+    if args.command == "x402-demo":
+        return _x402_demo(args)
+    key = (args.command, getattr(args, "action", "") or "")
+    if args.api:
+        if key not in _REMOTE:
+            remote = ", ".join(" ".join(k) for k in _REMOTE)
+            raise UsageError(
+                f"--api serves {remote}; {' '.join(key)} runs where the store is (without --api)"
+            )
+        from proxy.client import OwnerApiClient
+
+        token = os.environ.get("PAYSENTRY_OWNER_TOKEN", "")
+        if not token:
+            raise UsageError("--api needs the owner's token in PAYSENTRY_OWNER_TOKEN (or an approver's psa_)")
+        client = OwnerApiClient(args.api, token)
+        return _REMOTE[key](client, args)
+    settings = load_settings(args.config)
+    if args.command == "serve":
+        return _serve(settings, args.demo)
+    command = _COMMANDS[key]
+    return asyncio.run(_with_store(settings, lambda ctx: command(ctx, args), migrate=args.command == "db"))
 
 
 def hoist_config(argv: list[str]) -> list[str]:
-    """``--config FILE`` is accepted anywhere (``paysentry serve --config x``): move it before the command."""
+    """``--config FILE``, ``--api URL`` and ``-o FORMAT`` are accepted anywhere (``paysentry serve --config
+    x``, ``paysentry agent list -o json``): move them before the command."""
     rest, hoisted = list(argv), list[str]()
+    names = ("--config", "--api", "--output", "-o")
     while True:
-        i = next((k for k, a in enumerate(rest) if a == "--config" or a.startswith("--config=")), None)
+        i = next(
+            (k for k, a in enumerate(rest) if a in names or a.startswith(tuple(f"{n}=" for n in names))), None
+        )
         if i is None:
             return hoisted + rest
         take = 1 if "=" in rest[i] else 2
@@ -499,37 +596,94 @@ async def _with_store(
         await ctx.store.close()
 
 
-def _print(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+AGENT_COLUMNS = ("id", "name", "connection", "labels", "created_at", "revoked_at")
+APPROVAL_COLUMNS = ("id", "state", "authorization_id", "approvers", "quorum", "expires_at", "decided_by")
+APPROVER_COLUMNS = ("id", "name", "created_at", "revoked_at")
+CONNECTION_COLUMNS = ("id", "name", "provider", "upstream", "settings", "created_at")
+
+
+def _show(args: argparse.Namespace, data: Any, columns: tuple[str, ...] = ()) -> None:
+    """``data`` as ``-o`` asks: JSON, or a table (a list, in ``columns``) or ``key  value`` lines."""
+    if getattr(args, "output", "json") == "json":
+        print(json.dumps(data, indent=2, default=str))
+    elif isinstance(data, list):
+        print(_table(data, columns or tuple(data[0]) if data else columns))
+    else:
+        width = max((len(k) for k in data), default=0)
+        print("\n".join(f"{k:<{width}}  {_cell(v)}" for k, v in data.items()))
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    cells = [[c.upper() for c in columns]] + [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return (
+            ",".join(f"{k}={v}" for k, v in value.items())
+            if all(not isinstance(v, dict | list) for v in value.values())
+            else json.dumps(value)
+        )
+    if isinstance(value, list):
+        return (
+            ",".join(_cell(v) for v in value)
+            if all(not isinstance(v, dict) for v in value)
+            else f"{len(value)} item(s)"
+        )
+    return str(value)
 
 
 async def _db_migrate(ctx: _Context, args: argparse.Namespace) -> int:
-    _print({"store": ctx.store.__class__.__name__, "schema_version": await ctx.store.migrate()})
+    _show(args, {"store": ctx.store.__class__.__name__, "schema_version": await ctx.store.migrate()})
     return 0
 
 
 async def _keys_rotate(ctx: _Context, args: argparse.Namespace) -> int:
     report = await ctx.service.rotate_keys()
-    _print({"newest_key": ctx.sealer.key_ids[0], "loaded_keys": ctx.sealer.key_ids, **report})
+    _show(args, {"newest_key": ctx.sealer.key_ids[0], "loaded_keys": ctx.sealer.key_ids, **report})
     return 0
 
 
 async def _owner_create(ctx: _Context, args: argparse.Namespace) -> int:
+    if await ctx.store.find_owner(args.name) is not None:
+        raise PaySentryError(f"an owner named {args.name!r} already exists; see: paysentry owner list")
     owner, token = await ctx.service.create_owner(args.name)
-    _print({"id": owner.id, "name": owner.name, "token": token, "note": "the token is shown once"})
+    _show(args, {"id": owner.id, "name": owner.name, "token": token, "note": "the token is shown once"})
     return 0
 
 
 async def _owner_list(ctx: _Context, args: argparse.Namespace) -> int:
-    _print([{"id": o.id, "name": o.name} for o in await ctx.store.list_owners()])
+    _show(args, [{"id": o.id, "name": o.name} for o in await ctx.store.list_owners()])
     return 0
 
 
+def _credentials(source: str) -> dict[str, str]:
+    text = (sys.stdin.read() if source == "-" else Path(source).read_text()).strip()
+    if not text.startswith("{"):
+        return {"secret_key": text}
+    try:
+        credentials = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--credentials-file {source}: not valid JSON ({exc})") from None
+    if not isinstance(credentials, dict) or not all(isinstance(v, str) for v in credentials.values()):
+        raise UsageError(f'--credentials-file {source}: a JSON object of strings, {{"secret_key": "..."}}')
+    return credentials
+
+
 async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if args.credentials_file == "-" else Path(args.credentials_file).read_text()
-    text = text.strip()
-    credentials = json.loads(text) if text.startswith("{") else {"secret_key": text}
+    credentials = _credentials(args.credentials_file)
     owner = await ctx.service.owner_named(args.owner)
+    if await ctx.store.find_connection(owner.id, args.name, include_revoked=True) is not None:
+        raise PaySentryError(
+            f"a provider connection named {args.name!r} already exists (removed ones keep their name); "
+            "choose another --name"
+        )
     record = await ctx.service.add_connection(
         owner.id,
         args.provider,
@@ -539,15 +693,47 @@ async def _provider_add(ctx: _Context, args: argparse.Namespace) -> int:
         args.allow_account,
         _pairs("--setting", args.setting),
     )
-    _print(
+    _show(
+        args,
         {
             "id": record.id,
             "name": record.name,
             "provider": record.provider,
             "upstream": record.upstream,
             "settings": dict(record.settings),
-        }
+        },
     )
+    return 0
+
+
+async def _provider_list(ctx: _Context, args: argparse.Namespace) -> int:
+    from proxy.owners import rfc3339
+
+    owner = await ctx.service.owner_named(args.owner)
+    rows = [
+        {
+            "id": c.id,
+            "name": c.name,
+            "provider": c.provider,
+            "upstream": c.upstream,
+            "settings": dict(c.settings),
+            "allowed_accounts": list(c.allowed_accounts),
+            "created_at": rfc3339(c.created_at),
+        }
+        for c in await ctx.store.list_connections(owner.id)
+    ]
+    _show(args, rows, CONNECTION_COLUMNS)
+    return 0
+
+
+async def _provider_remove(ctx: _Context, args: argparse.Namespace) -> int:
+    owner = await ctx.service.owner_named(args.owner)
+    found = await ctx.store.find_connection(owner.id, args.name)
+    if found is None:
+        found = next((c for c in await ctx.store.list_connections(owner.id) if c.id == args.name), None)
+    if found is None or not await ctx.store.revoke_connection(owner.id, found.id, "cli", time.time()):
+        raise PaySentryError(f"no active provider connection {args.name!r}; see: paysentry provider list")
+    print(f"removed {found.name} ({found.id})")
     return 0
 
 
@@ -556,7 +742,7 @@ def _pairs(option: str, items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise PaySentryError(f"{option} takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"{option} takes KEY=VALUE, got {item!r}")
         pairs[key] = value
     return pairs
 
@@ -567,7 +753,7 @@ async def _agent_create(ctx: _Context, args: argparse.Namespace) -> int:
     agent, token = await ctx.service.create_agent(owner.id, args.name, labels, args.connection)
     from proxy.owners import agent_json
 
-    _print({**agent_json(agent), "token": token, "note": "the token is shown once"})
+    _show(args, {**agent_json(agent), "token": token, "note": "the token is shown once"})
     return 0
 
 
@@ -575,7 +761,7 @@ async def _agent_list(ctx: _Context, args: argparse.Namespace) -> int:
     from proxy.owners import agent_json
 
     owner = await ctx.service.owner_named(args.owner)
-    _print([agent_json(a) for a in await ctx.store.list_agents(owner.id)])
+    _show(args, [agent_json(a) for a in await ctx.store.list_agents(owner.id)], AGENT_COLUMNS)
     return 0
 
 
@@ -594,7 +780,11 @@ async def _approvals_list(ctx: _Context, args: argparse.Namespace) -> int:
     owner = await ctx.service.owner_named(args.owner)
     state = None if args.state == "all" else args.state
     now = time.time()
-    _print([approval_json(a, now) for a in await ctx.store.list_approvals(owner.id, state)])
+    _show(
+        args,
+        [approval_json(a, now) for a in await ctx.store.list_approvals(owner.id, state)],
+        APPROVAL_COLUMNS,
+    )
     return 0
 
 
@@ -606,7 +796,7 @@ async def _approvals_show(ctx: _Context, args: argparse.Namespace) -> int:
     if approval is None:
         print(f"paysentry: no approval {args.id!r}", file=sys.stderr)
         return 1
-    _print(approval_json(approval, time.time()))
+    _show(args, approval_json(approval, time.time()))
     return 0
 
 
@@ -633,7 +823,7 @@ async def _approvals_decide(ctx: _Context, args: argparse.Namespace) -> int:
         "cli",
         principal.authenticated("cli"),
     )
-    _print(approval_json(result.approval, time.time(), result.counted))
+    _show(args, approval_json(result.approval, time.time(), result.counted))
     return 0
 
 
@@ -642,7 +832,7 @@ async def _approver_create(ctx: _Context, args: argparse.Namespace) -> int:
 
     owner = await ctx.service.owner_named(args.owner)
     approver, token = await ctx.service.create_approver(owner.id, args.name, "cli")
-    _print({**approver_json(approver), "token": token, "note": "the token is shown once"})
+    _show(args, {**approver_json(approver), "token": token, "note": "the token is shown once"})
     return 0
 
 
@@ -650,7 +840,7 @@ async def _approver_list(ctx: _Context, args: argparse.Namespace) -> int:
     from proxy.owners import approver_json
 
     owner = await ctx.service.owner_named(args.owner)
-    _print([approver_json(a) for a in await ctx.store.list_approvers(owner.id)])
+    _show(args, [approver_json(a) for a in await ctx.store.list_approvers(owner.id)], APPROVER_COLUMNS)
     return 0
 
 
@@ -662,14 +852,13 @@ async def _approver_revoke(ctx: _Context, args: argparse.Namespace) -> int:
 
 
 async def _policy_replay(ctx: _Context, args: argparse.Namespace) -> int:
-    from proxy.durations import parse_duration
     from proxy.policy.loader import load_policy_set
     from proxy.policy.replay import replay
 
     engine = _engines(args)[0]
     candidate = load_policy_set(args.dir, engine, operations=REGISTRY.operations)
     owner_id = (await ctx.service.owner_named(args.owner)).id if args.owner else None
-    history = await ctx.store.history(time.time() - parse_duration(args.since), owner_id)
+    history = await ctx.store.history(parse_since(args.since, time.time()), owner_id)
     agents = {a.id: a for o in await ctx.store.list_owners() for a in await ctx.store.list_agents(o.id)}
     count, changes = replay(history, agents, candidate, engine)
     print(
@@ -694,9 +883,7 @@ def parse_since(text: str, now: float) -> float:
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise PaySentryError(
-            f"--since takes a duration (24h, 7d) or an ISO 8601 time, got {text!r}"
-        ) from None
+        raise UsageError(f"--since takes a duration (24h, 7d) or an ISO 8601 time, got {text!r}") from None
     return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
@@ -721,7 +908,7 @@ async def _reconcile(ctx: _Context, args: argparse.Namespace) -> int:
         if isinstance(upstream, AiohttpUpstream):
             await upstream.close()
     if args.output == "json":
-        _print([r.to_json() for r in reports])
+        _show(args, [r.to_json() for r in reports])
     else:
         for report in reports:
             print(_report_text(report))
@@ -768,6 +955,8 @@ _COMMANDS: dict[tuple[str, str], Callable[[_Context, argparse.Namespace], Awaita
     ("owner", "create"): _owner_create,
     ("owner", "list"): _owner_list,
     ("provider", "add"): _provider_add,
+    ("provider", "list"): _provider_list,
+    ("provider", "remove"): _provider_remove,
     ("agent", "create"): _agent_create,
     ("agent", "list"): _agent_list,
     ("agent", "revoke"): _agent_revoke,
@@ -778,4 +967,57 @@ _COMMANDS: dict[tuple[str, str], Callable[[_Context, argparse.Namespace], Awaita
     ("approver", "create"): _approver_create,
     ("approver", "list"): _approver_list,
     ("approver", "revoke"): _approver_revoke,
+}
+
+
+# -- the same commands through the owner API (--api) -------------------------------------------------------
+def _remote_agent_list(api: Any, args: argparse.Namespace) -> int:
+    _show(args, api.list("/v1/agents"), AGENT_COLUMNS)
+    return 0
+
+
+def _remote_approvals_list(api: Any, args: argparse.Namespace) -> int:
+    _show(args, api.list("/v1/approvals", state=args.state), APPROVAL_COLUMNS)
+    return 0
+
+
+def _remote_approvals_show(api: Any, args: argparse.Namespace) -> int:
+    _show(args, api.call("GET", f"/v1/approvals/{args.id}"))
+    return 0
+
+
+def _remote_approvals_decide(api: Any, args: argparse.Namespace) -> int:
+    """Counted for whoever the token proves: the owner, or the approver whose psa_ token it is."""
+    if args.voter is not None:
+        raise UsageError("--as is gone: a vote counts for whoever authenticates (the token's identity)")
+    _show(args, api.call("POST", f"/v1/approvals/{args.id}/{args.action}", {"reason": args.reason}))
+    return 0
+
+
+def _remote_approver_list(api: Any, args: argparse.Namespace) -> int:
+    _show(args, api.list("/v1/approvers"), APPROVER_COLUMNS)
+    return 0
+
+
+def _remote_approver_create(api: Any, args: argparse.Namespace) -> int:
+    made = api.call("POST", "/v1/approvers", {"name": args.name})
+    _show(args, {**made, "note": "the token is shown once"})
+    return 0
+
+
+def _remote_approver_revoke(api: Any, args: argparse.Namespace) -> int:
+    api.call("DELETE", f"/v1/approvers/{args.id}")
+    print(f"revoked {args.id}")
+    return 0
+
+
+_REMOTE: dict[tuple[str, str], Callable[[Any, argparse.Namespace], int]] = {
+    ("agent", "list"): _remote_agent_list,
+    ("approvals", "list"): _remote_approvals_list,
+    ("approvals", "show"): _remote_approvals_show,
+    ("approvals", "approve"): _remote_approvals_decide,
+    ("approvals", "deny"): _remote_approvals_decide,
+    ("approver", "list"): _remote_approver_list,
+    ("approver", "create"): _remote_approver_create,
+    ("approver", "revoke"): _remote_approver_revoke,
 }

@@ -36,6 +36,7 @@ from proxy.store import (
     ApproverRecord,
     AuthorizationRecord,
     ConnectionRecord,
+    Event,
     LinkUnusable,
     NotAnApprover,
     OwnerRecord,
@@ -278,12 +279,19 @@ def spend_against_limits(
     return out
 
 
+def rfc3339(at: float | None) -> str | None:
+    """A stored time (Unix seconds) as the owner API and the CLI show it: RFC 3339 in UTC, milliseconds."""
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def approver_json(approver: ApproverRecord) -> dict[str, Any]:
     return {
         "id": approver.id,
         "name": approver.name,
-        "created_at": approver.created_at,
-        "revoked_at": approver.revoked_at,
+        "created_at": rfc3339(approver.created_at),
+        "revoked_at": rfc3339(approver.revoked_at),
     }
 
 
@@ -293,8 +301,8 @@ def agent_json(agent: AgentRecord) -> dict[str, Any]:
         "name": agent.name,
         "labels": dict(agent.labels),
         "connection": agent.connection_id,
-        "created_at": agent.created_at,
-        "revoked_at": agent.revoked_at,
+        "created_at": rfc3339(agent.created_at),
+        "revoked_at": rfc3339(agent.revoked_at),
     }
 
 
@@ -316,27 +324,27 @@ def authorization_json(auth: AuthorizationRecord) -> dict[str, Any]:
         "approval_id": auth.approval_id,
         "provider_ref": auth.provider_ref,
         "response_status": auth.response_status,
-        "created_at": auth.created_at,
-        "updated_at": auth.updated_at,
+        "created_at": rfc3339(auth.created_at),
+        "updated_at": rfc3339(auth.updated_at),
     }
 
 
 def approval_json(approval: ApprovalRecord, now: float, counted: bool | None = None) -> dict[str, Any]:
-    out = {
+    out: dict[str, Any] = {
         "id": approval.id,
         "state": approval.state,
         "authorization_id": approval.authorization_id,
-        "expires_at": approval.expires_at,
+        "expires_at": rfc3339(approval.expires_at),
         "seconds_left": max(0.0, round(approval.expires_at - now, 1)) if approval.state == "pending" else 0,
         "decided_by": approval.decided_by,
         "reason": approval.reason,
-        "created_at": approval.created_at,
-        "decided_at": approval.decided_at,
+        "created_at": rfc3339(approval.created_at),
+        "decided_at": rfc3339(approval.decided_at),
         "approvers": list(approval.approvers) or ["(any owner)"],
         "quorum": approval.quorum,
         "veto": approval.veto,
         "votes": [
-            {"voter": v.voter, "vote": v.vote, "reason": v.reason, "via": v.via, "at": v.at}
+            {"voter": v.voter, "vote": v.vote, "reason": v.reason, "via": v.via, "at": rfc3339(v.at)}
             for v in approval.votes
         ],
     }
@@ -345,3 +353,21 @@ def approval_json(approval: ApprovalRecord, now: float, counted: bool | None = N
     if approval.authorization is not None:
         out["authorization"] = authorization_json(approval.authorization)
     return out
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "type": event.type,
+        "actor": event.actor,
+        "agent_id": event.agent_id,
+        "authorization_id": event.authorization_id,
+        "data": dict(event.data),
+        "at": rfc3339(event.at),
+    }
+
+
+def reconciliation_json(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A reconciliation report (as kept, times in Unix seconds) with its times in RFC 3339."""
+    times = ("since", "until", "ran_at")
+    return {k: rfc3339(v) if k in times and isinstance(v, int | float) else v for k, v in report.items()}

@@ -11,22 +11,29 @@ found. Routes:
     GET|POST /approvals/link/{token}              the one-time approval page (the token is the credential)
     GET  /v1/agents                               POST /v1/agents {name, labels, connection}
     POST /v1/agents/{id}/revoke                   GET /v1/agents/{id}/spend
-    GET  /v1/approvals?state=pending              GET /v1/approvals/{id}
+    GET  /v1/approvals?state=&agent=              GET /v1/approvals/{id}
     POST /v1/approvals/{id}/approve {reason}      POST /v1/approvals/{id}/deny {reason}
                                                   (counted for the token's identity: owner:<name>, or
                                                   the approver whose psa_ token it is)
     GET  /v1/approvers                            POST /v1/approvers {name}   DELETE /v1/approvers/{id}
-    GET  /v1/authorizations?agent=&limit=         GET /v1/authorizations/{id}
-    GET  /v1/events?after=&limit=
+    GET  /v1/authorizations?agent=&state=&decision=&rule=   GET /v1/authorizations/{id}
+    GET  /v1/events?agent=&type=   (or ?after=SEQ: oldest first after a sequence number, to follow the log)
     GET  /v1/reconciliation                       the latest reconciliation of each of the owner's connections
+
+Every list follows Stripe's conventions: newest first, ``{"object": "list", "url", "has_more", "data"}``,
+``limit`` (1 to 1000, default 100), ``starting_after`` / ``ending_before`` (an object's id; an event's
+seq), ``created[gte]`` / ``created[lt]`` (RFC 3339 or Unix seconds) and the list's own filters. An unknown
+parameter, a repeated one or a filter value outside its choices is a 400 naming it. Times are RFC 3339.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,16 +46,33 @@ from proxy.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, 
 from proxy.holds import HoldCoordinator
 from proxy.listeners.server import refuse_encoded_body
 from proxy.metrics import Metrics
-from proxy.owners import OwnerService, agent_json, approval_json, approver_json, authorization_json
+from proxy.owners import (
+    OwnerService,
+    agent_json,
+    approval_json,
+    approver_json,
+    authorization_json,
+    event_json,
+    reconciliation_json,
+    spend_against_limits,
+)
 from proxy.policy.reload import PolicyHolder
 from proxy.principals import Principal, Principals
-from proxy.store import OwnerRecord, Store
+from proxy.store import OwnerRecord, Page, Store
 
 log = logging.getLogger("paysentry.owner_api")
 OWNER = web.RequestKey("owner", OwnerRecord)
 PRINCIPAL = web.RequestKey("principal", Principal)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 APPROVAL_STATES = (PENDING, APPROVED, DENIED, EXPIRED)
+AUTHORIZATION_STATES = (
+    "denied", "held", "approved", "rejected", "expired", "forwarding", "in_doubt", "settled", "failed", "voided",
+)  # fmt: skip
+DECISIONS = ("allow", "deny", "hold")
+ACTIVE_OR_REVOKED = ("active", "revoked")
+# Stripe's list parameters, taken by every list; each list adds its filters (None: any value).
+LIST_PARAMS = ("limit", "starting_after", "ending_before", "created[gte]", "created[lt]")
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/openapi.json"})
 # What an approver's token may do: see holds and vote as themself. Everything else is the owner's.
 APPROVER_ROUTES = frozenset(
@@ -61,8 +85,9 @@ APPROVER_ROUTES = frozenset(
 )
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def _error(status: int, code: str, message: str, param: str | None = None) -> web.Response:
+    error = {"code": code, "message": message} | ({"param": param} if param else {})
+    return web.json_response({"error": error}, status=status)
 
 
 class OwnerApi:
@@ -133,7 +158,7 @@ class OwnerApi:
                 request[PRINCIPAL], request[OWNER] = principal, principal.owner
             return await handler(request)
         except PaySentryError as exc:
-            return _error(exc.status, exc.code, exc.message)
+            return _error(exc.status, exc.code, exc.message, exc.param)
         except web.HTTPException as exc:  # aiohttp's own: no such route, method, body too large
             if exc.status < 400:
                 raise
@@ -186,8 +211,9 @@ class OwnerApi:
         return body
 
     async def list_agents(self, request: web.Request) -> web.Response:
-        agents = await self.store.list_agents(request[OWNER].id)
-        return web.json_response({"data": [agent_json(a) for a in agents]})
+        page = page_query(request, {"state": ACTIVE_OR_REVOKED})
+        agents, more = await self.store.page_agents(request[OWNER].id, page)
+        return list_response(request, [agent_json(a) for a in agents], more)
 
     async def create_agent(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -213,16 +239,17 @@ class OwnerApi:
         agent = await self.store.get_agent(agent_id)
         if agent is None or agent.owner_id != owner.id:
             raise NotFound(f"no agent {agent_id!r}")
-        return web.json_response({"agent": agent_id, "data": await self.store.spend_of(owner.id, agent_id)})
+        rows = await self.store.spend_of(owner.id, agent_id)
+        limits = spend_against_limits(self.policies.current, agent, rows, self.service.clock())
+        return web.json_response({"agent": agent_id, "data": limits})
 
     async def list_approvals(self, request: web.Request) -> web.Response:
-        state = request.query.get("state")
-        if state not in (None, "all", *APPROVAL_STATES):
-            raise BadRequest(f"state must be one of {', '.join(APPROVAL_STATES)} or all", param="state")
-        state = None if state == "all" else state
-        approvals = await self.store.list_approvals(request[OWNER].id, state)
+        page = page_query(request, {"state": (*APPROVAL_STATES, "all"), "agent": None})
+        if page.state == "all":
+            page = dataclasses.replace(page, state=None)
+        approvals, more = await self.store.page_approvals(request[OWNER].id, page)
         now = self.service.clock()
-        return web.json_response({"data": [approval_json(a, now) for a in approvals]})
+        return list_response(request, [approval_json(a, now) for a in approvals], more)
 
     async def get_approval(self, request: web.Request) -> web.Response:
         approval = await self.store.get_approval(request[OWNER].id, request.match_info["id"])
@@ -264,8 +291,9 @@ class OwnerApi:
         return await self._decide(request, False)
 
     async def list_approvers(self, request: web.Request) -> web.Response:
-        approvers = await self.store.list_approvers(request[OWNER].id)
-        return web.json_response({"data": [approver_json(a) for a in approvers]})
+        page = page_query(request, {"state": ACTIVE_OR_REVOKED})
+        approvers, more = await self.store.page_approvers(request[OWNER].id, page)
+        return list_response(request, [approver_json(a) for a in approvers], more)
 
     async def create_approver(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -282,9 +310,9 @@ class OwnerApi:
         return web.json_response({"id": approver_id, "revoked": True})
 
     async def list_authorizations(self, request: web.Request) -> web.Response:
-        limit = _int_query(request, "limit", 100, 1000)
-        rows = await self.store.list_authorizations(request[OWNER].id, request.query.get("agent"), limit)
-        return web.json_response({"data": [authorization_json(a) for a in rows]})
+        filters = {"agent": None, "state": AUTHORIZATION_STATES, "decision": DECISIONS, "rule": None}
+        rows, more = await self.store.page_authorizations(request[OWNER].id, page_query(request, filters))
+        return list_response(request, [authorization_json(a) for a in rows], more)
 
     async def get_authorization(self, request: web.Request) -> web.Response:
         auth = await self.store.get_authorization(request[OWNER].id, request.match_info["id"])
@@ -293,28 +321,81 @@ class OwnerApi:
         return web.json_response(authorization_json(auth))
 
     async def reconciliation(self, request: web.Request) -> web.Response:
+        _refuse_unknown(request, ())
         reports = await self.store.reconciliations(request[OWNER].id)
-        return web.json_response({"data": reports})
+        return list_response(request, [reconciliation_json(r) for r in reports], False)
 
     async def list_events(self, request: web.Request) -> web.Response:
-        after, limit = _int_query(request, "after", 0, 2**62), _int_query(request, "limit", 100, 1000)
-        events = await self.store.list_events(request[OWNER].id, after, limit)
-        return web.json_response(
-            {
-                "data": [
-                    {
-                        "seq": e.seq,
-                        "type": e.type,
-                        "actor": e.actor,
-                        "agent_id": e.agent_id,
-                        "authorization_id": e.authorization_id,
-                        "data": dict(e.data),
-                        "at": e.at,
-                    }
-                    for e in events
-                ]
-            }
+        """Newest first as every list; ``after=SEQ`` instead follows the log: oldest first after SEQ."""
+        if "after" in request.query:
+            _refuse_unknown(request, ("after", "limit"))
+            after = _int_query(request, "after", 0, 2**62)
+            limit = _int_query(request, "limit", DEFAULT_LIMIT, MAX_LIMIT, minimum=1)
+            events = await self.store.list_events(request[OWNER].id, after, limit + 1)
+            shown = [event_json(e) for e in events[:limit]]
+            return list_response(request, shown, len(events) > limit)
+        page = page_query(request, {"agent": None, "type": None})
+        for cursor in (page.starting_after, page.ending_before):
+            if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) < 19):
+                raise BadRequest("an event's cursor is its seq, a whole number", param="starting_after")
+        events, more = await self.store.page_events(request[OWNER].id, page)
+        return list_response(request, [event_json(e) for e in events], more)
+
+
+def list_response(request: web.Request, data: list[dict[str, Any]], has_more: bool) -> web.Response:
+    return web.json_response({"object": "list", "url": request.path, "has_more": has_more, "data": data})
+
+
+def page_query(request: web.Request, filters: Mapping[str, tuple[str, ...] | None]) -> Page:
+    """Stripe's list parameters and the list's ``filters`` (each with its choices, None: any value) as
+    the store's Page; 400 naming the first parameter that is unknown, repeated or out of its choices."""
+    _refuse_unknown(request, (*LIST_PARAMS, *filters))
+    q = request.query
+    for name, choices in filters.items():
+        if choices is not None and name in q and q[name] not in choices:
+            raise BadRequest(f"{name} must be one of {', '.join(choices)}, got {q[name]!r}", param=name)
+    if "starting_after" in q and "ending_before" in q:
+        raise BadRequest("give starting_after or ending_before, not both", param="ending_before")
+    return Page(
+        agent_id=q.get("agent"),
+        state=q.get("state"),
+        decision=q.get("decision"),
+        rule=q.get("rule"),
+        kind=q.get("type"),
+        created_gte=_time_query(request, "created[gte]"),
+        created_lt=_time_query(request, "created[lt]"),
+        starting_after=q.get("starting_after"),
+        ending_before=q.get("ending_before"),
+        limit=_int_query(request, "limit", DEFAULT_LIMIT, MAX_LIMIT, minimum=1),
+    )
+
+
+def _refuse_unknown(request: web.Request, allowed: Sequence[str]) -> None:
+    for name in request.query:
+        if name not in allowed:
+            takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+            raise BadRequest(f"unknown parameter {name!r} for {request.path}; {takes}", param=name)
+        if len(request.query.getall(name)) > 1:
+            raise BadRequest(f"{name} is given more than once", param=name)
+
+
+def _time_query(request: web.Request, name: str) -> float | None:
+    """An RFC 3339 time (``2026-11-22T10:00:00Z``) or Unix seconds."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if raw.isascii() and raw.isdigit() and len(raw) <= 12:
+        return float(raw)
+    try:
+        at = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None or not raw[:4].isdigit() or "T" not in raw.upper():
+        raise BadRequest(
+            f"{name} takes an RFC 3339 time (2026-11-22T10:00:00Z) or Unix seconds, got {raw[:40]!r}",
+            param=name,
         )
+    return at.astimezone(UTC).timestamp()
 
 
 @functools.cache
@@ -323,10 +404,14 @@ def openapi_document() -> dict[str, Any]:
     return cast(dict[str, Any], yaml.safe_load((Path(__file__).parents[1] / "openapi.yaml").read_text()))
 
 
-def _int_query(request: web.Request, name: str, default: int, maximum: int) -> int:
+def _int_query(request: web.Request, name: str, default: int, maximum: int, minimum: int = 0) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(maximum)) or int(raw) > maximum:
-        raise BadRequest(f"{name} must be a whole number up to {maximum}", param=name)
+    if (
+        not (raw.isascii() and raw.isdigit())
+        or len(raw) > len(str(maximum))
+        or not minimum <= int(raw) <= maximum
+    ):
+        raise BadRequest(f"{name} must be a whole number from {minimum} to {maximum}", param=name)
     return int(raw)

@@ -1031,30 +1031,50 @@ class SqlStore(ABC):
             if value is not None:
                 where.append(f"{column}=?")
                 args.append(value)
-        if page.created_gte is not None:
-            where.append("created_at>=?")
-            args.append(page.created_gte)
-        if page.created_lt is not None:
-            where.append("created_at<?")
-            args.append(page.created_lt)
-        cursor, newer = page.ending_before or page.starting_after, page.ending_before is not None
-        if cursor is not None:
-            row = await self.fetch_one(
-                "SELECT created_at, id FROM authorizations WHERE id=? AND owner_id=?", (cursor, owner_id)
+
+        def tx() -> Tx[tuple[list[AuthorizationRecord], bool]]:
+            rows, more = yield from _keyset("authorizations", AUTH_COLUMNS, owner_id, where, args, page)
+            return [authorization_record(r) for r in rows], more
+
+        return await self.read(tx())
+
+    async def page_approvals(self, owner_id: str, page: Page) -> tuple[list[ApprovalRecord], bool]:
+        where, args = ["owner_id=?"], list[Any]([owner_id])
+        if page.state is not None:
+            where.append("state=?")
+            args.append(page.state)
+        if page.agent_id is not None:
+            where.append(
+                "authorization_id IN (SELECT id FROM authorizations WHERE owner_id=? AND agent_id=?)"
             )
-            if row is None:
-                return [], False
-            op = ">" if newer else "<"
-            where.append(f"(created_at {op} ? OR (created_at = ? AND id {op} ?))")
-            args += [row[0], row[0], row[1]]
-        order = "ASC" if newer else "DESC"
-        rows = await self.fetch_all(
-            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE {' AND '.join(where)} "
-            f"ORDER BY created_at {order}, id {order} LIMIT ?",
-            (*args, page.limit + 1),
-        )
-        found = [authorization_record(r) for r in rows[: page.limit]]
-        return (found[::-1] if newer else found), len(rows) > page.limit
+            args += [owner_id, page.agent_id]
+
+        def tx() -> Tx[tuple[list[ApprovalRecord], bool]]:
+            rows, more = yield from _keyset("approvals", "*", owner_id, where, args, page)
+            approvals = []
+            for r in rows:
+                approvals.append((yield from _approval(r)))
+            return approvals, more
+
+        return await self.read(tx())
+
+    async def page_agents(self, owner_id: str, page: Page) -> tuple[list[AgentRecord], bool]:
+        where, args = _revoked_filter(owner_id, page)
+
+        def tx() -> Tx[tuple[list[AgentRecord], bool]]:
+            rows, more = yield from _keyset("agents", "*", owner_id, where, args, page)
+            return [_agent(r) for r in rows], more
+
+        return await self.read(tx())
+
+    async def page_approvers(self, owner_id: str, page: Page) -> tuple[list[ApproverRecord], bool]:
+        where, args = _revoked_filter(owner_id, page)
+
+        def tx() -> Tx[tuple[list[ApproverRecord], bool]]:
+            rows, more = yield from _keyset("approvers", "*", owner_id, where, args, page)
+            return [ApproverRecord(*r) for r in rows], more
+
+        return await self.read(tx())
 
     async def page_events(self, owner_id: str, page: Page) -> tuple[list[Event], bool]:
         where, args = ["owner_id=?"], list[Any]([owner_id])
@@ -1673,6 +1693,45 @@ def authorization_record(row: Sequence[Any]) -> AuthorizationRecord:
     values[10] = json.loads(values[10])
     values[17] = _charges(values[17])
     return AuthorizationRecord(*values)
+
+
+def _revoked_filter(owner_id: str, page: Page) -> tuple[list[str], list[Any]]:
+    """Agents and approvers: ``state`` is ``active`` (not revoked) or ``revoked``."""
+    where = ["owner_id=?"]
+    if page.state is not None:
+        where.append("revoked_at IS NULL" if page.state == "active" else "revoked_at IS NOT NULL")
+    return where, [owner_id]
+
+
+def _keyset(
+    table: str, columns: str, owner_id: str, where: list[str], args: list[Any], page: Page
+) -> Tx[tuple[list[Sequence[Any]], bool]]:
+    """One page of ``table`` newest first by (created_at, id), after ``where``'s filters, the created
+    range and the cursor (an unknown cursor: nothing), and whether more lie beyond it in the direction
+    read. The rows come back newest first either way."""
+    where, args = list(where), list(args)
+    if page.created_gte is not None:
+        where.append("created_at>=?")
+        args.append(page.created_gte)
+    if page.created_lt is not None:
+        where.append("created_at<?")
+        args.append(page.created_lt)
+    cursor, newer = page.ending_before or page.starting_after, page.ending_before is not None
+    if cursor is not None:
+        row = yield one(f"SELECT created_at, id FROM {table} WHERE id=? AND owner_id=?", (cursor, owner_id))  # noqa: S608 - fixed names
+        if row is None:
+            return [], False
+        op = ">" if newer else "<"
+        where.append(f"(created_at {op} ? OR (created_at = ? AND id {op} ?))")
+        args += [row[0], row[0], row[1]]
+    order = "ASC" if newer else "DESC"
+    rows = yield many(
+        f"SELECT {columns} FROM {table} WHERE {' AND '.join(where)} "  # noqa: S608 - fixed names
+        f"ORDER BY created_at {order}, id {order} LIMIT ?",
+        (*args, page.limit + 1),
+    )
+    found = list(rows[: page.limit])
+    return (found[::-1] if newer else found), len(rows) > page.limit
 
 
 def _approval(row: Sequence[Any]) -> Tx[ApprovalRecord]:

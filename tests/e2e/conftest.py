@@ -67,7 +67,7 @@ class Deployment:
         self, *args: str, stdin: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "proxy", "--config", str(self.config), *args],
+            [sys.executable, "-m", "proxy", "--config", str(self.config), "-o", "json", *args],
             input=stdin,
             capture_output=True,
             text=True,

@@ -170,7 +170,7 @@ def test_two_of_three_with_a_reviewer_forwards_exactly_once(held: Deployment, re
         ("reviewer:risk", "approve", "reviewer"),
         ("alice", "approve", "owner_api"),
     ]
-    events = held.owner_api("GET", "/v1/events?limit=1000")[1]["data"]
+    events = held.owner_api("GET", "/v1/events?after=0&limit=1000")[1]["data"]
     cast = [e for e in events if e["type"] == "approval.vote"]
     assert [e["actor"] for e in cast] == ["reviewer:risk", "alice"]
     alice = cast[1]["data"]["authenticated"]
@@ -286,12 +286,12 @@ def test_a_notification_nobody_takes_is_given_up_with_an_audit_event(
         wait_until(
             lambda: any(
                 e["type"] == "notification.failed"
-                for e in dep.owner_api("GET", "/v1/events?limit=1000")[1]["data"]
+                for e in dep.owner_api("GET", "/v1/events?after=0&limit=1000")[1]["data"]
             )
         )
         failed = next(
             e
-            for e in dep.owner_api("GET", "/v1/events?limit=1000")[1]["data"]
+            for e in dep.owner_api("GET", "/v1/events?after=0&limit=1000")[1]["data"]
             if e["type"] == "notification.failed"
         )
         assert failed["data"]["approval_id"] == approval_id and failed["data"]["host"] == "127.0.0.1"

@@ -40,7 +40,7 @@ def lose_the_settle(dep: Deployment, auth_id: str, amount: int) -> None:
 
 
 def events(dep: Deployment, kind: str) -> list[dict[str, Any]]:
-    return [e for e in dep.owner_api("GET", "/v1/events?limit=1000")[1]["data"] if e["type"] == kind]
+    return [e for e in dep.owner_api("GET", "/v1/events?after=0&limit=1000")[1]["data"] if e["type"] == kind]
 
 
 @pytest.mark.e2e

@@ -44,7 +44,7 @@ def deliver(
 
 
 def events_of(dep: Deployment) -> list[dict[str, Any]]:
-    return dep.owner_api("GET", "/v1/events?limit=500")[1]["data"]
+    return dep.owner_api("GET", "/v1/events?after=0&limit=500")[1]["data"]
 
 
 @pytest.mark.e2e
