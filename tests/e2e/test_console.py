@@ -163,6 +163,17 @@ def test_two_approvers_approve_in_two_browsers_and_the_retry_goes_through(
     try:
         sign_in(owner, console, console.owner_token)
         owner.get(console.admin_url + "/console/agents")
+
+        def agents_page_shows_bot() -> bool:  # under load the page may come slowly: ask again
+            if owner.find_elements(By.CSS_SELECTOR, ".agent[data-agent='bot']"):
+                return True
+            owner.get(console.admin_url + "/console/agents")
+            return False
+
+        try:
+            wait_until(agents_page_shows_bot, timeout=20, interval=1.0)
+        except AssertionError:
+            raise AssertionError(owner.page_source[-3000:]) from None
         card = owner.find_element(By.CSS_SELECTOR, ".agent[data-agent='bot']")
         assert "team=ads" in card.text and "active" in card.text
         assert re.search(r"daily_budget\s+day\s+day:\S+\s+60\.00 USD\s+1000\.00 USD\s+940\.00 USD", card.text)

@@ -59,10 +59,12 @@ def test_reconcile_counts_a_lost_settle_and_reports_what_was_made_outside(
         {"Authorization": f"Bearer {MOCK_SECRET}", "Content-Type": "application/x-www-form-urlencoded"},
     )
 
-    run = deployment.cli("reconcile", "--since", "1h", check=False)
+    run = deployment.cli("reconcile", "--since", "1h", check=False)  # the harness asks for -o json
     assert run.returncode == 5, run.stdout + run.stderr  # drift remains: the payment made outside
-    assert "counted" in run.stdout and intent.id in run.stdout and "untracked" in run.stdout
-    assert "drift: 20.00 USD" in run.stdout
+    [report] = json.loads(run.stdout)
+    assert [(f["fix"], f["ref"]) for f in report["fixed"]] == [("counted", intent.id)]
+    assert [u["kind"] for u in report["unexplained"]] == ["untracked"]  # the one made at the mock
+    assert report["drift"] == {"usd": 2000}
     assert deployment.spend() == (1500, 1)  # counted again: the provider moved it
     auth = deployment.owner_api("GET", f"/v1/authorizations/{auth_id}")[1]
     assert auth["state"] == "settled" and auth["provider_ref"] == intent.id
@@ -85,7 +87,7 @@ def test_reconcile_counts_a_lost_settle_and_reports_what_was_made_outside(
     assert status == 200 and [r["drift"] for r in view["data"]] == [{"usd": 2000}]
     assert deployment.owner_api("GET", "/v1/reconciliation", token="pso_x_y")[0] == 401
     bad = deployment.cli("reconcile", "--since", "yesterday", check=False)
-    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1  # a usage error
 
 
 @pytest.mark.e2e
