@@ -262,12 +262,23 @@ def _ref(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+_last: tuple[bytes, dict[str, Any]] = (b"", {})
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
+    """The JSON object of a provider answer ({} for anything else). The service asks several questions of
+    one answer (declined? undecided? what it holds? its id?): the same bytes are parsed once. Callers
+    only read the object."""
+    global _last
+    if _last[0] is body:
+        return _last[1]
     try:
-        obj = json.loads(body)
+        parsed = safejson.loads(body)
     except ValueError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
+        parsed = None
+    obj: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+    _last = (body, obj)
+    return obj
 
 
 class StripeAdapter:
@@ -585,11 +596,7 @@ class StripeAdapter:
         return obj.get("object") == "issuing.authorization" and bool(obj.get("pending_request"))
 
     def cancelled_in(self, body: bytes) -> bool:
-        try:
-            obj = safejson.loads(body)
-        except ValueError:
-            return False
-        return isinstance(obj, dict) and obj.get("status") == "canceled"
+        return _json_object(body).get("status") == "canceled"
 
     def credential_headers(self, credentials: Mapping[str, str]) -> dict[str, str]:
         return {"Authorization": f"Bearer {credentials['secret_key']}"}
@@ -597,12 +604,7 @@ class StripeAdapter:
     def provider_ref(self, body: bytes) -> str | None:
         """The object's id, also of a refusal that still made one (a declined create's intent, carried in
         ``error.payment_intent``)."""
-        try:
-            obj = safejson.loads(body)
-        except ValueError:
-            return None
-        if not isinstance(obj, dict):
-            return None
+        obj: Any = _json_object(body)
         error = obj.get("error")
         if isinstance(error, dict):
             obj = error.get("payment_intent") if isinstance(error.get("payment_intent"), dict) else {}
