@@ -93,6 +93,7 @@ TOO_OLD = (
     "too old to re-send safely (the provider keeps idempotency keys about a day): it stays counted and "
     "reconciliation resolves it from the provider's records"
 )
+NOT_THEIRS = "{ref} was not made by this agent; an agent acts only on its own objects"
 IN_FLIGHT = "A request with this Idempotency-Key is being processed; retry shortly."
 _KIND_OF: dict[type, str] = {
     BadRequest: "invalid_request",
@@ -246,7 +247,7 @@ class PaymentService:
             span.set_attribute("paysentry.decision", "passthrough")
             if (
                 classified.acts_on is not None
-                and await self._owned(agent, classified.acts_on, connection) is None
+                and (await self._owned(agent, classified.acts_on, connection))[0] is None
             ):
                 # A call that moves money on an object (a MercadoPago capture) is counted with the object:
                 # one PaySentry did not authorize for this agent would move money undecided.
@@ -332,53 +333,44 @@ class PaymentService:
                 log.error("cancelled at the provider, spend not yet released: %s", exc.message)
         return Outcome(reply.status, reply.body, reply.headers)
 
-    async def _owned(self, agent: Agent, ref: str, connection: Connection) -> AuthorizationRecord | None:
+    async def _owned(
+        self, agent: Agent, ref: str, connection: Connection
+    ) -> tuple[AuthorizationRecord | None, UpstreamReply | None]:
         """The record of the provider object ``ref`` as PaySentry knows it, refusing an object another agent
         of the owner made (agents never act on each other's objects). An object PaySentry has not seen
         made (made elsewhere, or by a call still in doubt) is read from the provider: the authorization
-        its attribution tag names tells whose it is."""
+        its attribution tag names tells whose it is. Returns the record, and the read if one was made."""
         maker = await self.store.maker_of(agent.owner_id, ref)
-        tagged = None
-        if maker is None:
-            tag, tagged = await self._tagged(agent, ref, connection)
-            if tag is None:
-                return None  # made outside PaySentry
-            maker = tagged.agent_id if tagged is not None else ""  # "": a tag this owner does not have
-        if maker != agent.id:
-            raise Forbidden(
-                f"{ref} was not made by this agent; an agent acts only on its own objects",
-                param="id",
+        if maker is not None:
+            if maker != agent.id:
+                raise Forbidden(NOT_THEIRS.format(ref=ref), param="id")
+            return await self.store.find_by_provider_ref(agent.owner_id, ref), None
+        read = await self._read_object(connection, ref)
+        if read is None or read.status == 404:
+            return None, read  # made outside PaySentry
+        found = connection.adapter.object_of(read.body) if read.status == 200 else None
+        if found is None:  # a read that does not answer is not taken for "no tag": refused, to retry
+            raise UpstreamUnavailable(
+                f"PaySentry could not read {ref} from the provider ({read.status}) to check whose it is"
             )
-        if tagged is not None:
-            # Its call's outcome is not recorded yet (or it was refused): what that call counted may still
-            # be released, so this call counts in full (never less than the provider moves).
-            return None
-        return await self.store.find_by_provider_ref(agent.owner_id, ref)
+        if found.authorization:
+            tagged = await self.store.get_authorization(agent.owner_id, found.authorization)
+            if tagged is None or tagged.agent_id != agent.id:  # another agent's, or another owner's
+                raise Forbidden(NOT_THEIRS.format(ref=ref), param="id")
+        # Made elsewhere, or by this agent's call whose outcome is not recorded yet (or was refused): what
+        # that call counted may still be released, so a call on it counts in full.
+        return None, read
 
-    async def _tagged(
-        self, agent: Agent, ref: str, connection: Connection
-    ) -> tuple[str | None, AuthorizationRecord | None]:
-        """The attribution tag of the provider's object ``ref`` and the authorization of this owner it
-        names. A read that does not answer is not taken for "no tag": the call is refused, to retry."""
+    async def _read_object(self, connection: Connection, ref: str) -> UpstreamReply | None:
+        """The provider's object ``ref``, read with the owner's key (None: the adapter cannot read it)."""
         adapter = connection.adapter
-        probe = Payment(adapter.name, "", 0, "", "GET", "", refers_to=ref)
-        path = adapter.lookup_path(probe)
+        path = adapter.lookup_path(Payment(adapter.name, "", 0, "", "GET", "", refers_to=ref))
         if not path:
-            return None, None
+            return None
         request = provider_request(
             adapter, connection.credentials, "GET", connection.upstream + path, {}, b""
         )
-        reply = await self.upstream.send(request)
-        if reply.status == 404:
-            return None, None
-        found = adapter.object_of(reply.body) if reply.status == 200 else None
-        if found is None:
-            raise UpstreamUnavailable(
-                f"PaySentry could not read {ref} from the provider ({reply.status}) to check whose it is"
-            )
-        if not found.authorization:
-            return None, None
-        return found.authorization, await self.store.get_authorization(agent.owner_id, found.authorization)
+        return await self.upstream.send(request)
 
     # -- a payment ------------------------------------------------------------------------------------------
     async def authorize(self, call: PaymentCall, span: trace.Span) -> Outcome:
@@ -482,7 +474,7 @@ class PaymentService:
         """Fill in the amount of a call on an earlier object (confirm, capture, refund without amount)."""
         if not payment.refers_to:
             return payment
-        earlier = await self._owned(agent, payment.refers_to, connection)
+        earlier, read = await self._owned(agent, payment.refers_to, connection)
         if payment.amount and payment.currency:
             return payment
         if earlier is not None and payment.operation.split(".")[0] == earlier.operation.split(".")[0]:
@@ -490,14 +482,10 @@ class PaymentService:
             # counted only for what it adds.
             amount = payment.amount or earlier.amount
             return replace(payment, amount=amount, currency=earlier.currency, counted=earlier.amount)
-        path = connection.adapter.lookup_path(payment)
+        reply = read or await self._read_object(connection, payment.refers_to)  # read once
         found = None
-        if path:
-            request = provider_request(
-                connection.adapter, connection.credentials, "GET", connection.upstream + path, {}, b""
-            )
-            reply = await self.upstream.send(request)
-            found = connection.adapter.amount_of(payment, reply.body) if reply.status == 200 else None
+        if reply is not None and reply.status == 200:
+            found = connection.adapter.amount_of(payment, reply.body)
         if found is None:
             raise BadRequest(
                 f"PaySentry could not find the amount of {payment.refers_to!r} at the provider, so "
