@@ -139,16 +139,15 @@ class Sidecar:
         task of its own: a slow provider delays neither the sweep nor other replicas' claims. A full
         batch is followed at once by the next; otherwise it waits a sweep interval."""
         while True:
-            batch = RESOLVE_BATCH
             try:
-                resolved = await self.gateway.payments.resolve_unresolved(batch)
+                resolved = await self.gateway.payments.resolve_unresolved(RESOLVE_BATCH)
                 if resolved:
                     log.info("resolution", extra={"fields": {"resolved": resolved}})
             except Exception:  # outlive a passing store failure: what was claimed is claimed again later
                 self.gateway.metrics.inc("paysentry_store_errors_total", where="resolution")
                 log.exception("resolution failed")
                 resolved = {}
-            if sum(resolved.values()) < batch:
+            if sum(resolved.values()) < RESOLVE_BATCH:
                 await asyncio.sleep(self.settings.sweep_interval)
 
     async def _reconcile(self) -> None:
