@@ -13,10 +13,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _listening_ports() -> range:
+    """Ports outside the kernel's ephemeral range (Linux: 32768-60999), which no outgoing connection takes."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low - 10000 >= 4096:
+        return range(10000, low)
+    return range(high + 1, 65536) if 65535 - high >= 4096 else range(10000, 65536)
+
+
+_PORTS = _listening_ports()
+_next_port = [_PORTS.start + os.getpid() * 37 % len(_PORTS)]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, from below the ephemeral range. A port the kernel handed out by
+    binding port 0 can be taken as the source port of any outgoing connection (a sidecar's to its store,
+    a client's 1,500 sockets) before the process that was meant to listen on it binds it."""
+    for _ in range(len(_PORTS)):
+        port = _next_port[0]
+        _next_port[0] = _PORTS.start + (port + 1 - _PORTS.start) % len(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,8 @@ from typing import Any
 import pytest
 import redis
 
+from tests.servers import free_port
+
 MOCK_SECRET = "sk_test_paysentry_mock"
 WEBHOOK_SECRET = "whsec_paysentry_test_signing_secret"
 POLICY = """
@@ -38,12 +39,6 @@ POLICY = """
       - {name: usd_only, effect: deny, when: 'payment.currency != "usd"', message: this agent pays in USD only}
       - {name: large_payment, effect: hold, when: payment.amount > 5000, message: above $50 needs a human, hold_expiry: 2s}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
