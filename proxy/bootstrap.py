@@ -287,6 +287,7 @@ class Gateway:
             forget_agent=lambda agent_id: self.agent_tokens.forget(lambda a: a.id == agent_id),
             forget_owner=lambda owner_id: self.owner_tokens.forget(lambda o: o.id == owner_id),
             forget_connection=self.connections.forget,
+            forget_approver=lambda approver_id: self.approver_tokens.forget(lambda a: a.id == approver_id),
             clock=self.clock,
         )
         return StateWatcher(self.settings.state_file, applier, self.metrics)

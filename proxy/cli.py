@@ -18,7 +18,7 @@
     paysentry reconcile [--since 24h|ISO8601] [--owner N] [--connection N] [-o json]
                                                    compare what PaySentry counted with the providers' records
     paysentry state check FILE                     load a declared state file, resolving its references (exit 2 when invalid)
-    paysentry state token [--id ID] [--owner]      print a new agent (or owner) token for a Secret; --id keeps an id
+    paysentry state token [--id ID] [--owner|--approver]  a new agent (owner, approver) token for a Secret
     paysentry mock-provider [--listen HOST:PORT]
     paysentry x402-demo [both|facilitator|resource] [--listen HOST:PORT] [--facilitator HOST:PORT]
 
@@ -235,8 +235,10 @@ def _parser() -> argparse.ArgumentParser:
         "file"
     )
     token = state.add_parser("token", help="print a new token to put in a Secret the state file references")
-    token.add_argument("--id", help="keep this agent's (or owner's) id: a rotation of its token")
-    token.add_argument("--owner", action="store_true", help="an owner token (pso_...), not an agent's")
+    token.add_argument("--id", help="keep this agent's, owner's or approver's id: a rotation of its token")
+    whose = token.add_mutually_exclusive_group()
+    whose.add_argument("--owner", action="store_true", help="an owner token (pso_...), not an agent's")
+    whose.add_argument("--approver", action="store_true", help="an approver token (psa_...), not an agent's")
 
     mock = sub.add_parser("mock-provider", help="run the built-in mock payment provider on its own")
     mock.add_argument("--listen", default="127.0.0.1:12111")
@@ -473,10 +475,13 @@ async def _demo_x402(sidecar: Any, owner: Any) -> str:
 
 
 def _state(args: argparse.Namespace) -> int:
-    from proxy.secrets import AGENT_PREFIX, OWNER_PREFIX, issue_token, new_id
+    from proxy.secrets import AGENT_PREFIX, APPROVER_PREFIX, OWNER_PREFIX, issue_token, new_id
 
     if args.action == "token":
-        kind, prefix = ("own", OWNER_PREFIX) if args.owner else ("agt", AGENT_PREFIX)
+        prefixes = {"own": OWNER_PREFIX, "agt": AGENT_PREFIX, "apv": APPROVER_PREFIX}
+        kind = "own" if args.owner else "apv" if args.approver else (args.id or "agt").split("_")[0]
+        kind = kind if kind in prefixes else "agt"
+        prefix = prefixes[kind]
         public_id = args.id or new_id(kind)
         if not public_id.startswith(f"{kind}_") or len(public_id) != len(kind) + 17:
             raise PaySentryError(f"--id takes an id like {kind}_0123456789abcdef, got {public_id!r}")
@@ -488,7 +493,7 @@ def _state(args: argparse.Namespace) -> int:
     for owner in state.owners:
         print(
             f"ok: owner {owner.name}: {len(owner.connections)} connections, {len(owner.agents)} agents, "
-            f"{len(owner.approvers)} approver groups, {len(owner.reviewers)} reviewers"
+            f"{len(owner.approvers)} approvers"
         )
     return 0
 

@@ -1,5 +1,5 @@
-"""Declared state: owners, their provider connections, agents, approvers and reviewers in one YAML file
-that the sidecar applies at start and again whenever the file, or a file it references, changes.
+"""Declared state: owners, their provider connections, agents and approvers in one YAML file that the
+sidecar applies at start and again whenever the file, or a file it references, changes.
 
     owners:
       - name: acme
@@ -19,8 +19,9 @@ that the sidecar applies at start and again whenever the file, or a file it refe
             token: {file: /etc/paysentry/agents/payments-agent}   # psk_<id>_<secret>, from a Secret
           - name: reports
             token: {generate: /var/run/paysentry/tokens/reports}  # made once, written there (0600)
-        approvers: {finance: [alice, bob]}                  # the shape of a policy's groups:
-        reviewers: {risk: {url: "http://risk:8000/review", timeout: 5s}}   # and of its reviewers:
+        approvers:                                          # the people policies name (approvers: [alice])
+          - name: alice
+            token: {file: /etc/paysentry/approvers/alice}   # psa_<id>_<secret>, from a Secret
 
 Applying is idempotent: a second run changes nothing and records nothing. What a run creates or changes
 is recorded in the audit log like any other change (actor ``state:<file>``). An entry removed from the
@@ -28,10 +29,9 @@ file is revoked (an owner's removal revokes its connections and agents and voids
 with the CLI or the owner API are never touched unless the file names them (then it adopts them). A
 supplied token is stored as its id and the bcrypt hash of its secret; a rotated Secret takes effect on the
 next check. A new token must keep the agent's id (``paysentry state token --id agt_...`` makes one): a
-new id would be a new agent with no spend counted.
-
-Approvers and reviewers have no store of their own yet: they are validated (same rules as a policy's
-``groups:`` and ``reviewers:``), recorded when they change, and offered as ``approval_config``.
+new id would be a new agent with no spend counted. Approvers are applied the same way (``apv_`` ids,
+``psa_`` tokens). Groups of approvers and automated reviewers are part of a rule's approval: they are
+declared in the policy files (``groups:``, ``reviewers:``), which are kept in git and hot-reloaded too.
 """
 
 from __future__ import annotations
@@ -42,21 +42,22 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import bcrypt
 import yaml
 
 from adapters import REGISTRY
 from adapters.base import Adapters
-from proxy.durations import parse_duration
 from proxy.errors import ConfigError
 from proxy.metrics import Metrics
+from proxy.owners import APPROVER_NAME
 from proxy.secrets import (
     AGENT_PREFIX,
+    APPROVER_PREFIX,
     OWNER_PREFIX,
     Sealer,
     check_secret,
@@ -65,7 +66,7 @@ from proxy.secrets import (
     sealed_context,
     split_token,
 )
-from proxy.store import AgentRecord, ConnectionRecord, OwnerRecord, Store
+from proxy.store import AgentRecord, ApproverRecord, ConnectionRecord, OwnerRecord, Store
 
 log = logging.getLogger("paysentry.state")
 NAME_MAX = 100
@@ -97,17 +98,24 @@ class DeclaredAgent:
     token: DeclaredToken
 
 
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredApprover:
+    name: str
+    token: DeclaredToken
+
+
 @dataclass(frozen=True, slots=True)
 class DeclaredOwner:
     name: str
     token: DeclaredToken | None
     connections: tuple[DeclaredConnection, ...]
     agents: tuple[DeclaredAgent, ...]
-    approvers: Mapping[str, tuple[str, ...]]
-    reviewers: Mapping[str, Mapping[str, Any]]
-
-    def approval_digest(self) -> str:
-        return json.dumps({"approvers": self.approvers, "reviewers": self.reviewers}, sort_keys=True)
+    approvers: tuple[DeclaredApprover, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,28 +267,39 @@ class _Reader:
             return None
         return DeclaredAgent(name, str(node.get("connection", "default")), labels, token)
 
-    def approvals(
-        self, node: Mapping[str, Any], where: str
-    ) -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, Any]]]:
-        approvers: dict[str, tuple[str, ...]] = {}
-        for group, members in (node.get("approvers") or {}).items():
-            if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
-                self.problem(f"{where}: approvers: {group}", "expected a list of approver names")
-                continue
-            approvers[str(group)] = tuple(members)
-        reviewers: dict[str, dict[str, Any]] = {}
-        for name, config in (node.get("reviewers") or {}).items():
-            url = config.get("url") if isinstance(config, dict) else None
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                self.problem(f"{where}: reviewers: {name}", "needs an http(s) url")
-                continue
-            try:
-                timeout = parse_duration(config.get("timeout", 5))
-            except ValueError as exc:
-                self.problem(f"{where}: reviewers: {name}", f"timeout: {exc}")
-                continue
-            reviewers[str(name)] = {"url": url, "timeout": timeout}
-        return approvers, reviewers
+    def approver(self, node: Any, where: str) -> DeclaredApprover | None:
+        node = self.mapping(node, where, {"name", "token"})
+        name = self.name(node, where)
+        if name and not APPROVER_NAME.fullmatch(name):
+            self.problem(
+                where, f"{name!r}: an approver's name is letters, digits or . _ @ + - (as policies name them)"
+            )
+            name = ""
+        where = f"{where} ({name})"
+        if "token" not in node:
+            self.problem(where, "needs a token: {file: PATH}, {env: NAME} or {generate: PATH}")
+            return None
+        token = self.token(node["token"], APPROVER_PREFIX, f"{where}: token")
+        if token is None or not name:
+            return None
+        return DeclaredApprover(name, token)
+
+    def approvers(self, node: Mapping[str, Any], where: str) -> list[DeclaredApprover | None]:
+        if "reviewers" in node:
+            self.problem(
+                f"{where}: reviewers",
+                "automated reviewers are part of a rule's approval: declare them under reviewers: in the "
+                "policy file whose rules name them",
+            )
+        listed = node.get("approvers") or []
+        if not isinstance(listed, list):
+            self.problem(
+                f"{where}: approvers",
+                "expected a list of approvers, each {name, token}; groups of approvers go under groups: in "
+                "the policy files",
+            )
+            return []
+        return [self.approver(a, f"{where}: approvers[{i}]") for i, a in enumerate(listed)]
 
     def owner(self, node: Any, where: str) -> DeclaredOwner | None:
         fields = {"name", "token", "connections", "agents", "approvers", "reviewers"}
@@ -293,24 +312,24 @@ class _Reader:
             for i, c in enumerate(node.get("connections") or [])
         ]
         agents = [self.agent(a, f"{where}: agents[{i}]") for i, a in enumerate(node.get("agents") or [])]
-        approvers, reviewers = self.approvals(node, where)
+        approvers = self.approvers(node, where)
         known = {c.name for c in connections if c is not None}
         self.unique([c.name for c in connections if c], f"{where}: connections")
         self.unique([a.name for a in agents if a], f"{where}: agents")
+        self.unique([a.name for a in approvers if a], f"{where}: approvers")
         for node_agent in node.get("agents") or []:  # every reference, even of an agent refused above
             wanted = str(node_agent.get("connection", "default")) if isinstance(node_agent, dict) else ""
             if isinstance(node_agent, dict) and wanted not in known:
                 agent_name = node_agent.get("name")
                 self.problem(f"{where}: agent {agent_name}", f"no connection {wanted!r} declared")
-        if not name or None in connections or None in agents:
+        if not name or None in connections or None in agents or None in approvers:
             return None
         return DeclaredOwner(
             name,
             token,
             tuple(c for c in connections if c),
             tuple(a for a in agents if a),
-            approvers,
-            reviewers,
+            tuple(a for a in approvers if a),
         )
 
     def unique(self, names: list[str], where: str) -> None:
@@ -342,7 +361,8 @@ def load_state(
 
 
 def _tokens(owner: DeclaredOwner) -> list[DeclaredToken]:
-    return [t for t in [owner.token, *(a.token for a in owner.agents)] if t is not None]
+    tokens = [owner.token, *(a.token for a in owner.agents), *(a.token for a in owner.approvers)]
+    return [t for t in tokens if t is not None]
 
 
 def fingerprint(path: str, environ: Mapping[str, str] | None = None) -> str:
@@ -361,7 +381,7 @@ class StateConflict(Exception):
 @dataclass(frozen=True, slots=True)
 class Change:
     owner: str
-    kind: str  # owner, connection, agent, approvers
+    kind: str  # owner, connection, agent, approver
     name: str
     change: str  # created, updated, token_rotated, revoked, adopted
 
@@ -381,15 +401,12 @@ class StateApplier:
         forget_agent: Callable[[str], None] = lambda agent_id: None,
         forget_owner: Callable[[str], None] = lambda owner_id: None,
         forget_connection: Callable[[str], None] = lambda connection_id: None,
+        forget_approver: Callable[[str], None] = lambda approver_id: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.sealer, self.rounds, self.clock = store, sealer, rounds, clock
-        self.forget_agent, self.forget_owner, self.forget_connection = (
-            forget_agent,
-            forget_owner,
-            forget_connection,
-        )
-        self.approval_config: dict[str, DeclaredOwner] = {}
+        self.forget_agent, self.forget_owner = forget_agent, forget_owner
+        self.forget_connection, self.forget_approver = forget_connection, forget_approver
 
     async def apply(self, state: DeclaredState) -> list[Change]:
         self.actor = f"state:{Path(state.source).name}"
@@ -401,8 +418,7 @@ class StateApplier:
             kept.add(owner.id)
             connections = await self._connections(owner, declared, changes)
             await self._agents(owner, declared, connections, changes)
-            await self._approvals(owner, declared, changes)
-            self.approval_config[declared.name] = declared
+            await self._approvers(owner, declared, changes)
         for owner_id, _, _ in await self.store.declared("owner"):
             if owner_id not in kept:
                 await self._revoke_owner(owner_id, changes)
@@ -447,8 +463,13 @@ class StateApplier:
             for connection in await self.store.list_connections(owner_id):
                 await self.store.revoke_connection(owner_id, connection.id, self.actor, now)
                 self.forget_connection(connection.id)
+            for approver in await self.store.list_approvers(owner_id):
+                if approver.revoked_at is None and await self.store.revoke_approver(
+                    owner_id, approver.id, self.actor, now
+                ):
+                    self.forget_approver(approver.id)
             changes.append(Change(owner.name, "owner", owner.name, "revoked"))
-        for kind in ("owner", "connection", "agent", "approvers"):
+        for kind in ("owner", "connection", "agent", "approver"):
             for row_id, of, _ in await self.store.declared(kind):
                 if of == owner_id:
                     await self.store.forget_declared(kind, row_id)
@@ -527,12 +548,11 @@ class StateApplier:
         changes: list[Change],
     ) -> None:
         active = {a.name: a for a in await self.store.list_agents(owner.id) if a.revoked_at is None}
-        kept = set()
-        for wanted in declared.agents:
-            agent = await self._agent(owner, wanted, active.get(wanted.name), connections, changes)
-            kept.add(agent.id)
-            await self._declare("agent", agent.id, owner.id, wanted.name)
-        await self._revoke_undeclared("agent", owner, kept, declared.name, changes)
+
+        async def one(wanted: DeclaredAgent) -> AgentRecord:
+            return await self._agent(owner, wanted, active.get(wanted.name), connections, changes)
+
+        await self._each("agent", owner, declared.agents, one, changes)
 
     async def _agent(
         self,
@@ -543,15 +563,9 @@ class StateApplier:
         changes: list[Change],
     ) -> AgentRecord:
         connection_id = connections[wanted.connection].id
-        supplied = _id_of(wanted.token.token, "agt") if wanted.token.token else None
+        why = "; a new id would start its spend from zero"
+        agent_id = await self._principal_id("agt", "agent", owner, wanted.name, wanted.token, existing, why)
         if existing is None:
-            agent_id = supplied or new_id("agt")
-            taken = await self.store.get_agent(agent_id)
-            if taken is not None:
-                raise StateConflict(
-                    f"agent {owner.name}/{wanted.name}: the token's id {agent_id} belongs to "
-                    f"{'a revoked agent' if taken.revoked_at else 'agent ' + taken.name}; make a new token"
-                )
             _, digest = await self._token(AGENT_PREFIX, agent_id, wanted.token)
             agent = AgentRecord(
                 agent_id, owner.id, connection_id, wanted.name, dict(wanted.labels), digest, self.clock()
@@ -559,11 +573,6 @@ class StateApplier:
             await self.store.create_agent(agent, self.actor)
             changes.append(Change(owner.name, "agent", wanted.name, "created"))
             return agent
-        if supplied is not None and supplied != existing.id:
-            raise StateConflict(
-                f"agent {owner.name}/{wanted.name} is {existing.id}: a new token must keep that id "
-                f"(paysentry state token --id {existing.id}); a new id would start its spend from zero"
-            )
         return await self._update_agent(owner, wanted, existing, connection_id, changes)
 
     async def _update_agent(
@@ -595,21 +604,84 @@ class StateApplier:
             changes.append(Change(owner.name, "agent", wanted.name, what))
         return agent
 
-    # approvers and reviewers
-    async def _approvals(self, owner: OwnerRecord, declared: DeclaredOwner, changes: list[Change]) -> None:
-        digest = declared.approval_digest()
-        previous = {row_id: d for row_id, _, d in await self.store.declared("approvers")}
-        if previous.get(owner.id) == digest:
-            return
-        if owner.id in previous or declared.approvers or declared.reviewers:
-            data = {"approvers": dict(declared.approvers), "reviewers": dict(declared.reviewers)}
-            await self.store.record_event(
-                owner.id, None, None, "approvers.declared", self.actor, data, self.clock()
-            )
-            changes.append(Change(owner.name, "approvers", declared.name, "updated"))
-        await self.store.set_declared("approvers", owner.id, owner.id, self.source, digest, self.clock())
+    # approvers
+    async def _approvers(self, owner: OwnerRecord, declared: DeclaredOwner, changes: list[Change]) -> None:
+        active = {a.name: a for a in await self.store.list_approvers(owner.id) if a.revoked_at is None}
+
+        async def one(wanted: DeclaredApprover) -> ApproverRecord:
+            return await self._approver(owner, wanted, active.get(wanted.name), changes)
+
+        await self._each("approver", owner, declared.approvers, one, changes)
+
+    async def _approver(
+        self,
+        owner: OwnerRecord,
+        wanted: DeclaredApprover,
+        existing: ApproverRecord | None,
+        changes: list[Change],
+    ) -> ApproverRecord:
+        approver_id = await self._principal_id("apv", "approver", owner, wanted.name, wanted.token, existing)
+        if existing is None:
+            _, digest = await self._token(APPROVER_PREFIX, approver_id, wanted.token)
+            approver = ApproverRecord(approver_id, owner.id, wanted.name, digest, self.clock())
+            await self.store.create_approver(approver, self.actor)
+            changes.append(Change(owner.name, "approver", wanted.name, "created"))
+            return approver
+        if await self._matches(wanted.token, existing.token_hash):
+            return existing
+        _, digest = await self._token(APPROVER_PREFIX, existing.id, wanted.token)
+        if await self.store.update_approver_token(existing, digest, self.actor, self.clock()):
+            self.forget_approver(existing.id)
+            changes.append(Change(owner.name, "approver", wanted.name, "token_rotated"))
+        return replace(existing, token_hash=digest)
 
     # shared steps
+    async def _each(
+        self,
+        kind: str,
+        owner: OwnerRecord,
+        declared: Sequence[_Named],
+        apply_one: Callable[[Any], Awaitable[AgentRecord | ApproverRecord]],
+        changes: list[Change],
+    ) -> None:
+        """Apply each declared agent or approver, mark it as the file's, revoke the file's that are gone."""
+        kept = set()
+        for wanted in declared:
+            record = await apply_one(wanted)
+            kept.add(record.id)
+            await self._declare(kind, record.id, owner.id, wanted.name)
+        await self._revoke_undeclared(kind, owner, kept, owner.name, changes)
+
+    async def _principal_id(
+        self,
+        kind: str,
+        what: str,
+        owner: OwnerRecord,
+        name: str,
+        token: DeclaredToken,
+        existing: AgentRecord | ApproverRecord | None,
+        why: str = "",
+    ) -> str:
+        """The id of a declared agent or approver: its existing one (which a supplied token must name), else
+        the supplied token's or a new one; an id another record holds is refused."""
+        supplied = _id_of(token.token, kind) if token.token else None
+        if existing is not None:
+            if supplied is not None and supplied != existing.id:
+                raise StateConflict(
+                    f"{what} {owner.name}/{name} is {existing.id}: a new token must keep that id "
+                    f"(paysentry state token --id {existing.id}){why}"
+                )
+            return existing.id
+        chosen = supplied or new_id(kind)
+        get = self.store.get_agent if kind == "agt" else self.store.get_approver
+        taken = await get(chosen)
+        if taken is not None:
+            holder = f"a revoked {what}" if taken.revoked_at else f"{what} {taken.name}"
+            raise StateConflict(
+                f"{what} {owner.name}/{name}: the token's id {chosen} belongs to {holder}; make a new token"
+            )
+        return chosen
+
     async def _revoke_undeclared(
         self, kind: str, owner: OwnerRecord, kept: set[str], owner_name: str, changes: list[Change]
     ) -> None:
@@ -622,6 +694,9 @@ class StateApplier:
                 changes.append(Change(owner_name, kind, name, "revoked"))
             if kind == "connection" and await self.store.revoke_connection(owner.id, row_id, self.actor, now):
                 self.forget_connection(row_id)
+                changes.append(Change(owner_name, kind, name, "revoked"))
+            if kind == "approver" and await self.store.revoke_approver(owner.id, row_id, self.actor, now):
+                self.forget_approver(row_id)
                 changes.append(Change(owner_name, kind, name, "revoked"))
             await self.store.forget_declared(kind, row_id)
 

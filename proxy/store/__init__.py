@@ -357,11 +357,18 @@ class IdentityStore(Protocol):
         """As ``page_agents``, for approvers."""
         ...
 
+    async def update_approver_token(
+        self, old: ApproverRecord, token_hash: str, actor: str, now: float
+    ) -> bool:
+        """Give an active approver a new token hash, if it still has ``old``'s (a compare-and-swap, as
+        ``update_agent``)."""
+        ...
+
     async def revoke_approver(self, owner_id: str, approver_id: str, actor: str, now: float) -> bool: ...
 
 
 class DeclaredStore(Protocol):
-    """Which owners, connections, agents and approver sets a declared state file manages (``proxy.state``):
+    """Which owners, connections, agents and approvers a declared state file manages (``proxy.state``):
     what leaves the file is revoked; what the CLI or the owner API made is left alone."""
 
     async def declared(self, kind: str) -> list[tuple[str, str, str]]: ...

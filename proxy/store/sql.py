@@ -605,6 +605,21 @@ class SqlStore(ABC):
         )
         return [ApproverRecord(*r) for r in rows]
 
+    async def update_approver_token(
+        self, old: ApproverRecord, token_hash: str, actor: str, now: float
+    ) -> bool:
+        def tx() -> Tx[bool]:
+            updated = yield execute(
+                "UPDATE approvers SET token_hash=? WHERE id=? AND token_hash=? AND revoked_at IS NULL",
+                (token_hash, old.id, old.token_hash),
+            )
+            if updated:
+                data = {"approver": old.id, "name": old.name}
+                yield from _event(old.owner_id, None, None, "approver.token_rotated", actor, data, now)
+            return bool(updated)
+
+        return await self.write(tx())
+
     async def revoke_approver(self, owner_id: str, approver_id: str, actor: str, now: float) -> bool:
         def tx() -> Tx[bool]:
             row = yield one(

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from proxy.config import Settings
-from tests.deploy.test_manifests import K8S, paysentry_pod, validate
+from tests.deploy.test_manifests import K8S, assert_declared_state_loads, paysentry_pod, validate
 
 CHART = Path(__file__).parents[2] / "deploy" / "helm" / "paysentry"
 MONITORING = {
@@ -63,6 +63,11 @@ def test_each_mode_renders_objects_that_validate(mode: str) -> None:
     for e in container["env"]:
         if e["name"] in ("PAYSENTRY_ENCRYPTION_KEYS", "PAYSENTRY_STORE") and mode == "gateway":
             assert "secretKeyRef" in e["valueFrom"]
+
+
+@pytest.mark.parametrize("mode", ["gateway", "sidecar"])
+def test_the_example_declared_state_loads_from_what_the_pod_mounts(mode: str, tmp_path: Path) -> None:
+    assert_declared_state_loads(chart({"mode": mode}), tmp_path)
 
 
 def test_values_hold_every_setting_and_the_settings_configmap_names_real_ones() -> None:

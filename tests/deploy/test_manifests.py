@@ -170,12 +170,18 @@ def test_policies_and_state_reach_running_pods_without_a_rollout(overlay: str, r
 def test_the_declared_state_of_each_overlay_loads_from_what_the_pod_mounts(
     overlay: str, tmp_path: Path
 ) -> None:
-    """The state file the overlay ships, read as the pod reads it: every file it names lies under a
+    objects = render(K8S / "overlays" / overlay)
+    assert_declared_state_loads(objects, tmp_path, approvers=overlay == "gateway")
+
+
+def assert_declared_state_loads(
+    objects: list[dict[str, Any]], tmp_path: Path, approvers: bool = True
+) -> None:
+    """The state file the manifests ship, read as the pod reads it: every file it names lies under a
     mount of the container, every variable it names is set from a Secret, and it loads."""
     from proxy.state import load_state
     from tests.integration.test_state import token
 
-    objects = render(K8S / "overlays" / overlay)
     _, container = paysentry_pod(objects)
     state_text = next(o for o in objects if o["metadata"]["name"] == "paysentry-state")["data"]["state.yaml"]
     mounts = [m["mountPath"] for m in container["volumeMounts"]]
@@ -184,18 +190,19 @@ def test_the_declared_state_of_each_overlay_loads_from_what_the_pod_mounts(
     variables = re.findall(r"\{env: ([A-Z_]+)\}", state_text)
     assert files
     for path in files:
-        assert any(path.startswith(m + "/") for m in mounts), f"{overlay}: {path} is not in a mounted volume"
+        assert any(path.startswith(m + "/") for m in mounts), f"{path} is not in a mounted volume"
         local = tmp_path / path.lstrip("/")
         local.parent.mkdir(parents=True, exist_ok=True)
-        prefix = "pso" if "owner" in path else "psk"
-        local.write_text(
-            token(f"{'own' if prefix == 'pso' else 'agt'}_{os.urandom(8).hex()}").replace("psk", prefix, 1)
+        prefix, kind = (
+            ("pso", "own") if "owner" in path else ("psa", "apv") if "approver" in path else ("psk", "agt")
         )
+        local.write_text(token(f"{kind}_{os.urandom(8).hex()}").replace("psk", prefix, 1))
     for name in variables:
-        assert "secretKeyRef" in env[name]["valueFrom"], f"{overlay}: {name} must come from a Secret"
+        assert "secretKeyRef" in env[name]["valueFrom"], f"{name} must come from a Secret"
     (tmp_path / "state.yaml").write_text(state_text.replace("{file: /", f"{{file: {tmp_path}/"))
     state, _ = load_state(str(tmp_path / "state.yaml"), {n: "sk_test_x" for n in variables})
     assert state.owners and state.owners[0].agents
+    assert bool(state.owners[0].approvers) == approvers
 
 
 def test_the_gateway_serves_tls_from_the_cert_manager_secret_and_probes_over_https() -> None:

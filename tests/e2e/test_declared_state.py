@@ -35,22 +35,21 @@ def kubernetes_volume(directory: Path, files: dict[str, str], generation: int) -
             (directory / name).symlink_to(f"..data/{name}")
 
 
-def new_token(agent_id: str = "") -> str:
-    args = ["state", "token", *(["--id", agent_id] if agent_id else [])]
+def new_token(agent_id: str = "", *flags: str) -> str:
+    args = ["state", "token", *(["--id", agent_id] if agent_id else []), *flags]
     out = subprocess.run(
         [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, check=True, cwd=ROOT
     )
     return out.stdout.strip()
 
 
-@pytest.fixture
-def declared(tmp_path: Path) -> Any:
-    agent_port, admin_port, mock_port = free_port(), free_port(), free_port()
-    token = new_token()
-    kubernetes_volume(tmp_path / "secret", {"token": token}, 1)
-    kubernetes_volume(tmp_path / "policies", {"test.yaml": textwrap.dedent(POLICY)}, 1)
-    (tmp_path / "state.yaml").write_text(
-        textwrap.dedent(f"""
+# the test policy, its hold decided by alice, a person the state file declares
+ALICE_DECIDES = POLICY.replace("hold_expiry: 2s}", "hold_expiry: 10m, approval: {approvers: [alice]}}")
+
+
+def state_file(mock_port: int, approvers: list[str]) -> str:
+    listed = "".join(f"\n      - {{name: {a}, token: {{file: secret/{a}}}}}" for a in approvers)
+    return textwrap.dedent(f"""
         owners:
           - name: acme
             connections:
@@ -62,8 +61,16 @@ def declared(tmp_path: Path) -> Any:
               - name: bot
                 labels: {{team: ads}}
                 token: {{file: secret/token}}
-        """)
-    )
+        """) + (f"    approvers:{listed}\n" if approvers else "")
+
+
+@pytest.fixture
+def declared(tmp_path: Path) -> Any:
+    agent_port, admin_port, mock_port = free_port(), free_port(), free_port()
+    token = new_token()
+    kubernetes_volume(tmp_path / "secret", {"token": token, "alice": new_token("", "--approver")}, 1)
+    kubernetes_volume(tmp_path / "policies", {"test.yaml": textwrap.dedent(ALICE_DECIDES)}, 1)
+    (tmp_path / "state.yaml").write_text(state_file(mock_port, approvers=["alice"]))
     volume = tmp_path / "empty-volume"
     volume.mkdir()
     config = tmp_path / "paysentry.yaml"
@@ -101,13 +108,14 @@ def declared(tmp_path: Path) -> Any:
     dep.stop()
 
 
-def pay(dep: Deployment, token: str, amount: int = 1500) -> Any:
+def pay(dep: Deployment, token: str, amount: int = 1500, key: str | None = None) -> Any:
     import stripe
 
     client = stripe.StripeClient(
         token, base_addresses={"api": dep.agent_url}, max_network_retries=0, http_client=None
     )
-    return client.v1.payment_intents.create(params={"amount": amount, "currency": "usd"})
+    options: Any = {"idempotency_key": key} if key else {}
+    return client.v1.payment_intents.create(params={"amount": amount, "currency": "usd"}, options=options)
 
 
 def test_an_empty_volume_serves_the_declared_agent_at_once(declared: Deployment) -> None:
@@ -119,6 +127,7 @@ def test_an_empty_volume_serves_the_declared_agent_at_once(declared: Deployment)
         "owner acme/acme: created",
         "connection acme/default: created",
         "agent acme/bot: created",
+        "approver acme/alice: created",
     ]
     assert declared.agent_token not in declared.logs() and MOCK_SECRET not in declared.logs()
 
@@ -129,7 +138,8 @@ def test_a_rotated_secret_takes_effect_without_a_restart(declared: Deployment) -
     pay(declared, declared.agent_token)
     agent_id = "agt_" + declared.agent_token.split("_")[1]
     rotated = new_token(agent_id)
-    kubernetes_volume(declared.root / "secret", {"token": rotated}, 2)
+    alice = (declared.root / "secret" / "alice").read_text()
+    kubernetes_volume(declared.root / "secret", {"token": rotated, "alice": alice}, 2)
     wait_until(lambda: "agent acme/bot: token_rotated" in declared.logs())
     assert pay(declared, rotated).id.startswith("pi_")
 
@@ -154,3 +164,27 @@ def test_a_policy_change_to_the_mounted_directory_reaches_the_running_sidecar(de
         pay(declared, declared.agent_token, 4000)
     assert refused.value.http_status == 402 and "per_payment_cap" in str(refused.value.json_body)
     assert declared.process is not None and declared.process.poll() is None  # the same process
+
+
+def test_a_declared_approver_votes_with_the_token_from_its_secret_and_is_revoked_by_removal(
+    declared: Deployment,
+) -> None:
+    """Alice exists only in the state file and her Secret: she signs in with that token, approves the hold
+    that names her, the agent's retry goes through; taken out of the file, her token stops working."""
+    import stripe
+
+    alice = (declared.root / "secret" / "alice").read_text().strip()
+    with pytest.raises(stripe.CardError) as held:
+        pay(declared, declared.agent_token, 6000, key="order-1")
+    assert held.value.code == "approval_required"
+    status, pending = declared.owner_api("GET", "/v1/approvals", token=alice)
+    assert status == 200 and len(pending["data"]) == 1 and pending["data"][0]["approvers"] == ["alice"]
+    hold = pending["data"][0]["id"]
+    status, voted = declared.owner_api("POST", f"/v1/approvals/{hold}/approve", {"reason": "ok"}, token=alice)
+    assert status == 200, voted
+    assert pay(declared, declared.agent_token, 6000, key="order-1").amount == 6000
+    port = int(declared.mock_url.rsplit(":", 1)[1])
+    (declared.root / "state.yaml").write_text(state_file(port, approvers=[]))
+    wait_until(lambda: "approver acme/alice: revoked" in declared.logs())
+    wait_until(lambda: declared.owner_api("GET", "/v1/approvals", token=alice)[0] == 401, timeout=5)
+    assert alice not in declared.logs()

@@ -14,7 +14,7 @@ import pytest
 from proxy.errors import ConfigError
 from proxy.secrets import Sealer, check_secret, issue_token, sealed_context
 from proxy.state import StateApplier, StateConflict, load_state
-from proxy.store import AgentRecord, Store
+from proxy.store import AgentRecord, ApproverRecord, Store
 from tests.conftest import Backend
 
 ENV = {"STRIPE_KEY": "sk_test_declared_1"}
@@ -177,18 +177,78 @@ async def test_a_generated_token_is_written_once_and_kept(store: Store, tmp_path
     assert (tmp_path / "out" / "bot.token").read_text().strip() == written
 
 
-async def test_approvers_and_reviewers_are_recorded_when_they_change(store: Store, tmp_path: Path) -> None:
+def approver_token(approver_id: str) -> str:
+    return issue_token("psa", approver_id, 4).token
+
+
+APPROVERS = "    approvers:\n      - {name: alice, token: {file: alice.token}}\n      - {name: bob, token: {env: BOB}}\n"
+
+
+async def test_declared_approvers_get_their_tokens_rotate_and_are_revoked_when_removed(
+    store: Store, tmp_path: Path
+) -> None:
+    """Approvers are principals like agents: made once with the token from their Secret (stored as id
+    and hash), rotated in place, revoked when they leave the file; one made by hand is left alone."""
     (tmp_path / "bot.token").write_text(token("agt_00112233445566ee"))
-    groups = "    approvers: {finance: [alice, bob]}\n    reviewers: {risk: {url: 'http://risk:8000/r', timeout: 2s}}\n"
-    path = str(write_state(tmp_path, BOT, owners=groups))
-    first = applier(store)
-    changes = await first.apply(load_state(path, ENV)[0])
-    assert "approvers acme/acme: updated" in [str(c) for c in changes]
-    assert dict(first.approval_config["acme"].approvers) == {"finance": ("alice", "bob")}
-    assert await applier(store).apply(load_state(path, ENV)[0]) == []
+    alice, bob = approver_token("apv_00112233445566a1"), approver_token("apv_00112233445566b0")
+    (tmp_path / "alice.token").write_text(alice)
+    env = {**ENV, "BOB": bob}
+    path = str(write_state(tmp_path, BOT, owners=APPROVERS))
+    changes = await applier(store).apply(load_state(path, env)[0])
+    assert [str(c) for c in changes][-2:] == ["approver acme/alice: created", "approver acme/bob: created"]
     owner = await store.find_owner("acme")
-    declared = [e for e in await store.list_events(owner.id, 0, 100) if e.type == "approvers.declared"]  # type: ignore[union-attr]
-    assert [e.data["approvers"] for e in declared] == [{"finance": ["alice", "bob"]}]
+    assert owner is not None
+    made = await store.get_approver("apv_00112233445566a1")
+    assert made is not None and made.name == "alice" and check_secret(alice.split("_", 2)[2], made.token_hash)
+    await store.create_approver(ApproverRecord("apv_hand", owner.id, "carol", "x", 1.0), "owner")
+    assert await applier(store).apply(load_state(path, env)[0]) == []  # idempotent, another replica too
+    recorded = await events(store, owner.id)
+    # a rotated Secret: the new hash stored, this process's cache told, the old token dead
+    rotated = approver_token("apv_00112233445566a1")
+    (tmp_path / "alice.token").write_text(rotated)
+    forgotten: list[str] = []
+    rotating = applier(store)
+    rotating.forget_approver = forgotten.append
+    assert [str(c) for c in await rotating.apply(load_state(path, env)[0])] == [
+        "approver acme/alice: token_rotated"
+    ]
+    assert forgotten == ["apv_00112233445566a1"]
+    now = await store.get_approver("apv_00112233445566a1")
+    assert now is not None and check_secret(rotated.split("_", 2)[2], now.token_hash)
+    assert not check_secret(alice.split("_", 2)[2], now.token_hash)
+    assert (await events(store, owner.id))[len(recorded) :] == [
+        ("approver.token_rotated", "state:state.yaml")
+    ]
+    (tmp_path / "alice.token").write_text(approver_token("apv_99112233445566a1"))
+    with pytest.raises(StateConflict, match="must keep that id"):
+        await applier(store).apply(load_state(path, env)[0])
+    # bob leaves the file: revoked; carol (made by hand) stays
+    (tmp_path / "alice.token").write_text(rotated)
+    only_alice = "    approvers:\n      - {name: alice, token: {file: alice.token}}\n"
+    changes = await applier(store).apply(
+        load_state(str(write_state(tmp_path, BOT, owners=only_alice)), env)[0]
+    )
+    assert [str(c) for c in changes] == ["approver acme/bob: revoked"]
+    assert (await store.get_approver("apv_00112233445566b0")).revoked_at is not None  # type: ignore[union-attr]
+    assert (await store.get_approver("apv_hand")).revoked_at is None  # type: ignore[union-attr]
+    # the owner removed: its approvers go with it
+    (tmp_path / "state.yaml").write_text("owners: []\n")
+    await applier(store).apply(load_state(str(tmp_path / "state.yaml"), env)[0])
+    assert all(a.revoked_at is not None for a in await store.list_approvers(owner.id))
+
+
+def test_groups_and_reviewers_are_sent_to_the_policy_files(tmp_path: Path) -> None:
+    groups = "    approvers: {finance: [alice, bob]}\n    reviewers: {risk: {url: 'http://risk:8000/r'}}\n"
+    with pytest.raises(ConfigError) as err:
+        load_state(str(write_state(tmp_path, "", owners=groups)), ENV)
+    text = "\n".join(err.value.problems)
+    assert "groups of approvers go under groups: in the policy files" in text
+    assert "declare them under reviewers: in the policy file" in text
+    bad = "    approvers:\n      - {name: 'owner:acme', token: {env: STRIPE_KEY}}\n      - {name: dan}\n"
+    with pytest.raises(ConfigError) as err:
+        load_state(str(write_state(tmp_path, "", owners=bad)), ENV)
+    text = "\n".join(err.value.problems)
+    assert "an approver's name is letters" in text and "needs a token" in text
 
 
 def test_every_problem_is_reported_at_once_and_secrets_are_never_inline(tmp_path: Path) -> None:
