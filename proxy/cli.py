@@ -23,7 +23,7 @@
     paysentry x402-demo [both|facilitator|resource] [--listen HOST:PORT] [--facilitator HOST:PORT]
 
 Commands that touch the store take ``--config FILE`` (default: $PAYSENTRY_CONFIG, else deploy/dev.yaml).
-With ``--api URL`` (or $PAYSENTRY_API) the read, list and vote commands (agent list, approvals
+With ``--api URL`` (or $PAYSENTRY_API) the owner's day-to-day commands (agent list|create|revoke, approvals
 list|show|approve|deny, approver list|create|revoke) go through the owner API instead, with the token in
 $PAYSENTRY_OWNER_TOKEN (an approver's psa_ token works for approvals). ``-o table`` (the default) or
 ``-o json``, ``--config``, ``--api`` and ``-o`` are accepted anywhere on the line. Times are ISO 8601 (UTC).
@@ -981,6 +981,18 @@ def _remote_agent_list(api: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _remote_agent_create(api: Any, args: argparse.Namespace) -> int:
+    body = {"name": args.name, "connection": args.connection, "labels": _pairs("--label", args.label)}
+    _show(args, {**api.call("POST", "/v1/agents", body), "note": "the token is shown once"})
+    return 0
+
+
+def _remote_agent_revoke(api: Any, args: argparse.Namespace) -> int:
+    api.call("POST", f"/v1/agents/{args.id}/revoke")
+    print(f"revoked {args.id}")
+    return 0
+
+
 def _remote_approvals_list(api: Any, args: argparse.Namespace) -> int:
     _show(args, api.list("/v1/approvals", state=args.state), APPROVAL_COLUMNS)
     return 0
@@ -1018,6 +1030,8 @@ def _remote_approver_revoke(api: Any, args: argparse.Namespace) -> int:
 
 _REMOTE: dict[tuple[str, str], Callable[[Any, argparse.Namespace], int]] = {
     ("agent", "list"): _remote_agent_list,
+    ("agent", "create"): _remote_agent_create,
+    ("agent", "revoke"): _remote_agent_revoke,
     ("approvals", "list"): _remote_approvals_list,
     ("approvals", "show"): _remote_approvals_show,
     ("approvals", "approve"): _remote_approvals_decide,

@@ -476,7 +476,7 @@ def test_a_slow_head_after_a_kept_alive_request_is_dropped_too(guarded: Deployme
     sock.settimeout(5)
     started = time.monotonic()
     assert sock.recv(4096).startswith(b"HTTP/1.1 408")
-    assert 1.5 < time.monotonic() - started < 4
+    assert 1.5 < time.monotonic() - started < 8  # the header timeout is 2 s
     sock.close()
 
 

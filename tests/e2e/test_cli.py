@@ -126,6 +126,20 @@ def test_api_mode_reads_and_votes_through_the_owner_api(dep: Deployment, tmp_pat
     status, out, err = paysentry(dep, "approver", "create", "carol", "-o", "json", env=env)
     assert status == 0 and json.loads(out)["token"].startswith("psa_"), err
     assert "carol" in paysentry(dep, "approver", "list", env=env)[1]
+    status, out, err = paysentry(
+        dep, "agent", "create", "remote-bot", "--label", "team=ops", "-o", "json", env=env
+    )
+    made = json.loads(out)
+    assert status == 0 and made["token"].startswith("psk_") and made["labels"] == {"team": "ops"}, err
+    assert paysentry(dep, "agent", "revoke", made["id"], env=env)[:2] == (0, f"revoked {made['id']}\n")
+    status, _, err = paysentry(dep, "agent", "revoke", made["id"], env=env)
+    assert status == 1 and "Traceback" not in err
+    revoked = [
+        a
+        for a in json.loads(paysentry(dep, "agent", "list", "-o", "json", env=env)[1])
+        if a["id"] == made["id"]
+    ]
+    assert revoked and revoked[0]["revoked_at"]
     status, _, err = paysentry(dep, "approvals", "approve", "apr_nope", env=env)
     assert status == 1 and "no approval" in err
     status, _, err = paysentry(dep, "approvals", "list", env={**env, "PAYSENTRY_OWNER_TOKEN": "pso_x_y"})
