@@ -42,6 +42,7 @@ from proxy.store import (
     OwnerRecord,
     Refused,
     Store,
+    UnknownCursor,
     VoteRefused,
     VoteResult,
 )
@@ -241,6 +242,8 @@ def refusal(fact: Refused) -> PaySentryError:
             )
         case LinkUnusable():
             return NotFound("this approval link is unknown, used or expired")
+        case UnknownCursor(cursor=cursor, param=param):
+            return BadRequest(f"no such object: {cursor!r}", code="resource_missing", param=param)
     raise TypeError(f"no owner-facing wording for {fact!r}")
 
 

@@ -33,11 +33,11 @@ from proxy.approvals import PENDING
 from proxy.currency import format_minor
 from proxy.errors import PaySentryError
 from proxy.holds import HoldCoordinator
-from proxy.owners import OwnerService, spend_against_limits
+from proxy.owners import OwnerService, refusal, spend_against_limits
 from proxy.policy.reload import PolicyHolder
 from proxy.principals import Principal, Principals
 from proxy.secrets import Sealer, SealError
-from proxy.store import ApprovalRecord, AuthorizationRecord, Page, Store
+from proxy.store import ApprovalRecord, AuthorizationRecord, Page, Store, UnknownCursor
 
 COOKIE = "paysentry_session"
 SESSION_TTL = 12 * 3600.0
@@ -163,6 +163,10 @@ class Console:
                 )
             try:
                 return await handler(request, principal, csrf)
+            except UnknownCursor as fact:  # a cursor typed or edited into the address
+                return _page(
+                    "Refused", principal, csrf, _flash(refusal(fact).message, error=True), status=400
+                )
             except PaySentryError as exc:
                 return _page("Refused", principal, csrf, _flash(exc.message, error=True), status=exc.status)
 

@@ -23,7 +23,8 @@ found. Routes:
 Every list follows Stripe's conventions: newest first, ``{"object": "list", "url", "has_more", "data"}``,
 ``limit`` (1 to 1000, default 100), ``starting_after`` / ``ending_before`` (an object's id; an event's
 seq), ``created[gte]`` / ``created[lt]`` (RFC 3339 or Unix seconds) and the list's own filters. An unknown
-parameter, a repeated one or a filter value outside its choices is a 400 naming it. Times are RFC 3339.
+parameter, a repeated one, a filter value outside its choices or a cursor that is none of the owner's
+objects is a 400 naming it. Times are RFC 3339.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ from proxy.owners import (
     authorization_json,
     event_json,
     reconciliation_json,
+    refusal,
     spend_against_limits,
 )
 from proxy.policy.reload import PolicyHolder
 from proxy.principals import Principal, Principals
-from proxy.store import OwnerRecord, Page, Store
+from proxy.store import OwnerRecord, Page, Store, UnknownCursor
 
 log = logging.getLogger("paysentry.owner_api")
 OWNER = web.RequestKey("owner", OwnerRecord)
@@ -159,6 +161,9 @@ class OwnerApi:
             return await handler(request)
         except PaySentryError as exc:
             return _error(exc.status, exc.code, exc.message, exc.param)
+        except UnknownCursor as fact:
+            refused = refusal(fact)
+            return _error(refused.status, refused.code, refused.message, refused.param)
         except web.HTTPException as exc:  # aiohttp's own: no such route, method, body too large
             if exc.status < 400:
                 raise

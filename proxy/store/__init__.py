@@ -243,6 +243,7 @@ class Refused(Exception):
         ├── DuplicateKey        another call with the same agent and Idempotency-Key was recorded first
         ├── AgentNameTaken      the owner already has an active agent of that name
         ├── ApproverNameTaken   the owner already has an active approver of that name
+        ├── UnknownCursor       a list's starting_after / ending_before names none of the owner's objects
         └── VoteRefused         a vote the hold cannot take
             ├── ApprovalNotFound    no such approval for this owner
             ├── ApprovalClosed      already approved, denied or expired
@@ -268,6 +269,12 @@ class AgentNameTaken(Refused):
 @dataclass(eq=False)
 class ApproverNameTaken(Refused):
     name: str
+
+
+@dataclass(eq=False)
+class UnknownCursor(Refused):
+    cursor: str
+    param: str  # starting_after or ending_before
 
 
 class VoteRefused(Refused):

@@ -58,6 +58,7 @@ from proxy.store import (
     OwnerRecord,
     Page,
     Recorded,
+    UnknownCursor,
     Unresolved,
     Vote,
     VoteResult,
@@ -1722,8 +1723,8 @@ def _keyset(
     table: str, columns: str, owner_id: str, where: list[str], args: list[Any], page: Page
 ) -> Tx[tuple[list[Sequence[Any]], bool]]:
     """One page of ``table`` newest first by (created_at, id), after ``where``'s filters, the created
-    range and the cursor (an unknown cursor: nothing), and whether more lie beyond it in the direction
-    read. The rows come back newest first either way."""
+    range and the cursor, and whether more lie beyond it in the direction read. The rows come back newest
+    first either way. A cursor that is none of the owner's objects raises ``UnknownCursor``."""
     where, args = list(where), list(args)
     if page.created_gte is not None:
         where.append("created_at>=?")
@@ -1735,7 +1736,7 @@ def _keyset(
     if cursor is not None:
         row = yield one(f"SELECT created_at, id FROM {table} WHERE id=? AND owner_id=?", (cursor, owner_id))  # noqa: S608 - fixed names
         if row is None:
-            return [], False
+            raise UnknownCursor(cursor, "ending_before" if newer else "starting_after")
         op = ">" if newer else "<"
         where.append(f"(created_at {op} ? OR (created_at = ? AND id {op} ?))")
         args += [row[0], row[0], row[1]]

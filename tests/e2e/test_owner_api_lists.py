@@ -110,6 +110,8 @@ def test_authorization_filters_and_created_ranges(api: Deployment) -> None:
         ("created[gte]=yesterday", "created[gte]"),
         ("created[lt]=2026-01-01", "created[lt]"),
         ("starting_after=a&ending_before=b", "ending_before"),
+        ("starting_after=auth_nope", "starting_after"),  # Stripe's resource_missing, not an empty page
+        ("ending_before=auth_nope", "ending_before"),
         ("agent=a&agent=b", "agent"),
         ("after=0", "after"),
     ],

@@ -4,7 +4,9 @@ approvers and events alike."""
 
 from __future__ import annotations
 
-from proxy.store import AgentRecord, ApproverRecord, Page, Store
+import pytest
+
+from proxy.store import AgentRecord, ApproverRecord, Page, Store, UnknownCursor
 from tests.conftest import Backend
 from tests.integration.test_store_conformance import new, seeded
 
@@ -34,7 +36,11 @@ async def test_authorizations_page_newest_first_both_ways_with_filters(backend: 
     assert [a.id for a in denied] == ["auth_p6", "auth_p3", "auth_p0"] and not more
     ranged, _ = await store.page_authorizations("own_1", Page(created_gte=102.0, created_lt=104.0))
     assert [a.id for a in ranged] == ["auth_p3", "auth_p2"]
-    assert await store.page_authorizations("own_1", Page(starting_after="auth_nope")) == ([], False)
+    with pytest.raises(UnknownCursor) as unknown:
+        await store.page_authorizations("own_1", Page(starting_after="auth_nope"))
+    assert unknown.value.param == "starting_after"
+    with pytest.raises(UnknownCursor):  # another owner's object is no cursor either
+        await store.page_authorizations("own_2", Page(ending_before="auth_p2"))
     assert await store.page_authorizations("own_2", Page()) == ([], False)  # another owner sees nothing
     await store.close()
 
