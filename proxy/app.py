@@ -27,8 +27,10 @@ from proxy.listeners.tls import ReloadingTLS
 from proxy.payments.service import RESOLVE_BATCH
 from proxy.policy.model import Limit
 from proxy.upstream import AiohttpUpstream
+from proxy.windows import is_rolling
 
 log = logging.getLogger("paysentry")
+PRUNE_INTERVAL = 600.0  # seconds between deletions of rolling-window buckets no check sums any more
 
 
 class Sidecar:
@@ -41,10 +43,23 @@ class Sidecar:
         self.gateway = bootstrap(settings, tracer_provider=tracer_provider, **parts)
         self.store = self.gateway.store
         self._runners: dict[str, web.AppRunner] = {}
+        self._pruned_at = 0.0
         self.guards: dict[str, ConnectionGuard] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        """Open the store and the clients, apply the declared state, then listen. A start that fails (an
+        invalid policy set or state file, a port in use) closes what it opened before it raises."""
+        try:
+            await self._start()
+        except BaseException:
+            for runner in self._runners.values():
+                await runner.cleanup()
+            self._runners.clear()
+            await self._close_clients()
+            raise
+
+    async def _start(self) -> None:
         g = self.gateway
         quiet_aiohttp_errors()
         await self.store.open()
@@ -126,8 +141,12 @@ class Sidecar:
                 expired += await self.store.expire_approved(now - self.settings.approval_retry_window, now)
                 unrecorded = await self.store.release_unrecorded(now)
                 await self._refresh_gauges()
-                if expired or unrecorded:
-                    fields = {"expired_holds": expired, "unrecorded_released": unrecorded}
+                pruned = 0
+                if now - self._pruned_at >= PRUNE_INTERVAL:
+                    rolling = [(n, p) for n, (_, p) in self._limit_periods().items() if is_rolling(p)]
+                    pruned, self._pruned_at = await self.store.prune_spend(rolling), now
+                if expired or unrecorded or pruned:
+                    fields = {"expired_holds": expired, "unrecorded_released": unrecorded, "pruned": pruned}
                     log.info("sweep", extra={"fields": fields})
             except Exception:  # the sweep must outlive a passing store failure
                 self.gateway.metrics.inc("paysentry_store_errors_total", where="sweep")
@@ -169,15 +188,20 @@ class Sidecar:
                 self.gateway.metrics.inc("paysentry_store_errors_total", where="reconcile")
                 log.exception("reconciliation failed")
 
-    async def _refresh_gauges(self) -> None:
-        """Pending holds, and each agent's spend in the current window of every limit against its maximum
-        (the 1000 largest: a scrape stays small with many agents)."""
+    def _limit_periods(self) -> dict[str, tuple[Limit, str]]:
+        """Each windowed limit of the policy set in force, with its current period."""
         now = datetime.now(UTC)
         limits: dict[str, tuple[Limit, str]] = {}
         for policy in self.gateway.policies.holder.current.policies:
             for lim in policy.limits:
                 if lim.window != "payment":
                     limits[lim.name] = (lim, period_of(lim.window, now, policy.timezone))
+        return limits
+
+    async def _refresh_gauges(self) -> None:
+        """Pending holds, and each agent's spend in the current window of every limit against its maximum
+        (the 1000 largest: a scrape stays small with many agents)."""
+        limits = self._limit_periods()
         rows = await self.store.current_spend([(name, period) for name, (_, period) in limits.items()], 1000)
         per_agent = self.settings.metrics_agent_labels  # names and ids only where the operator opts in
         amounts: dict[tuple[tuple[str, str], ...], float] = {}
@@ -226,13 +250,17 @@ class Sidecar:
         for name in ("owner", "mock"):  # the in-process mock provider last: drained calls may use it
             if name in self._runners:
                 await self._runners.pop(name).cleanup()
+        await self._close_clients()
+        g.metrics.shutdown()  # pushes the last OTLP export
+
+    async def _close_clients(self) -> None:
+        g = self.gateway
         await g.holds.close()  # closes the approval bus too
         if isinstance(g.upstream, AiohttpUpstream):
             await g.upstream.close()
         if g.redis is not None:
             await g.redis.limiter.close()
         await self.store.close()
-        g.metrics.shutdown()  # pushes the last OTLP export
 
 
 def _loopback(url: str) -> bool:

@@ -78,6 +78,17 @@ def rolling_range(period: str) -> tuple[str, str, str] | None:
     return prefix, f"{prefix}{first:0{_DIGITS}d}", f"{prefix}{int(index) + AHEAD:0{_DIGITS}d}"
 
 
+def stale_buckets(period: str) -> tuple[str, str] | None:
+    """For a rolling period (the bucket of now): (prefix, end), where every period from ``prefix`` up to,
+    not including, ``end`` is a bucket two windows back or more, which no check sums any more (a check
+    reaches one window and ``AHEAD`` buckets). The Redis gate drops the same buckets as it counts."""
+    bounds = rolling_range(period)
+    if bounds is None:
+        return None
+    index = bucket_of(period)[1]
+    return bounds[0], f"{bounds[0]}{max(index - 2 * BUCKETS, 0):0{_DIGITS}d}"
+
+
 def bucket_of(period: str) -> tuple[str, int]:
     """A rolling period as (the window's key, the bucket's index): ``rolling:3600``, 483912."""
     window, _, index = period.rpartition(":")

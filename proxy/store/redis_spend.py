@@ -325,6 +325,11 @@ class PostgresRedisStore(PostgresStore):
             args = [len(charges), *(x for c in charges for x in _charge_args(c))]
             await self._redis(self._count(keys=keys, args=args))
 
+    async def prune_spend(self, keys: Sequence[tuple[str, str]]) -> int:
+        """Nothing to delete: the ``spend`` table is not used, and the Lua script drops a rolling window's
+        stale buckets as it counts."""
+        return 0
+
     # -- reads of spend: Redis for the running totals, PostgreSQL's authorizations for reports -----------------
     async def lookup(
         self, agent_id: str, idempotency_key: str, spend_keys: Sequence[tuple[str, str]]

@@ -64,7 +64,7 @@ from proxy.store import (
     VoteResult,
     X402Signature,
 )
-from proxy.windows import is_rolling, rolling_range
+from proxy.windows import is_rolling, rolling_range, stale_buckets
 
 T = TypeVar("T")
 # An unresolved call due for resolution: in doubt and past its retry time, or forwarding past its lease.
@@ -169,6 +169,20 @@ class SqlStore(ABC):
             "GROUP BY s.agent_id, a.name, s.limit_name, s.currency ORDER BY 5 DESC LIMIT ?"
         )
         return [tuple(r) for r in await self.fetch_all(sql, [*args, limit])]
+
+    async def prune_spend(self, keys: Sequence[tuple[str, str]]) -> int:
+        deleted = 0
+        for name, period in keys:
+            stale = stale_buckets(period)
+            if stale is not None:
+                deleted += await self.write(
+                    single(
+                        execute(
+                            "DELETE FROM spend WHERE limit_name=? AND period>=? AND period<?", (name, *stale)
+                        )
+                    )
+                )
+        return deleted
 
     # -- key rotation ---------------------------------------------------------------------------------
     _SEALED = {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 import stripe
 
-from tests.e2e.conftest import POLICY, Deployment, wait_until
+from tests.e2e.conftest import POLICY, Deployment, make_deployment, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -72,3 +74,33 @@ def test_replay_reports_what_a_candidate_would_change(
     changed = "\n".join(lines[1:])
     assert changed.count("allow (default) -> deny (per_payment_cap)") == 2
     assert "3000 USD" in changed and "4000 USD" in changed and "1000 USD" not in changed
+
+
+def test_the_sweep_deletes_rolling_buckets_no_check_sums_and_keeps_the_window(tmp_path: Path) -> None:
+    """A rolling hour's bucket from three hours ago is deleted by the first sweep; one from five minutes
+    ago stays and still counts (its spend is what the owner sees)."""
+    rolling = POLICY.replace(
+        "    rules:",
+        "      - {name: hourly, rolling: 1h, currency: usd, max_amount: 100000}\n    rules:",
+    )
+    dep = make_deployment(tmp_path, policy=rolling)
+    minute = int(time.time()) // 60  # the rolling hour's buckets are minutes
+    with sqlite3.connect(tmp_path / "paysentry.db") as db:
+        for age, amount in ((180, 700), (5, 300)):
+            period = f"rolling:3600:{minute - age:012d}"
+            db.execute(
+                "INSERT INTO spend VALUES (?, 'hourly', ?, 'usd', ?, 1)", (dep.agent_id, period, amount)
+            )
+    dep.start()
+    try:
+
+        def rows() -> list[int]:
+            with sqlite3.connect(tmp_path / "paysentry.db") as db:
+                found = db.execute("SELECT amount FROM spend WHERE limit_name='hourly' ORDER BY period")
+                return [r[0] for r in found]
+
+        wait_until(lambda: rows() == [300])
+        assert dep.spend("hourly") == (300, 1)
+        assert '"pruned": 1' in dep.logs() and "sweep failed" not in dep.logs()
+    finally:
+        dep.stop()

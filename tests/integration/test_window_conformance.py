@@ -148,3 +148,25 @@ async def test_all_time_never_resets(backend: Backend) -> None:
     assert await pay(store, "a1", charge("all_time", T0, count=1)) == "forwarding"
     assert await pay(store, "a2", charge("all_time", T0 + timedelta(days=3650), count=1)) == "denied"
     await store.close()
+
+
+async def test_buckets_no_check_sums_any_more_are_pruned_and_the_windows_are_unchanged(
+    backend: Backend,
+) -> None:
+    store = await seeded(backend)
+    daily = Charge("daily", period_of("day", T0, "UTC"), "usd", 1000, None, None)
+    assert await pay_all(store, "old", charge(HOUR, T0), daily) == "forwarding"
+    assert await pay(store, "recent", charge(HOUR, T0 + timedelta(minutes=61))) == "forwarding"
+    now = T0 + timedelta(hours=2, minutes=1)  # 121 buckets after the first: two windows and one back
+    before = await total(store, HOUR, now)
+    deleted = await store.prune_spend([("lim", period_of(HOUR, now, "UTC"))])
+    assert deleted == (0 if backend.redis_url else 1)  # with Redis the spend table is not used
+    assert await total(store, HOUR, now) == before == SpendTotal(1000, 1)  # the recent one, still in
+    assert await store.prune_spend([("lim", period_of(HOUR, now, "UTC"))]) == 0
+    _, days = await store.lookup("agt_1", "-", [("daily", daily.period)])
+    assert days["daily"] == SpendTotal(1000, 1)  # a calendar period is history: never pruned
+    await store.close()
+
+
+async def pay_all(store: Store, key: str, *charges: Charge) -> str:
+    return (await store.record_decision(new(key, charges=charges), T0.timestamp())).record.state

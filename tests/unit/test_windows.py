@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from proxy.windows import BUCKETS, in_window, period_of, rolling_range, rolling_window
+from proxy.windows import BUCKETS, in_window, period_of, rolling_range, rolling_window, stale_buckets
 
 AT = datetime(2026, 11, 22, 10, 0, 30, tzinfo=UTC)
 
@@ -33,3 +33,11 @@ def test_periods_of_one_rolling_window_sort_as_their_buckets() -> None:
     month = rolling_window(30 * 86400)
     periods = [period_of(month, AT + timedelta(hours=12 * i), "UTC") for i in range(5)]
     assert periods == sorted(periods) and len(set(periods)) == 5
+
+
+def test_stale_buckets_are_those_two_windows_back_or_more() -> None:
+    assert stale_buckets("rolling:3600:000000001000") == ("rolling:3600:", "rolling:3600:000000000880")
+    assert stale_buckets("rolling:3600:000000000100") == ("rolling:3600:", "rolling:3600:000000000000")
+    _, first, _ = rolling_range("rolling:3600:000000001000")  # type: ignore[misc]
+    assert stale_buckets("rolling:3600:000000001000")[1] < first  # type: ignore[index]
+    assert stale_buckets("day:2026-11-22") is None and stale_buckets("all_time") is None
