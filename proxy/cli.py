@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import sys
@@ -345,6 +346,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         token = os.environ.get("PAYSENTRY_OWNER_TOKEN", "")
         if not token:
             raise UsageError("--api needs the owner's token in PAYSENTRY_OWNER_TOKEN (or an approver's psa_)")
+        if getattr(args, "owner", None):
+            raise UsageError("--owner does not go with --api: the token says whose objects these are")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", getattr(args, "id", None) or "x"):
+            raise UsageError(f"{args.id!r} is not an id (such as agt_0123456789abcdef)")
         client = OwnerApiClient(args.api, token)
         return _REMOTE[key](client, args)
     settings = load_settings(args.config)

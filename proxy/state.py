@@ -375,7 +375,19 @@ def fingerprint(path: str, environ: Mapping[str, str] | None = None) -> str:
 
 # -- applying ---------------------------------------------------------------------------------------------
 class StateConflict(Exception):
-    """The declared state cannot be applied as it stands (an owner's or agent's token names another id)."""
+    """The declared state cannot be applied as it stands (an owner's or agent's token names another id).
+    ``changes``: what the rest of the file changed (the other owners are applied all the same)."""
+
+    def __init__(self, message: str, changes: Sequence[Change] = ()) -> None:
+        super().__init__(message)
+        self.changes = list(changes)
+
+
+class _RevokedOutside(Exception):  # noqa: N818 - a signal within the applier, never raised out of it
+    """A declared agent or approver was revoked through the owner API or the CLI: it stays revoked."""
+
+    def __init__(self, record: AgentRecord | ApproverRecord) -> None:
+        self.record = record
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,15 +425,24 @@ class StateApplier:
         self.source = state.source
         changes: list[Change] = []
         kept: set[str] = set()
-        for declared in state.owners:
-            owner = await self._owner(declared, changes)
-            kept.add(owner.id)
-            connections = await self._connections(owner, declared, changes)
-            await self._agents(owner, declared, connections, changes)
-            await self._approvers(owner, declared, changes)
+        conflicts: list[str] = []
+        for declared in state.owners:  # one owner's conflict leaves the others applied
+            try:
+                owner = await self._owner(declared, changes)
+                kept.add(owner.id)
+                connections = await self._connections(owner, declared, changes)
+                await self._agents(owner, declared, connections, changes)
+                await self._approvers(owner, declared, changes)
+            except StateConflict as exc:
+                conflicts.append(str(exc))
+                existing = await self.store.find_owner(declared.name)
+                if existing is not None:
+                    kept.add(existing.id)  # still declared: never revoked for a conflict in its entry
         for owner_id, _, _ in await self.store.declared("owner"):
             if owner_id not in kept:
                 await self._revoke_owner(owner_id, changes)
+        if conflicts:
+            raise StateConflict("; ".join(conflicts), changes)
         return changes
 
     # owners
@@ -598,8 +619,9 @@ class StateApplier:
         if not changed:
             return existing
         agent = replace(existing, connection_id=connection_id, labels=dict(wanted.labels), token_hash=digest)
-        if await self.store.update_agent(existing, agent, changed, self.actor, self.clock()):
-            self.forget_agent(existing.id)
+        updated = await self.store.update_agent(existing, agent, changed, self.actor, self.clock())
+        self.forget_agent(existing.id)  # also when another replica updated it first
+        if updated:
             what = "token_rotated" if changed == ["token"] else "updated"
             changes.append(Change(owner.name, "agent", wanted.name, what))
         return agent
@@ -630,8 +652,9 @@ class StateApplier:
         if await self._matches(wanted.token, existing.token_hash):
             return existing
         _, digest = await self._token(APPROVER_PREFIX, existing.id, wanted.token)
-        if await self.store.update_approver_token(existing, digest, self.actor, self.clock()):
-            self.forget_approver(existing.id)
+        rotated = await self.store.update_approver_token(existing, digest, self.actor, self.clock())
+        self.forget_approver(existing.id)  # also when another replica rotated it first
+        if rotated:
             changes.append(Change(owner.name, "approver", wanted.name, "token_rotated"))
         return replace(existing, token_hash=digest)
 
@@ -647,7 +670,17 @@ class StateApplier:
         """Apply each declared agent or approver, mark it as the file's, revoke the file's that are gone."""
         kept = set()
         for wanted in declared:
-            record = await apply_one(wanted)
+            try:
+                record = await apply_one(wanted)
+            except _RevokedOutside as gone:
+                record = gone.record
+                fields = {"owner": owner.name, "kind": kind, "name": wanted.name, "id": record.id}
+                log.warning(
+                    "a declared %s was revoked through the owner API or the CLI: it stays revoked; a token "
+                    "with a new id in its Secret makes it anew",
+                    kind,
+                    extra={"fields": fields},
+                )
             kept.add(record.id)
             await self._declare(kind, record.id, owner.id, wanted.name)
         await self._revoke_undeclared(kind, owner, kept, owner.name, changes)
@@ -675,8 +708,16 @@ class StateApplier:
         chosen = supplied or new_id(kind)
         get = self.store.get_agent if kind == "agt" else self.store.get_approver
         taken = await get(chosen)
+        if taken is not None and taken.revoked_at and (taken.owner_id, taken.name) == (owner.id, name):
+            raise _RevokedOutside(taken)
         if taken is not None:
-            holder = f"a revoked {what}" if taken.revoked_at else f"{what} {taken.name}"
+            holder = (
+                f"another owner's {what}"
+                if taken.owner_id != owner.id
+                else f"a revoked {what}"
+                if taken.revoked_at
+                else f"{what} {taken.name}"
+            )
             raise StateConflict(
                 f"{what} {owner.name}/{name}: the token's id {chosen} belongs to {holder}; make a new token"
             )
@@ -772,7 +813,12 @@ class StateWatcher:
                 return []  # the same failure as last check: counted and logged once, tried again
             self.last_error = str(exc)
             self.metrics.inc("paysentry_state_applies_total", result="error")
-            log.error("declared state not applied", extra={"fields": {"file": self.path, "error": str(exc)}})
+            fields: dict[str, Any] = {"file": self.path, "error": str(exc)}
+            if isinstance(exc, StateConflict):  # the other owners' entries were applied all the same
+                fields["changes"] = [str(c) for c in exc.changes]
+                for change in exc.changes:
+                    self.metrics.inc("paysentry_state_changes_total", kind=change.kind, change=change.change)
+            log.error("declared state not applied", extra={"fields": fields})
             if raise_errors:
                 raise
             return []

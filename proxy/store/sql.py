@@ -67,6 +67,7 @@ from proxy.store import (
 from proxy.windows import is_rolling, rolling_range, stale_buckets
 
 T = TypeVar("T")
+PRUNE_BATCH = 1000  # spend rows deleted per transaction by prune_spend
 # An unresolved call due for resolution: in doubt and past its retry time, or forwarding past its lease.
 _DUE = "(state=? OR state=?) AND lease_expires_at<=?"
 AUTH_COLUMNS = (
@@ -171,17 +172,29 @@ class SqlStore(ABC):
         return [tuple(r) for r in await self.fetch_all(sql, [*args, limit])]
 
     async def prune_spend(self, keys: Sequence[tuple[str, str]]) -> int:
+        # A batch per transaction: payments' writes wait behind one batch, never behind all the history.
+        # The LIKE keeps the range to its window's prefix in any collation (one that ignores ':' would
+        # put rolling:3600:... inside the range of rolling:360:).
         deleted = 0
         for name, period in keys:
             stale = stale_buckets(period)
-            if stale is not None:
-                deleted += await self.write(
+            if stale is None:
+                continue
+            prefix, end = stale
+            while True:
+                batch = await self.write(
                     single(
                         execute(
-                            "DELETE FROM spend WHERE limit_name=? AND period>=? AND period<?", (name, *stale)
+                            "DELETE FROM spend WHERE (agent_id, limit_name, period) IN (SELECT agent_id, "
+                            "limit_name, period FROM spend WHERE limit_name=? AND period>=? AND period<? "
+                            "AND period LIKE ? LIMIT ?)",
+                            (name, prefix, end, prefix + "%", PRUNE_BATCH),
                         )
                     )
                 )
+                deleted += batch
+                if batch < PRUNE_BATCH:
+                    break
         return deleted
 
     # -- key rotation ---------------------------------------------------------------------------------
@@ -1122,8 +1135,16 @@ class SqlStore(ABC):
             args.append(page.created_lt)
         cursor, newer = page.ending_before or page.starting_after, page.ending_before is not None
         if cursor is not None:
+            param = "ending_before" if newer else "starting_after"
             if not (cursor.isascii() and cursor.isdigit() and len(cursor) < 19):
-                return [], False
+                raise UnknownCursor(cursor, param)
+            if (
+                await self.fetch_one(
+                    "SELECT 1 FROM events WHERE seq=? AND owner_id=?", (int(cursor), owner_id)
+                )
+                is None
+            ):
+                raise UnknownCursor(cursor, param)
             where.append("seq > ?" if newer else "seq < ?")
             args.append(int(cursor))
         order = "ASC" if newer else "DESC"

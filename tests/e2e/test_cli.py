@@ -134,6 +134,10 @@ def test_api_mode_reads_and_votes_through_the_owner_api(dep: Deployment, tmp_pat
     assert paysentry(dep, "agent", "revoke", made["id"], env=env)[:2] == (0, f"revoked {made['id']}\n")
     status, _, err = paysentry(dep, "agent", "revoke", made["id"], env=env)
     assert status == 1 and "Traceback" not in err
+    status, _, err = paysentry(dep, "agent", "revoke", "x/../../approvers/apv_1", env=env)
+    assert status == 2 and "is not an id" in err
+    status, _, err = paysentry(dep, "agent", "create", "third", "--owner", "beta", env=env)
+    assert status == 2 and "--owner does not go with --api" in err
     revoked = [
         a
         for a in json.loads(paysentry(dep, "agent", "list", "-o", "json", env=env)[1])

@@ -272,3 +272,53 @@ def test_every_problem_is_reported_at_once_and_secrets_are_never_inline(tmp_path
     assert "cannot read" in text and "NOT_SET is not set" in text and "not a PaySentry token" in text
     assert "no connection 'missing' declared" in text
     assert "sk_live_inline" not in text and ENV["STRIPE_KEY"] not in text
+
+
+async def test_a_principal_revoked_by_its_owner_stays_revoked_and_the_file_still_applies(
+    store: Store, tmp_path: Path
+) -> None:
+    """An owner revokes a compromised agent and an approver with the owner API, not in git: the next
+    apply (a restart, another replica) keeps both revoked and applies the rest instead of refusing."""
+    (tmp_path / "bot.token").write_text(token("agt_00112233445566f1"))
+    (tmp_path / "alice.token").write_text(approver_token("apv_00112233445566e1"))
+    env = {**ENV, "BOB": approver_token("apv_00112233445566e2")}
+    path = str(write_state(tmp_path, BOT, owners=APPROVERS))
+    await applier(store).apply(load_state(path, env)[0])
+    owner = await store.find_owner("acme")
+    assert owner is not None
+    assert await store.revoke_agent(owner.id, "agt_00112233445566f1", "owner", 5.0)
+    assert await store.revoke_approver(owner.id, "apv_00112233445566e1", "owner", 5.0)
+    (tmp_path / "ops.token").write_text(token("agt_00112233445566f3"))
+    more = BOT + "- name: ops\n  token: {file: ops.token}\n"
+    changes = await applier(store).apply(
+        load_state(str(write_state(tmp_path, more, owners=APPROVERS)), env)[0]
+    )
+    assert [str(c) for c in changes] == ["agent acme/ops: created"]
+    assert (await store.get_agent("agt_00112233445566f1")).revoked_at == 5.0  # type: ignore[union-attr]
+    assert (await store.get_approver("apv_00112233445566e1")).revoked_at == 5.0  # type: ignore[union-attr]
+    assert await applier(store).apply(load_state(str(tmp_path / "state.yaml"), env)[0]) == []
+
+
+async def test_one_owners_conflict_leaves_the_other_owners_applied(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "bot.token").write_text(token("agt_00112233445566f4"))
+    path = str(write_state(tmp_path, BOT))
+    await applier(store).apply(load_state(path, ENV)[0])
+    (tmp_path / "bot.token").write_text(token("agt_99112233445566f4"))  # a new id: refused
+    (tmp_path / "beta.token").write_text(token("agt_00112233445566f5"))
+    beta = textwrap.indent(
+        textwrap.dedent("""
+        - name: beta
+          connections:
+            - {name: default, provider: mock, credentials: {secret_key: {env: STRIPE_KEY}}}
+          agents:
+            - {name: b, token: {file: beta.token}}
+        """),
+        "  ",
+    )
+    with pytest.raises(StateConflict, match="must keep that id") as refused:
+        await applier(store).apply(load_state(str(write_state(tmp_path, BOT, owners=beta)), ENV)[0])
+    assert "agent beta/b: created" in [str(c) for c in refused.value.changes]
+    assert (await store.get_agent("agt_00112233445566f5")) is not None
+    acme = await store.find_owner("acme")
+    assert acme is not None and (await store.get_agent("agt_00112233445566f4")).revoked_at is None  # type: ignore[union-attr]
+    assert "owner.revoked" not in [t for t, _ in await events(store, acme.id)]

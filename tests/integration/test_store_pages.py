@@ -88,3 +88,14 @@ async def test_events_page_by_sequence_and_type(backend: Backend) -> None:
     newer, _ = await store.page_events("own_1", Page(kind="test.", ending_before=str(rest[0].seq), limit=2))
     assert [e.type for e in newer] == ["test.e2", "test.e1"]
     await store.close()
+
+
+async def test_an_event_cursor_must_be_one_of_the_owners_events(backend: Backend) -> None:
+    store: Store = await seeded(backend)
+    await store.record_event("own_1", None, None, "test.one", "t", {}, 1.0)
+    (mine,), _ = await store.page_events("own_1", Page(kind="test.", limit=1))
+    with pytest.raises(UnknownCursor):
+        await store.page_events("own_1", Page(starting_after=str(mine.seq + 10_000)))
+    with pytest.raises(UnknownCursor):  # another owner's event is no cursor either
+        await store.page_events("own_2", Page(ending_before=str(mine.seq)))
+    await store.close()

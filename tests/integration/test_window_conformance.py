@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import redis
 
 from proxy.model import Charge, SpendTotal
@@ -163,6 +164,10 @@ async def test_buckets_no_check_sums_any_more_are_pruned_and_the_windows_are_unc
     assert deleted == (0 if backend.redis_url else 1)  # with Redis the spend table is not used
     assert await total(store, HOUR, now) == before == SpendTotal(1000, 1)  # the recent one, still in
     assert await store.prune_spend([("lim", period_of(HOUR, now, "UTC"))]) == 0
+    # the same limit name with a 6-minute window: its range never reaches the hour's buckets
+    six = rolling_window(360)
+    assert await store.prune_spend([("lim", period_of(six, now + timedelta(hours=1), "UTC"))]) == 0
+    assert await total(store, HOUR, now) == SpendTotal(1000, 1)
     _, days = await store.lookup("agt_1", "-", [("daily", daily.period)])
     assert days["daily"] == SpendTotal(1000, 1)  # a calendar period is history: never pruned
     await store.close()
@@ -170,3 +175,14 @@ async def test_buckets_no_check_sums_any_more_are_pruned_and_the_windows_are_unc
 
 async def pay_all(store: Store, key: str, *charges: Charge) -> str:
     return (await store.record_decision(new(key, charges=charges), T0.timestamp())).record.state
+
+
+async def test_pruning_goes_on_batch_after_batch(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("proxy.store.sql.PRUNE_BATCH", 2)
+    store = await seeded(backend)
+    for i in range(5):
+        assert await pay(store, f"b{i}", charge(HOUR, T0 + timedelta(minutes=i))) == "forwarding"
+    now = T0 + timedelta(hours=3)
+    deleted = await store.prune_spend([("lim", period_of(HOUR, now, "UTC"))])
+    assert deleted == (0 if backend.redis_url else 5)
+    await store.close()
