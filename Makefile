@@ -9,10 +9,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint fmt clean bench chaos profile services wrk lock browser screenshots
 
-$(STAMP): pyproject.toml
+# The runtime dependencies are installed at exactly the versions requirements.lock pins (the image's).
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
 # The x402 demo (a paid resource on :4021 and an offline facilitator on :4022) runs beside the sidecar.
@@ -43,8 +44,11 @@ test: $(STAMP) services wrk browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The image installs exactly these versions (deploy/Dockerfile); tests/deploy/test_manifests.py checks it.
-lock: $(STAMP)
-	$(BIN)/python -m tests.deploy.lock > requirements.lock
+lock:  # after a change to pyproject.toml's dependencies: resolve them afresh (not from the old pins), pin
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m tests.deploy.lock > requirements.lock.new && mv requirements.lock.new requirements.lock
+	touch $(STAMP)
 
 # A screenshot of each console page (signed in as an approver, then the owner) into var/screenshots/.
 screenshots: $(STAMP) browser

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 import subprocess
@@ -54,3 +55,38 @@ def test_provider_add_takes_the_settings_its_adapters_describe() -> None:
         check=True,
     ).stdout
     assert "mercadopago: currency (required): the account's currency" in shown and "stripe: none" in shown
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(found[0].choices) if found else {}
+
+
+def test_the_readme_command_list_is_the_parser() -> None:
+    """Every command and flag the README's command list shows exists, and every command is in it."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Command line\n\n```\n", 1)[1].split("```", 1)[0]
+    commands = _subcommands(_parser())
+    documented = set()
+    for line in block.splitlines():
+        spec = re.split(r"\s{2,}", line.removeprefix("paysentry "))[0]
+        command = spec.split()[0]
+        assert command in commands, f"README: no command {command!r}"
+        actions = _subcommands(commands[command])
+        for segment in spec.split(" | "):
+            words = segment.split()
+            words = words[1:] if words[0] == command else words
+            target = commands[command]
+            if actions:
+                assert words[0] in actions, f"README: no {command} {words[0]!r}"
+                target = actions[words[0]]
+                documented.add((command, words[0]))
+            else:
+                documented.add((command, ""))
+            known = {o for a in target._actions for o in a.option_strings}
+            for flag in re.findall(r"--[a-z0-9-]+", segment):
+                assert flag in known, f"README: {command} {words[0]} has no {flag}"
+    expected = {
+        (name, action) for name, sub in commands.items() for action in (_subcommands(sub) or {"": None})
+    }
+    assert expected - documented == set(), "commands the README's list leaves out"
