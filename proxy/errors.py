@@ -112,6 +112,14 @@ class RequestInFlight(PaySentryError):
     code = "idempotency_key_in_use"
 
 
+class ObjectBeingResolved(PaySentryError):
+    """A call on an object whose making call's outcome PaySentry is still learning (Stripe's word for an
+    object another request holds: retry shortly)."""
+
+    status = 409
+    code = "lock_timeout"
+
+
 class NotFound(PaySentryError):
     status = 404
     code = "not_found"

@@ -43,6 +43,7 @@ from proxy.errors import (
     BadRequest,
     Forbidden,
     IdempotencyMismatch,
+    ObjectBeingResolved,
     PaySentryError,
     RateLimited,
     RequestInFlight,
@@ -357,8 +358,18 @@ class PaymentService:
             tagged = await self.store.get_authorization(agent.owner_id, found.authorization)
             if tagged is None or tagged.agent_id != agent.id:  # another agent's, or another owner's
                 raise Forbidden(NOT_THEIRS.format(ref=ref), param="id")
-        # Made elsewhere, or by this agent's call whose outcome is not recorded yet (or was refused): what
-        # that call counted may still be released, so a call on it counts in full.
+            if tagged.state in UNRESOLVED_STATES:
+                # The call that made it still holds its spend, its outcome unknown. Counting this call in
+                # full would count the object twice once that call settles; counting it as counted would
+                # count nothing if that call were released. So it waits for the outcome, which the
+                # resolution job learns from the provider (the object exists: that call will settle).
+                raise ObjectBeingResolved(
+                    f"{ref} was made by this agent's call {tagged.id}, whose outcome PaySentry is still "
+                    "learning from the provider; retry shortly",
+                    param="id",
+                )
+        # Made elsewhere, or by this agent's call that was refused or released: nothing of it is counted
+        # any more, so a call on it counts in full.
         return None, read
 
     async def _read_object(self, connection: Connection, ref: str) -> UpstreamReply | None:

@@ -5,10 +5,13 @@ HTTP client (no x402 library, no key)."""
 from __future__ import annotations
 
 import base64
+import http.client
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -56,6 +59,36 @@ class Servers:
     def received(self) -> list[str]:
         with urllib.request.urlopen(self.resource + "/_received", timeout=5) as resp:
             return list(json.loads(resp.read())["data"])
+
+
+class Recorder:
+    """A plain HTTP server that records every request it gets; ``/hop`` redirects to ``hop_to``."""
+
+    def __init__(self, hop_to: str = "") -> None:
+        self.hits: list[str] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                recorder.hits.append(self.path)
+                if self.path == "/hop":
+                    self.send_response(302)
+                    self.send_header("Location", hop_to)
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _start(*args: str) -> subprocess.Popen[str]:
@@ -180,10 +213,42 @@ def test_unknown_assets_and_origins_are_refused_before_anything_is_signed(
     status, _, body = pay(dep, servers.resource + "/other-asset")
     assert status == 400 and body["error"]["code"] == "x402_unsupported"
     assert "not in PaySentry's registry" in body["error"]["message"]
-    elsewhere = f"http://127.0.0.1:{free_port()}/report"
-    status, _, body = pay(dep, elsewhere)
-    assert status == 403 and body["error"]["code"] == "x402_origin_not_allowed"
+    elsewhere = Recorder()  # listening, so a fetch PaySentry should not make would show
+    try:
+        status, _, body = pay(dep, elsewhere.url + "/report")
+        assert status == 403 and body["error"]["code"] == "x402_origin_not_allowed"
+        assert elsewhere.hits == []
+    finally:
+        elsewhere.close()
     assert servers.settlements() == [] and servers.received() == [] and dep.spend() == (0, 0)
+
+
+def test_a_redirect_to_another_origin_is_handed_back_never_followed(tmp_path: Path, servers: Servers) -> None:
+    target = Recorder()
+    hop = Recorder(hop_to=target.url + "/report")
+    dep = make_deployment(
+        tmp_path,
+        POLICY.replace("{budget}", "3000000"),
+        provider="x402",
+        upstream=servers.resource,
+        provider_args=("--setting", f"allowed_origins={servers.resource},{hop.url}"),
+        secret_key=WALLET_KEY,
+    )
+    dep.start()
+    try:
+        agent = http.client.HTTPConnection(dep.agent_url.removeprefix("http://"), timeout=20)
+        agent.request(
+            "GET",
+            f"/x402/{quote(hop.url + '/hop', safe='')}",
+            headers={"Authorization": f"Bearer {dep.agent_token}"},
+        )
+        answer = agent.getresponse()
+        assert answer.status == 302 and answer.headers["Location"] == target.url + "/report"
+        assert hop.hits == ["/hop"] and target.hits == []  # the agent's to follow, through PaySentry again
+    finally:
+        dep.stop()
+        hop.close()
+        target.close()
 
 
 def test_a_replayed_authorization_is_refused_by_the_facilitator(x402: tuple[Deployment, Servers]) -> None:

@@ -493,3 +493,23 @@ async def test_a_call_older_than_the_providers_key_is_never_re_sent(tmp_path: Pa
         await world.pay(b"amount=1000&currency=usd")
     assert len(world.upstream.sent) == 1
     assert world.only_row().state == IN_DOUBT and world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_a_call_on_an_intent_whose_create_is_in_doubt_waits_for_that_create(tmp_path: Path) -> None:
+    """The create (not confirmed) timed out after Stripe made the intent; the agent finds the intent and
+    confirms it. Counted in full, the confirm would count the intent twice once the create settles (6000
+    counted, 3000 moved); counted as counted, it would count nothing if the create were released. So it
+    is refused to retry until resolution has learned the create's outcome; then it adds nothing."""
+    clock = [NOW]
+    provider = FakeStripe(["timeout"])
+    world = World(tmp_path, provider, clock=clock)
+    with pytest.raises(UpstreamUnavailable):
+        await world.pay(b"amount=3000&currency=usd")
+    assert world.only_row().state == IN_DOUBT
+    early = await world.agent_call("/v1/payment_intents/pi_1/confirm")
+    assert early.status == 409 and json.loads(early.body)["error"]["code"] == "lock_timeout", early.body
+    assert provider.intents["pi_1"]["status"] == "requires_confirmation"  # read, never confirmed
+    clock[0] += 3600
+    assert await world.service.resolve_unresolved() == {SETTLED: 1}
+    assert (await world.agent_call("/v1/payment_intents/pi_1/confirm")).status == 200
+    assert provider.exposure("pi_1") == 3000 == world.store.spent(AGENT.id, "daily_budget")
