@@ -7,7 +7,23 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from proxy.currency import format_minor
+from proxy.errors import BadRequest
 from proxy.model import OperationExample, Payment
+
+
+def bounded_refund(payment: Payment, remaining: int, currency: str) -> tuple[int, str]:
+    """(amount, currency) of a refund: the amount it names, else all that is left; refused when it asks
+    for more than is left of what was captured (nothing forwarded, nothing counted)."""
+    if remaining <= 0 or payment.amount > remaining:
+        asked = format_minor(payment.amount, currency) if payment.amount else "more"
+        raise BadRequest(
+            f"{payment.refers_to} has {format_minor(max(remaining, 0), currency)} left to refund; "
+            f"PaySentry does not forward a refund of {asked}",
+            param="amount",
+        )
+    return payment.amount or remaining, currency
+
 
 PAYMENT, PASSTHROUGH = "payment", "passthrough"
 # The metadata key PaySentry sets on every object a call it forwards creates: the authorization's id.
@@ -230,6 +246,11 @@ class Adapter(Protocol):
     def object_of(self, body: bytes) -> ProviderObject | None:
         """One object the provider answered to a read (``WebhookEvent.read``), or None if it is not one
         PaySentry counts."""
+        ...
+
+    def part_of(self, body: bytes) -> str | None:
+        """For an object another one made and counts (a charge a payment intent made), that object's ref:
+        whose the part is, the whole tells."""
         ...
 
     def verify_webhook(

@@ -37,6 +37,7 @@ from adapters.base import (
     Reply,
     Setting,
     WebhookEvent,
+    bounded_refund,
     check_setting_names,
 )
 from proxy import safejson
@@ -408,6 +409,9 @@ class MercadoPagoAdapter:
     def object_of(self, body: bytes) -> ProviderObject | None:
         return payment_object(self._object(body))
 
+    def part_of(self, body: bytes) -> None:
+        return None  # a payment is made by its own call
+
     def webhook_ack(self, result: str, extra: Mapping[str, str]) -> Reply:
         """MercadoPago takes a 200 or 201 as delivered (and retries otherwise); the body is ignored."""
         body = json.dumps({"received": True, "result": result, **extra}).encode()
@@ -464,6 +468,8 @@ class MercadoPagoAdapter:
             done = to_minor(refunded, currency, "transaction_amount_refunded") if refunded else 0
         except (AssertionError, KeyError, BadRequest):
             return None
+        if payment.operation == "refund":
+            return bounded_refund(payment, total - done, currency)
         return payment.amount or total - done, currency
 
     def verify_webhook(

@@ -32,11 +32,11 @@ from adapters.base import (
     Reply,
     Setting,
     WebhookEvent,
+    bounded_refund,
     check_setting_names,
 )
 from adapters.formencode import encode_form, parse_form
 from proxy import safejson
-from proxy.currency import format_minor
 from proxy.errors import BadRequest, RouteNotFound, WebhookRejected
 from proxy.model import UNRECOGNIZED, Payment
 
@@ -528,6 +528,16 @@ class StripeAdapter:
         except ValueError:
             return None
 
+    def part_of(self, body: bytes) -> str | None:
+        try:
+            obj = safejson.loads(body)
+        except ValueError:
+            return None
+        intent = (
+            obj.get("payment_intent") if isinstance(obj, Mapping) and obj.get("object") == "charge" else None
+        )
+        return intent if isinstance(intent, str) and intent.startswith("pi_") else None
+
     # -- the rest of the port -----------------------------------------------------------------------------
     def error(
         self,
@@ -730,11 +740,4 @@ class StripeAdapter:
             remaining = int(obj["amount"] if captured is None else captured) - refunded
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
-        if remaining <= 0 or payment.amount > remaining:
-            asked = format_minor(payment.amount, currency) if payment.amount else "more"
-            raise BadRequest(
-                f"{payment.refers_to} has {format_minor(max(remaining, 0), currency)} left to refund; "
-                f"PaySentry does not forward a refund of {asked}",
-                param="amount",
-            )
-        return payment.amount or remaining, currency
+        return bounded_refund(payment, remaining, currency)

@@ -473,6 +473,9 @@ class X402Adapter:
     def object_of(self, body: bytes) -> None:
         return None
 
+    def part_of(self, body: bytes) -> None:
+        return None
+
     def verify_webhook(
         self, headers: Mapping[str, str], body: bytes, secret: str, now: float, tolerance: float
     ) -> WebhookEvent:

@@ -349,6 +349,10 @@ class PaymentService:
         read = await self._read_object(connection, ref)
         if read is None or read.status == 404:
             return None, read  # made outside PaySentry
+        whole = connection.adapter.part_of(read.body) if read.status == 200 else None
+        if whole is not None and whole != ref:  # a charge an intent made: the intent's maker owns it
+            record, _ = await self._owned(agent, whole, connection)
+            return record, read
         found = connection.adapter.object_of(read.body) if read.status == 200 else None
         if found is None:  # a read that does not answer is not taken for "no tag": refused, to retry
             raise UpstreamUnavailable(

@@ -226,3 +226,18 @@ def test_the_payee_is_the_collector_or_the_refunded_payment() -> None:
     assert (marketplace.payment.payee, marketplace.payment.payee_kind) == ("77", "collector")
     own = ARS.classify("POST", "/v1/payments", "application/json", body(transaction_amount=10))
     assert own.payment is not None and (own.payment.payee, own.payment.payee_kind) == ("", "collector")
+
+
+def test_a_refund_is_bounded_by_what_the_payment_has_left() -> None:
+    payment = {"id": 1, "currency_id": "ARS", "transaction_amount": 100, "transaction_amount_refunded": 40}
+    read = json.dumps(payment).encode()
+
+    def refund(body: bytes) -> object:
+        classified = ARS.classify("POST", "/v1/payments/1/refunds", "application/json", body).payment
+        assert classified is not None
+        return ARS.amount_of(classified, read)
+
+    assert refund(b'{"amount": 60}') == (6000, "ars")
+    assert refund(b"") == (6000, "ars")  # no amount: all that is left
+    with pytest.raises(BadRequest, match="has 60.00 ARS left to refund"):
+        refund(b'{"amount": 60.01}')

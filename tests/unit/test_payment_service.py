@@ -513,3 +513,35 @@ async def test_a_call_on_an_intent_whose_create_is_in_doubt_waits_for_that_creat
     assert await world.service.resolve_unresolved() == {SETTLED: 1}
     assert (await world.agent_call("/v1/payment_intents/pi_1/confirm")).status == 200
     assert provider.exposure("pi_1") == 3000 == world.store.spent(AGENT.id, "daily_budget")
+
+
+async def test_a_refund_of_an_intents_charge_belongs_to_whoever_made_the_intent(tmp_path: Path) -> None:
+    """`POST /v1/refunds charge=ch_...` names the charge an intent made: whose it is, the intent tells
+    (it used to be refused as unreadable, 502 for ever); the refund is bounded by what the charge has
+    left, and another agent's refund of it is refused."""
+
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        if request.url.endswith("/v1/payment_intents"):
+            intent = {"id": "pi_1", "object": "payment_intent", "amount": 3000, "currency": "usd"}
+            return UpstreamReply(200, headers, json.dumps({**intent, "status": "succeeded"}).encode())
+        if request.method == "GET" and request.url.endswith("/v1/charges/ch_1"):
+            charge = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1", "amount": 3000}
+            body = {**charge, "amount_refunded": 1000, "currency": "usd"}
+            return UpstreamReply(200, headers, json.dumps(body).encode())
+        if request.url.endswith("/v1/refunds"):
+            refund = {"id": "re_1", "object": "refund", "charge": "ch_1", "amount": 2000, "currency": "usd"}
+            return UpstreamReply(200, headers, json.dumps(refund).encode())
+        raise AssertionError(f"{request.method} {request.url} must not be sent")
+
+    world = World(tmp_path, provider)
+    assert (await world.pay(b"amount=3000&currency=usd&confirm=true")).status == 200
+    too_much = await world.agent_call("/v1/refunds", b"charge=ch_1&amount=2500", {"Idempotency-Key": "r1"})
+    assert too_much.status == 400 and b"20.00" in too_much.body, too_much.body
+    refunded = await world.agent_call("/v1/refunds", b"charge=ch_1", {"Idempotency-Key": "r2"})
+    assert refunded.status == 200, refunded.body
+    assert parse_form(world.upstream.sent[-1].body)["charge"] == "ch_1"
+    created = next(r for r in world.store.rows.values() if r.provider_ref == "pi_1")
+    world.store.rows[created.id] = replace(created, agent_id="agt_2")  # had another agent made the intent
+    theirs = await world.agent_call("/v1/refunds", b"charge=ch_1&amount=100", {"Idempotency-Key": "r3"})
+    assert theirs.status == 403, theirs.body
