@@ -7,9 +7,15 @@ again without bcrypt: its record is read again and must still be active with the
 token's SHA-256 is remembered beside the hash it matched). Tokens whose public id is unknown, and malformed
 tokens, are refused without running bcrypt; concurrent first uses of one token share one bcrypt run.
 
-Lockout, and why it cannot be aimed at someone else. Wrong secrets are counted per client address *and*
-token id together: ``max_failures`` of them within ``lockout`` seconds stop bcrypt checks for that pair
-(the attempts are refused with a 429), except one probe a second, which a correct secret passes. So:
+Wrong secrets cost no bcrypt. A token PaySentry made (and any declared one with a secret of 32 characters
+or more) is stored with a 32-bit quick check of its secret beside the bcrypt hash
+(``proxy.secrets.hash_secret``): a wrong secret fails the quick check, is refused at once and is counted
+nowhere, so no flood of them costs CPU or locks anybody out, and the correct token always reaches bcrypt.
+
+Lockout, for hashes without a quick check only (short secrets a person chose), and why it cannot be aimed
+at someone else. Wrong secrets are counted per client address *and* token id together: ``max_failures``
+of them within ``lockout`` seconds stop bcrypt checks for that pair (the attempts are refused with a 429),
+except one probe a second, which a correct secret passes. So:
 
 - another address presenting wrong secrets for an id never affects this address;
 - a token this process has verified once is never refused by a lockout (it needs no bcrypt, so it is
@@ -18,8 +24,8 @@ token id together: ``max_failures`` of them within ``lockout`` seconds stop bcry
 - unknown ids and malformed tokens cost no bcrypt and are not counted, so no flood of them locks out an
   address (the old per-address lockout did: every not-yet-cached token on 127.0.0.1).
 
-What remains: a token this process has never verified, sent from an address that is failing for that
-very id right now, waits for a probe slot (one a second) until the failures stop.
+What remains, for such short secrets only: a token this process has never verified, sent from an address
+that is failing for that very id right now, waits for a probe slot (one a second) until the failures stop.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from proxy.errors import AuthenticationFailed, RateLimited
-from proxy.secrets import check_secret, fingerprint, split_token
+from proxy.secrets import check_secret, fingerprint, quick_check, split_token
 
 R = TypeVar("R")
 
@@ -122,11 +128,15 @@ class TokenAuthenticator(Generic[R]):
             )
         public_id = f"{self._id_prefix}_{parts[0]}"
         pair = (client, public_id)
-        self._check_lockout(pair)
         record = await self._find(public_id)
         if record is None or not self._active(record):
             raise AuthenticationFailed("unknown or revoked PaySentry token")
         stored = self._hash_of(record)
+        quick = quick_check(parts[1], stored)
+        if quick is False:  # wrong, known without bcrypt: it costs nothing, so it counts toward nothing
+            raise AuthenticationFailed("unknown or revoked PaySentry token")
+        if quick is None:  # a hash with no quick check (a short hand-made secret): bcrypt each time
+            self._check_lockout(pair)
         if not await asyncio.to_thread(check_secret, parts[1], stored):
             self._count_failure(pair)
             raise AuthenticationFailed("unknown or revoked PaySentry token")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -126,8 +127,34 @@ def new_id(prefix: str) -> str:
 
 def issue_token(prefix: str, public_id: str, rounds: int) -> IssuedToken:
     secret = secrets.token_urlsafe(32)
+    return IssuedToken(
+        public_id, f"{prefix}_{public_id.split('_', 1)[1]}_{secret}", hash_secret(secret, rounds)
+    )
+
+
+# A stored token hash is bcrypt's, led by a 32-bit quick check of the secret when the secret is random
+# and long (PaySentry's own are 43 characters: 256 bits). A wrong secret then fails the quick check
+# without bcrypt, so wrong guesses cost no CPU and need no lockout, and a correct token is never locked
+# out; a guess passes the check once in 4 billion, and then bcrypt decides. The check leaves 224 bits of
+# such a secret unknown. A short secret (a hand-made Secret) gets bcrypt alone.
+QUICK = "q1$"
+QUICK_MIN_SECRET = 32
+
+
+def hash_secret(secret: str, rounds: int) -> str:
     digest = bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds)).decode()
-    return IssuedToken(public_id, f"{prefix}_{public_id.split('_', 1)[1]}_{secret}", digest)
+    return f"{QUICK}{_quick(secret)}${digest}" if len(secret) >= QUICK_MIN_SECRET else digest
+
+
+def _quick(secret: str) -> str:
+    return hashlib.sha256(b"paysentry-quick-check:" + secret.encode()).hexdigest()[:8]
+
+
+def quick_check(secret: str, stored_hash: str) -> bool | None:
+    """Whether ``secret`` passes the stored hash's quick check; None when the hash has none."""
+    if not stored_hash.startswith(QUICK):
+        return None
+    return hmac.compare_digest(stored_hash[len(QUICK) : len(QUICK) + 8], _quick(secret))
 
 
 def split_token(token: str, prefix: str) -> tuple[str, str] | None:
@@ -145,7 +172,11 @@ _SECRET = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what secrets.token_urlsafe makes
 
 
 def check_secret(secret: str, stored_hash: str) -> bool:
-    return bcrypt.checkpw(secret.encode(), stored_hash.encode())
+    quick = quick_check(secret, stored_hash)
+    if quick is False:
+        return False
+    digest = stored_hash[len(QUICK) + 9 :] if quick else stored_hash  # bcrypt's own "$2b$..."
+    return bcrypt.checkpw(secret.encode(), digest.encode())
 
 
 def fingerprint(token: str) -> str:

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import bcrypt
 import yaml
 
 from adapters import REGISTRY
@@ -61,6 +60,7 @@ from proxy.secrets import (
     OWNER_PREFIX,
     Sealer,
     check_secret,
+    hash_secret,
     issue_token,
     new_id,
     sealed_context,
@@ -757,9 +757,7 @@ class StateApplier:
         ``generate`` path first, so a crash before the store write leaves a file the next run adopts)."""
         if wanted is not None and wanted.token:
             secret = wanted.token.split("_", 2)[2]
-            salt = bcrypt.gensalt(self.rounds)
-            digest = await asyncio.to_thread(bcrypt.hashpw, secret.encode(), salt)
-            return wanted.token, digest.decode()
+            return wanted.token, await asyncio.to_thread(hash_secret, secret, self.rounds)
         issued = await asyncio.to_thread(issue_token, prefix, public_id, self.rounds)
         if wanted is not None and wanted.output:
             write_private(Path(wanted.output), issued.token)

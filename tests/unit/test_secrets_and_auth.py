@@ -10,7 +10,16 @@ import pytest
 
 from proxy.auth import TokenAuthenticator
 from proxy.errors import AuthenticationFailed, ConfigError, RateLimited
-from proxy.secrets import Sealer, SealError, issue_token, parse_keys, split_token
+from proxy.secrets import (
+    QUICK,
+    Sealer,
+    SealError,
+    check_secret,
+    hash_secret,
+    issue_token,
+    parse_keys,
+    split_token,
+)
 
 
 def key(kid: str) -> tuple[str, bytes]:
@@ -56,6 +65,40 @@ class Row:
         self.token_hash, self.active, self.id = token_hash, active, "agt_0123456789abcdef"
 
 
+class Short:
+    """A declared token whose secret a person chose, too short for a quick check: bcrypt every time."""
+
+    token = "psk_0123456789abcdef_chosen-by-hand"
+    hash = hash_secret("chosen-by-hand", 4)
+
+
+def test_a_long_random_secret_is_stored_with_a_quick_check_and_a_short_one_without() -> None:
+    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+    secret = issued.token.split("_", 2)[2]
+    assert issued.hash.startswith(QUICK) and check_secret(secret, issued.hash)
+    assert not check_secret(secret[:-1] + ("a" if secret[-1] != "a" else "b"), issued.hash)
+    assert Short.hash.startswith("$2") and check_secret("chosen-by-hand", Short.hash)
+    assert not check_secret("chosen-by-hanD", Short.hash)
+
+
+async def test_wrong_secrets_for_a_token_paysentry_made_cost_no_bcrypt_and_lock_out_nobody(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The narrow case the lockout left open: a correct token this process has never verified, sent from
+    the very address flooding wrong secrets for its id. With the quick check nothing is locked out."""
+    runs = count_bcrypt(monkeypatch)
+    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+    rows, checks, clock = {"agt_0123456789abcdef": Row(issued.hash)}, [], [0.0]
+    auth = authenticator(rows, checks, clock, max_failures=3)
+    wrong = issued.token.rsplit("_", 1)[0] + "_"
+    for _ in range(500):  # same address, the id known, random 43-character guesses
+        with pytest.raises(AuthenticationFailed):
+            await auth.authenticate(wrong + os.urandom(32).hex()[:43], "127.0.0.1")
+    assert runs == []  # not one bcrypt run for them
+    assert (await auth.authenticate(issued.token, "127.0.0.1")).id == "agt_0123456789abcdef"
+    assert len(runs) == 1
+
+
 async def test_authenticator_caches_and_locks_out() -> None:
     issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
     lookups: list[str] = []
@@ -73,12 +116,19 @@ async def test_authenticator_caches_and_locks_out() -> None:
 
     with pytest.raises(AuthenticationFailed):
         await auth.authenticate("psk_ffffffffffffffff_nope")  # unknown id: no bcrypt at all
-    wrong = issued.token[:-4] + "xxxx"
-    for _ in range(3):
+    short = TokenAuthenticator(
+        "psk",
+        "agt",
+        lambda _: _found(Row(Short.hash)),
+        lambda r: r.token_hash,
+        lambda r: r.active,
+        max_failures=3,
+    )
+    for _ in range(3):  # a bcrypt-only hash: wrong secrets run bcrypt, so they are counted
         with pytest.raises(AuthenticationFailed):
-            await auth.authenticate(wrong + str(_))
+            await short.authenticate(Short.token + str(_))
     with pytest.raises(RateLimited):
-        await auth.authenticate(wrong + "again")
+        await short.authenticate(Short.token + "again")
     with pytest.raises(AuthenticationFailed):
         await auth.authenticate(None)
 
@@ -101,7 +151,7 @@ def authenticator(
 
 
 async def test_wrong_secrets_from_the_same_address_never_lock_out_a_verified_token() -> None:
-    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+    issued = Short
     rows, checks, clock = {"agt_0123456789abcdef": Row(issued.hash)}, [], [0.0]
     auth = authenticator(rows, checks, clock)
     await auth.authenticate(issued.token, "127.0.0.1")  # the agent, before the attack
@@ -119,18 +169,21 @@ async def test_wrong_secrets_from_the_same_address_never_lock_out_a_verified_tok
         await auth.authenticate(issued.token, "127.0.0.1")
 
 
-async def test_failures_count_per_address_and_id_and_a_correct_secret_passes_the_probe() -> None:
-    issued = issue_token("psk", "agt_0123456789abcdef", rounds=4)
+async def test_failures_count_per_address_and_id_and_a_correct_secret_passes_the_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bcrypt_runs = count_bcrypt(monkeypatch)
+    issued = Short
     rows, checks, clock = {"agt_0123456789abcdef": Row(issued.hash)}, [], [0.0]
     auth = authenticator(rows, checks, clock, max_failures=3, probe_interval=1.0)
     wrong = issued.token.rsplit("_", 1)[0] + "_guess"
     for i in range(3):
         with pytest.raises(AuthenticationFailed):
             await auth.authenticate(f"{wrong}{i}", "10.0.0.9")
-    runs = len(checks)
+    runs = len(bcrypt_runs)
     with pytest.raises(RateLimited):  # locked: no bcrypt for this address and id
         await auth.authenticate(issued.token, "10.0.0.9")
-    assert len(checks) == runs
+    assert len(bcrypt_runs) == runs
     assert (await auth.authenticate(issued.token, "10.0.0.10")).id  # another address is not affected
     auth.forget(lambda r: True)
     clock[0] = 1.5  # the probe slot: a correct secret from the locked address passes it
@@ -168,3 +221,18 @@ async def test_malformed_secrets_are_refused_without_bcrypt(token: str) -> None:
     with pytest.raises(AuthenticationFailed):
         await authenticator(rows, checks, clock).authenticate(token, "127.0.0.1")
     assert checks == []
+
+
+async def _found(row: Row) -> Row:
+    return row
+
+
+def count_bcrypt(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each secret the authenticator hands to bcrypt, in order."""
+    import proxy.auth
+
+    runs: list[str] = []
+    monkeypatch.setattr(
+        proxy.auth, "check_secret", lambda secret, stored: runs.append(secret) or check_secret(secret, stored)
+    )
+    return runs
