@@ -7,8 +7,9 @@ creates and every request it received, and follows Stripe's test conventions for
 intent still exists, carried in ``error.payment_intent``, and can be confirmed later with another method),
 and ``metadata[mock_delay_ms]=N`` answers N ms *after* the work is done (a client that times out has still
 moved the money, as with a real provider). An intent with ``capture_method=manual`` is authorized when
-confirmed and captured later, wholly or in part (the rest goes back); a succeeded intent cannot be
-cancelled, and no capture exceeds what is capturable.
+confirmed and captured later, wholly or in part (the rest goes back), and its authorization can be raised
+(``increment_authorization``); a charge made with ``capture=false`` is captured later the same way; a
+succeeded intent cannot be cancelled, and no capture exceeds what is capturable.
 
 Lists (``GET /v1/<objects>``) page as Stripe's do: newest first, ``created[gte]`` and its siblings,
 ``limit``, ``starting_after``, ``has_more``. Introspection (not part of Stripe): ``GET /_mock/requests``,
@@ -286,8 +287,10 @@ class MockProvider:
                 obj["last_payment_error"] = {"type": "card_error", "code": "card_declined"}
                 self.objects[obj["id"]] = obj
                 return _declined(obj)
-        elif collection == "charges":
-            obj.update(status="succeeded", paid=True, amount_refunded=0)
+        elif collection == "charges":  # capture=false: authorized, captured later (wholly or in part)
+            captured = params.get("capture") != "false"
+            obj.update(status="succeeded", paid=True, amount_refunded=0, captured=captured)
+            obj["amount_captured"] = obj.get("amount", 0) if captured else 0
         elif collection == "refunds":
             target = self.objects.get(params.get("charge") or params.get("payment_intent") or "")
             if target is None:
@@ -313,6 +316,32 @@ class MockProvider:
                 404, "invalid_request_error", f"No such object: '{rest[0]}'", "resource_missing", "id"
             )
         action = rest[1] if len(rest) > 1 else "update"
+        if collection == "payment_intents" and action == "increment_authorization":
+            if obj.get("status") != "requires_capture":
+                return _error(
+                    400,
+                    "invalid_request_error",
+                    "Only an authorized, uncaptured PaymentIntent can be incremented.",
+                )
+            if _int_or(params, "amount", 0) <= obj["amount"]:
+                return _error(
+                    400,
+                    "invalid_request_error",
+                    "amount must be greater than the current amount.",
+                    param="amount",
+                )
+            obj.update(amount=_int(params, "amount"), amount_capturable=_int(params, "amount"))
+            return web.json_response(_public(obj))
+        if collection == "charges" and action == "capture":
+            if obj.get("captured"):
+                return _error(400, "invalid_request_error", f"Charge {obj['id']} has already been captured.")
+            amount = _int_or(params, "amount", obj["amount"])
+            if amount > obj["amount"]:
+                return _error(
+                    400, "invalid_request_error", "amount exceeds the amount authorized.", param="amount"
+                )
+            obj.update(captured=True, amount_captured=amount)
+            return web.json_response(_public(obj))
         if collection == "payment_intents" and action in ("confirm", "capture", "cancel"):
             if params.get("payment_method") in DECLINING:
                 obj["status"] = "requires_payment_method"

@@ -126,6 +126,8 @@ def stripe_object(obj: Any) -> ProviderObject | None:
             outcome = NOT_MOVED  # declined: made, and nothing moved unless it is confirmed again
     amount: Any = _card_amount(obj) if operation == "issuing_card" else obj.get("amount")
     received = obj.get("amount_received") if operation == "payment_intent" else None
+    if operation == "charge" and obj.get("captured") is True:
+        received = obj.get("amount_captured")  # a charge made with capture=false, captured in part or whole
     if outcome == MOVED and isinstance(received, int) and received:
         amount = received  # what was captured
     metadata = obj.get("metadata")
@@ -292,7 +294,9 @@ class StripeAdapter:
         "payment_intent": "/v1/payment_intents",
         "payment_intent.confirm": "/v1/payment_intents/pi_example/confirm",
         "payment_intent.capture": "/v1/payment_intents/pi_example/capture",
+        "payment_intent.increment_authorization": "/v1/payment_intents/pi_example/increment_authorization",
         "charge": "/v1/charges",
+        "charge.capture": "/v1/charges/ch_example/capture",
         "transfer": "/v1/transfers",
         "payout": "/v1/payouts",
         "refund": "/v1/refunds",
@@ -308,7 +312,9 @@ class StripeAdapter:
             (re.compile(r"^/v1/payment_intents$"), self._payment_intent),
             (re.compile(rf"^/v1/payment_intents/{_ID}/confirm$"), self._confirm),
             (re.compile(rf"^/v1/payment_intents/{_ID}/capture$"), self._capture),
+            (re.compile(rf"^/v1/payment_intents/{_ID}/increment_authorization$"), self._increment),
             (re.compile(r"^/v1/charges$"), self._charge),
+            (re.compile(rf"^/v1/charges/{_ID}/capture$"), self._charge_capture),
             (re.compile(r"^/v1/transfers$"), self._simple("transfer", "destination", required_dest=True)),
             (re.compile(r"^/v1/payouts$"), self._simple("payout", "destination")),
             (re.compile(r"^/v1/refunds$"), self._refund),
@@ -395,6 +401,27 @@ class StripeAdapter:
         amount = _amount(params, "amount_to_capture", False)
         return {
             "operation": "payment_intent.capture",
+            "amount": amount if amount is not None else 0,
+            "currency": "",
+            "refers_to": match.group(1),
+            **self._common(params),
+        }
+
+    def _increment(self, params: Mapping[str, Any], match: re.Match[str]) -> dict[str, Any]:
+        """``amount`` is the intent's new authorized total: decided as a payment of that total, counted for
+        what it adds to what the intent already counted."""
+        return {
+            "operation": "payment_intent.increment_authorization",
+            "amount": _amount(params, "amount", True),
+            "currency": "",
+            "refers_to": match.group(1),
+            **self._common(params),
+        }
+
+    def _charge_capture(self, params: Mapping[str, Any], match: re.Match[str]) -> dict[str, Any]:
+        amount = _amount(params, "amount", False)
+        return {
+            "operation": "charge.capture",
             "amount": amount if amount is not None else 0,
             "currency": "",
             "refers_to": match.group(1),
@@ -592,14 +619,18 @@ class StripeAdapter:
         return None
 
     def holds_in(self, operation: str, body: bytes) -> int | None:
-        """A captured intent moves what it received: a partial capture gives the rest back."""
+        """A captured intent moves what it received, a captured charge what it captured: a partial capture
+        gives the rest back."""
         obj = _json_object(body)
-        received = obj.get("amount_received")
-        if operation != "payment_intent.capture" or obj.get("object") != "payment_intent":
+        if operation == "payment_intent.capture" and obj.get("object") == "payment_intent":
+            moved, done = obj.get("amount_received"), obj.get("status") == "succeeded"
+        elif operation == "charge.capture" and obj.get("object") == "charge":
+            moved, done = obj.get("amount_captured"), obj.get("captured") is True
+        else:
             return None
-        if obj.get("status") != "succeeded" or not isinstance(received, int) or isinstance(received, bool):
+        if not done or not isinstance(moved, int) or isinstance(moved, bool):
             return None
-        return received
+        return moved
 
     def undecided_in(self, body: bytes) -> bool:
         obj = _json_object(body)

@@ -453,7 +453,12 @@ class AuthorizationStore(Protocol):
         """Whether this provider event was already recorded (applied) for the connection."""
         ...
 
-    async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None: ...
+    async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
+        """The settled call on the provider object ``provider_ref`` whose amount is the largest: what the
+        object holds as counted (its create, or a later call that raised it: an increment, an
+        over-capture); None when no call on it settled."""
+        ...
+
     async def maker_of(self, owner_id: str, provider_ref: str) -> str | None:
         """The agent whose call made the provider object ``provider_ref`` (whatever became of it: a
         declined create still made the object), or None when PaySentry never saw it made."""

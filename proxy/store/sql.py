@@ -604,7 +604,7 @@ class SqlStore(ABC):
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
         row = await self.fetch_one(
             f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=? AND provider_ref=? AND state=? "
-            "ORDER BY created_at LIMIT 1",
+            "ORDER BY amount DESC, created_at LIMIT 1",
             (owner_id, provider_ref, SETTLED),
         )
         return authorization_record(row) if row else None

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import stripe
 
-from tests.e2e.conftest import Deployment, make_deployment
+from tests.e2e.conftest import Deployment, make_deployment, wait_until
 from tests.e2e.test_adversarial import request
 
 pytestmark = pytest.mark.e2e
@@ -123,3 +123,33 @@ def test_a_partial_capture_gives_the_rest_back_and_a_captured_intent_releases_no
     assert full.value.code == "daily_budget"
     received = sum(o.get("amount_received", 0) for o in dep.mock("objects"))
     assert received == 10000 and dep.spend() == (10000, 3)
+
+
+def test_an_increment_and_a_charge_capture_are_decided_and_counted_for_what_they_add(dep: Deployment) -> None:
+    """`increment_authorization` raises what an authorized intent holds, and a charge made with
+    capture=false is captured later: both used to be unrecognized writes, which an owner's allow rule
+    would have let through uncounted. Each is decided as a payment of the object's new total and counts
+    what it adds; a capture of less gives the rest back."""
+    sdk = client(dep, dep.agent_token)
+    manual = {"currency": "usd", "capture_method": "manual", "confirm": True, "payment_method": GOOD}
+    intent = sdk.v1.payment_intents.create(params={"amount": 2000, **manual})
+    assert dep.spend()[0] == 2000
+    raised = sdk.v1.payment_intents.increment_authorization(intent.id, params={"amount": 4500})
+    assert raised.amount == 4500 and dep.spend()[0] == 4500  # counted the 2500 it adds, not 4500 more
+    with pytest.raises(stripe.CardError) as held:  # a total above $50 needs a human, like a payment
+        sdk.v1.payment_intents.increment_authorization(intent.id, params={"amount": 6000})
+    assert held.value.code == "approval_required" and dep.spend()[0] == 6000  # the hold reserves its 1500
+    wait_until(lambda: dep.spend()[0] == 4500)  # nobody approves: the hold expires and gives it back
+    captured = sdk.v1.payment_intents.capture(intent.id, params={"amount_to_capture": 3000})
+    assert captured.amount_received == 3000 and dep.spend()[0] == 3000  # the 1500 given back
+    charge = sdk.v1.charges.create(
+        params={"amount": 2000, "currency": "usd", "source": "tok_visa", "capture": False}
+    )
+    assert dep.spend()[0] == 5000
+    done = sdk.v1.charges.capture(charge.id, params={"amount": 1200})
+    assert done.amount_captured == 1200 and dep.spend()[0] == 4200
+    objects = {o["id"]: o for o in dep.mock("objects")}
+    assert objects[intent.id]["amount_received"] + objects[charge.id]["amount_captured"] == 4200
+    other = json.loads(dep.cli("agent", "create", "other").stdout)["token"]
+    with pytest.raises(stripe.PermissionError):  # another agent's intent: never raised by it
+        client(dep, other).v1.payment_intents.increment_authorization(intent.id, params={"amount": 4000})

@@ -118,6 +118,15 @@ def test_payment_intent_is_normalized() -> None:
             "",
         ),
         ("/v1/payment_intents/pi_123/confirm", {}, "payment_intent.confirm", 0, ""),
+        (
+            "/v1/payment_intents/pi_123/increment_authorization",
+            {"amount": "4500"},
+            "payment_intent.increment_authorization",
+            4500,
+            "",
+        ),
+        ("/v1/charges/ch_123/capture", {"amount": "1200"}, "charge.capture", 1200, ""),
+        ("/v1/charges/ch_123/capture", {}, "charge.capture", 0, ""),
     ],
 )
 def test_money_routes(
@@ -368,3 +377,17 @@ def test_the_payee_of_every_money_moving_call(
 ) -> None:
     payment = classify(path, params).payment
     assert payment is not None and (payment.payee, payment.payee_kind) == (payee, kind)
+
+
+def test_an_increment_names_its_new_total() -> None:
+    with pytest.raises(BadRequest, match="amount"):
+        classify("/v1/payment_intents/pi_1/increment_authorization", {})
+    payment = classify("/v1/payment_intents/pi_1/increment_authorization", {"amount": "10"}).payment
+    assert payment is not None and payment.refers_to == "pi_1"
+
+
+def test_a_captured_charge_holds_what_it_captured() -> None:
+    body = json.dumps({"object": "charge", "captured": True, "amount": 2000, "amount_captured": 1200})
+    assert STRIPE.holds_in("charge.capture", body.encode()) == 1200
+    assert STRIPE.holds_in("charge.capture", body.replace("true", "false").encode()) is None
+    assert STRIPE.holds_in("charge", body.encode()) is None
