@@ -52,7 +52,7 @@ from proxy.errors import (
 )
 from proxy.holds import HoldCoordinator
 from proxy.metrics import Metrics, Series
-from proxy.model import DENY, HOLD, Agent, Decision, Payment
+from proxy.model import DENY, HOLD, UNRECOGNIZED, Agent, Decision, Payment
 from proxy.payments.calls import AgentCall, Outcome, PaymentCall, provider_idempotency_key
 from proxy.payments.guards import bearer_token, check_call, idempotency_key
 from proxy.payments.records import annotate, authorization_for, log_decision, pack_request, unpack_request
@@ -492,7 +492,20 @@ class PaymentService:
         earlier, read = await self._owned(agent, payment.refers_to, connection)
         if payment.amount and payment.currency:
             return payment
-        if earlier is not None and payment.operation.split(".")[0] == earlier.operation.split(".")[0]:
+        family = payment.operation.split(".")[0]
+        if (
+            earlier is not None
+            and "." in payment.operation
+            and earlier.operation != UNRECOGNIZED
+            and earlier.operation.split(".")[0] != family
+        ):  # a lifecycle call on a part (the charge of an intent): counted with its whole, so only a call
+            # on the whole is decided against what it counted
+            raise BadRequest(
+                f"{payment.refers_to} is part of {earlier.provider_ref}, which PaySentry counts as a "
+                f"{earlier.operation}: act on {earlier.provider_ref} instead",
+                param="id",
+            )
+        if earlier is not None and family == earlier.operation.split(".")[0]:
             # A lifecycle call (confirm, capture) on an object counted when it was made: decided, and
             # counted only for what it adds.
             amount = payment.amount or earlier.amount

@@ -545,3 +545,24 @@ async def test_a_refund_of_an_intents_charge_belongs_to_whoever_made_the_intent(
     world.store.rows[created.id] = replace(created, agent_id="agt_2")  # had another agent made the intent
     theirs = await world.agent_call("/v1/refunds", b"charge=ch_1&amount=100", {"Idempotency-Key": "r3"})
     assert theirs.status == 403, theirs.body
+
+
+async def test_capturing_an_intents_charge_is_sent_to_the_intent(tmp_path: Path) -> None:
+    """The charge an intent made is counted with the intent: capturing the charge itself would be counted
+    again, so it is refused with a pointer to the intent (nothing sent but the read)."""
+
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        if request.url.endswith("/v1/payment_intents"):
+            intent = {"id": "pi_1", "object": "payment_intent", "amount": 3000, "currency": "usd"}
+            return UpstreamReply(200, headers, json.dumps({**intent, "status": "requires_capture"}).encode())
+        if request.method == "GET" and request.url.endswith("/v1/charges/ch_1"):
+            charge = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1", "amount": 3000}
+            return UpstreamReply(200, headers, json.dumps({**charge, "currency": "usd"}).encode())
+        raise AssertionError(f"{request.method} {request.url} must not be sent")
+
+    world = World(tmp_path, provider)
+    assert (await world.pay(b"amount=3000&currency=usd&confirm=true&capture_method=manual")).status == 200
+    refused = await world.agent_call("/v1/charges/ch_1/capture", b"", {"Idempotency-Key": "c1"})
+    assert refused.status == 400 and b"act on pi_1 instead" in refused.body, refused.body
+    assert world.store.spent(AGENT.id, "daily_budget") == 3000
