@@ -104,14 +104,21 @@ def provider_request(
 ) -> UpstreamRequest:
     """The request PaySentry sends the provider for an agent's call (or for its own, with ``incoming``
     empty but for a content type)."""
-    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in DROP_REQUEST)
     inject = adapter.credential_headers(credentials)
     if idempotency_key is not None:
         inject[adapter.idempotency_header] = idempotency_key
+    # by name as a lenient server reads it (Idempotency_Key is Idempotency-Key to some): what PaySentry
+    # sets itself, or drops, never travels beside it under another spelling
+    dropped = DROP_REQUEST | {_lenient(name) for name in inject}
+    headers = CIMultiDict((k, v) for k, v in incoming.items() if _lenient(k) not in dropped)
     for name, value in inject.items():
         headers[name] = value
     W3C.inject(headers)  # the provider sees the current span as the parent
     return UpstreamRequest(method, url, headers, body)
+
+
+def _lenient(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
 
 
 class AiohttpUpstream:

@@ -566,3 +566,16 @@ async def test_capturing_an_intents_charge_is_sent_to_the_intent(tmp_path: Path)
     refused = await world.agent_call("/v1/charges/ch_1/capture", b"", {"Idempotency-Key": "c1"})
     assert refused.status == 400 and b"act on pi_1 instead" in refused.body, refused.body
     assert world.store.spent(AGENT.id, "daily_budget") == 3000
+
+
+def test_what_paysentry_sets_or_drops_never_travels_under_another_spelling() -> None:
+    incoming = {
+        "Idempotency_Key": "the-agents-own",  # read as Idempotency-Key by a lenient server
+        "X_Forwarded_For": "10.0.0.1",
+        "Stripe-Version": "2024-06-20",
+    }
+    sent = provider_request(ADAPTER, {"secret_key": "sk_test_1"}, "POST", "http://p/v1/x", incoming, b"", "k")
+    names = {k.lower(): v for k, v in sent.headers.items()}
+    assert names["idempotency-key"] == "k" and names["authorization"] == "Bearer sk_test_1"
+    assert names["stripe-version"] == "2024-06-20"
+    assert not {"idempotency_key", "x_forwarded_for"} & set(names)
