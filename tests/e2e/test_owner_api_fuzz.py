@@ -107,7 +107,14 @@ def _no_failure_logged(dep: Deployment, before: int) -> None:
 
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-PAY_PATHS = [b"/v1/payment_intents", b"/v1/charges", b"/v1/refunds", b"/v1/transfers", b"/v1/issuing/cards"]
+PAY_PATHS = [
+    *(b"/v1/payment_intents", b"/v1/charges", b"/v1/refunds", b"/v1/transfers", b"/v1/payouts"),
+    b"/v1/issuing/cards",
+    # calls on objects: unknown ones (read from the provider: 404) and lifecycle calls
+    *(b"/v1/payment_intents/pi_nope/confirm", b"/v1/payment_intents/pi_nope/capture"),
+    *(b"/v1/payment_intents/pi_nope/increment_authorization", b"/v1/payment_intents/pi_nope/cancel"),
+    *(b"/v1/charges/ch_nope/capture", b"/v1/refunds?charge=ch_nope"),
+]
 
 
 @pytest.mark.e2e
@@ -146,7 +153,7 @@ def test_the_agent_listener_never_answers_5xx(
     }
     before = len(api.output)
     status = _raw(api, api.agent_url, "POST", path, headers, body)
-    assert 0 < status < 500 or status in (502, 503), status
+    assert 0 < status < 500, status  # the provider (the mock) and the store are up: no 5xx is owed
     _no_failure_logged(api, before)
 
 
