@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from proxy.approvals import sign, tally, verify
+from proxy.approvals import sign, tally
+from tests.readme import readme_function
+
+verify = readme_function("verify")  # the receiver's check as the README shows it
 
 A3 = ("alice", "bob", "reviewer:risk")
 
@@ -33,9 +38,11 @@ def test_tally(approvers, quorum, veto, votes, state) -> None:
 
 
 def test_signatures_verify_and_expire() -> None:
-    header = sign(b"secret", b'{"a":1}', timestamp=1000)
-    assert verify(b"secret", b'{"a":1}', header, now=1100)
-    assert not verify(b"secret", b'{"a":2}', header, now=1100)  # tampered body
-    assert not verify(b"other", b'{"a":1}', header, now=1100)  # wrong secret
-    assert not verify(b"secret", b'{"a":1}', header, now=2000)  # stale
-    assert not verify(b"secret", b'{"a":1}', "garbage", now=1100)
+    now = int(time.time())
+    header = sign(b"secret", b'{"a":1}', timestamp=now - 100)
+    assert verify(b"secret", b'{"a":1}', header)
+    assert not verify(b"secret", b'{"a":2}', header)  # tampered body
+    assert not verify(b"other", b'{"a":1}', header)  # wrong secret
+    assert not verify(b"secret", b'{"a":1}', sign(b"secret", b'{"a":1}', timestamp=now - 1000))  # stale
+    for garbage in ("garbage", "t=x,v1=y", "v1=abc", "", "t=１２,v1=0"):
+        assert not verify(b"secret", b'{"a":1}', garbage)
