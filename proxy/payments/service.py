@@ -244,6 +244,16 @@ class PaymentService:
         classified = adapter.classify(call.method, call.path, call.content_type if body else "", body)
         url = connection.upstream + call.target
         key = idempotency_key(call.headers, adapter.idempotency_header, MAX_IDEMPOTENCY_KEY)
+        moves_money = classified.kind != PASSTHROUGH or classified.acts_on or classified.voids
+        if (
+            moves_money and call.query
+        ):  # a call on money is decided on its body; the provider may read the query too
+            name = next(iter(call.query))
+            raise BadRequest(
+                f"PaySentry does not forward query parameters on calls that move money ({name!r}): "
+                "send every parameter in the body, where it is decided",
+                param=name,
+            )
         if classified.kind == PASSTHROUGH and classified.voids is None:
             span.set_attribute("paysentry.decision", "passthrough")
             if (
@@ -270,13 +280,6 @@ class PaymentService:
                 502, "api", UpstreamUnavailable.code, "the provider could not be reached", retry=True
             )
             return replace(Outcome.of(unreachable), stream=request)
-        if call.query:  # a call on money is decided on its body; the provider may read the query too
-            name = next(iter(call.query))
-            raise BadRequest(
-                f"PaySentry does not forward query parameters on calls that move money ({name!r}): "
-                "send every parameter in the body, where it is decided",
-                param=name,
-            )
         key = key or new_id("psidem")
         if classified.voids is not None:
             return await self._cancel(call, agent, connection, classified.voids, url, body, key)

@@ -7,6 +7,7 @@ MercadoPago's base URL for the sidecar's (the SDK keeps its base URL in a privat
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,6 +237,15 @@ def test_amounts_land_in_each_currencys_minor_units(mp: Deployment) -> None:
 def test_a_payment_cancelled_through_the_sidecar_releases_its_spend(mp: Deployment) -> None:
     payment = sdk(mp).payment().create(order(300, capture=False))["response"]
     assert mp.spend("daily_ars") == (30000, 1)
+    steered = urllib.request.Request(  # a capture moves money: nothing of it travels beside the body
+        f"{mp.agent_url}/v1/payments/{payment['id']}?transaction_amount=1",
+        b'{"capture": true}',
+        {"Authorization": f"Bearer {mp.agent_token}", "Content-Type": "application/json"},
+        method="PUT",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(steered, timeout=10)
+    assert refused.value.code == 400 and b"query parameters" in refused.value.read()
     captured = sdk(mp).payment().update(payment["id"], {"capture": True})  # counted at creation
     assert captured["status"] == 200 and mp.spend("daily_ars") == (30000, 1)
     other = sdk(mp).payment().create(order(200))["response"]
