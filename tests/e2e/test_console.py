@@ -245,6 +245,18 @@ def test_owner_isolation_csrf_and_sessions(console: Deployment) -> None:
         "data-agent='bot'" not in other.call("/console/agents")[1]
         and console.agent_id not in other.call("/console/decisions")[1]
     )
+    for page in (  # every page, and filters naming acme's agent: nothing of acme's shows
+        "/console/audit",
+        f"/console/audit?agent={console.agent_id}",
+        f"/console/decisions?agent={console.agent_id}&decision=hold",
+        "/console/connections",
+        "/console/policy",
+    ):
+        status, body, _ = other.call(page)
+        assert status == 200, (page, status)
+        needles = (approval_id, console.agent_id, console.connection_id, "authorization.held", "order-2")
+        leaked = [v for v in needles if v in body]
+        assert not leaked, (page, leaked)
     status, _, _ = other.call(
         f"/console/approvals/{approval_id}/vote", {"decision": "approve", "csrf": other.csrf()}
     )
@@ -258,6 +270,8 @@ def test_owner_isolation_csrf_and_sessions(console: Deployment) -> None:
     )
     owner = Session(console)
     owner.sign_in(console.owner_token)
+    mine = owner.call(f"/console/audit?agent={console.agent_id}")[1]
+    assert "authorization.held" in mine and console.connection_id in mine  # what globex's pages lack
     status, body, _ = owner.call(
         f"/console/approvals/{approval_id}/vote", {"decision": "approve", "csrf": owner.csrf()}
     )
