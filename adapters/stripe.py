@@ -654,8 +654,8 @@ class StripeAdapter:
 
     def lookup_path(self, payment: Payment) -> str | None:
         ref = payment.refers_to
-        if ref.startswith("pi_"):
-            return f"/v1/payment_intents/{ref}"
+        if ref.startswith("pi_"):  # its charge expanded: what a refund may still take is the charge's
+            return f"/v1/payment_intents/{ref}?expand[]=latest_charge"
         if ref.startswith(("ch_", "py_")):
             return f"/v1/charges/{ref}"
         return None
@@ -767,7 +767,8 @@ class StripeAdapter:
             if payment.operation != "refund":
                 return payment.amount or int(obj["amount"]), currency
             captured = obj.get("amount_received") if obj.get("object") == "payment_intent" else None
-            refunded = int(obj.get("amount_refunded") or 0)
+            charge = obj.get("latest_charge")  # an intent's refunds are its charge's
+            refunded = int((charge if isinstance(charge, dict) else obj).get("amount_refunded") or 0)
             remaining = int(obj["amount"] if captured is None else captured) - refunded
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

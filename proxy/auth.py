@@ -7,12 +7,12 @@ again without bcrypt: its record is read again and must still be active with the
 token's SHA-256 is remembered beside the hash it matched). Tokens whose public id is unknown, and malformed
 tokens, are refused without running bcrypt; concurrent first uses of one token share one bcrypt run.
 
-Wrong secrets cost no bcrypt. A token PaySentry made (and any declared one with a secret of 32 characters
-or more) is stored with a 32-bit quick check of its secret beside the bcrypt hash
+Wrong secrets cost no bcrypt. A token PaySentry made (``paysentry state token`` for a declared one) is
+stored with a 32-bit quick check of its secret beside the bcrypt hash
 (``proxy.secrets.hash_secret``): a wrong secret fails the quick check, is refused at once and is counted
 nowhere, so no flood of them costs CPU or locks anybody out, and the correct token always reaches bcrypt.
 
-Lockout, for hashes without a quick check only (short secrets a person chose), and why it cannot be aimed
+Lockout, for hashes without a quick check only (secrets a person chose), and why it cannot be aimed
 at someone else. Wrong secrets are counted per client address *and* token id together: ``max_failures``
 of them within ``lockout`` seconds stop bcrypt checks for that pair (the attempts are refused with a 429),
 except one probe a second, which a correct secret passes. So:
@@ -24,7 +24,7 @@ except one probe a second, which a correct secret passes. So:
 - unknown ids and malformed tokens cost no bcrypt and are not counted, so no flood of them locks out an
   address (the old per-address lockout did: every not-yet-cached token on 127.0.0.1).
 
-What remains, for such short secrets only: a token this process has never verified, sent from an address
+What remains, for such secrets only: a token this process has never verified, sent from an address
 that is failing for that very id right now, waits for a probe slot (one a second) until the failures stop.
 """
 
@@ -135,7 +135,7 @@ class TokenAuthenticator(Generic[R]):
         quick = quick_check(parts[1], stored)
         if quick is False:  # wrong, known without bcrypt: it costs nothing, so it counts toward nothing
             raise AuthenticationFailed("unknown or revoked PaySentry token")
-        if quick is None:  # a hash with no quick check (a short hand-made secret): bcrypt each time
+        if quick is None:  # a hash with no quick check (a secret a person chose): bcrypt each time
             self._check_lockout(pair)
         if not await asyncio.to_thread(check_secret, parts[1], stored):
             self._count_failure(pair)

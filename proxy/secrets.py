@@ -127,23 +127,36 @@ def new_id(prefix: str) -> str:
 
 def issue_token(prefix: str, public_id: str, rounds: int) -> IssuedToken:
     secret = secrets.token_urlsafe(32)
+    while not _made_by_paysentry(secret):  # about 1 in 1,000 lacks a digit or a case: drawn again
+        secret = secrets.token_urlsafe(32)
     return IssuedToken(
         public_id, f"{prefix}_{public_id.split('_', 1)[1]}_{secret}", hash_secret(secret, rounds)
     )
 
 
-# A stored token hash is bcrypt's, led by a 32-bit quick check of the secret when the secret is random
-# and long (PaySentry's own are 43 characters: 256 bits). A wrong secret then fails the quick check
-# without bcrypt, so wrong guesses cost no CPU and need no lockout, and a correct token is never locked
-# out; a guess passes the check once in 4 billion, and then bcrypt decides. The check leaves 224 bits of
-# such a secret unknown. A short secret (a hand-made Secret) gets bcrypt alone.
+# A stored token hash is bcrypt's, led by a 32-bit quick check of the secret when the secret is one as
+# PaySentry makes them (token_urlsafe(32): 43 characters, 256 random bits). A wrong secret then fails the
+# quick check without bcrypt, so wrong guesses cost no CPU and need no lockout, and a correct token is
+# never locked out; a guess passes the check once in 4 billion, and then bcrypt decides. The check leaves
+# 224 bits of such a secret unknown. Any other secret (one a person chose: its length says nothing of its
+# entropy) gets bcrypt alone, and the lockout.
 QUICK = "q1$"
-QUICK_MIN_SECRET = 32
 
 
 def hash_secret(secret: str, rounds: int) -> str:
     digest = bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds)).decode()
-    return f"{QUICK}{_quick(secret)}${digest}" if len(secret) >= QUICK_MIN_SECRET else digest
+    return f"{QUICK}{_quick(secret)}${digest}" if _made_by_paysentry(secret) else digest
+
+
+def _made_by_paysentry(secret: str) -> bool:
+    """Shaped as issue_token makes secrets (token_urlsafe(32) with a digit and both cases)."""
+    return (
+        len(secret) == 43
+        and _SECRET.fullmatch(secret) is not None
+        and any(c.isupper() for c in secret)
+        and any(c.islower() for c in secret)
+        and any(c.isdigit() for c in secret)
+    )
 
 
 def _quick(secret: str) -> str:

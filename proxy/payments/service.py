@@ -348,6 +348,7 @@ class PaymentService:
         if maker is not None:
             if maker != agent.id:
                 raise Forbidden(NOT_THEIRS.format(ref=ref), param="id")
+            await self._nothing_pending(agent, ref)
             return await self.store.find_by_provider_ref(agent.owner_id, ref), None
         read = await self._read_object(connection, ref)
         if read is None or read.status == 404:
@@ -377,7 +378,19 @@ class PaymentService:
                 )
         # Made elsewhere, or by this agent's call that was refused or released: nothing of it is counted
         # any more, so a call on it counts in full.
+        await self._nothing_pending(agent, ref)
         return None, read
+
+    async def _nothing_pending(self, agent: Agent, ref: str) -> None:
+        """Refuse, to retry, a call on an object another call on it has left unresolved (a confirm or an
+        increment in doubt): what it counts depends on what that one did."""
+        pending = await self.store.unresolved_on(agent.owner_id, ref)
+        if pending is not None:
+            raise ObjectBeingResolved(
+                f"{ref} has a call ({pending.id}) whose outcome PaySentry is still learning from the "
+                "provider; retry shortly",
+                param="id",
+            )
 
     async def _read_object(self, connection: Connection, ref: str) -> UpstreamReply | None:
         """The provider's object ``ref``, read with the owner's key (None: the adapter cannot read it)."""
@@ -512,7 +525,17 @@ class PaymentService:
             # A lifecycle call (confirm, capture) on an object counted when it was made: decided, and
             # counted only for what it adds.
             amount = payment.amount or earlier.amount
-            return replace(payment, amount=amount, currency=earlier.currency, counted=earlier.amount)
+            made = earlier.payment  # decided as the object is: its payee, destination and customer too
+            return replace(
+                payment,
+                amount=amount,
+                currency=earlier.currency,
+                counted=earlier.amount,
+                destination=payment.destination or earlier.destination,
+                payee=payment.payee or str(made.get("payee") or ""),
+                payee_kind=payment.payee_kind or str(made.get("payee_kind") or ""),
+                customer=payment.customer or str(made.get("customer") or ""),
+            )
         reply = read or await self._read_object(connection, payment.refers_to)  # read once
         found = None
         if reply is not None and reply.status == 200:

@@ -461,7 +461,13 @@ class AuthorizationStore(Protocol):
 
     async def maker_of(self, owner_id: str, provider_ref: str) -> str | None:
         """The agent whose call made the provider object ``provider_ref`` (whatever became of it: a
-        declined create still made the object), or None when PaySentry never saw it made."""
+        declined create still made the object), or None when PaySentry never saw it made. A write PaySentry
+        does not recognize (let through by an owner's allow rule) makes nobody the maker."""
+        ...
+
+    async def unresolved_on(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
+        """A call on the provider object ``provider_ref`` (or that made it) whose outcome is not known
+        yet: forwarding, or in doubt; None when there is none."""
         ...
 
     async def set_in_doubt(self, authorization_id: str, reason: str, retry_at: float, now: float) -> bool:

@@ -21,7 +21,7 @@ from proxy.approvals import APPROVED as APPROVED_HOLD
 from proxy.approvals import DENIED as DENIED_HOLD
 from proxy.approvals import EXPIRED as EXPIRED_HOLD
 from proxy.approvals import PENDING, may_vote, tally
-from proxy.model import ApprovalSpec, Charge, Reviewer, SpendTotal
+from proxy.model import UNRECOGNIZED, ApprovalSpec, Charge, Reviewer, SpendTotal
 from proxy.secrets import new_id
 from proxy.store import (
     APPROVED,
@@ -596,18 +596,30 @@ class SqlStore(ABC):
 
     async def maker_of(self, owner_id: str, provider_ref: str) -> str | None:
         row = await self.fetch_one(
-            "SELECT agent_id FROM authorizations WHERE owner_id=? AND provider_ref=? ORDER BY created_at LIMIT 1",
-            (owner_id, provider_ref),
+            "SELECT agent_id FROM authorizations WHERE owner_id=? AND provider_ref=? AND operation<>? "
+            "ORDER BY created_at LIMIT 1",
+            (owner_id, provider_ref, UNRECOGNIZED),
         )
         return row[0] if row else None
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
         row = await self.fetch_one(
             f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=? AND provider_ref=? AND state=? "
-            "ORDER BY amount DESC, created_at LIMIT 1",
-            (owner_id, provider_ref, SETTLED),
+            "AND operation<>? ORDER BY amount DESC, created_at LIMIT 1",
+            (owner_id, provider_ref, SETTLED, UNRECOGNIZED),
         )
         return authorization_record(row) if row else None
+
+    async def unresolved_on(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
+        rows = await self.fetch_all(
+            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=? AND state IN (?,?)",
+            (owner_id, FORWARDING, IN_DOUBT),
+        )
+        for row in rows:
+            record = authorization_record(row)
+            if record.provider_ref == provider_ref or record.payment.get("refers_to") == provider_ref:
+                return record
+        return None
 
     # -- approvers -----------------------------------------------------------------------------------------
     async def create_approver(self, a: ApproverRecord, actor: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import multiprocessing
 import sqlite3
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -526,4 +527,35 @@ async def test_an_approved_hold_never_retried_expires_and_releases_once(backend:
     assert sum(ended) == 1 and await spent(store) == (1000, 1)
     assert (await store.get_authorization("own_1", "auth_r1")).state == "expired"
     assert not await store.start_forwarding("auth_r1", now + 60, now + 2)  # a late retry does not pay
+    await store.close()
+
+
+async def test_an_objects_record_is_its_largest_settled_call_and_pending_calls_on_it_are_found(
+    backend: Backend,
+) -> None:
+    """What a lifecycle call on an object is decided against: the object's maker (never a write PaySentry
+    did not recognize), its largest settled call (an increment raises it), and any call on it whose
+    outcome is still unknown."""
+    store = await seeded(backend)
+    now = time.time()
+    await store.create_agent(AgentRecord("agt_2", "own_1", "conn_1", "other", {}, "hash", 1.0))
+    made = (await store.record_decision(new("mk", charges=()), now)).record
+    await store.settle(made.id, "pi_9", 200, b"{}", now)
+    raised = new("inc", charges=(), amount=4000, operation="payment_intent.increment_authorization")
+    raised = replace(raised, payment={"refers_to": "pi_9"})
+    await store.settle((await store.record_decision(raised, now + 1)).record.id, "pi_9", 200, b"{}", now + 1)
+    write = new("upd", charges=(), agent_id="agt_2", operation="unrecognized", amount=0)
+    await store.settle((await store.record_decision(write, now + 2)).record.id, "ch_9", 200, b"{}", now + 2)
+    assert await store.maker_of("own_1", "pi_9") == "agt_1"
+    assert await store.maker_of("own_1", "ch_9") is None  # an unrecognized write makes nobody its maker
+    largest = await store.find_by_provider_ref("own_1", "pi_9")
+    assert largest is not None and largest.amount == 4000
+    assert await store.unresolved_on("own_1", "pi_9") is None
+    capture = replace(
+        new("cap", charges=(), operation="payment_intent.capture"), payment={"refers_to": "pi_9"}
+    )
+    pending = (await store.record_decision(capture, now + 3)).record  # forwarding: its answer not in yet
+    found = await store.unresolved_on("own_1", "pi_9")
+    assert found is not None and found.id == pending.id
+    assert await store.unresolved_on("own_2", "pi_9") is None
     await store.close()

@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from adapters.formencode import parse_form
 from proxy.connections import Connection
 from proxy.errors import UpstreamUnavailable
-from proxy.model import Agent, ApprovalSpec, Charge, SpendTotal
+from proxy.model import UNRECOGNIZED, Agent, ApprovalSpec, Charge, SpendTotal
 from proxy.store import (
     APPROVED,
     DENIED,
@@ -197,16 +197,29 @@ class FakeAuthorizations:
         return "voided" if rows else "unmatched"
 
     async def maker_of(self, owner_id: str, provider_ref: str) -> str | None:
-        rows = [r for r in self.rows.values() if r.owner_id == owner_id and r.provider_ref == provider_ref]
+        rows = [r for r in self._on(owner_id, provider_ref) if r.operation != UNRECOGNIZED]
         return min(rows, key=lambda r: r.created_at).agent_id if rows else None
 
     async def find_by_provider_ref(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
         rows = [
+            r for r in self._on(owner_id, provider_ref) if r.state == SETTLED and r.operation != UNRECOGNIZED
+        ]
+        return (
+            min(rows, key=lambda r: (-r.amount, r.created_at)) if rows else None
+        )  # the largest, as the stores
+
+    async def unresolved_on(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
+        rows = [
             r
             for r in self.rows.values()
-            if r.owner_id == owner_id and r.provider_ref == provider_ref and r.state == SETTLED
+            if r.owner_id == owner_id
+            and r.state in (FORWARDING, IN_DOUBT)
+            and provider_ref in (r.provider_ref, r.payment.get("refers_to"))
         ]
-        return min(rows, key=lambda r: r.created_at) if rows else None
+        return rows[0] if rows else None
+
+    def _on(self, owner_id: str, provider_ref: str) -> list[AuthorizationRecord]:
+        return [r for r in self.rows.values() if r.owner_id == owner_id and r.provider_ref == provider_ref]
 
     async def get_authorization(self, owner_id: str, authorization_id: str) -> AuthorizationRecord | None:
         row = self.rows.get(authorization_id)
@@ -327,8 +340,8 @@ class Killed(BaseException):
 
 class FakeStripe:
     """Stripe's payment intents for the fake upstream, lifecycle included: created (confirmed or not; a
-    manual-capture intent is authorized when confirmed, then captured wholly or in part), confirmed,
-    captured, cancelled and read back, each answer stored under its idempotency key and replayed for it.
+    manual-capture intent is authorized when confirmed, its authorization raised, then captured wholly or
+    in part), confirmed, incremented, captured, cancelled and read back, each answer stored under its idempotency key and replayed for it.
     ``faults`` is consumed one per call: ``ok``; ``refuse`` (the card is declined: a create or confirm
     answers 402 with the intent, which stays, as Stripe's does); ``unreachable`` (nothing sent);
     ``timeout`` (done, the answer lost); ``error`` (a 500 before anything is done, not stored); ``kill``
@@ -404,6 +417,11 @@ class FakeStripe:
         if action == "cancel" and status not in ("succeeded", "canceled"):
             intent.update(status="canceled", amount_capturable=0)
             return _reply(200, intent)
+        if action == "increment_authorization" and status == "requires_capture":
+            raised = int(params.get("amount", 0))
+            if raised > intent["amount"]:
+                intent.update(amount=raised, amount_capturable=raised)
+                return _reply(200, intent)
         message = f"This PaymentIntent's status is {status}: it cannot be {action or 'changed'}."
         return _reply(400, {"error": {"type": "invalid_request_error", "message": message}})
 

@@ -579,3 +579,89 @@ def test_what_paysentry_sets_or_drops_never_travels_under_another_spelling() -> 
     assert names["idempotency-key"] == "k" and names["authorization"] == "Bearer sk_test_1"
     assert names["stripe-version"] == "2024-06-20"
     assert not {"idempotency_key", "x_forwarded_for"} & set(names)
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        ("increment", "/v1/payment_intents/pi_1/capture"),  # counted 2000 against 1500 moved
+        ("increment", "/v1/payment_intents/pi_1/cancel"),  # 500 left counted on a cancelled intent
+        ("confirm", "/v1/payment_intents/pi_1/capture"),  # after a declined create: 6000 against 3000
+    ],
+)
+async def test_a_call_on_an_intent_waits_for_an_earlier_call_on_it_still_in_doubt(
+    tmp_path: Path, first: str, then: str
+) -> None:
+    """An increment or a confirm on the intent timed out (its outcome unknown, no record of the object
+    on it): what a capture or a cancel would count depends on it, so they are refused to retry until
+    resolution has learned it; then what moved is what was counted."""
+    clock = [NOW]
+    declined = first == "confirm"
+    provider = FakeStripe(["refuse" if declined else "ok", "ok" if declined else "timeout", "timeout"])
+    world = World(tmp_path, provider, clock=clock)
+    made = await world.pay(b"amount=1000&currency=usd&confirm=true&capture_method=manual")
+    assert made.status == (402 if declined else 200)
+    if declined:  # the read of whose it is ("ok"), then the confirm itself times out
+        call = await world.agent_call("/v1/payment_intents/pi_1/confirm", b"", {"Idempotency-Key": "f1"})
+    else:
+        provider.faults = ["timeout"]
+        call = await world.agent_call(
+            "/v1/payment_intents/pi_1/increment_authorization", b"amount=1500", {"Idempotency-Key": "f1"}
+        )
+    assert call.status == 502, call.body  # timed out: in doubt
+    early = await world.agent_call(then, b"", {"Idempotency-Key": "t1"})
+    assert early.status == 409 and json.loads(early.body)["error"]["code"] == "lock_timeout", early.body
+    clock[0] += 3600
+    assert await world.service.resolve_unresolved() == {SETTLED: 1}
+    assert (await world.agent_call(then, b"", {"Idempotency-Key": "t1"})).status == 200
+    for note in [r for r in provider.intents.values() if r["status"] == "canceled"]:
+        await world.store.void(AGENT.owner_id, note["id"], "provider", {}, clock[0])
+    assert provider.exposure("pi_1") == world.store.spent(AGENT.id, "daily_budget")
+
+
+async def test_an_increment_is_decided_with_the_intents_payee(tmp_path: Path) -> None:
+    """Raising a $10 intent to a risky account to $40 is what a $40 intent to it is: denied."""
+    risky = "acct_risky"
+    rule = f"      - {{name: risky, effect: deny, when: 'payment.destination == \"{risky}\" && payment.amount > 2000', message: risky}}\n"
+    world = World(tmp_path, FakeStripe())
+    (tmp_path / "p.yaml").write_text(textwrap.dedent(POLICY) + rule.removeprefix("    "))
+    assert world.service.policies.holder.reload()
+    body = f"amount=1000&currency=usd&confirm=true&capture_method=manual&transfer_data[destination]={risky}"
+    assert (await world.pay(body.encode())).status == 200
+    raised = await world.agent_call(
+        "/v1/payment_intents/pi_1/increment_authorization", b"amount=4000", {"Idempotency-Key": "i1"}
+    )
+    assert raised.status == 402 and b"risky" in raised.body, raised.body
+    assert world.store.spent(AGENT.id, "daily_budget") == 1000
+
+
+async def test_a_write_paysentry_does_not_recognize_makes_nobody_the_maker(tmp_path: Path) -> None:
+    """An owner's rule lets unrecognized writes through (metadata updates, say). Such a write on the charge
+    of another agent's intent must not make its writer the charge's maker, and so able to refund it."""
+    rules = textwrap.dedent(POLICY).replace(
+        "'payment.currency != \"usd\"'",
+        '\'payment.currency != "usd" && payment.operation != "unrecognized"\'',
+    )
+    rules += "  - {name: updates, effect: allow, when: 'payment.operation == \"unrecognized\"'}\n"
+
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        if request.url.endswith("/v1/payment_intents"):
+            intent = {"id": "pi_1", "object": "payment_intent", "amount": 3000, "currency": "usd"}
+            return UpstreamReply(200, headers, json.dumps({**intent, "status": "succeeded"}).encode())
+        if request.url.endswith("/v1/charges/ch_1"):  # its read, and the metadata update
+            charge = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1", "amount": 3000}
+            return UpstreamReply(200, headers, json.dumps({**charge, "currency": "usd"}).encode())
+        raise AssertionError(f"{request.method} {request.url} must not be sent")
+
+    world = World(tmp_path, provider)
+    (tmp_path / "p.yaml").write_text(rules)
+    assert world.service.policies.holder.reload()
+    assert (await world.pay(b"amount=3000&currency=usd&confirm=true")).status == 200
+    created = next(r for r in world.store.rows.values() if r.provider_ref == "pi_1")
+    world.store.rows[created.id] = replace(created, agent_id="agt_2")  # the intent is another agent's
+    assert (
+        await world.agent_call("/v1/charges/ch_1", b"metadata[x]=y", {"Idempotency-Key": "u1"})
+    ).status == 200
+    refund = await world.agent_call("/v1/refunds", b"charge=ch_1", {"Idempotency-Key": "r1"})
+    assert refund.status == 403, refund.body

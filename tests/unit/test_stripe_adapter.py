@@ -391,3 +391,19 @@ def test_a_captured_charge_holds_what_it_captured() -> None:
     assert STRIPE.holds_in("charge.capture", body.encode()) == 1200
     assert STRIPE.holds_in("charge.capture", body.replace("true", "false").encode()) is None
     assert STRIPE.holds_in("charge", body.encode()) is None
+
+
+def test_a_refund_of_an_intent_is_bounded_by_what_its_charge_has_left() -> None:
+    """Stripe keeps an intent's refunds on its charge (``latest_charge``, read expanded), not on the
+    intent: a second refund may take only what the first left."""
+    refund = classify("/v1/refunds", {"payment_intent": "pi_1"}).payment
+    assert (
+        refund is not None and STRIPE.lookup_path(refund) == "/v1/payment_intents/pi_1?expand[]=latest_charge"
+    )
+    intent = {"object": "payment_intent", "amount": 3000, "amount_received": 3000, "currency": "usd"}
+    read = json.dumps({**intent, "latest_charge": {"object": "charge", "amount_refunded": 1000}}).encode()
+    assert STRIPE.amount_of(refund, read) == (2000, "usd")
+    larger = classify("/v1/refunds", {"payment_intent": "pi_1", "amount": "2500"}).payment
+    assert larger is not None
+    with pytest.raises(BadRequest, match="left to refund"):
+        STRIPE.amount_of(larger, read)
