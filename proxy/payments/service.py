@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -258,7 +258,10 @@ class PaymentService:
             span.set_attribute("paysentry.decision", "passthrough")
             if (
                 classified.acts_on is not None
-                and (await self._owned(agent, classified.acts_on, connection))[0] is None
+                and (
+                    await self._owned(agent, classified.acts_on, connection, _account(call.headers, adapter))
+                )[0]
+                is None
             ):
                 # A call that moves money on an object (a MercadoPago capture) is counted with the object:
                 # one PaySentry did not authorize for this agent would move money undecided.
@@ -318,7 +321,7 @@ class PaymentService:
         sent); once the provider's answer shows it cancelled, the spend it counted is released. The provider's answer goes
         back regardless; if the store fails, the spend stays counted (the provider's cancellation event
         releases it later)."""
-        await self._owned(agent, ref, connection)
+        await self._owned(agent, ref, connection, _account(call.headers, connection.adapter))
         request = provider_request(
             connection.adapter,
             connection.credentials,
@@ -338,24 +341,25 @@ class PaymentService:
         return Outcome(reply.status, reply.body, reply.headers)
 
     async def _owned(
-        self, agent: Agent, ref: str, connection: Connection
+        self, agent: Agent, ref: str, connection: Connection, account: str = ""
     ) -> tuple[AuthorizationRecord | None, UpstreamReply | None]:
         """The record of the provider object ``ref`` as PaySentry knows it, refusing an object another agent
         of the owner made (agents never act on each other's objects). An object PaySentry has not seen
         made (made elsewhere, or by a call still in doubt) is read from the provider: the authorization
-        its attribution tag names tells whose it is. Returns the record, and the read if one was made."""
+        its attribution tag names tells whose it is (read in the connected ``account`` the call names, where
+        the object lives). Returns the record, and the read if one was made."""
         maker = await self.store.maker_of(agent.owner_id, ref)
         if maker is not None:
             if maker != agent.id:
                 raise Forbidden(NOT_THEIRS.format(ref=ref), param="id")
             await self._nothing_pending(agent, ref)
             return await self.store.find_by_provider_ref(agent.owner_id, ref), None
-        read = await self._read_object(connection, ref)
+        read = await self._read_object(connection, ref, account)
         if read is None or read.status == 404:
             return None, read  # made outside PaySentry
         whole = connection.adapter.part_of(read.body) if read.status == 200 else None
         if whole is not None and whole != ref:  # a charge an intent made: the intent's maker owns it
-            record, _ = await self._owned(agent, whole, connection)
+            record, _ = await self._owned(agent, whole, connection, account)
             return record, read
         found = connection.adapter.object_of(read.body) if read.status == 200 else None
         if found is None:  # a read that does not answer is not taken for "no tag": refused, to retry
@@ -392,14 +396,16 @@ class PaymentService:
                 param="id",
             )
 
-    async def _read_object(self, connection: Connection, ref: str) -> UpstreamReply | None:
-        """The provider's object ``ref``, read with the owner's key (None: the adapter cannot read it)."""
+    async def _read_object(self, connection: Connection, ref: str, account: str = "") -> UpstreamReply | None:
+        """The provider's object ``ref``, read with the owner's key (None: the adapter cannot read it), in
+        the connected ``account`` when the call names one (already checked against the connection's)."""
         adapter = connection.adapter
         path = adapter.lookup_path(Payment(adapter.name, "", 0, "", "GET", "", refers_to=ref))
         if not path:
             return None
+        incoming = {adapter.account_header: account} if account and adapter.account_header else {}
         request = provider_request(
-            adapter, connection.credentials, "GET", connection.upstream + path, {}, b""
+            adapter, connection.credentials, "GET", connection.upstream + path, incoming, b""
         )
         return await self.upstream.send(request)
 
@@ -436,7 +442,10 @@ class PaymentService:
             )
         if existing is not None and not _retryable(existing):
             return Decided(existing, replay=True, call=self._attributed(call, existing.id))
-        payment = await self._resolve(call.payment, agent, call.connection)
+        forwarded = call.forward.headers if call.forward is not None else {}
+        payment = await self._resolve(
+            call.payment, agent, call.connection, _account(forwarded, call.connection.adapter)
+        )
         with self._stage("policy", span):
             decision = decide(policy_set, self.policies.engine, payment, agent, totals, now)
         if decision.outcome == HOLD and not holds:
@@ -501,11 +510,13 @@ class PaymentService:
             raise RequestInFlight(IN_FLIGHT)
         return self._refusal(latest, call.connection.adapter)
 
-    async def _resolve(self, payment: Payment, agent: Agent, connection: Connection) -> Payment:
+    async def _resolve(
+        self, payment: Payment, agent: Agent, connection: Connection, account: str = ""
+    ) -> Payment:
         """Fill in the amount of a call on an earlier object (confirm, capture, refund without amount)."""
         if not payment.refers_to:
             return payment
-        earlier, read = await self._owned(agent, payment.refers_to, connection)
+        earlier, read = await self._owned(agent, payment.refers_to, connection, account)
         if payment.amount and payment.currency:
             return payment
         family = payment.operation.split(".")[0]
@@ -536,7 +547,7 @@ class PaymentService:
                 payee_kind=payment.payee_kind or str(made.get("payee_kind") or ""),
                 customer=payment.customer or str(made.get("customer") or ""),
             )
-        reply = read or await self._read_object(connection, payment.refers_to)  # read once
+        reply = read or await self._read_object(connection, payment.refers_to, account)  # read once
         found = None
         if reply is not None and reply.status == 200:
             found = connection.adapter.amount_of(payment, reply.body)
@@ -811,3 +822,8 @@ def retry_delay(attempts: int) -> float:
 def _retryable(auth: AuthorizationRecord) -> bool:
     """A call whose forwarding failed without an answer from the provider is decided again on retry."""
     return auth.state == FAILED and auth.response_status is None
+
+
+def _account(headers: Mapping[str, str], adapter: Adapter) -> str:
+    """The connected account a call names (``Stripe-Account``), "" for the platform's own."""
+    return headers.get(adapter.account_header, "") if adapter.account_header else ""

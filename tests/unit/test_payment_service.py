@@ -665,3 +665,31 @@ async def test_a_write_paysentry_does_not_recognize_makes_nobody_the_maker(tmp_p
     ).status == 200
     refund = await world.agent_call("/v1/refunds", b"charge=ch_1", {"Idempotency-Key": "r1"})
     assert refund.status == 403, refund.body
+
+
+async def test_an_object_in_a_connected_account_is_read_there_to_tell_whose_it_is(tmp_path: Path) -> None:
+    """The intent lives in the connected account the call names: read without Stripe-Account it is a 404
+    (made elsewhere, as far as the platform can tell), so another agent's cancel of it would go through.
+    Read in that account, its tag names the other agent's call: refused."""
+    tagged: dict[str, str] = {}
+
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        if request.method == "GET":
+            if request.headers.get("Stripe-Account") != "acct_1":
+                return UpstreamReply(404, headers, b'{"error": {"type": "invalid_request_error"}}')
+            body = {"id": "pi_9", "object": "payment_intent", "amount": 1000, "currency": "usd"}
+            body["metadata"] = {"paysentry_authorization": tagged["id"]}
+            return UpstreamReply(200, headers, json.dumps(body).encode())
+        raise UpstreamUnavailable("the provider did not answer in time")
+
+    world = World(tmp_path, provider)
+    world.service.connections = FakeConnections(replace(CONNECTION, allowed_accounts=frozenset({"acct_1"})))  # type: ignore[assignment]
+    with pytest.raises(UpstreamUnavailable):
+        await world.pay(b"amount=1000&currency=usd")
+    row = world.only_row()
+    tagged["id"] = row.id
+    world.store.rows[row.id] = replace(row, agent_id="agt_2")  # another agent's call, still in doubt
+    cancel = await world.agent_call("/v1/payment_intents/pi_9/cancel", b"", {"Stripe-Account": "acct_1"})
+    assert cancel.status == 403, cancel.body
+    assert [r.method for r in world.upstream.sent[-1:]] == ["GET"]  # read in acct_1, never cancelled
