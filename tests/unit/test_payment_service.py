@@ -515,26 +515,35 @@ async def test_a_call_on_an_intent_whose_create_is_in_doubt_waits_for_that_creat
     assert provider.exposure("pi_1") == 3000 == world.store.spent(AGENT.id, "daily_budget")
 
 
+def intent_with_charge(status: str, refunded: int = 0) -> Handler:
+    """A provider whose create makes pi_1 (left in ``status``) and its charge ch_1, read (or updated) at
+    /v1/charges/ch_1; a refund of it succeeds. Anything else must not be sent."""
+
+    async def provider(request: UpstreamRequest) -> UpstreamReply:
+        if request.url.endswith("/v1/payment_intents"):
+            intent = {"id": "pi_1", "object": "payment_intent", "amount": 3000, "currency": "usd"}
+            return _json(200, {**intent, "status": status})
+        if request.url.endswith("/v1/charges/ch_1"):
+            charge = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1", "amount": 3000}
+            return _json(200, {**charge, "amount_refunded": refunded, "currency": "usd"})
+        if request.url.endswith("/v1/refunds"):
+            refund = {"id": "re_1", "object": "refund", "charge": "ch_1", "amount": 2000, "currency": "usd"}
+            return _json(200, refund)
+        raise AssertionError(f"{request.method} {request.url} must not be sent")
+
+    return provider
+
+
+def _json(status: int, body: dict[str, Any]) -> UpstreamReply:
+    return UpstreamReply(status, CIMultiDict({"Content-Type": "application/json"}), json.dumps(body).encode())
+
+
 async def test_a_refund_of_an_intents_charge_belongs_to_whoever_made_the_intent(tmp_path: Path) -> None:
     """`POST /v1/refunds charge=ch_...` names the charge an intent made: whose it is, the intent tells
     (it used to be refused as unreadable, 502 for ever); the refund is bounded by what the charge has
     left, and another agent's refund of it is refused."""
 
-    async def provider(request: UpstreamRequest) -> UpstreamReply:
-        headers = CIMultiDict({"Content-Type": "application/json"})
-        if request.url.endswith("/v1/payment_intents"):
-            intent = {"id": "pi_1", "object": "payment_intent", "amount": 3000, "currency": "usd"}
-            return UpstreamReply(200, headers, json.dumps({**intent, "status": "succeeded"}).encode())
-        if request.method == "GET" and request.url.endswith("/v1/charges/ch_1"):
-            charge = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1", "amount": 3000}
-            body = {**charge, "amount_refunded": 1000, "currency": "usd"}
-            return UpstreamReply(200, headers, json.dumps(body).encode())
-        if request.url.endswith("/v1/refunds"):
-            refund = {"id": "re_1", "object": "refund", "charge": "ch_1", "amount": 2000, "currency": "usd"}
-            return UpstreamReply(200, headers, json.dumps(refund).encode())
-        raise AssertionError(f"{request.method} {request.url} must not be sent")
-
-    world = World(tmp_path, provider)
+    world = World(tmp_path, intent_with_charge("succeeded", refunded=1000))
     assert (await world.pay(b"amount=3000&currency=usd&confirm=true")).status == 200
     too_much = await world.agent_call("/v1/refunds", b"charge=ch_1&amount=2500", {"Idempotency-Key": "r1"})
     assert too_much.status == 400 and b"20.00" in too_much.body, too_much.body
@@ -551,17 +560,7 @@ async def test_capturing_an_intents_charge_is_sent_to_the_intent(tmp_path: Path)
     """The charge an intent made is counted with the intent: capturing the charge itself would be counted
     again, so it is refused with a pointer to the intent (nothing sent but the read)."""
 
-    async def provider(request: UpstreamRequest) -> UpstreamReply:
-        headers = CIMultiDict({"Content-Type": "application/json"})
-        if request.url.endswith("/v1/payment_intents"):
-            intent = {"id": "pi_1", "object": "payment_intent", "amount": 3000, "currency": "usd"}
-            return UpstreamReply(200, headers, json.dumps({**intent, "status": "requires_capture"}).encode())
-        if request.method == "GET" and request.url.endswith("/v1/charges/ch_1"):
-            charge = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1", "amount": 3000}
-            return UpstreamReply(200, headers, json.dumps({**charge, "currency": "usd"}).encode())
-        raise AssertionError(f"{request.method} {request.url} must not be sent")
-
-    world = World(tmp_path, provider)
+    world = World(tmp_path, intent_with_charge("requires_capture"))
     assert (await world.pay(b"amount=3000&currency=usd&confirm=true&capture_method=manual")).status == 200
     refused = await world.agent_call("/v1/charges/ch_1/capture", b"", {"Idempotency-Key": "c1"})
     assert refused.status == 400 and b"act on pi_1 instead" in refused.body, refused.body
@@ -644,17 +643,7 @@ async def test_a_write_paysentry_does_not_recognize_makes_nobody_the_maker(tmp_p
     )
     rules += "  - {name: updates, effect: allow, when: 'payment.operation == \"unrecognized\"'}\n"
 
-    async def provider(request: UpstreamRequest) -> UpstreamReply:
-        headers = CIMultiDict({"Content-Type": "application/json"})
-        if request.url.endswith("/v1/payment_intents"):
-            intent = {"id": "pi_1", "object": "payment_intent", "amount": 3000, "currency": "usd"}
-            return UpstreamReply(200, headers, json.dumps({**intent, "status": "succeeded"}).encode())
-        if request.url.endswith("/v1/charges/ch_1"):  # its read, and the metadata update
-            charge = {"id": "ch_1", "object": "charge", "payment_intent": "pi_1", "amount": 3000}
-            return UpstreamReply(200, headers, json.dumps({**charge, "currency": "usd"}).encode())
-        raise AssertionError(f"{request.method} {request.url} must not be sent")
-
-    world = World(tmp_path, provider)
+    world = World(tmp_path, intent_with_charge("succeeded"))
     (tmp_path / "p.yaml").write_text(rules)
     assert world.service.policies.holder.reload()
     assert (await world.pay(b"amount=3000&currency=usd&confirm=true")).status == 200
