@@ -109,8 +109,12 @@ def provider_request(
         inject[adapter.idempotency_header] = idempotency_key
     # by name as a lenient server reads it (Idempotency_Key is Idempotency-Key to some): what PaySentry
     # sets itself, or drops, never travels beside it under another spelling
-    dropped = DROP_REQUEST | {_lenient(name) for name in inject}
-    headers = CIMultiDict((k, v) for k, v in incoming.items() if _lenient(k) not in dropped)
+    injected = {_lenient(name) for name in inject}
+    headers = CIMultiDict(
+        (k, v)
+        for k, v in incoming.items()
+        if (name := _lenient(k)) not in DROP_REQUEST and name not in injected
+    )
     for name, value in inject.items():
         headers[name] = value
     W3C.inject(headers)  # the provider sees the current span as the parent

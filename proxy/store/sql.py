@@ -611,9 +611,13 @@ class SqlStore(ABC):
         return authorization_record(row) if row else None
 
     async def unresolved_on(self, owner_id: str, provider_ref: str) -> AuthorizationRecord | None:
+        # Only rows whose payment names the ref anywhere are parsed (a call on an object is on the agent's
+        # path, and the owner may have many calls in flight); the parse tells whether it is refers_to.
+        escaped = provider_ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         rows = await self.fetch_all(
-            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=? AND state IN (?,?)",
-            (owner_id, FORWARDING, IN_DOUBT),
+            f"SELECT {AUTH_COLUMNS} FROM authorizations WHERE owner_id=? AND state IN (?,?) "
+            "AND (provider_ref=? OR payment LIKE ? ESCAPE '\\')",
+            (owner_id, FORWARDING, IN_DOUBT, provider_ref, f"%{escaped}%"),
         )
         for row in rows:
             record = authorization_record(row)

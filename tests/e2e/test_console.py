@@ -21,10 +21,12 @@ from typing import Any
 import pytest
 import stripe
 
+from tests.e2e import test_approvals
 from tests.e2e.conftest import Deployment, make_deployment, wait_until
 from tests.e2e.test_approvals import SECRET, Receiver
 
 pytestmark = pytest.mark.e2e
+receiver = test_approvals.receiver  # the notification receiver fixture, shared
 POLICY = """
     name: console
     limits:
@@ -51,13 +53,6 @@ def browser() -> Any:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=options)
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.server.shutdown()
 
 
 @pytest.fixture
